@@ -1,0 +1,117 @@
+"""CommunicationMonitor: bytes, rounds, tau and consensus distance, logged like any metric."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from lightning_commsgd.comm import Communicator
+from lightning_commsgd.ledger import CommLedger
+from lightning_commsgd.strategies.base import CommunicationStrategy
+
+__all__ = ["CommunicationMonitor"]
+
+
+class CommunicationMonitor(Callback):
+    """Log this rank's communication ledger to every attached logger (and optionally the progress bar).
+
+    Logged keys (rank 0's values, every ``logging_interval`` optimizer steps): ``comm/bytes_sent``,
+    ``comm/bytes_received``, ``comm/rounds``, ``comm/seconds``, ``comm/tau`` (when the strategy has a
+    period) and ``comm/consensus_distance`` = (1/p) sum_i ||x_i - x_bar||^2, measured just before a
+    round replaces x_i, every ``consensus_every_n_rounds`` rounds (it costs one scalar all-reduce).
+
+    With Lightning's own ``DDPStrategy`` the monitor registers a counting DDP communication hook that
+    behaves like DDP's default (mean all-reduce per gradient bucket), so both can be compared side by
+    side.
+
+    Args:
+        logging_interval: log every this many optimizer steps (>= 1).
+        consensus_every_n_rounds: measure the consensus distance every this many rounds; ``None`` never.
+        prog_bar: also show bytes sent and rounds in the progress bar.
+    """
+
+    def __init__(
+        self, logging_interval: int = 1, consensus_every_n_rounds: int | None = None, prog_bar: bool = False
+    ) -> None:
+        if (
+            isinstance(logging_interval, bool)
+            or not isinstance(logging_interval, int)
+            or logging_interval < 1
+        ):
+            raise ValueError(f"Arg `logging_interval` must be an int >= 1, got {logging_interval!r}.")
+        if consensus_every_n_rounds is not None and (
+            isinstance(consensus_every_n_rounds, bool)
+            or not isinstance(consensus_every_n_rounds, int)
+            or consensus_every_n_rounds < 1
+        ):
+            raise ValueError(
+                "Arg `consensus_every_n_rounds` must be None or an int >= 1, "
+                f"got {consensus_every_n_rounds!r}."
+            )
+        self.logging_interval = logging_interval
+        self.consensus_every_n_rounds = consensus_every_n_rounds
+        self.prog_bar = prog_bar
+        self._ledger: CommLedger | None = None
+        self._logged_consensus_step: int | None = None
+
+    @property
+    def ledger(self) -> CommLedger:
+        """The ledger being monitored (this rank's); available from the start of fit."""
+        if self._ledger is None:
+            raise RuntimeError("CommunicationMonitor.ledger exists once fit has started.")
+        return self._ledger
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, CommunicationStrategy):
+            self._ledger = strategy.communicator.ledger
+            if strategy.algorithm is not None:
+                strategy.algorithm.consensus_every = self.consensus_every_n_rounds
+        elif isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+            communicator = Communicator(device=strategy.root_device)
+            strategy.model.register_comm_hook(None, communicator.ddp_allreduce_hook)
+            self._ledger = communicator.ledger
+        else:
+            if trainer.world_size > 1:
+                rank_zero_warn(
+                    "CommunicationMonitor cannot count the traffic of "
+                    f"{type(strategy).__name__}; it logs zeros."
+                )
+            self._ledger = CommLedger(world_size=trainer.world_size)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._ledger is None or trainer.global_step % self.logging_interval != 0:
+            return
+        metrics = {
+            "comm/bytes_sent": float(self._ledger.bytes_sent),
+            "comm/bytes_received": float(self._ledger.bytes_received),
+            "comm/rounds": float(self._ledger.rounds),
+            "comm/seconds": float(self._ledger.seconds),
+        }
+        algorithm = getattr(trainer.strategy, "algorithm", None)
+        if algorithm is not None and hasattr(algorithm, "tau"):
+            metrics["comm/tau"] = float(algorithm.tau)
+        consensus = getattr(algorithm, "last_consensus", None)
+        if consensus is not None and consensus[0] != self._logged_consensus_step:
+            self._logged_consensus_step = consensus[0]
+            metrics["comm/consensus_distance"] = consensus[1]
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
+        if self.prog_bar:
+            pl_module.log_dict(
+                {"MB_sent": metrics["comm/bytes_sent"] / 1e6, "rounds": metrics["comm/rounds"]},
+                on_step=True,
+                on_epoch=False,
+                prog_bar=True,
+                logger=False,
+                rank_zero_only=True,
+            )

@@ -1,0 +1,114 @@
+"""scikit-learn's 8x8 handwritten digits as a :class:`~lightning.pytorch.LightningDataModule`.
+
+The data set ships inside scikit-learn (1797 samples, 64 features, 10 classes), so examples, tests and
+benchmarks run offline and in seconds on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
+
+__all__ = ["DigitsDataModule", "load_digits_tensors"]
+
+# Pixel intensities in load_digits are integers in [0, 16].
+_MAX_PIXEL = 16.0
+
+
+def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the full digits data set as ``(features, labels)``.
+
+    Features are float32 in ``[0, 1]`` with shape ``(1797, 64)``; labels are int64 in ``[0, 9]``.
+
+    Raises:
+        ImportError: scikit-learn is not installed (it is an optional dependency).
+    """
+    # Imported lazily: scikit-learn is an optional extra, and the core package must import without it.
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise ImportError(
+            "DigitsDataModule needs scikit-learn: pip install 'lightning_commsgd[examples]'"
+        ) from err
+    bunch = load_digits()
+    features = torch.as_tensor(bunch.data, dtype=torch.float32) / _MAX_PIXEL
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    return features, labels
+
+
+class DigitsDataModule(LightningDataModule):
+    """Train/validation split of scikit-learn's digits data set.
+
+    Args:
+        batch_size: samples per batch and per process (must be >= 1).
+        val_fraction: fraction of the samples held out for validation, in the open interval ``(0, 1)``.
+        seed: seed of the train/validation split; the same seed gives the same split on every rank.
+        num_workers: ``DataLoader`` worker processes (must be >= 0; 0 loads in the main process).
+        repeat: how many times the training set is repeated per epoch (must be >= 1), so that benchmarks
+            can make epochs longer without changing the data distribution.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        num_workers: int = 0,
+        repeat: int = 1,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in the open interval (0, 1), got {val_fraction}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {repeat}")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.repeat = repeat
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the data and split it; deterministic in ``seed``, so every rank builds the same split."""
+        if self.train_dataset is not None and self.val_dataset is not None:
+            return
+        features, labels = load_digits_tensors()
+        # A private generator keeps the split independent of the global RNG state (seed_everything,
+        # model initialisation order, ...), so all ranks agree without communicating.
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(labels), generator=generator)
+        num_val = max(1, round(self.val_fraction * len(labels)))
+        val_idx, train_idx = order[:num_val], order[num_val:]
+        train = TensorDataset(features[train_idx], labels[train_idx])
+        # Repeating the same TensorDataset costs no extra memory; ConcatDataset only maps indices.
+        self.train_dataset = train if self.repeat == 1 else ConcatDataset([train] * self.repeat)
+        self.val_dataset = TensorDataset(features[val_idx], labels[val_idx])
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; in multi-process runs Lightning swaps in a ``DistributedSampler``."""
+        assert self.train_dataset is not None, "call setup() first"
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in a fixed order."""
+        assert self.val_dataset is not None, "call setup() first"
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )

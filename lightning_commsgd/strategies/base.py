@@ -1,0 +1,344 @@
+"""The Lightning layer every lightning_commsgd strategy shares.
+
+A :class:`CommunicationStrategy` is Lightning's ``DDPStrategy`` (launchers, cluster environments,
+process group) without ``DistributedDataParallel``: no gradient all-reduce ever happens behind the
+user's back. Synchronisation is handed to an *algorithm* object (pure torch, see
+``lightning_commsgd.algorithms``) after every optimizer step, and every collective, Lightning's own
+``reduce``/``broadcast``/``barrier`` included, goes through one :class:`~lightning_commsgd.comm.Communicator`.
+
+Hook order (Trainer -> strategy -> algorithm -> communicator):
+
+- ``setup``: model to device, parameters and buffers broadcast from rank 0 (x_0 is the same on every
+  rank), optimizers created, algorithm built.
+- ``optimizer_step``: the user's closure and step, then ``algorithm.after_optimizer_step()``.
+- ``on_validation_start``/``end`` during fit, ``eval_on="consensus"``: validation runs on the average
+  model, then every rank gets its own replica back (costs one round when replicas differ).
+- ``on_train_end``: a final round, so the model after ``fit`` is the consensus model.
+- ``save_checkpoint``/``load_checkpoint``: per-rank states, see :mod:`.checkpointing`.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any, Literal, Protocol
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.nn import Module
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_commsgd.comm import Communicator
+from lightning_commsgd.flat import FlatBuffer
+from lightning_commsgd.strategies.checkpointing import CHECKPOINT_FORMAT, CHECKPOINT_KEY, consensus_state_dict
+from lightning_commsgd.strategies.lightning_patches import remove_per_step_collectives
+
+__all__ = ["CommunicationStrategy", "SyncAlgorithm"]
+
+EVAL_MODES = ("consensus", "local")
+
+
+def _reduce_kind(reduce_op: Any) -> str | None:
+    """Lightning's reduce_op (a string or a ``ReduceOp``) as a Communicator op name, ``None`` if unknown."""
+    named = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
+    if isinstance(reduce_op, str):
+        return named.get(reduce_op.lower())
+    ops = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.MAX: "max", dist.ReduceOp.MIN: "min"}
+    return next((name for op, name in ops.items() if reduce_op == op), None)
+
+
+class SyncAlgorithm(Protocol):
+    """What a strategy needs from an algorithm object."""
+
+    consensus_every: int | None
+    last_consensus: tuple[int, float] | None
+
+    @property
+    def in_sync(self) -> bool: ...  # no local step since the latest round: all replicas equal
+
+    def after_optimizer_step(self) -> bool: ...
+
+    def finalize(self) -> None: ...  # bring every replica to the consensus model
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class CommunicationStrategy(DDPStrategy):
+    """Base of all lightning_commsgd strategies: DDP's process handling, the package's synchronisation.
+
+    Args:
+        eval_on: which model validation inside ``fit`` sees: ``"consensus"`` (default; the average of
+            the replicas, one extra round when they differ) or ``"local"`` (each rank's own replica).
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+        process_group_backend, timeout, start_method: as for Lightning's ``DDPStrategy`` (set by the
+            Trainer from ``accelerator``/``devices``/``num_nodes`` when left out).
+    """
+
+    def __init__(
+        self,
+        *,
+        eval_on: Literal["consensus", "local"] = "consensus",
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        if eval_on not in EVAL_MODES:
+            raise ValueError(f"Arg `eval_on` must be one of {EVAL_MODES}, got {eval_on!r}.")
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.eval_on = eval_on
+        self._communicator: Communicator | None = None
+        self._algorithm: SyncAlgorithm | None = None
+        self._pending_algorithm_state: dict[str, Any] | None = None
+        self._eval_stash: dict[str, Tensor] | None = None
+
+    # -- what subclasses provide --------------------------------------------------------------------
+    @abstractmethod
+    def build_algorithm(self, module: Module, optimizers: list[Optimizer], communicator: Communicator) -> Any:
+        """Create the algorithm object (a :class:`SyncAlgorithm`) for this run."""
+
+    # -- public accessors ---------------------------------------------------------------------------
+    @property
+    def communicator(self) -> Communicator:
+        """This rank's communicator (its ``ledger`` counts bytes and rounds); available after setup."""
+        if self._communicator is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.communicator exists once the Trainer has set up the strategy."
+            )
+        return self._communicator
+
+    @property
+    def algorithm(self) -> SyncAlgorithm | None:
+        """The algorithm object while fitting, ``None`` before setup and in evaluation-only runs."""
+        return self._algorithm
+
+    # -- no DistributedDataParallel ---------------------------------------------------------------------
+    @override
+    def _setup_model(self, model: Module) -> Module:  # type: ignore[override]
+        return model
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        return None
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Weights are restored after setup's broadcast from rank 0, so each rank keeps its own replica.
+        return True
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None and self.model is not None
+        if self._layer_sync is not None:
+            raise ValueError(
+                f"Trainer(sync_batchnorm=True) all-reduces BatchNorm statistics at every forward pass, which "
+                f"{type(self).__name__} exists to avoid; BatchNorm buffers are averaged at each round "
+                "instead "
+                f"(average_buffers=True)."
+            )
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self._communicator = Communicator(device=self.root_device)
+        self._broadcast_module_state()
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if not fitting:
+            return
+        _optimizers_to_device(self.optimizers, self.root_device)
+        self._algorithm = self.build_algorithm(
+            self.lightning_module, list(self.optimizers), self._communicator
+        )
+        if self._pending_algorithm_state is not None:
+            self._algorithm.load_state_dict(self._pending_algorithm_state)
+            self._pending_algorithm_state = None
+        remove_per_step_collectives(trainer)
+        if not self._communicator.is_distributed:
+            rank_zero_info(
+                f"{type(self).__name__}: world size 1, nothing to synchronise; no collectives will run."
+            )
+
+    def _broadcast_module_state(self) -> None:
+        """x_0 identical everywhere: without DDP's constructor nobody else broadcasts it."""
+        assert self.model is not None
+        tensors = [t for t in self.model.state_dict(keep_vars=True).values() if torch.is_floating_point(t)]
+        if not tensors or not self.communicator.is_distributed:
+            return
+        flat = FlatBuffer(tensors)
+        self.communicator.broadcast_(flat.pack(tensors), src=0, tag="setup_broadcast")
+        flat.unpack(tensors)
+
+    # -- the algorithm's hooks ----------------------------------------------------------------------
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._algorithm is not None:
+            self._algorithm.after_optimizer_step()
+        return output
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self._algorithm is not None and not self._algorithm.in_sync:
+            self._algorithm.finalize()
+
+    @override
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        trainer = self.lightning_module.trainer
+        if (
+            self.eval_on == "consensus"
+            and trainer.state.fn == TrainerFn.FITTING
+            and self._algorithm is not None
+            and not self._algorithm.in_sync
+        ):
+            self._load_consensus_for_eval()
+
+    @override
+    def on_validation_end(self) -> None:
+        if self._eval_stash is not None:
+            self._restore_local_after_eval()
+        super().on_validation_end()
+
+    def _eval_tensors(self) -> dict[str, Tensor]:
+        assert self.model is not None
+        return {k: t for k, t in self.model.state_dict(keep_vars=True).items() if torch.is_floating_point(t)}
+
+    def _load_consensus_for_eval(self) -> None:
+        tensors = self._eval_tensors()
+        self._eval_stash = {k: t.detach().clone() for k, t in tensors.items()}
+        flat = FlatBuffer(list(tensors.values()))
+        self.communicator.all_reduce_(flat.pack(list(tensors.values())), "mean", tag="eval_consensus")
+        flat.unpack(list(tensors.values()))
+
+    def _restore_local_after_eval(self) -> None:
+        assert self._eval_stash is not None
+        with torch.no_grad():
+            for key, tensor in self._eval_tensors().items():
+                tensor.copy_(self._eval_stash[key])
+        self._eval_stash = None
+
+    # -- Lightning's own collectives, counted ---------------------------------------------------------
+    @override
+    def reduce(self, tensor: Tensor | Any, group: Any | None = None, reduce_op: Any = "mean") -> Tensor | Any:
+        op = _reduce_kind(reduce_op)
+        if not isinstance(tensor, Tensor) or group is not None or op is None or self._communicator is None:
+            return super().reduce(tensor, group=group, reduce_op=reduce_op)
+        return self._communicator.all_reduce_(tensor, op, tag="lightning_reduce")
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if self._communicator is None:
+            return super().barrier(*args, **kwargs)
+        self._communicator.barrier(tag="lightning_barrier")
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if self._communicator is None:
+            return super().broadcast(obj, src)
+        return self._communicator.broadcast_object(obj, src, tag="lightning_broadcast")
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """Gather every rank's local state into the checkpoint (see :mod:`.checkpointing`); rank 0 writes.
+
+        Must be called on every rank, as ``Trainer.save_checkpoint`` and ``ModelCheckpoint`` do.
+        """
+        if self._communicator is not None and self._algorithm is not None:
+            local = self._local_state(checkpoint)
+            gathered = self._communicator.gather_object(local, dst=0, tag="checkpoint")
+            if gathered is not None:
+                checkpoint["state_dict"] = consensus_state_dict([g["state_dict"] for g in gathered])
+                if "optimizer_states" in checkpoint:
+                    checkpoint[CHECKPOINT_KEY] = {
+                        "format": CHECKPOINT_FORMAT,
+                        "world_size": len(gathered),
+                        "ranks": gathered,
+                    }
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def _local_state(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+        state_dict = dict(checkpoint["state_dict"])
+        if self._eval_stash is not None:  # saved during consensus validation: the replica is stashed
+            state_dict.update({k: v.clone() for k, v in self._eval_stash.items()})
+        assert self._algorithm is not None and self._communicator is not None
+        local: dict[str, Any] = {
+            "state_dict": {
+                k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in state_dict.items()
+            },
+            "algorithm": self._algorithm.state_dict(),
+            "ledger": self._communicator.ledger.state_dict(),
+        }
+        if "optimizer_states" in checkpoint:
+            local["optimizer_states"] = checkpoint["optimizer_states"]
+        return local
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        extra = checkpoint.get(CHECKPOINT_KEY)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if extra is None or trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return checkpoint
+        ranks = extra["ranks"]
+        if len(ranks) == self.world_size:
+            mine = ranks[self.global_rank]
+            checkpoint = {
+                **checkpoint,
+                "state_dict": mine["state_dict"],
+                "optimizer_states": mine["optimizer_states"],
+            }
+            if self._communicator is not None:
+                self._communicator.ledger.load_state_dict(mine["ledger"])
+            algorithm_state = dict(mine["algorithm"])
+        else:
+            rank_zero_warn(
+                f"{checkpoint_path} was written by {len(ranks)} ranks and is resumed on {self.world_size}: "
+                "every rank starts from the consensus model with rank 0's optimizer state (not the exact "
+                "trajectory)."
+            )
+            algorithm_state = dict(ranks[0]["algorithm"])
+            algorithm_state["last_round_step"] = algorithm_state["step"]  # replicas are equal again
+        if self._algorithm is not None:
+            self._algorithm.load_state_dict(algorithm_state)
+        else:
+            self._pending_algorithm_state = algorithm_state
+        return checkpoint

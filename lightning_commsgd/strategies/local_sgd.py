@@ -1,0 +1,64 @@
+"""LocalSGDStrategy: periodic model averaging (Stich 2019) with PR-SGD-Momentum (Yu et al. 2019)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.nn import Module
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_commsgd.algorithms.periodic import PeriodicAverager, validate_momentum_mode, validate_period
+from lightning_commsgd.algorithms.replica import MomentumMode
+from lightning_commsgd.comm import Communicator
+from lightning_commsgd.strategies.base import CommunicationStrategy
+
+__all__ = ["LocalSGDStrategy"]
+
+
+class LocalSGDStrategy(CommunicationStrategy):
+    """Local SGD: each worker steps its own replica; every ``tau`` optimizer steps all replicas are
+    replaced by their average (one all-reduce of one flat buffer). No gradient is ever all-reduced.
+
+    Args:
+        tau: communication period tau (H in Stich, I in Yu et al.): optimizer steps between rounds,
+            an int >= 1. Counts calls of the optimizer step on every rank, including steps the closure
+            skipped, so all ranks agree; with gradient accumulation it counts optimizer steps, not batches.
+        momentum: what happens to the optimizer state u_i at a round:
+            ``"average"`` (default, PR-SGD-Momentum: u_i <- mean_j u_j in the same buffer, doubling the
+            bytes of a round for SGD with momentum; for Adam/AdamW both moments are averaged),
+            ``"local"`` (never touched, torch's ``PeriodicModelAverager`` behaviour, any optimizer),
+            ``"zero"`` (state reset after each round, any optimizer).
+        average_buffers: average floating-point module buffers (BatchNorm running statistics) at each
+            round; integer buffers are equal on all ranks and left alone.
+        **kwargs: see :class:`~lightning_commsgd.strategies.base.CommunicationStrategy` (``eval_on``,
+            ``start_method``, ``timeout``, ...).
+
+    Raises:
+        TypeError: ``tau`` not an int; at setup, ``momentum="average"`` with an optimizer whose state
+            layout is unknown (anything but SGD, Adam, AdamW).
+        ValueError: ``tau < 1``; unknown ``momentum``.
+    """
+
+    strategy_name = "local_sgd"
+
+    def __init__(
+        self, tau: int = 8, momentum: MomentumMode = "average", average_buffers: bool = True, **kwargs: Any
+    ) -> None:
+        self.tau = validate_period(tau)
+        self.momentum = validate_momentum_mode(momentum)
+        self.average_buffers = bool(average_buffers)
+        super().__init__(**kwargs)
+
+    @override
+    def build_algorithm(
+        self, module: Module, optimizers: list[Optimizer], communicator: Communicator
+    ) -> PeriodicAverager:
+        return PeriodicAverager(
+            module,
+            optimizers,
+            communicator,
+            tau=self.tau,
+            momentum=self.momentum,
+            average_buffers=self.average_buffers,
+        )

@@ -1,0 +1,231 @@
+"""Runs one Lightning fit on several CPU processes and records what each rank did.
+
+Launched by the tests as ``python tests/lightning_worker.py --out DIR ...``; with the default popen
+launcher Lightning re-runs this script for every other rank. Each rank writes ``DIR/rank{r}.pt``:
+flat parameters after every optimizer step, the torch.distributed calls it made (with the step and
+whether they happened inside a training batch) and its ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lightning as L  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from toy_problem import BATCH_SIZE, make_dataset, make_net, mse  # noqa: E402
+
+from lightning_commsgd import CommunicationMonitor, LocalSGDStrategy  # noqa: E402
+
+CALLS: list[dict] = []
+PHASE = {"step": -1, "in_batch": False}
+_COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "gather",
+    "scatter",
+    "reduce",
+    "barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+    "all_gather_object",
+    "broadcast_object_list",
+    "gather_object",
+    "all_to_all",
+    "all_to_all_single",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_gather_into_tensor",
+)
+
+
+def _count(name, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        nbytes = tensor.numel() * tensor.element_size() if tensor is not None else 0
+        CALLS.append({"fn": name, "bytes": nbytes, **PHASE})
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+for _name in _COLLECTIVES:
+    if hasattr(dist, _name):
+        setattr(dist, _name, _count(_name, getattr(dist, _name)))
+
+
+class ToyModule(L.LightningModule):
+    def __init__(self, optimizer: str, batch_norm: bool, seed: int, scheduler: bool, groups: bool) -> None:
+        super().__init__()
+        self.net = make_net(seed, batch_norm)
+        self.optimizer_name, self.use_scheduler, self.groups = optimizer, scheduler, groups
+
+    def training_step(self, batch, batch_idx):
+        loss = mse(self.net, batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", mse(self.net, batch), sync_dist=True)
+
+    def configure_optimizers(self):
+        if self.groups:
+            params = [{"params": self.net[0].parameters(), "lr": 0.05}, {"params": self.net[-1].parameters()}]
+        else:
+            params = self.parameters()
+        if self.optimizer_name == "adam":
+            opt = torch.optim.Adam(params, lr=0.01)
+        elif self.optimizer_name == "sgd_plain":
+            opt = torch.optim.SGD(params, lr=0.1)
+        else:
+            opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+        if not self.use_scheduler:
+            return opt
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 3, 0.5), "interval": "step"},
+        }
+
+    def train_dataloader(self):
+        return DataLoader(make_dataset(), batch_size=BATCH_SIZE, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(make_dataset(), batch_size=BATCH_SIZE)
+
+
+class Recorder(Callback):
+    def __init__(self, out: str) -> None:
+        self.out, self.params, self.steps = out, [], []
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        PHASE.update(step=trainer.global_step, in_batch=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        PHASE.update(in_batch=False)
+        last = self.steps[-1] if self.steps else self.start_step
+        if trainer.global_step == last:
+            return  # an accumulation micro-batch: no optimizer step happened
+        self.params.append(torch.cat([p.detach().reshape(-1).double() for p in pl_module.parameters()]))
+        self.steps.append(trainer.global_step)
+
+    def on_fit_end(self, trainer, pl_module):
+        ledger = getattr(trainer.strategy, "communicator", None)
+        monitor = next(c for c in trainer.callbacks if isinstance(c, CommunicationMonitor))
+        torch.save(
+            {
+                "params": self.params,
+                "steps": self.steps,
+                "calls": CALLS,
+                "ledger": monitor.ledger.as_dict(),
+                "has_communicator": ledger is not None,
+                "final_params": torch.cat([p.detach().reshape(-1).double() for p in pl_module.parameters()]),
+                "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+                "logged": dict(LOGGED),
+                "world_size": trainer.world_size,
+            },
+            os.path.join(self.out, f"rank{trainer.global_rank}.pt"),
+        )
+
+
+LOGGED: dict[str, list[float]] = {}
+
+
+class MetricTap(Callback):
+    """Keeps every value the CommunicationMonitor logged (logger=False keeps only the latest)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("comm/"):
+                LOGGED.setdefault(key, []).append(float(value))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--strategy", default="local_sgd", choices=["local_sgd", "ddp"])
+    ap.add_argument("--tau", type=int, default=3)
+    ap.add_argument("--momentum", default="average")
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "sgd_plain", "adam"])
+    ap.add_argument("--batch-norm", action="store_true")
+    ap.add_argument("--max-steps", type=int, default=10)
+    ap.add_argument("--start-method", default="popen")
+    ap.add_argument("--accumulate", type=int, default=1)
+    ap.add_argument("--precision", default="32-true")
+    ap.add_argument("--clip", type=float, default=None)
+    ap.add_argument("--scheduler", action="store_true")
+    ap.add_argument("--groups", action="store_true")
+    ap.add_argument("--validate", action="store_true")
+    ap.add_argument("--eval-on", default="consensus")
+    ap.add_argument("--ckpt-every", type=int, default=0)
+    ap.add_argument("--resume", default=None)
+    ap.add_argument("--consensus-every", type=int, default=None)
+    args = ap.parse_args()
+
+    L.seed_everything(0, verbose=False)
+    rank = int(os.environ.get("LOCAL_RANK", 0))  # popen children know their rank here; others use 0
+    if args.strategy == "ddp":
+        strategy = DDPStrategy(start_method=args.start_method)
+    else:
+        strategy = LocalSGDStrategy(
+            tau=args.tau, momentum=args.momentum, start_method=args.start_method, eval_on=args.eval_on
+        )
+    callbacks = [
+        Recorder(args.out),
+        CommunicationMonitor(consensus_every_n_rounds=args.consensus_every),
+        MetricTap(),
+    ]
+    if args.ckpt_every:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=os.path.join(args.out, "ckpt"),
+                every_n_train_steps=args.ckpt_every,
+                save_top_k=-1,
+                filename="{step}",
+            )
+        )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        max_steps=args.max_steps,
+        accumulate_grad_batches=args.accumulate,
+        precision=args.precision,
+        gradient_clip_val=args.clip,
+        limit_val_batches=2 if args.validate else 0,
+        val_check_interval=5 if args.validate else None,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=bool(args.ckpt_every),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=args.out,
+    )
+    # Different x_0 per rank (popen children): the strategy must broadcast rank 0's.
+    model = ToyModule(
+        args.optimizer, args.batch_norm, seed=100 + rank, scheduler=args.scheduler, groups=args.groups
+    )
+    trainer.fit(model, ckpt_path=args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Single-process reference of local SGD / PR-SGD-Momentum, written independently of the package.
+
+p replicas of one model live in one process; each steps on its own batches with its own optimizer;
+every tau steps the parameters (and, per momentum mode, the optimizer state, and floating buffers)
+are replaced by their mean. Deliberately naive (stack and mean, per tensor) so that a bug in the
+package's flat buffers, step counting or state handling cannot be mirrored here.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["simulate_local_sgd", "flat_params"]
+
+_MOMENT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def flat_params(module: nn.Module) -> Tensor:
+    """All parameters of ``module`` as one detached float64 vector (comparison helper)."""
+    return torch.cat([p.detach().reshape(-1).double() for p in module.parameters()])
+
+
+def _mean_(tensors: Sequence[Tensor]) -> None:
+    mean = torch.stack([t.detach() for t in tensors]).sum(0) / len(tensors)
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(mean)
+
+
+def simulate_local_sgd(
+    model: nn.Module,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    batches: Sequence[Sequence[tuple[Tensor, Tensor]]],
+    loss_fn: Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor],
+    tau: int,
+    momentum: str = "average",
+    average_buffers: bool = True,
+) -> list[list[Tensor]]:
+    """Run local SGD on ``len(batches)`` replicas of ``model``.
+
+    Args:
+        model: x_0, copied to every replica.
+        make_optimizer: builds one optimizer per replica.
+        batches: ``batches[r][t]`` is replica r's batch at step t (all replicas take the same number).
+        loss_fn: ``loss_fn(replica, batch)`` returns the loss to backpropagate.
+        tau: averaging period.
+        momentum: ``"average"``, ``"local"`` or ``"zero"`` (state dropped after each round).
+        average_buffers: average floating-point buffers at rounds.
+
+    Returns:
+        ``out[r][t]``: replica r's flat parameters after step t (and after the round ending at t).
+    """
+    p = len(batches)
+    replicas = [copy.deepcopy(model) for _ in range(p)]
+    optimizers = [make_optimizer(m) for m in replicas]
+    out: list[list[Tensor]] = [[] for _ in range(p)]
+    for t in range(len(batches[0])):
+        for r in range(p):
+            optimizers[r].zero_grad()
+            loss_fn(replicas[r], batches[r][t]).backward()
+            optimizers[r].step()
+        if (t + 1) % tau == 0:
+            for params in zip(*(m.parameters() for m in replicas)):
+                _mean_(params)
+            if average_buffers:
+                for bufs in zip(*(m.buffers() for m in replicas)):
+                    if torch.is_floating_point(bufs[0]):
+                        _mean_(bufs)
+            if momentum == "average":
+                for params in zip(*(m.parameters() for m in replicas)):
+                    states = [opt.state[prm] for opt, prm in zip(optimizers, params)]
+                    for key in _MOMENT_KEYS:
+                        if all(key in s for s in states):
+                            _mean_([s[key] for s in states])
+            elif momentum == "zero":
+                for opt in optimizers:
+                    opt.state.clear()
+        for r in range(p):
+            out[r].append(flat_params(replicas[r]))
+    return out
