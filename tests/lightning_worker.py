@@ -90,6 +90,8 @@ class ToyModule(L.LightningModule):
             params = self.parameters()
         if self.optimizer_name == "adam":
             opt = torch.optim.Adam(params, lr=0.01)
+        elif self.optimizer_name == "rmsprop":
+            opt = torch.optim.RMSprop(params, lr=0.01)
         elif self.optimizer_name == "sgd_plain":
             opt = torch.optim.SGD(params, lr=0.1)
         else:
@@ -164,7 +166,7 @@ def main() -> None:
     ap.add_argument("--strategy", default="local_sgd", choices=["local_sgd", "ddp"])
     ap.add_argument("--tau", type=int, default=3)
     ap.add_argument("--momentum", default="average")
-    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "sgd_plain", "adam"])
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "sgd_plain", "adam", "rmsprop"])
     ap.add_argument("--batch-norm", action="store_true")
     ap.add_argument("--max-steps", type=int, default=10)
     ap.add_argument("--start-method", default="popen")

@@ -154,15 +154,20 @@ class CommunicationStrategy(DDPStrategy):
         return True
 
     @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        assert self.accelerator is not None and self.model is not None
+    def _configure_launcher(self) -> None:
+        # The Trainer calls this while it is constructed, after applying its flags and before any
+        # process or process group exists: the place to refuse flags that contradict the strategy.
         if self._layer_sync is not None:
             raise ValueError(
                 f"Trainer(sync_batchnorm=True) all-reduces BatchNorm statistics at every forward pass, which "
                 f"{type(self).__name__} exists to avoid; BatchNorm buffers are averaged at each round "
-                "instead "
-                f"(average_buffers=True)."
+                "instead (average_buffers=True)."
             )
+        super()._configure_launcher()
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()

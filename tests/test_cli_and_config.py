@@ -1,0 +1,111 @@
+"""Registry name, YAML config, CLI overrides, and the errors users get for bad input."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from conftest import REPO_ROOT, TESTS_DIR, run_script
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_commsgd import CommunicationMonitor, LocalSGDStrategy
+
+CONFIG = REPO_ROOT / "configs" / "local_sgd.yaml"
+
+
+def test_registry_name_gives_local_sgd_with_default_tau():
+    assert "local_sgd" in StrategyRegistry
+    trainer = Trainer(strategy="local_sgd", accelerator="cpu", devices=2, logger=False)
+    assert isinstance(trainer.strategy, LocalSGDStrategy)
+    assert trainer.strategy.tau == 8 and trainer.strategy.momentum == "average"
+
+
+def test_cli_override_reaches_the_strategy():
+    out = run_script(
+        [
+            "-m",
+            "lightning_commsgd.cli",
+            "fit",
+            "--config",
+            str(CONFIG),
+            "--trainer.strategy.tau=16",
+            "--print_config",
+        ]
+    ).stdout
+    assert "class_path: lightning_commsgd.LocalSGDStrategy" in out
+    assert "tau: 16" in out and "tau: 8" not in out
+
+
+@pytest.mark.multiprocess
+def test_cli_fit_runs_two_processes_with_overridden_tau(tmp_path):
+    run_script(
+        [
+            "-m", "lightning_commsgd.cli", "fit", "--config", str(CONFIG),
+            "--trainer.strategy.tau=16", "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+        ]
+    )  # fmt: skip
+    (metrics_file,) = tmp_path.rglob("metrics.csv")
+    rows = list(csv.DictReader(metrics_file.open()))
+    taus = {float(r["comm/tau"]) for r in rows if r.get("comm/tau")}
+    assert taus == {16.0}
+    assert any(r.get("val_acc") for r in rows)
+    # a round happened at step 16 and bytes were counted
+    assert max(float(r["comm/bytes_sent"]) for r in rows if r.get("comm/bytes_sent")) > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"tau": 0}, ValueError, "tau"),
+        ({"tau": -3}, ValueError, "tau"),
+        ({"tau": 2.5}, TypeError, "tau"),
+        ({"tau": "8"}, TypeError, "tau"),
+        ({"tau": True}, TypeError, "tau"),
+        ({"momentum": "nesterov"}, ValueError, "momentum"),
+        ({"eval_on": "global"}, ValueError, "eval_on"),
+    ],
+)
+def test_bad_strategy_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LocalSGDStrategy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"logging_interval": 0}, "logging_interval"),
+        ({"consensus_every_n_rounds": 0}, "consensus_every_n_rounds"),
+    ],
+)
+def test_bad_monitor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CommunicationMonitor(**kwargs)
+
+
+def test_sync_batchnorm_refused_when_the_trainer_is_built():
+    with pytest.raises(ValueError, match="sync_batchnorm"):
+        Trainer(strategy=LocalSGDStrategy(), sync_batchnorm=True, accelerator="cpu", devices=2, logger=False)
+
+
+@pytest.mark.multiprocess
+def test_unaverageable_optimizer_state_fails_on_every_rank_without_hanging(tmp_path):
+    with pytest.raises(AssertionError) as failure:
+        run_script(
+            [str(TESTS_DIR / "lightning_worker.py"), "--out", str(tmp_path), "--optimizer", "rmsprop"],
+            timeout=120,
+        )
+    assert "momentum='average' knows how to average the state of torch.optim.SGD" in str(failure.value)
+    assert "RMSprop" in str(failure.value)
+
+
+def test_state_dict_checkpoint_helpers_average_floats_only():
+    from lightning_commsgd.strategies.checkpointing import consensus_state_dict
+
+    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5)}
+    b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(7)}
+    out = consensus_state_dict([a, b])
+    assert torch.equal(out["w"], torch.tensor([2.0, 4.0])) and int(out["n"]) == 5
