@@ -1,0 +1,45 @@
+# Developer entry points. Every recipe runs under bash -euo pipefail, so any failing step stops make.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+BENCH_ARGS ?=
+VENV := .venv
+VPY := $(VENV)/bin/python
+# Touched after a successful install; reinstalls only when pyproject.toml changes.
+STAMP := $(VENV)/.installed
+LINT_PATHS := lightning_commsgd tests examples benchmarks
+
+.PHONY: venv demo test lint bench clean distclean
+
+venv: $(STAMP)
+
+# torch's CPU build first (no CUDA libraries to download); plain torch where no +cpu wheel is on offer.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" || $(VPY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(VPY) -m pip install -q -e ".[examples,dev]"
+	touch $@
+
+demo: venv
+	$(VPY) examples/demo.py
+
+lint: venv
+	$(VPY) -m ruff check $(LINT_PATHS)
+
+test: venv
+	$(VPY) -m ruff check $(LINT_PATHS)
+	$(VPY) -m pytest -x -q tests
+
+bench: venv
+	$(VPY) benchmarks/bench_local_sgd.py $(BENCH_ARGS)
+
+# Caches and build leftovers; the virtualenv stays (see distclean).
+clean:
+	rm -rf .pytest_cache .ruff_cache lightning_logs build dist *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Benchmarks of the strategies, and the subprocess harness they share with the examples."""

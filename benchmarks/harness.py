@@ -1,0 +1,133 @@
+"""Run ``examples/train_digits.py`` in a subprocess and collect its JSON results.
+
+Shared by ``examples/demo.py`` and ``benchmarks/bench_local_sgd.py`` so that both measure runs the same
+way. Each call starts a fresh interpreter, which then launches its own ranks: no process group, thread
+pool or allocator state leaks from one measured run into the next.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "REPO_ROOT",
+    "TRAIN_SCRIPT",
+    "TrainRunError",
+    "format_bytes",
+    "markdown_table",
+    "run_train_digits",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO_ROOT / "examples" / "train_digits.py"
+
+
+class TrainRunError(RuntimeError):
+    """A ``train_digits.py`` run exited non-zero, timed out, or wrote no results."""
+
+
+def _tail(text: str, lines: int) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _child_env() -> dict[str, str]:
+    """Environment of the run: the repo root on ``PYTHONPATH`` so an uninstalled clone works too."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    # One OpenMP thread per rank, matching torch.set_num_threads(1) in the script, so the ranks do
+    # not fight over the cores.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_train_digits(
+    args: Sequence[str],
+    *,
+    timeout_s: float = 600.0,
+    workdir: Path | None = None,
+    stderr_tail_lines: int = 40,
+) -> dict[str, Any]:
+    """Run ``train_digits.py`` with ``args`` (``--json`` is added) and return the JSON rank 0 wrote.
+
+    Args:
+        args: command-line arguments for the script, e.g. ``["--strategy", "ddp", "--epochs", "3"]``.
+        timeout_s: seconds before the whole run (every rank) is killed.
+        workdir: directory for the JSON file and the run's working directory; a temporary directory
+            (deleted afterwards) when ``None``.
+        stderr_tail_lines: how many trailing lines of the run's stderr a failure message includes.
+
+    Raises:
+        TrainRunError: non-zero exit status, timeout, or no results file; the message holds the command
+            and the tail of stderr.
+    """
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="commsgd_run_") as tmp:
+            return run_train_digits(
+                args, timeout_s=timeout_s, workdir=Path(tmp), stderr_tail_lines=stderr_tail_lines
+            )
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    # A fresh name per run: rank 0 creates the file, so its existence afterwards proves the run got
+    # that far, even when several runs share one workdir.
+    json_path = workdir / f"result_{uuid.uuid4().hex}.json"
+    cmd = [sys.executable, str(TRAIN_SCRIPT), *args, "--json", str(json_path)]
+    printable = " ".join(cmd)
+
+    # A new session makes the run's ranks one process group: on timeout we kill all of them, not just
+    # rank 0, whose orphaned peers would otherwise sit in a collective until gloo's own timeout.
+    proc = subprocess.Popen(
+        cmd,
+        cwd=workdir,
+        env=_child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        raise TrainRunError(
+            f"timed out after {timeout_s:.0f} s: {printable}\n--- stderr (tail) ---\n"
+            f"{_tail(stderr, stderr_tail_lines)}"
+        ) from None
+    if proc.returncode != 0:
+        raise TrainRunError(
+            f"exit status {proc.returncode}: {printable}\n--- stderr (tail) ---\n"
+            f"{_tail(stderr, stderr_tail_lines)}"
+        )
+    if not json_path.exists():
+        raise TrainRunError(
+            f"no results written to {json_path}: {printable}\n--- stderr (tail) ---\n"
+            f"{_tail(stderr, stderr_tail_lines)}"
+        )
+    return json.loads(json_path.read_text())
+
+
+def format_bytes(num_bytes: float) -> str:
+    """Human-readable size in decimal units (``1 MB = 10**6 B``), e.g. ``"12.35 MB"``."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(num_bytes) >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes:.0f} B"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table; cells are converted with ``str``."""
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
