@@ -81,6 +81,8 @@ class ToyModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:  # Lightning's all_gather, routed through the communicator
+            GATHERED.append(self.all_gather(torch.tensor([float(self.global_rank)])).tolist())
         self.log("val_loss", mse(self.net, batch), sync_dist=True)
 
     def configure_optimizers(self):
@@ -141,6 +143,7 @@ class Recorder(Callback):
                 "final_params": torch.cat([p.detach().reshape(-1).double() for p in pl_module.parameters()]),
                 "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
                 "logged": dict(LOGGED),
+                "gathered": list(GATHERED),
                 "world_size": trainer.world_size,
             },
             os.path.join(self.out, f"rank{trainer.global_rank}.pt"),
@@ -148,6 +151,7 @@ class Recorder(Callback):
 
 
 LOGGED: dict[str, list[float]] = {}
+GATHERED: list = []
 
 
 class MetricTap(Callback):

@@ -149,6 +149,7 @@ def test_bf16_clipping_consensus_validation_and_monitor(run_worker):
     # validation at steps 5 and 10 (val_check_interval=5): step 5 is mid-period (rounds at 4, 8)
     assert by_tag["eval_consensus"]["rounds"] >= 1
     assert "val_loss" in records[0]["metrics"]
+    assert records[0]["gathered"][0] == [[0.0], [1.0]] and by_tag["lightning_all_gather"]["rounds"] >= 1
     assert torch.equal(records[0]["final_params"], records[1]["final_params"])
     distances = records[0]["logged"]["comm/consensus_distance"]
     assert distances and all(d > 0 for d in distances)

@@ -58,6 +58,11 @@ def _reduce_kind(reduce_op: Any) -> str | None:
     return next((name for op, name in ops.items() if reduce_op == op), None)
 
 
+def _is_world(group: Any) -> bool:
+    """Lightning passes the default group as ``None`` or as ``dist.group.WORLD``."""
+    return group is None or group is dist.group.WORLD
+
+
 class SyncAlgorithm(Protocol):
     """What a strategy needs from an algorithm object."""
 
@@ -262,9 +267,18 @@ class CommunicationStrategy(DDPStrategy):
     @override
     def reduce(self, tensor: Tensor | Any, group: Any | None = None, reduce_op: Any = "mean") -> Tensor | Any:
         op = _reduce_kind(reduce_op)
-        if not isinstance(tensor, Tensor) or group is not None or op is None or self._communicator is None:
+        if not isinstance(tensor, Tensor) or not _is_world(group) or op is None or self._communicator is None:
             return super().reduce(tensor, group=group, reduce_op=reduce_op)
         return self._communicator.all_reduce_(tensor, op, tag="lightning_reduce")
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        # The autograd-aware gather (sync_grads) and sub-groups stay Lightning's, uncounted.
+        counted = self._communicator is not None and self._communicator.is_distributed
+        if not _is_world(group) or sync_grads or not counted:
+            return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+        assert self._communicator is not None
+        return torch.stack(self._communicator.all_gather(tensor, tag="lightning_all_gather"))
 
     @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
