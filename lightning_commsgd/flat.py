@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -20,7 +21,7 @@ class FlatBuffer:
 
     Args:
         tensors: the tensors whose values travel together, in a rank-independent order.
-        dtype: buffer dtype; defaults to the widest floating dtype among ``tensors``.
+        dtype: buffer dtype; defaults to the promoted dtype of ``tensors`` (fp16 with bf16 gives fp32).
     """
 
     def __init__(self, tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> None:
@@ -34,7 +35,8 @@ class FlatBuffer:
         self.shapes = [t.shape for t in tensors]
         self.numels = [t.numel() for t in tensors]
         self.numel = sum(self.numels)
-        widest = dtype or max((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
+        # promote_types, not "most bits": fp16 and bf16 are both 16 bits and neither holds the other.
+        widest = dtype or functools.reduce(torch.promote_types, (t.dtype for t in tensors))
         self.buffer = torch.empty(self.numel, dtype=widest, device=tensors[0].device)
 
     @property

@@ -33,9 +33,10 @@ class CommLedger:
 
     Bytes are *payload* bytes, the size of the tensors handed to the collective, by this convention:
     all-reduce of ``n`` bytes counts ``n`` sent and ``n`` received; broadcast counts ``n`` sent on the
-    source and ``n`` received elsewhere; gather counts ``n`` sent by each rank and ``(p-1) n`` received
-    by the destination; all-gather counts ``n`` sent and ``(p-1) n`` received. What a ring all-reduce
-    actually puts on the wire is ``2 (p-1)/p n``; :meth:`wire_bytes_estimate` reports that figure.
+    source and ``n`` received elsewhere; gather counts ``n`` sent by each rank but the destination and
+    ``(p-1) n`` received by it (object gathers add 8 bytes per rank for the size exchange);
+    all-gather counts ``n`` sent and ``(p-1) n`` received. What a ring all-reduce actually puts on the
+    wire is ``2 (p-1)/p n``; :meth:`wire_bytes_estimate` reports that figure.
     """
 
     world_size: int = 1

@@ -1,0 +1,198 @@
+"""Worker functions for the multi-process tests (importable by name, as ``torch.multiprocessing.spawn``
+needs), plus the model / optimizer / data factories shared with the single-process reference."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+from mp import CountingPatch
+from simulation import flat_params
+from torch import Tensor, nn
+
+from lightning_commsgd.algorithms import PeriodicAverager
+from lightning_commsgd.comm import Communicator
+
+# --------------------------------------------------------------------------------------------------
+# Communicator worker
+# --------------------------------------------------------------------------------------------------
+
+
+def serialized_size(obj: Any) -> int:
+    """Bytes of ``torch.save(obj)``: the payload the communicator's object methods send."""
+    stream = io.BytesIO()
+    torch.save(obj, stream)
+    return len(stream.getvalue())
+
+
+def broadcast_payload(rank: int) -> dict[str, Any]:
+    return {"rank": rank, "w": torch.arange(4.0) * (rank + 1), "s": "x" * (10 * rank)}
+
+
+def gather_payload(rank: int) -> dict[str, Any]:
+    # different sizes on different ranks, so the gather has to pad
+    return {"rank": rank, "s": "y" * (300 * rank), "t": torch.full((rank + 1,), float(rank))}
+
+
+def comm_worker(rank: int, world_size: int) -> dict[str, Any]:
+    comm = Communicator()
+    out: dict[str, Any] = {
+        "rank": comm.rank,
+        "world_size": comm.world_size,
+        "distributed": comm.is_distributed,
+    }
+    counter = CountingPatch()
+    with counter:
+        for op in ("sum", "mean", "max", "min"):
+            counter.label = f"ar_{op}"
+            t = (torch.arange(6, dtype=torch.float32) + 1) * (rank + 1)
+            ret = comm.all_reduce_(t, op, tag=f"ar_{op}")
+            out[f"ar_{op}"] = {"result": t.clone(), "same_object": ret is t}
+
+        counter.label = "ar_int_mean"
+        t = torch.tensor([3 * rank + 1, 7], dtype=torch.int64)
+        comm.all_reduce_(t, "mean", tag="ar_int_mean")
+        out["ar_int_mean"] = t.clone()
+
+        counter.label = "ar_f64"
+        t = torch.full((2, 3), float(rank), dtype=torch.float64)
+        comm.all_reduce_(t, "sum", tag="ar_f64")
+        out["ar_f64"] = t.clone()
+
+        counter.label = "scalars"
+        out["scalars"] = comm.all_reduce_scalars([float(rank), 1.5, -2.0], "sum", tag="scalars")
+        counter.label = "scalars_max"
+        out["scalars_max"] = comm.all_reduce_scalars(
+            [float(rank), -float(rank)], "max", tag="scalars_max", dtype=torch.float32
+        )
+
+        counter.label = "bcast"
+        t = torch.full((3, 4), float(rank) + 0.25)
+        ret = comm.broadcast_(t, src=world_size - 1, tag="bcast")
+        out["bcast"] = {"result": t.clone(), "same_object": ret is t}
+
+        counter.label = "allgather"
+        t = torch.arange(5, dtype=torch.float64) + 10 * rank
+        out["allgather"] = comm.all_gather(t, tag="allgather")
+
+        counter.label = "barrier"
+        out["barrier"] = comm.barrier(tag="barrier")
+
+        counter.label = "bobj"
+        mine = broadcast_payload(rank)
+        out["bobj_own_size"] = serialized_size(mine)
+        out["bobj"] = comm.broadcast_object(mine if rank == 1 else None, src=1, tag="bobj")
+
+        counter.label = "gobj"
+        mine = gather_payload(rank)
+        out["gobj_own_size"] = serialized_size(mine)
+        out["gobj"] = comm.gather_object(mine, dst=world_size - 1, tag="gobj")
+    out["calls"] = counter.calls
+    out["ledger"] = comm.ledger.as_dict()
+    out["ledger_world_size"] = comm.ledger.world_size
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# PeriodicAverager worker
+# --------------------------------------------------------------------------------------------------
+
+N_IN, N_HIDDEN = 5, 8
+
+
+def make_model(kind: str, seed: int) -> nn.Module:
+    """x_0, built from ``seed`` (the same on every rank: the averager itself broadcasts nothing)."""
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(N_IN, N_HIDDEN), nn.Tanh(), nn.Linear(N_HIDDEN, 1))
+    if kind == "bn":
+        # no bias before BN: its gradient would be rounding noise, which Adam blows up to lr-sized steps
+        return nn.Sequential(
+            nn.Linear(N_IN, N_HIDDEN, bias=False), nn.BatchNorm1d(N_HIDDEN), nn.Tanh(), nn.Linear(N_HIDDEN, 1)
+        )
+    raise ValueError(kind)
+
+
+def make_optimizer(name: str, module: nn.Module) -> torch.optim.Optimizer:
+    if name == "sgd_m":
+        return torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    if name == "sgd_nesterov_wd":
+        return torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    if name == "adam":
+        return torch.optim.Adam(module.parameters(), lr=0.01)
+    raise ValueError(name)
+
+
+def make_batches(
+    world_size: int, steps: int, seed: int, batch_size: int = 6
+) -> list[list[tuple[Tensor, Tensor]]]:
+    """``batches[r][t]``: rank r's batch at step t; different on every rank."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(world_size):
+        rank_batches = []
+        for _ in range(steps):
+            x = torch.randn(batch_size, N_IN, generator=gen)
+            y = torch.randn(batch_size, 1, generator=gen)
+            rank_batches.append((x, y))
+        batches.append(rank_batches)
+    return batches
+
+
+def loss_fn(module: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    return nn.functional.mse_loss(module(x), y)
+
+
+def float_buffers(module: nn.Module) -> Tensor:
+    bufs = [b.detach().reshape(-1).double() for b in module.buffers() if torch.is_floating_point(b)]
+    return torch.cat(bufs) if bufs else torch.zeros(0, dtype=torch.float64)
+
+
+def averager_worker(
+    rank: int, world_size: int, cases: list[dict[str, Any]], steps: int, data_seed: int, model_seed: int
+) -> dict[str, dict[str, Any]]:
+    batches = make_batches(world_size, steps, data_seed)
+    results: dict[str, dict[str, Any]] = {}
+    for case in cases:
+        model = make_model(case["model"], model_seed)
+        model.train()
+        optimizer = make_optimizer(case["optimizer"], model)
+        comm = Communicator()
+        averager = PeriodicAverager(
+            model,
+            [optimizer],
+            comm,
+            tau=case["tau"],
+            momentum=case["momentum"],
+            average_buffers=case.get("average_buffers", True),
+        )
+        counter = CountingPatch()
+        params, buffers, ran, in_sync = [], [], [], []
+        with counter:
+            for t in range(1, steps + 1):
+                counter.label = t
+                optimizer.zero_grad()
+                loss_fn(model, batches[rank][t - 1]).backward()
+                optimizer.step()
+                ran.append(averager.after_optimizer_step())
+                in_sync.append(averager.in_sync)
+                params.append(flat_params(model))
+                buffers.append(float_buffers(model))
+            ledger_before_final = comm.ledger.as_dict()
+            counter.label = "final"
+            averager.finalize()
+        results[case["id"]] = {
+            "params": torch.stack(params),
+            "buffers": torch.stack(buffers),
+            "int_buffers": [b.clone() for b in model.buffers() if not torch.is_floating_point(b)],
+            "final_params": flat_params(model),
+            "ran": ran,
+            "in_sync": in_sync,
+            "rounds": averager.rounds,
+            "calls": counter.calls,
+            "ledger": ledger_before_final,
+            "ledger_after_final": comm.ledger.as_dict(),
+        }
+    return results

@@ -1,0 +1,179 @@
+"""Communicator on 2 and 4 gloo processes: results, ledger bytes by the CommLedger convention, and the
+``torch.distributed`` calls actually issued (counted by patching the module attributes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from mp import run_workers
+from mp_workers import broadcast_payload, comm_worker, gather_payload
+
+pytestmark = pytest.mark.multiprocess
+
+F32, F64, I64 = 4, 8, 8
+BASE = torch.arange(6, dtype=torch.float32) + 1  # rank r holds BASE * (r + 1)
+TAGS = (
+    "ar_sum", "ar_mean", "ar_max", "ar_min", "ar_int_mean", "ar_f64", "scalars", "scalars_max",
+    "bcast", "allgather", "barrier", "bobj", "gobj",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["p2", "p4"])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    p = request.param
+    return run_workers(comm_worker, p, tmp_path_factory.mktemp(f"comm_p{p}"))
+
+
+def _stats(res: dict[str, Any], tag: str) -> dict[str, Any]:
+    return res["ledger"]["by_tag"][tag]
+
+
+def _check_tag(
+    res: dict[str, Any], tag: str, *, sent: int, received: int, calls: list[tuple[str, int]]
+) -> None:
+    """Ledger of ``tag`` equals the analytic values, and the counted calls made under it equal ``calls``."""
+    stats = _stats(res, tag)
+    assert stats["rounds"] == 1, (tag, stats)
+    assert stats["bytes_sent"] == sent, (tag, stats)
+    assert stats["bytes_received"] == received, (tag, stats)
+    assert stats["collectives"] == len(calls), (tag, stats)
+    counted = [(name, nbytes) for label, name, nbytes in res["calls"] if label == tag]
+    assert counted == calls, (tag, counted)
+    assert stats["seconds"] >= 0.0
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def test_identity(world: list[dict[str, Any]]) -> None:
+    p = len(world)
+    for rank, res in enumerate(world):
+        assert res["rank"] == rank
+        assert res["world_size"] == p
+        assert res["distributed"] is True
+        assert res["ledger_world_size"] == p
+
+
+@pytest.mark.parametrize("op", ["sum", "mean", "max", "min"])
+def test_all_reduce(world: list[dict[str, Any]], op: str) -> None:
+    p = len(world)
+    factor = {"sum": p * (p + 1) / 2, "mean": (p + 1) / 2, "max": p, "min": 1}[op]
+    nbytes = BASE.numel() * F32
+    for res in world:
+        out = res[f"ar_{op}"]
+        assert out["same_object"], "all_reduce_ works in place and returns its argument"
+        assert out["result"].dtype == torch.float32
+        torch.testing.assert_close(out["result"], BASE * factor, rtol=0, atol=0)
+        _check_tag(res, f"ar_{op}", sent=nbytes, received=nbytes, calls=[("all_reduce", nbytes)])
+
+
+def test_all_reduce_integer_mean_and_float64(world: list[dict[str, Any]]) -> None:
+    p = len(world)
+    int_expected = torch.tensor([(3 * p * (p - 1) // 2 + p) // p, 7], dtype=torch.int64)
+    for res in world:
+        assert res["ar_int_mean"].dtype == torch.int64
+        assert torch.equal(res["ar_int_mean"], int_expected)
+        _check_tag(res, "ar_int_mean", sent=2 * I64, received=2 * I64, calls=[("all_reduce", 2 * I64)])
+        assert torch.equal(res["ar_f64"], torch.full((2, 3), p * (p - 1) / 2, dtype=torch.float64))
+        _check_tag(res, "ar_f64", sent=6 * F64, received=6 * F64, calls=[("all_reduce", 6 * F64)])
+
+
+def test_all_reduce_scalars(world: list[dict[str, Any]]) -> None:
+    p = len(world)
+    for res in world:
+        assert res["scalars"] == [p * (p - 1) / 2, 1.5 * p, -2.0 * p]
+        assert all(isinstance(v, float) for v in res["scalars"])
+        _check_tag(res, "scalars", sent=3 * F64, received=3 * F64, calls=[("all_reduce", 3 * F64)])
+        assert res["scalars_max"] == [float(p - 1), 0.0]
+        _check_tag(res, "scalars_max", sent=2 * F32, received=2 * F32, calls=[("all_reduce", 2 * F32)])
+
+
+def test_broadcast(world: list[dict[str, Any]]) -> None:
+    p = len(world)
+    src = p - 1
+    nbytes = 12 * F32
+    for rank, res in enumerate(world):
+        assert res["bcast"]["same_object"]
+        assert torch.equal(res["bcast"]["result"], torch.full((3, 4), src + 0.25))
+        _check_tag(
+            res,
+            "bcast",
+            sent=nbytes if rank == src else 0,
+            received=0 if rank == src else nbytes,
+            calls=[("broadcast", nbytes)],
+        )
+
+
+def test_all_gather(world: list[dict[str, Any]]) -> None:
+    p = len(world)
+    nbytes = 5 * F64
+    for res in world:
+        gathered = res["allgather"]
+        assert len(gathered) == p
+        for r, t in enumerate(gathered):
+            assert torch.equal(t, torch.arange(5, dtype=torch.float64) + 10 * r)
+        _check_tag(res, "allgather", sent=nbytes, received=(p - 1) * nbytes, calls=[("all_gather", nbytes)])
+
+
+def test_barrier(world: list[dict[str, Any]]) -> None:
+    for res in world:
+        assert res["barrier"] is None
+        _check_tag(res, "barrier", sent=0, received=0, calls=[("barrier", 0)])
+
+
+def test_broadcast_object(world: list[dict[str, Any]]) -> None:
+    src = 1
+    expected = broadcast_payload(src)
+    n = world[src]["bobj_own_size"]  # torch.save size of the source's object
+    assert n > 100
+    for rank, res in enumerate(world):
+        assert _same(res["bobj"], expected), (rank, res["bobj"])
+        # two collectives: the int64 size, then the payload; the ledger counts both
+        _check_tag(
+            res,
+            "bobj",
+            sent=n + I64 if rank == src else 0,
+            received=0 if rank == src else n + I64,
+            calls=[("broadcast", I64), ("broadcast", n)],
+        )
+
+
+def test_gather_object(world: list[dict[str, Any]]) -> None:
+    p = len(world)
+    dst = p - 1
+    sizes = [res["gobj_own_size"] for res in world]
+    assert len(set(sizes)) == p, "payloads were meant to differ in size"
+    padded = max(sizes)  # gather needs equal shapes: every payload is padded to the largest
+    for rank, res in enumerate(world):
+        if rank == dst:
+            assert len(res["gobj"]) == p
+            for r, obj in enumerate(res["gobj"]):
+                assert _same(obj, gather_payload(r)), (r, obj)
+            sent, received = I64, I64 * (p - 1) + padded * (p - 1)
+        else:
+            assert res["gobj"] is None
+            sent, received = I64 + padded, I64 * (p - 1)
+        _check_tag(res, "gobj", sent=sent, received=received, calls=[("all_gather", I64), ("gather", padded)])
+
+
+def test_totals_match_counted_calls(world: list[dict[str, Any]]) -> None:
+    p = len(world)
+    allreduce_payload = 4 * 6 * F32 + 2 * I64 + 6 * F64 + 3 * F64 + 2 * F32
+    for res in world:
+        ledger = res["ledger"]
+        assert sorted(ledger["by_tag"]) == sorted(TAGS)
+        assert ledger["rounds"] == len(TAGS)
+        # every torch.distributed call was made under one of the tags and is on the ledger
+        assert all(label in TAGS for label, _, _ in res["calls"])
+        assert ledger["collectives"] == len(res["calls"])
+        assert ledger["bytes_sent"] == sum(s["bytes_sent"] for s in ledger["by_tag"].values())
+        assert ledger["bytes_received"] == sum(s["bytes_received"] for s in ledger["by_tag"].values())
+        ring = 2 * (p - 1) * allreduce_payload // p
+        assert ledger["wire_bytes_estimate"] == ring + ledger["bytes_sent"] - allreduce_payload
