@@ -183,6 +183,7 @@ def main() -> None:
     ap.add_argument("--eval-on", default="consensus")
     ap.add_argument("--ckpt-every", type=int, default=0)
     ap.add_argument("--resume", default=None)
+    ap.add_argument("--ckpt-on-val", action="store_true")
     ap.add_argument("--consensus-every", type=int, default=None)
     args = ap.parse_args()
 
@@ -208,6 +209,10 @@ def main() -> None:
                 filename="{step}",
             )
         )
+    if args.ckpt_on_val:  # saved in on_validation_end, i.e. while validation holds the consensus model
+        callbacks.append(
+            ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), monitor="val_loss", filename="val")
+        )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -220,7 +225,7 @@ def main() -> None:
         val_check_interval=5 if args.validate else None,
         num_sanity_val_steps=0,
         logger=False,
-        enable_checkpointing=bool(args.ckpt_every),
+        enable_checkpointing=bool(args.ckpt_every or args.ckpt_on_val),
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,

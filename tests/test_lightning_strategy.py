@@ -128,7 +128,7 @@ def test_accumulation_matches_simulation(run_worker):
     assert _max_diff(records, sim) <= 1e-6
 
 
-def test_bf16_clipping_consensus_validation_and_monitor(run_worker):
+def test_bf16_clipping_consensus_validation_and_monitor(run_worker, tmp_path):
     """bf16-mixed autocast, gradient clipping, validation on the consensus model mid-period, and the
     monitor's consensus distance: runs, replicas differ between rounds, end in consensus."""
     records = run_worker(
@@ -144,6 +144,8 @@ def test_bf16_clipping_consensus_validation_and_monitor(run_worker):
         "--consensus-every",
         "1",
         "--batch-norm",
+        "--ckpt-on-val",
+        out=tmp_path / "run",
     )
     by_tag = records[0]["ledger"]["by_tag"]
     # validation at steps 5 and 10 (val_check_interval=5): step 5 is mid-period (rounds at 4, 8)
@@ -155,6 +157,15 @@ def test_bf16_clipping_consensus_validation_and_monitor(run_worker):
     assert distances and all(d > 0 for d in distances)
     # measured at every round, the final one included
     assert by_tag["consensus"]["rounds"] == by_tag["average"]["rounds"] + by_tag["final"]["rounds"]
+    # A checkpoint saved during consensus validation keeps each rank's own replica, not the consensus.
+    saved = torch.load(tmp_path / "run" / "ckpt" / "val.ckpt", weights_only=False)
+    local = [
+        torch.cat([v.reshape(-1).float() for v in r["state_dict"].values()])
+        for r in saved["lightning_commsgd"]["ranks"]
+    ]
+    assert not torch.equal(local[0], local[1])
+    consensus = torch.cat([v.reshape(-1).float() for v in saved["state_dict"].values()])
+    assert torch.allclose(consensus, (local[0] + local[1]) / 2, atol=1e-6)
     # Validation restored each rank's own replica: training continued from different models.
     assert float((records[0]["params"][5] - records[1]["params"][5]).abs().max()) > 1e-4
 
