@@ -54,13 +54,6 @@ class Communicator:
             self.group, self.rank, self.world_size = None, 0, 1
         self.ledger = CommLedger(world_size=self.world_size)
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Process groups cannot be pickled; a communicator that travels (e.g. inside a spawned
-        # launcher's strategy) is re-created in the worker.
-        state = dict(self.__dict__)
-        state["group"] = None
-        return state
-
     @property
     def is_distributed(self) -> bool:
         """True when there is somebody to talk to (world size > 1)."""

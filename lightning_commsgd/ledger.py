@@ -18,6 +18,7 @@ class TagStats:
         bytes_sent: payload bytes this rank put into those calls.
         bytes_received: payload bytes this rank got out of them.
         seconds: wall-clock time spent inside those calls.
+        allreduce_bytes: the part of ``bytes_sent`` that went into all-reduces (for the wire estimate).
     """
 
     rounds: int = 0
@@ -25,6 +26,7 @@ class TagStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
+    allreduce_bytes: int = 0
 
 
 @dataclass
@@ -53,10 +55,7 @@ class CommLedger:
         stats.bytes_received += int(received)
         stats.seconds += float(seconds)
         if kind == "all_reduce":
-            self._allreduce_payload += int(sent)
-
-    def __post_init__(self) -> None:
-        self._allreduce_payload = 0
+            stats.allreduce_bytes += int(sent)
 
     def _total(self, attr: str) -> Any:
         return sum(getattr(stats, attr) for stats in self.by_tag.values())
@@ -90,8 +89,9 @@ class CommLedger:
         """Bytes a ring all-reduce would put on this rank's link: ``2 (p-1)/p`` of the all-reduce payload,
         plus every other payload as counted."""
         p = self.world_size
-        ring = 2 * (p - 1) * self._allreduce_payload // p if p > 1 else 0
-        return ring + self.bytes_sent - self._allreduce_payload
+        allreduce = self._total("allreduce_bytes")
+        ring = 2 * (p - 1) * allreduce // p if p > 1 else 0
+        return ring + self.bytes_sent - allreduce
 
     def tag(self, name: str) -> TagStats:
         """Counters of one tag (zeros when the tag was never used)."""
@@ -111,12 +111,8 @@ class CommLedger:
 
     def state_dict(self) -> dict[str, Any]:
         """Counters to store in a checkpoint, so a resumed run keeps counting from where it stopped."""
-        return {
-            "by_tag": {name: asdict(stats) for name, stats in self.by_tag.items()},
-            "allreduce_payload": self._allreduce_payload,
-        }
+        return {"by_tag": {name: asdict(stats) for name, stats in self.by_tag.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore counters written by :meth:`state_dict`."""
         self.by_tag = {name: TagStats(**stats) for name, stats in state["by_tag"].items()}
-        self._allreduce_payload = int(state.get("allreduce_payload", 0))

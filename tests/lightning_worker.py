@@ -144,6 +144,7 @@ class Recorder(Callback):
                 "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
                 "logged": dict(LOGGED),
                 "gathered": list(GATHERED),
+                "progress_bar": {k: float(v) for k, v in trainer.progress_bar_metrics.items()},
                 "world_size": trainer.world_size,
             },
             os.path.join(self.out, f"rank{trainer.global_rank}.pt"),
@@ -184,6 +185,7 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=0)
     ap.add_argument("--resume", default=None)
     ap.add_argument("--ckpt-on-val", action="store_true")
+    ap.add_argument("--prog-bar", action="store_true")
     ap.add_argument("--consensus-every", type=int, default=None)
     args = ap.parse_args()
 
@@ -197,7 +199,7 @@ def main() -> None:
         )
     callbacks = [
         Recorder(args.out),
-        CommunicationMonitor(consensus_every_n_rounds=args.consensus_every),
+        CommunicationMonitor(consensus_every_n_rounds=args.consensus_every, prog_bar=args.prog_bar),
         MetricTap(),
     ]
     if args.ckpt_every:

@@ -142,7 +142,7 @@ def _filled(world_size: int) -> CommLedger:
 def test_ledger_record_and_totals() -> None:
     ledger = _filled(2)
     assert ledger.tag("average") == TagStats(
-        rounds=2, collectives=2, bytes_sent=200, bytes_received=200, seconds=0.75
+        rounds=2, collectives=2, bytes_sent=200, bytes_received=200, seconds=0.75, allreduce_bytes=200
     )
     assert ledger.tag("checkpoint") == TagStats(1, 2, 10, 0, 0.125)
     assert ledger.tag("gather") == TagStats(1, 1, 0, 30, 0.0)
@@ -173,6 +173,7 @@ def test_ledger_as_dict() -> None:
     assert list(d["by_tag"]) == ["average", "checkpoint", "gather"]  # sorted
     assert d["by_tag"]["checkpoint"] == {
         "rounds": 1, "collectives": 2, "bytes_sent": 10, "bytes_received": 0, "seconds": 0.125,
+        "allreduce_bytes": 0,
     }  # fmt: skip
     json.dumps(d)  # loggable as is
 

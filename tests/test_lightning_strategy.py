@@ -145,6 +145,7 @@ def test_bf16_clipping_consensus_validation_and_monitor(run_worker, tmp_path):
         "1",
         "--batch-norm",
         "--ckpt-on-val",
+        "--prog-bar",
         out=tmp_path / "run",
     )
     by_tag = records[0]["ledger"]["by_tag"]
@@ -153,6 +154,8 @@ def test_bf16_clipping_consensus_validation_and_monitor(run_worker, tmp_path):
     assert "val_loss" in records[0]["metrics"]
     assert records[0]["gathered"][0] == [[0.0], [1.0]] and by_tag["lightning_all_gather"]["rounds"] >= 1
     assert torch.equal(records[0]["final_params"], records[1]["final_params"])
+    progress = records[0]["progress_bar"]
+    assert progress["MB_sent"] > 0 and progress["rounds"] == records[0]["logged"]["comm/rounds"][-1]
     distances = records[0]["logged"]["comm/consensus_distance"]
     assert distances and all(d > 0 for d in distances)
     # measured at every round, the final one included

@@ -197,10 +197,15 @@ class CommunicationStrategy(DDPStrategy):
                 f"{type(self).__name__}: world size 1, nothing to synchronise; no collectives will run."
             )
 
+    def _float_state(self) -> dict[str, Tensor]:
+        """The module's floating-point parameters and buffers by state-dict key (integer buffers such
+        as ``num_batches_tracked`` are equal on all ranks and stay out)."""
+        assert self.model is not None
+        return {k: t for k, t in self.model.state_dict(keep_vars=True).items() if torch.is_floating_point(t)}
+
     def _broadcast_module_state(self) -> None:
         """x_0 identical everywhere: without DDP's constructor nobody else broadcasts it."""
-        assert self.model is not None
-        tensors = [t for t in self.model.state_dict(keep_vars=True).values() if torch.is_floating_point(t)]
+        tensors = list(self._float_state().values())
         if not tensors or not self.communicator.is_distributed:
             return
         flat = FlatBuffer(tensors)
@@ -224,7 +229,7 @@ class CommunicationStrategy(DDPStrategy):
     @override
     def on_train_end(self) -> None:
         super().on_train_end()
-        if self._algorithm is not None and not self._algorithm.in_sync:
+        if self._algorithm is not None:
             self._algorithm.finalize()
 
     @override
@@ -245,21 +250,18 @@ class CommunicationStrategy(DDPStrategy):
             self._restore_local_after_eval()
         super().on_validation_end()
 
-    def _eval_tensors(self) -> dict[str, Tensor]:
-        assert self.model is not None
-        return {k: t for k, t in self.model.state_dict(keep_vars=True).items() if torch.is_floating_point(t)}
-
     def _load_consensus_for_eval(self) -> None:
-        tensors = self._eval_tensors()
-        self._eval_stash = {k: t.detach().clone() for k, t in tensors.items()}
-        flat = FlatBuffer(list(tensors.values()))
-        self.communicator.all_reduce_(flat.pack(list(tensors.values())), "mean", tag="eval_consensus")
-        flat.unpack(list(tensors.values()))
+        state = self._float_state()
+        self._eval_stash = {k: t.detach().clone() for k, t in state.items()}
+        tensors = list(state.values())
+        flat = FlatBuffer(tensors)
+        self.communicator.all_reduce_(flat.pack(tensors), "mean", tag="eval_consensus")
+        flat.unpack(tensors)
 
     def _restore_local_after_eval(self) -> None:
         assert self._eval_stash is not None
         with torch.no_grad():
-            for key, tensor in self._eval_tensors().items():
+            for key, tensor in self._float_state().items():
                 tensor.copy_(self._eval_stash[key])
         self._eval_stash = None
 
