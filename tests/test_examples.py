@@ -1,0 +1,25 @@
+"""The demo's training script keeps working (make demo runs it for DDP and local SGD)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO_ROOT, run_script
+
+pytestmark = pytest.mark.multiprocess
+
+
+def test_train_digits_reports_local_sgd_traffic(tmp_path):
+    out = tmp_path / "result.json"
+    run_script(
+        [str(REPO_ROOT / "examples" / "train_digits.py"), "--strategy", "local_sgd", "--tau", "4",
+         "--max-steps", "8", "--json", str(out)]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["strategy"] == "local_sgd" and result["tau"] == 4 and result["steps"] == 8
+    by_tag = result["ledger"]["by_tag"]
+    assert by_tag["average"]["rounds"] == 2  # steps 4 and 8
+    # params + momentum of the MLP in fp32, per round
+    assert by_tag["average"]["bytes_sent"] == 2 * 2 * result["num_params"] * 4
+    assert 0.0 <= result["final_val_acc"] <= 1.0
