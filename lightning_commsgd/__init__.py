@@ -10,15 +10,27 @@ from lightning_commsgd.algorithms import PeriodicAverager
 from lightning_commsgd.callbacks import CommunicationMonitor
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.ledger import CommLedger
+from lightning_commsgd.schedules import (
+    AdaComm,
+    ConstantPeriod,
+    IncreasingPeriod,
+    PeriodSchedule,
+    PostLocalSGD,
+)
 from lightning_commsgd.strategies import CommunicationStrategy, LocalSGDStrategy
 
 __all__ = [
+    "AdaComm",
     "CommLedger",
     "CommunicationMonitor",
     "CommunicationStrategy",
     "Communicator",
+    "ConstantPeriod",
+    "IncreasingPeriod",
     "LocalSGDStrategy",
+    "PeriodSchedule",
     "PeriodicAverager",
+    "PostLocalSGD",
     "register_strategies",
 ]
 

@@ -23,7 +23,8 @@ class CommunicationMonitor(Callback):
 
     Logged keys (rank 0's values, every ``logging_interval`` optimizer steps): ``comm/bytes_sent``,
     ``comm/bytes_received``, ``comm/rounds``, ``comm/seconds``, ``comm/tau`` (when the strategy has a
-    period) and ``comm/consensus_distance`` = (1/p) sum_i ||x_i - x_bar||^2, measured just before a
+    period), the schedule's values (AdaComm: ``comm/adacomm_F0``, ``comm/adacomm_F``) and
+    ``comm/consensus_distance`` = (1/p) sum_i ||x_i - x_bar||^2, measured just before a
     round replaces x_i, every ``consensus_every_n_rounds`` rounds (it costs one scalar all-reduce).
 
     With Lightning's own ``DDPStrategy`` the monitor registers a counting DDP communication hook that
@@ -101,6 +102,9 @@ class CommunicationMonitor(Callback):
         algorithm = getattr(trainer.strategy, "algorithm", None)
         if algorithm is not None and hasattr(algorithm, "tau"):
             metrics["comm/tau"] = float(algorithm.tau)
+        schedule = getattr(algorithm, "schedule", None)
+        if schedule is not None:
+            metrics.update({f"comm/{key}": value for key, value in schedule.metrics().items()})
         consensus = getattr(algorithm, "last_consensus", None)
         if consensus is not None and consensus[0] != self._logged_consensus_step:
             self._logged_consensus_step = consensus[0]

@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from toy_problem import BATCH_SIZE, make_dataset, make_net, mse  # noqa: E402
 
-from lightning_commsgd import CommunicationMonitor, LocalSGDStrategy  # noqa: E402
+from lightning_commsgd import AdaComm, CommunicationMonitor, LocalSGDStrategy  # noqa: E402
 
 CALLS: list[dict] = []
 PHASE = {"step": -1, "in_batch": False}
@@ -186,6 +186,7 @@ def main() -> None:
     ap.add_argument("--resume", default=None)
     ap.add_argument("--ckpt-on-val", action="store_true")
     ap.add_argument("--prog-bar", action="store_true")
+    ap.add_argument("--adacomm-interval", type=int, default=0, help="AdaComm(tau0=--tau) in step mode")
     ap.add_argument("--consensus-every", type=int, default=None)
     args = ap.parse_args()
 
@@ -194,8 +195,13 @@ def main() -> None:
     if args.strategy == "ddp":
         strategy = DDPStrategy(start_method=args.start_method)
     else:
+        tau = (
+            AdaComm(tau0=args.tau, interval_steps=args.adacomm_interval)
+            if args.adacomm_interval
+            else args.tau
+        )
         strategy = LocalSGDStrategy(
-            tau=args.tau, momentum=args.momentum, start_method=args.start_method, eval_on=args.eval_on
+            tau=tau, momentum=args.momentum, start_method=args.start_method, eval_on=args.eval_on
         )
     callbacks = [
         Recorder(args.out),

@@ -109,3 +109,23 @@ def test_state_dict_checkpoint_helpers_average_floats_only():
     b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(7)}
     out = consensus_state_dict([a, b])
     assert torch.equal(out["w"], torch.tensor([2.0, 4.0])) and int(out["n"]) == 5
+
+
+def test_yaml_schedule_is_instantiated_with_overrides():
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_commsgd import AdaComm
+
+    cli = LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", str(REPO_ROOT / "configs" / "local_sgd_adacomm.yaml"),
+              "--trainer.strategy.tau.init_args.tau0=32"],
+    )  # fmt: skip
+    schedule = cli.trainer.strategy.tau
+    assert isinstance(cli.trainer.strategy, LocalSGDStrategy) and isinstance(schedule, AdaComm)
+    assert (schedule.tau0, schedule.interval_steps, schedule.tau) == (32, 20, 32)

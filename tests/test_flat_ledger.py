@@ -354,7 +354,7 @@ def test_averager_state_dict_round_trip() -> None:
     averager = PeriodicAverager(model, [opt], Communicator(), tau=3)
     _train_steps(model, opt, averager, 10)
     state = averager.state_dict()
-    assert state == {"step": 10, "last_round_step": 9, "rounds": 3, "tau": 3}
+    assert state == {"step": 10, "last_round_step": 9, "rounds": 3, "schedule": {"tau": 3}}
 
     resumed = PeriodicAverager(model, [opt], Communicator(), tau=4)
     resumed.load_state_dict(state)
@@ -363,7 +363,7 @@ def test_averager_state_dict_round_trip() -> None:
     assert not resumed.in_sync
     # next round 4 steps after the latest one (step 9): at step 13
     assert _train_steps(model, opt, resumed, 4) == [False, False, True, False]
-    assert resumed.state_dict() == {"step": 14, "last_round_step": 13, "rounds": 4, "tau": 4}
+    assert resumed.state_dict() == {"step": 14, "last_round_step": 13, "rounds": 4, "schedule": {"tau": 4}}
 
     same_tau = PeriodicAverager(model, [opt], Communicator(), tau=3)
     same_tau.load_state_dict(state)

@@ -213,3 +213,24 @@ def test_resume_mid_period_equals_uninterrupted(run_worker, tmp_path):
         resumed[0]["ledger"]["by_tag"]["average"]["rounds"]
         == full[0]["ledger"]["by_tag"]["average"]["rounds"]
     )
+
+
+def test_adacomm_resume_continues_the_same_tau_sequence(run_worker, tmp_path):
+    """AdaComm in step mode under Lightning: the losses training_step returns drive tau; a run resumed
+    from step 12 (mid-interval of 5, mid-period) logs the same tau, F and parameters as the full run."""
+    args = ["--tau", "6", "--adacomm-interval", "5", "--max-steps", "30", "--optimizer", "sgd_plain"]
+    full = run_worker(*args, "--ckpt-every", "12", out=tmp_path / "full")
+    taus = full[0]["logged"]["comm/tau"]
+    assert taus[0] == 6 and len(set(taus)) > 1  # the loss fell, tau shrank
+    assert full[0]["logged"]["comm/tau"] == full[1]["logged"]["comm/tau"]
+    assert "comm/adacomm_F" in full[0]["logged"] and "comm/adacomm_F0" in full[0]["logged"]
+    resumed = run_worker(
+        *args, "--resume", str(tmp_path / "full" / "ckpt" / "step=12.ckpt"), out=tmp_path / "res"
+    )
+    for rec_full, rec_resumed in zip(full, resumed):
+        assert rec_resumed["logged"]["comm/tau"] == rec_full["logged"]["comm/tau"][12:]
+        resumed_f = rec_resumed["logged"]["comm/adacomm_F"]  # logged every step once F exists
+        assert len(resumed_f) == 30 - 12
+        assert resumed_f == rec_full["logged"]["comm/adacomm_F"][-len(resumed_f) :]
+        for a, b in zip(rec_full["params"][12:], rec_resumed["params"]):
+            assert torch.equal(a, b)

@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 from lightning_commsgd.algorithms.replica import MOMENTUM_MODES, MomentumMode, ReplicaState
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.flat import FlatBuffer
+from lightning_commsgd.schedules import ConstantPeriod, PeriodSchedule, RoundInfo
 
 __all__ = ["PeriodicAverager", "validate_period"]
 
@@ -35,6 +36,13 @@ def validate_period(tau: Any, name: str = "tau") -> int:
     if tau < 1:
         raise ValueError(f"Arg `{name}` must be >= 1 (the communication period), got {tau}.")
     return tau
+
+
+def as_schedule(tau: Any) -> PeriodSchedule:
+    """``tau`` as a schedule: an int means :class:`ConstantPeriod`; a schedule is returned as is."""
+    if isinstance(tau, PeriodSchedule):
+        return tau
+    return ConstantPeriod(validate_period(tau))
 
 
 def validate_momentum_mode(momentum: Any) -> MomentumMode:
@@ -52,7 +60,9 @@ class PeriodicAverager:
         optimizers: the optimizers stepping ``module``; their state is u_i.
         communicator: counts and carries the all-reduce.
         tau: communication period tau (paper: tau in Wang & Joshi, H in Stich, I in Yu et al.): a round
-            ends every tau calls of :meth:`after_optimizer_step`. 1 averages after every step.
+            ends every tau calls of :meth:`after_optimizer_step`. 1 averages after every step. An int, or
+            a :class:`~lightning_commsgd.schedules.PeriodSchedule` (e.g. ``AdaComm``) asked after each
+            round; schedules that need the training loss get it from :meth:`record_loss`.
         momentum: ``"average"`` (PR-SGD-Momentum, default), ``"local"`` (torch's
             ``PeriodicModelAverager`` behaviour) or ``"zero"`` (restart: state reset after each round).
         average_buffers: average floating-point buffers (BatchNorm running statistics) too.
@@ -69,11 +79,11 @@ class PeriodicAverager:
         optimizers: Sequence[Optimizer],
         communicator: Communicator,
         *,
-        tau: int = 8,
+        tau: int | PeriodSchedule = 8,
         momentum: MomentumMode = "average",
         average_buffers: bool = True,
     ) -> None:
-        self._tau = validate_period(tau)
+        self.schedule = as_schedule(tau)
         self.momentum = validate_momentum_mode(momentum)
         self.communicator = communicator
         self.replica = ReplicaState(module, optimizers, self.momentum, average_buffers)
@@ -83,15 +93,28 @@ class PeriodicAverager:
         self.consensus_every: int | None = None
         self.last_consensus: tuple[int, float] | None = None
         self._flat: FlatBuffer | None = None
+        self._loss_sum = 0.0
+        self._loss_count = 0
 
     @property
     def tau(self) -> int:
-        """The current period; a new value counts from the latest round."""
-        return self._tau
+        """The current period (the schedule's); a new value counts from the latest round."""
+        return self.schedule.tau
 
     @tau.setter
     def tau(self, value: int) -> None:
-        self._tau = validate_period(value)
+        self.schedule.tau = validate_period(value)
+
+    def record_loss(self, loss: Any) -> None:
+        """Note a training loss of the coming optimizer step (several with gradient accumulation), for
+        schedules that adapt to the loss; a no-op for the others."""
+        if self.schedule.needs_loss and loss is not None:
+            self._loss_sum += float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+            self._loss_count += 1
+
+    def _learning_rate(self) -> float | None:
+        optimizers = self.replica.optimizers
+        return float(optimizers[0].param_groups[0]["lr"]) if optimizers else None
 
     @property
     def in_sync(self) -> bool:
@@ -105,8 +128,11 @@ class PeriodicAverager:
         ranks reach the same decision. Returns whether a round ran.
         """
         self.step += 1
-        if self.step - self.last_round_step >= self._tau:
+        self.schedule.on_step(self.step, self._learning_rate(), self._loss_sum, self._loss_count)
+        self._loss_sum, self._loss_count = 0.0, 0
+        if self.step - self.last_round_step >= self.schedule.tau:
             self.average()
+            self.schedule.after_round(RoundInfo(self.step, self.rounds, self.communicator))
             return True
         return False
 
@@ -141,17 +167,19 @@ class PeriodicAverager:
         self.last_consensus = (self.step, distance)
 
     def state_dict(self) -> dict[str, Any]:
-        """Step counter, latest round and period: what a resumed run needs to keep the same rounds."""
+        """Step counter, latest round and schedule: what a resumed run needs to keep the same rounds."""
         return {
             "step": self.step,
             "last_round_step": self.last_round_step,
             "rounds": self.rounds,
-            "tau": self._tau,
+            "schedule": self.schedule.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output. The period stays the one given to the constructor: it is
-        configuration, and a user may resume with a different tau on purpose."""
+        """Restore :meth:`state_dict` output. A constant period stays the one given to the constructor
+        (configuration: a user may resume with a different tau on purpose); an adaptive schedule
+        restores its state."""
         self.step = int(state["step"])
         self.last_round_step = int(state["last_round_step"])
         self.rounds = int(state["rounds"])
+        self.schedule.load_state_dict(state["schedule"])

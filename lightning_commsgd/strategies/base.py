@@ -74,6 +74,8 @@ class SyncAlgorithm(Protocol):
 
     def after_optimizer_step(self) -> bool: ...
 
+    def record_loss(self, loss: Any) -> None: ...  # a training loss of the coming step (schedules)
+
     def finalize(self) -> None: ...  # bring every replica to the consensus model
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -224,6 +226,14 @@ class CommunicationStrategy(DDPStrategy):
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self._algorithm is not None:
             self._algorithm.after_optimizer_step()
+        return output
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().training_step(*args, **kwargs)
+        if self._algorithm is not None:
+            loss = output.get("loss") if isinstance(output, Mapping) else output
+            self._algorithm.record_loss(loss if isinstance(loss, Tensor) else None)
         return output
 
     @override

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_commsgd.algorithms.periodic import PeriodicAverager, validate_momentum_mode, validate_period
+from lightning_commsgd.algorithms.periodic import PeriodicAverager, as_schedule, validate_momentum_mode
 from lightning_commsgd.algorithms.replica import MomentumMode
 from lightning_commsgd.comm import Communicator
+from lightning_commsgd.schedules import PeriodSchedule
 from lightning_commsgd.strategies.base import CommunicationStrategy
 
 __all__ = ["LocalSGDStrategy"]
@@ -22,8 +24,10 @@ class LocalSGDStrategy(CommunicationStrategy):
 
     Args:
         tau: communication period tau (H in Stich, I in Yu et al.): optimizer steps between rounds,
-            an int >= 1. Counts calls of the optimizer step on every rank, including steps the closure
-            skipped, so all ranks agree; with gradient accumulation it counts optimizer steps, not batches.
+            an int >= 1, or a :mod:`~lightning_commsgd.schedules` schedule (``AdaComm``,
+            ``PostLocalSGD``, ``IncreasingPeriod``) asked after every round; each fit works on a copy.
+            Counts calls of the optimizer step on every rank, including steps the closure skipped, so
+            all ranks agree; with gradient accumulation it counts optimizer steps, not batches.
         momentum: what happens to the optimizer state u_i at a round:
             ``"average"`` (default, PR-SGD-Momentum: u_i <- mean_j u_j in the same buffer, doubling the
             bytes of a round for SGD with momentum; for Adam/AdamW both moments are averaged),
@@ -43,9 +47,13 @@ class LocalSGDStrategy(CommunicationStrategy):
     strategy_name = "local_sgd"
 
     def __init__(
-        self, tau: int = 8, momentum: MomentumMode = "average", average_buffers: bool = True, **kwargs: Any
+        self,
+        tau: int | PeriodSchedule = 8,
+        momentum: MomentumMode = "average",
+        average_buffers: bool = True,
+        **kwargs: Any,
     ) -> None:
-        self.tau = validate_period(tau)
+        self.tau = tau if isinstance(tau, PeriodSchedule) else as_schedule(tau).tau
         self.momentum = validate_momentum_mode(momentum)
         self.average_buffers = bool(average_buffers)
         super().__init__(**kwargs)
@@ -58,7 +66,7 @@ class LocalSGDStrategy(CommunicationStrategy):
             module,
             optimizers,
             communicator,
-            tau=self.tau,
+            tau=copy.deepcopy(self.tau),  # a fresh schedule per fit; resume restores its state
             momentum=self.momentum,
             average_buffers=self.average_buffers,
         )
