@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := lightning_commsgd tests examples benchmarks
 
-.PHONY: venv demo test lint bench clean distclean
+.PHONY: venv demo test lint bench bench-adacomm clean distclean
 
 venv: $(STAMP)
 
@@ -35,6 +35,9 @@ test: venv
 
 bench: venv
 	$(VPY) benchmarks/bench_local_sgd.py $(BENCH_ARGS)
+
+bench-adacomm: venv
+	$(VPY) benchmarks/bench_adacomm.py $(BENCH_ARGS)
 
 # Caches and build leftovers; the virtualenv stays (see distclean).
 clean:

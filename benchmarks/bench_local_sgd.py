@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -26,6 +24,7 @@ from benchmarks.harness import (  # noqa: E402
     REPO_ROOT,
     TrainRunError,
     format_bytes,
+    machine_description,
     markdown_table,
     run_train_digits,
 )
@@ -119,8 +118,6 @@ def results_table(rows: list[dict[str, Any]]) -> str:
 
 def _report(args: argparse.Namespace, argv: list[str], rows: list[dict[str, Any]], table: str) -> str:
     """The results file: how it was produced (``argv``), on what, and the table."""
-    import torch  # only for the version line; the measured runs import it in their own processes
-
     base = rows[0]
     command = " ".join(["python benchmarks/bench_local_sgd.py", *argv])
     return "\n".join(
@@ -128,8 +125,7 @@ def _report(args: argparse.Namespace, argv: list[str], rows: list[dict[str, Any]
             f"# Local SGD vs DDP, {datetime.date.today().isoformat()}",
             "",
             f"- command: `{command}`",
-            f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()},"
-            f" torch {torch.__version__}",
+            f"- machine: {machine_description()}",
             f"- model: MLP, hidden {args.hidden}, depth {args.depth}, {base['num_params']:,} parameters;"
             f" batch {args.batch_size} per process, lr {args.lr}",
             f"- {args.devices} CPU processes (gloo), {base['steps']} optimizer steps per run,"

@@ -1,14 +1,15 @@
 """Run ``examples/train_digits.py`` in a subprocess and collect its JSON results.
 
-Shared by ``examples/demo.py`` and ``benchmarks/bench_local_sgd.py`` so that both measure runs the same
-way. Each call starts a fresh interpreter, which then launches its own ranks: no process group, thread
-pool or allocator state leaks from one measured run into the next.
+Shared by ``examples/demo.py`` and the ``benchmarks/bench_*.py`` scripts so that all of them measure
+runs the same way. Each call starts a fresh interpreter, which then launches its own ranks: no process
+group, thread pool or allocator state leaks from one measured run into the next.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ __all__ = [
     "TRAIN_SCRIPT",
     "TrainRunError",
     "format_bytes",
+    "machine_description",
     "markdown_table",
     "run_train_digits",
 ]
@@ -131,3 +133,13 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     ]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def machine_description() -> str:
+    """One line for a results file: platform, CPU count, Python and torch versions."""
+    import torch  # only for the version; the measured runs import it in their own processes
+
+    return (
+        f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()},"
+        f" torch {torch.__version__}"
+    )

@@ -4,6 +4,8 @@ Examples::
 
     python examples/train_digits.py --strategy ddp --epochs 3
     python examples/train_digits.py --strategy local_sgd --tau 8 --epochs 3 --json /tmp/local_sgd.json
+    python examples/train_digits.py --strategy local_sgd --schedule adacomm --tau0 16 --interval-steps 50 \
+        --max-steps 600 --trace --json /tmp/adacomm.json
 
 Lightning's default launcher for ``devices > 1`` on CPU re-runs *this script* once per extra rank (with
 ``LOCAL_RANK`` etc. set), so everything at module level and in :func:`main` runs on every rank. Only
@@ -18,7 +20,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning
 import torch
@@ -29,7 +31,19 @@ from lightning_commsgd import CommunicationMonitor, LocalSGDStrategy
 from lightning_commsgd.data import DigitsDataModule
 from lightning_commsgd.models import MLPClassifier
 
-__all__ = ["STRATEGIES", "build_strategy", "main", "parse_args", "run"]
+if TYPE_CHECKING:
+    from lightning_commsgd.schedules import PeriodSchedule
+
+__all__ = [
+    "SCHEDULES",
+    "STRATEGIES",
+    "StepTrace",
+    "build_period",
+    "build_strategy",
+    "main",
+    "parse_args",
+    "run",
+]
 
 # Every rank is its own process on a small machine: one intra-op thread each avoids oversubscribing the
 # cores (N ranks x N threads), which would make wall-clock comparisons between strategies meaningless.
@@ -37,6 +51,9 @@ __all__ = ["STRATEGIES", "build_strategy", "main", "parse_args", "run"]
 torch.set_num_threads(1)
 
 STRATEGIES = ("ddp", "local_sgd")
+SCHEDULES = ("constant", "adacomm")
+# AdaComm's interval when neither --interval-steps nor --interval-s is given.
+DEFAULT_INTERVAL_STEPS = 50
 
 
 class _TrainLoopTimer(Callback):
@@ -57,11 +74,84 @@ class _TrainLoopTimer(Callback):
         self.seconds = time.perf_counter() - self._start
 
 
+def _step_loss(outputs: Any) -> float | None:
+    """The training loss in ``on_train_batch_end``'s ``outputs`` (a dict with ``"loss"`` or a tensor)."""
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    return float(loss) if isinstance(loss, torch.Tensor) else None
+
+
+class StepTrace(Callback):
+    """Rank 0's record of every optimizer step: time, loss, period, rounds and bytes so far.
+
+    One dict per step in :attr:`rows`: ``step``, ``time_s`` (since ``on_train_start``, the same origin
+    as the train loop timer), ``loss`` (rank 0's loss on its own batch, not averaged over ranks: an
+    average would cost an all-reduce per step and show up in the byte counts being compared), ``tau``
+    (the strategy's current period after this step, ``None`` for DDP), ``rounds`` (averaging rounds so
+    far; for DDP, which all-reduces gradients every step, the step count) and ``bytes_sent`` (this
+    rank's ledger so far, so it includes Lightning's own reductions routed through the communicator).
+
+    Args:
+        monitor: the run's :class:`CommunicationMonitor`, whose ledger gives the bytes; it must come
+            before this callback in the trainer's list so that its ``on_fit_start`` has run.
+    """
+
+    def __init__(self, monitor: CommunicationMonitor) -> None:
+        self.monitor = monitor
+        self.rows: list[dict[str, Any]] = []
+        self._start = float("nan")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # With gradient accumulation this hook runs for every batch, but a row is one optimizer step.
+        step = int(trainer.global_step)
+        if not trainer.is_global_zero or (self.rows and self.rows[-1]["step"] == step):
+            return
+        elapsed = time.perf_counter() - self._start
+        algorithm = getattr(trainer.strategy, "algorithm", None)
+        self.rows.append(
+            {
+                "step": step,
+                "time_s": elapsed,
+                "loss": _step_loss(outputs),
+                "tau": None if algorithm is None else int(algorithm.tau),
+                "rounds": step if algorithm is None else int(algorithm.rounds),
+                "bytes_sent": int(self.monitor.ledger.bytes_sent),
+            }
+        )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; see ``--help``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategy", choices=STRATEGIES, default="ddp", help="distributed strategy")
     parser.add_argument("--tau", type=int, default=8, help="local steps between averages (local_sgd only)")
+    parser.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="constant",
+        help="local_sgd period: constant (--tau) or AdaComm (--tau0 and an interval)",
+    )
+    parser.add_argument("--tau0", type=int, default=16, help="AdaComm's initial period")
+    interval = parser.add_mutually_exclusive_group()
+    interval.add_argument(
+        "--interval-steps",
+        type=int,
+        default=None,
+        help=f"AdaComm re-decides tau every this many steps (default {DEFAULT_INTERVAL_STEPS})",
+    )
+    interval.add_argument(
+        "--interval-s", type=float, default=None, help="AdaComm re-decides tau every this many seconds"
+    )
+    parser.add_argument(
+        "--no-lr-aware",
+        dest="lr_aware",
+        action="store_false",
+        help="AdaComm without the eta_0/eta_l factor (the learning rate is constant here anyway)",
+    )
     parser.add_argument("--devices", type=int, default=2, help="number of CPU processes")
     parser.add_argument("--epochs", type=int, default=3, help="maximum number of epochs")
     parser.add_argument("--max-steps", type=int, default=-1, help="optimizer step budget (-1: epochs only)")
@@ -72,21 +162,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="repeat the training set this many times")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, the split and the sampler")
     parser.add_argument("--json", type=Path, default=None, help="rank 0 writes the results here")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="add a per-step trace (time, loss, tau, rounds, bytes) to the JSON",
+    )
     args = parser.parse_args(argv)
     if args.devices < 1:
         parser.error(f"--devices must be >= 1, got {args.devices}")
     if args.tau < 1:
         parser.error(f"--tau must be >= 1, got {args.tau}")
+    if args.schedule == "adacomm":
+        if args.strategy != "local_sgd":
+            parser.error("--schedule adacomm needs --strategy local_sgd")
+        if args.tau0 < 1:
+            parser.error(f"--tau0 must be >= 1, got {args.tau0}")
+        if args.interval_steps is not None and args.interval_steps < 1:
+            parser.error(f"--interval-steps must be >= 1, got {args.interval_steps}")
+        if args.interval_s is not None and not args.interval_s > 0:
+            parser.error(f"--interval-s must be > 0, got {args.interval_s}")
+        if args.interval_steps is None and args.interval_s is None:
+            args.interval_steps = DEFAULT_INTERVAL_STEPS
     return args
 
 
-def build_strategy(name: str, tau: int) -> Strategy:
-    """Lightning's own ``DDPStrategy`` (the baseline) or our ``LocalSGDStrategy``."""
+def build_period(args: argparse.Namespace) -> int | PeriodSchedule:
+    """The ``tau`` argument of ``LocalSGDStrategy``: ``--tau``, or an ``AdaComm`` schedule."""
+    if args.schedule == "constant":
+        return args.tau
+    if args.schedule == "adacomm":
+        # Imported here, not at the top: the constant-period runs must not depend on the schedules module.
+        from lightning_commsgd.schedules import AdaComm
+
+        return AdaComm(
+            tau0=args.tau0,
+            interval_steps=args.interval_steps,
+            interval_s=args.interval_s,
+            lr_aware=args.lr_aware,
+        )
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {args.schedule!r}")
+
+
+def build_strategy(name: str, tau: int | PeriodSchedule) -> Strategy:
+    """Lightning's own ``DDPStrategy`` (the baseline) or our ``LocalSGDStrategy`` with period ``tau``."""
     if name == "ddp":
         return DDPStrategy()
     if name == "local_sgd":
         return LocalSGDStrategy(tau=tau)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+
+
+def _schedule_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The period options of the run, for the results (``None`` for DDP, which has no period)."""
+    if args.strategy != "local_sgd":
+        return None
+    if args.schedule == "constant":
+        return {"name": "constant", "tau": args.tau}
+    return {
+        "name": "adacomm",
+        "tau0": args.tau0,
+        "interval_steps": args.interval_steps,
+        "interval_s": args.interval_s,
+        "lr_aware": args.lr_aware,
+    }
 
 
 def _metric(metrics: dict[str, Any], key: str) -> float | None:
@@ -106,13 +244,17 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     # counting DDP comm hook), so both sides of the comparison are measured the same way.
     monitor = CommunicationMonitor()
     loop_timer = _TrainLoopTimer()
+    callbacks: list[Callback] = [monitor, loop_timer]
+    trace = StepTrace(monitor) if args.trace else None
+    if trace is not None:
+        callbacks.append(trace)  # after the monitor, whose ledger it reads
     trainer = Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=build_strategy(args.strategy, args.tau),
+        strategy=build_strategy(args.strategy, build_period(args)),
         max_epochs=args.epochs,
         max_steps=args.max_steps,
-        callbacks=[monitor, loop_timer],
+        callbacks=callbacks,
         enable_checkpointing=False,
         logger=False,
         enable_progress_bar=False,
@@ -133,17 +275,26 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "comm_s": float(ledger.seconds),
         "ledger": ledger.as_dict(),
     }
+    # Read after fit, so they include the final round; validate() below does not change them.
+    algorithm = getattr(trainer.strategy, "algorithm", None)
+    period = {
+        "final_tau": None if algorithm is None else int(algorithm.tau),
+        "averaging_rounds": None if algorithm is None else int(algorithm.rounds),
+    }
 
     val = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     if not trainer.is_global_zero:
         return None
-    return {
+    results = {
         "strategy": args.strategy,
-        "tau": args.tau if args.strategy == "local_sgd" else None,
+        # The constant period; None for DDP and for adaptive schedules (see "schedule" and "final_tau").
+        "tau": args.tau if args.strategy == "local_sgd" and args.schedule == "constant" else None,
+        "schedule": _schedule_config(args),
         "devices": args.devices,
         "wall_s": wall_s,
         "train_loop_s": loop_timer.seconds,
         **comm,
+        **period,
         "final_val_acc": _metric(val, "val_acc"),
         "final_val_loss": _metric(val, "val_loss"),
         "final_train_loss": train_loss,
@@ -160,6 +311,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             "seed": args.seed,
         },
     }
+    if trace is not None:
+        results["trace"] = trace.rows
+    return results
 
 
 def _json_safe(value: Any) -> Any:
@@ -180,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if results is None:  # not global rank 0
         return 0
     results = _json_safe(results)
-    summary = {key: value for key, value in results.items() if key not in ("ledger", "config")}
+    summary = {key: value for key, value in results.items() if key not in ("ledger", "config", "trace")}
     print(json.dumps(summary, indent=2))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -23,3 +23,19 @@ def test_train_digits_reports_local_sgd_traffic(tmp_path):
     # params + momentum of the MLP in fp32, per round
     assert by_tag["average"]["bytes_sent"] == 2 * 2 * result["num_params"] * 4
     assert 0.0 <= result["final_val_acc"] <= 1.0
+
+
+def test_train_digits_adacomm_trace(tmp_path):
+    """The AdaComm benchmark's input: a per-step trace whose tau follows the schedule."""
+    out = tmp_path / "result.json"
+    run_script(
+        [str(REPO_ROOT / "examples" / "train_digits.py"), "--strategy", "local_sgd", "--schedule", "adacomm",
+         "--tau0", "4", "--interval-steps", "3", "--max-steps", "12", "--trace", "--json", str(out)]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    trace = result["trace"]
+    assert [row["step"] for row in trace] == list(range(1, 13))
+    assert trace[0]["tau"] == 4 and result["final_tau"] == trace[-1]["tau"]
+    assert all(row["loss"] > 0 for row in trace)
+    rounds = [row["rounds"] for row in trace]
+    assert rounds == sorted(rounds) and rounds[-1] == result["averaging_rounds"] >= 2
