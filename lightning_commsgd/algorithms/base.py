@@ -1,0 +1,178 @@
+"""What every periodic algorithm shares: step counting, the tau schedule, rounds, consensus distance.
+
+A *periodic algorithm* lets each worker take local optimizer steps and, every tau steps, runs one
+communication round (:meth:`PeriodicAlgorithm.communicate`): exact averaging, gossip mixing with a
+matrix W, elastic averaging... The Cooperative SGD framework A(tau, W, v) of Wang & Joshi covers them
+all; this base holds the tau part, so every schedule (``AdaComm``, ...) works with every algorithm.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+from lightning_commsgd.algorithms.replica import ReplicaState
+from lightning_commsgd.comm import Communicator
+from lightning_commsgd.flat import FlatBuffer
+from lightning_commsgd.schedules import ConstantPeriod, PeriodSchedule, RoundInfo
+
+__all__ = ["PeriodicAlgorithm", "as_schedule", "validate_period"]
+
+
+def validate_period(tau: Any, name: str = "tau") -> int:
+    """Return ``tau`` if it is an integer >= 1 (bools refused), else raise naming the parameter."""
+    if isinstance(tau, bool) or not isinstance(tau, int):
+        raise TypeError(f"Arg `{name}` must be an int >= 1 (the communication period), got {tau!r}.")
+    if tau < 1:
+        raise ValueError(f"Arg `{name}` must be >= 1 (the communication period), got {tau}.")
+    return tau
+
+
+def as_schedule(tau: Any) -> PeriodSchedule:
+    """``tau`` as a schedule: an int means :class:`ConstantPeriod`; a schedule is returned as is."""
+    if isinstance(tau, PeriodSchedule):
+        return tau
+    return ConstantPeriod(validate_period(tau))
+
+
+class PeriodicAlgorithm(ABC):
+    """Local steps, and a communication round every tau steps.
+
+    Args:
+        replica: the tensors of this worker that rounds touch (see :class:`ReplicaState`).
+        communicator: counts and carries every collective.
+        tau: the period (an int) or a :class:`~lightning_commsgd.schedules.PeriodSchedule`, asked after
+            each round; schedules that need the training loss get it through :meth:`record_loss`.
+
+    Attributes:
+        step: optimizer steps seen. last_round_step: the step the latest round ended. rounds: rounds run.
+        consensus_every: measure the consensus distance ``(1/p) sum_i ||x_i - x_bar||^2`` every this many
+            rounds (just before the round changes x_i); ``None`` never.
+        last_consensus: ``(step, distance)`` of the latest measurement, or ``None``.
+    """
+
+    def __init__(self, replica: ReplicaState, communicator: Communicator, tau: int | PeriodSchedule) -> None:
+        self.schedule = as_schedule(tau)
+        self.replica = replica
+        self.communicator = communicator
+        self.step = 0
+        self.last_round_step = 0
+        self.rounds = 0
+        self.consensus_every: int | None = None
+        self.last_consensus: tuple[int, float] | None = None
+        self._flat: FlatBuffer | None = None
+        self._loss_sum = 0.0
+        self._loss_count = 0
+
+    # -- what subclasses provide --------------------------------------------------------------------
+    @abstractmethod
+    def communicate(self, tag: str) -> None:
+        """One communication round now (on every rank)."""
+
+    @abstractmethod
+    def finalize(self) -> None:
+        """Bring every replica to the model the algorithm outputs (end of training)."""
+
+    @property
+    @abstractmethod
+    def in_sync(self) -> bool:
+        """True when every replica is known to hold the same model."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Subclass state for checkpoints (e.g. a gossip phase, a centre variable)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027  (optional hook)
+        """Restore :meth:`extra_state` output."""
+
+    # -- the period ---------------------------------------------------------------------------------
+    @property
+    def tau(self) -> int:
+        """The current period (the schedule's); a new value counts from the latest round."""
+        return self.schedule.tau
+
+    @tau.setter
+    def tau(self, value: int) -> None:
+        self.schedule.tau = validate_period(value)
+
+    def record_loss(self, loss: Any) -> None:
+        """Note a training loss of the coming optimizer step (several with gradient accumulation), for
+        schedules that adapt to the loss; a no-op for the others."""
+        if self.schedule.needs_loss and loss is not None:
+            self._loss_sum += float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+            self._loss_count += 1
+
+    def _learning_rate(self) -> float | None:
+        optimizers = self.replica.optimizers
+        return float(optimizers[0].param_groups[0]["lr"]) if optimizers else None
+
+    def after_optimizer_step(self) -> bool:
+        """Count one optimizer step; run a round when tau steps passed since the latest one.
+
+        Call it on every rank after every optimizer step, whether or not the step was skipped, so all
+        ranks reach the same decision. Returns whether a round ran.
+        """
+        self.step += 1
+        self.schedule.on_step(self.step, self._learning_rate(), self._loss_sum, self._loss_count)
+        self._loss_sum, self._loss_count = 0.0, 0
+        if self.step - self.last_round_step < self.schedule.tau:
+            return False
+        self.communicate("average")
+        self.last_round_step = self.step
+        self.rounds += 1
+        self.schedule.after_round(RoundInfo(self.step, self.rounds, self.communicator))
+        return True
+
+    # -- helpers for subclasses ---------------------------------------------------------------------------
+    def _pack(self, tensors: Sequence[Tensor]) -> Tensor:
+        """``tensors`` packed into the (cached) flat buffer: one payload per round."""
+        if self._flat is None or not self._flat.matches(tensors):
+            self._flat = FlatBuffer(tensors)
+        return self._flat.pack(tensors)
+
+    def _unpack(self, tensors: Sequence[Tensor], buffer: Tensor) -> None:
+        assert self._flat is not None
+        self._flat.unpack(tensors, buffer)
+
+    def _consensus_due(self) -> bool:
+        return self.consensus_every is not None and self.rounds % self.consensus_every == 0
+
+    def _record_consensus(self, local_params: Tensor, mean_params: Tensor) -> None:
+        """(1/p) sum_i ||x_i - x_bar||^2 from this rank's flat parameters and the mean (one scalar
+        all-reduce, tag ``consensus``)."""
+        local_sq = float((local_params.double() - mean_params.double()).square().sum())
+        (distance,) = self.communicator.all_reduce_scalars([local_sq], "mean", tag="consensus")
+        self.last_consensus = (self.step, distance)
+
+    def _exact_mean_(self, tensors: Sequence[Tensor], tag: str) -> Tensor:
+        """Replace ``tensors`` by their mean over ranks (one all-reduce); returns the packed mean."""
+        buffer = self._pack(tensors)
+        if self.communicator.is_distributed:
+            self.communicator.all_reduce_(buffer, "mean", tag=tag)
+            self._unpack(tensors, buffer)
+        return buffer
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step counter, latest round, schedule and subclass state: what a resumed run needs."""
+        return {
+            "step": self.step,
+            "last_round_step": self.last_round_step,
+            "rounds": self.rounds,
+            "schedule": self.schedule.state_dict(),
+            **self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output. A constant period stays the one given to the constructor
+        (configuration: a user may resume with a different tau on purpose); an adaptive schedule
+        restores its state."""
+        self.step = int(state["step"])
+        self.last_round_step = int(state["last_round_step"])
+        self.rounds = int(state["rounds"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.load_extra_state(state)
+
