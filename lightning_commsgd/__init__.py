@@ -17,7 +17,13 @@ from lightning_commsgd.schedules import (
     PeriodSchedule,
     PostLocalSGD,
 )
-from lightning_commsgd.strategies import CommunicationStrategy, LocalSGDStrategy
+from lightning_commsgd.strategies import (
+    CommunicationStrategy,
+    DecentralizedSGDStrategy,
+    ElasticAveragingStrategy,
+    LocalSGDStrategy,
+)
+from lightning_commsgd.topology import Topology, make_topology
 
 __all__ = [
     "AdaComm",
@@ -26,11 +32,15 @@ __all__ = [
     "CommunicationStrategy",
     "Communicator",
     "ConstantPeriod",
+    "DecentralizedSGDStrategy",
+    "ElasticAveragingStrategy",
     "IncreasingPeriod",
     "LocalSGDStrategy",
     "PeriodSchedule",
     "PeriodicAverager",
     "PostLocalSGD",
+    "Topology",
+    "make_topology",
     "register_strategies",
 ]
 
@@ -41,7 +51,14 @@ def register_strategies() -> None:
     """Register this package's strategy names with Lightning (idempotent; done on import)."""
     entries = {
         "local_sgd": (LocalSGDStrategy, "Local SGD, averaging params + momentum every 8 steps", {"tau": 8}),
+        "elastic_averaging": (ElasticAveragingStrategy, "EASGD, tau=4, alpha=2/(m+2)", {"tau": 4}),
     }
+    for topology in ("ring", "torus", "exponential", "one_peer_exponential", "complete", "star"):
+        entries[f"gossip_{topology}"] = (
+            DecentralizedSGDStrategy,
+            f"Decentralized SGD (D-PSGD, tau=1) gossiping over a {topology.replace('_', ' ')} graph",
+            {"topology": topology, "tau": 1},
+        )
     for name, (cls, description, init_params) in entries.items():
         if name not in StrategyRegistry:
             StrategyRegistry.register(name, cls, description=description, **init_params)

@@ -121,6 +121,38 @@ class Communicator:
         self.ledger.record(tag, sent=nbytes, received=nbytes * (self.world_size - 1), seconds=seconds)
         return out
 
+    def exchange(
+        self, send: Tensor, to: Sequence[int], recv_from: Sequence[int], *, tag: str
+    ) -> list[Tensor]:
+        """Send ``send`` to every rank in ``to`` and receive a tensor shaped like it from every rank in
+        ``recv_from`` (returned in that order): one batch of point-to-point messages, no collective.
+
+        All sends and receives are posted together before any is awaited, so any set of pairings that
+        matches across ranks (ring, torus, directed exponential graphs, ...) completes without deadlock.
+        Payload counted: ``len(to) n`` sent, ``len(recv_from) n`` received.
+        """
+        received = [torch.empty_like(send) for _ in recv_from]
+        if not to and not recv_from:
+            return received
+        start = time.perf_counter()
+        ops = [dist.P2POp(dist.isend, send, self._global_rank(peer), self.group) for peer in to]
+        ops += [
+            dist.P2POp(dist.irecv, buf, self._global_rank(peer), self.group)
+            for peer, buf in zip(recv_from, received)
+        ]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+        nbytes = send.numel() * send.element_size()
+        seconds = self._finish(send, start)
+        # one torch.distributed call (batch_isend_irecv) carrying len(ops) messages
+        self.ledger.record(tag, sent=nbytes * len(to), received=nbytes * len(recv_from), seconds=seconds)
+        return received
+
+    def _global_rank(self, group_rank: int) -> int:
+        if not 0 <= group_rank < self.world_size or group_rank == self.rank:
+            raise ValueError(f"peer rank must be another rank in [0, {self.world_size}), got {group_rank}.")
+        return group_rank if self.group is dist.group.WORLD else dist.get_global_rank(self.group, group_rank)
+
     def barrier(self, *, tag: str) -> None:
         """Wait for all ranks (one collective, no payload)."""
         if not self.is_distributed:

@@ -67,7 +67,9 @@ class CountingPatch:
     """Context manager recording every ``torch.distributed`` collective / p2p call as
     ``(label, name, payload_bytes)`` in :attr:`calls` (``payload_bytes`` is ``None`` for object calls)."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip: tuple[str, ...] = ()) -> None:
+        # skip: functions to leave alone, e.g. isend/irecv, which P2POp checks by identity
+        self._skip = skip
         self.label: Any = None
         self.calls: list[tuple[Any, str, int | None]] = []
         self._originals: dict[str, Callable[..., Any]] = {}
@@ -93,7 +95,7 @@ class CountingPatch:
 
     def __enter__(self) -> CountingPatch:
         for name in CALL_NAMES:
-            original = getattr(dist, name, None)
+            original = None if name in self._skip else getattr(dist, name, None)
             if original is not None:
                 self._originals[name] = original
                 setattr(dist, name, self._wrap(name, original))
