@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from torch import Tensor
 
 from lightning_commsgd.ledger import CommLedger
@@ -135,9 +136,12 @@ class Communicator:
         if not to and not recv_from:
             return received
         start = time.perf_counter()
-        ops = [dist.P2POp(dist.isend, send, self._global_rank(peer), self.group) for peer in to]
+        # P2POp accepts only c10d's own isend/irecv objects (checked by identity): take them from c10d,
+        # so a wrapper that a profiler or test puts on torch.distributed.isend cannot break gossip.
+        isend, irecv = c10d.isend, c10d.irecv
+        ops = [dist.P2POp(isend, send, self._global_rank(peer), self.group) for peer in to]
         ops += [
-            dist.P2POp(dist.irecv, buf, self._global_rank(peer), self.group)
+            dist.P2POp(irecv, buf, self._global_rank(peer), self.group)
             for peer, buf in zip(recv_from, received)
         ]
         for request in dist.batch_isend_irecv(ops):

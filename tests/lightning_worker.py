@@ -25,7 +25,13 @@ from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from toy_problem import BATCH_SIZE, make_dataset, make_net, mse  # noqa: E402
 
-from lightning_commsgd import AdaComm, CommunicationMonitor, LocalSGDStrategy  # noqa: E402
+from lightning_commsgd import (  # noqa: E402
+    AdaComm,
+    CommunicationMonitor,
+    DecentralizedSGDStrategy,
+    ElasticAveragingStrategy,
+    LocalSGDStrategy,
+)
 
 CALLS: list[dict] = []
 PHASE = {"step": -1, "in_batch": False}
@@ -168,7 +174,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--devices", type=int, default=2)
-    ap.add_argument("--strategy", default="local_sgd", choices=["local_sgd", "ddp"])
+    ap.add_argument("--strategy", default="local_sgd", choices=["local_sgd", "ddp", "gossip", "elastic"])
+    ap.add_argument("--topology", default="ring")
     ap.add_argument("--tau", type=int, default=3)
     ap.add_argument("--momentum", default="average")
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "sgd_plain", "adam", "rmsprop"])
@@ -194,6 +201,12 @@ def main() -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))  # popen children know their rank here; others use 0
     if args.strategy == "ddp":
         strategy = DDPStrategy(start_method=args.start_method)
+    elif args.strategy == "gossip":
+        strategy = DecentralizedSGDStrategy(
+            topology=args.topology, tau=args.tau, momentum=args.momentum, start_method=args.start_method
+        )
+    elif args.strategy == "elastic":
+        strategy = ElasticAveragingStrategy(tau=args.tau, start_method=args.start_method)
     else:
         tau = (
             AdaComm(tau0=args.tau, interval_steps=args.adacomm_interval)

@@ -234,3 +234,50 @@ def test_adacomm_resume_continues_the_same_tau_sequence(run_worker, tmp_path):
         assert resumed_f == rec_full["logged"]["comm/adacomm_F"][-len(resumed_f) :]
         for a, b in zip(rec_full["params"][12:], rec_resumed["params"]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("world_size", [3])
+def test_gossip_strategy_one_peer_resume_keeps_the_graph_phase(run_worker, tmp_path, world_size):
+    """DecentralizedSGDStrategy under Lightning on a time-varying graph (one-peer exponential, m=3, two
+    phases): gossip rounds only, one exact average at the end, consensus distance logged; a run resumed
+    from step 16 (an epoch end: 96 samples / 3 ranks / batch 4 = 8 batches an epoch, mid-period and
+    mid-cycle) continues with the right graph phase, bitwise."""
+    args = ["--strategy", "gossip", "--topology", "one_peer_exponential", "--tau", "3", "--momentum", "mix"]
+    args += ["--devices", str(world_size), "--max-steps", "22", "--consensus-every", "1"]
+    full = run_worker(*args, "--ckpt-every", "16", out=tmp_path / "full")
+    assert len(full) == world_size
+    by_tag = full[0]["ledger"]["by_tag"]
+    assert "average" not in by_tag and by_tag["gossip"]["rounds"] == 22 // 3
+    assert by_tag["final"]["rounds"] == 1  # the one exact all-reduce, at the end of fit
+    assert all(d > 0 for d in full[0]["logged"]["comm/consensus_distance"])
+    finals = [rec["final_params"] for rec in full]
+    assert all(torch.equal(finals[0], f) for f in finals[1:])
+    saved = torch.load(tmp_path / "full" / "ckpt" / "step=16.ckpt", weights_only=False)
+    assert saved["lightning_commsgd"]["ranks"][0]["algorithm"]["mix_rounds"] == 16 // 3
+    resumed = run_worker(
+        *args, "--resume", str(tmp_path / "full" / "ckpt" / "step=16.ckpt"), out=tmp_path / "res"
+    )
+    for rec_full, rec_resumed in zip(full, resumed):
+        for a, b in zip(rec_full["params"][16:], rec_resumed["params"]):
+            assert torch.equal(a, b)
+        assert torch.equal(rec_full["final_params"], rec_resumed["final_params"])
+
+
+def test_elastic_strategy_resume_keeps_the_centre_variable(run_worker, tmp_path):
+    args = ["--strategy", "elastic", "--tau", "3", "--momentum", "local", "--max-steps", "16", "--batch-norm"]
+    full = run_worker(*args, "--ckpt-every", "12", out=tmp_path / "full")
+    by_tag = full[0]["ledger"]["by_tag"]
+    assert (
+        by_tag["elastic"]["rounds"] == 16 // 3 and "final" not in by_tag
+    )  # z is replicated: no final traffic
+    assert torch.equal(full[0]["final_params"], full[1]["final_params"])
+    saved = torch.load(tmp_path / "full" / "ckpt" / "step=12.ckpt", weights_only=False)
+    centres = [r["algorithm"]["center"] for r in saved["lightning_commsgd"]["ranks"]]
+    assert torch.equal(centres[0], centres[1])  # every rank's copy of z is bitwise the same
+    resumed = run_worker(
+        *args, "--resume", str(tmp_path / "full" / "ckpt" / "step=12.ckpt"), out=tmp_path / "res"
+    )
+    for rec_full, rec_resumed in zip(full, resumed):
+        for a, b in zip(rec_full["params"][12:], rec_resumed["params"]):
+            assert torch.equal(a, b)
+        assert torch.equal(rec_full["final_params"], rec_resumed["final_params"])
