@@ -1,4 +1,4 @@
-"""Train an MLP on scikit-learn's digits with several CPU processes under DDP or local SGD.
+"""Train an MLP on scikit-learn's digits with several CPU processes under DDP, local SGD, gossip or EASGD.
 
 Examples::
 
@@ -6,6 +6,13 @@ Examples::
     python examples/train_digits.py --strategy local_sgd --tau 8 --epochs 3 --json /tmp/local_sgd.json
     python examples/train_digits.py --strategy local_sgd --schedule adacomm --tau0 16 --interval-steps 50 \
         --max-steps 600 --trace --json /tmp/adacomm.json
+    python examples/train_digits.py --strategy gossip --topology torus --devices 4 --tau 4 --trace
+    python examples/train_digits.py --strategy elastic --tau 4 --alpha 0.2 --devices 4
+
+``gossip`` is ``DecentralizedSGDStrategy`` (each rank mixes with its graph neighbours every ``--tau``
+steps by point-to-point messages, then one exact all-reduce average at the end of fit); ``elastic`` is
+``ElasticAveragingStrategy`` (EASGD: one all-reduce per round, each rank ends with the centre variable).
+After ``fit`` every rank holds the same consensus model, which the final ``trainer.validate`` evaluates.
 
 Lightning's default launcher for ``devices > 1`` on CPU re-runs *this script* once per extra rank (with
 ``LOCAL_RANK`` etc. set), so everything at module level and in :func:`main` runs on every rank. Only
@@ -27,14 +34,25 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 
-from lightning_commsgd import CommunicationMonitor, LocalSGDStrategy
+from lightning_commsgd import (
+    CommunicationMonitor,
+    DecentralizedSGDStrategy,
+    ElasticAveragingStrategy,
+    LocalSGDStrategy,
+    make_topology,
+)
+from lightning_commsgd.algorithms.elastic import validate_alpha
 from lightning_commsgd.data import DigitsDataModule
+from lightning_commsgd.ledger import CommLedger
 from lightning_commsgd.models import MLPClassifier
+from lightning_commsgd.topology import TOPOLOGY_NAMES
 
 if TYPE_CHECKING:
     from lightning_commsgd.schedules import PeriodSchedule
 
 __all__ = [
+    "GOSSIP_MOMENTUM",
+    "ROUND_TAGS",
     "SCHEDULES",
     "STRATEGIES",
     "StepTrace",
@@ -43,6 +61,7 @@ __all__ = [
     "main",
     "parse_args",
     "run",
+    "traffic_split",
 ]
 
 # Every rank is its own process on a small machine: one intra-op thread each avoids oversubscribing the
@@ -50,8 +69,18 @@ __all__ = [
 # Done at import time because every rank re-executes this file.
 torch.set_num_threads(1)
 
-STRATEGIES = ("ddp", "local_sgd")
+STRATEGIES = ("ddp", "local_sgd", "gossip", "elastic")
+# The strategies with a communication period (everything but DDP); --tau and --schedule apply to them.
+PERIODIC_STRATEGIES = ("local_sgd", "gossip", "elastic")
 SCHEDULES = ("constant", "adacomm")
+GOSSIP_MOMENTUM = ("mix", "local")
+DEFAULT_TOPOLOGY = "ring"
+DEFAULT_GOSSIP_MOMENTUM = "mix"
+# The ledger tag of each strategy's training rounds (for DDP: the counting hook's gradient buckets).
+# Everything else a rank sends is either the end-of-fit average (tag "final") or overhead: the initial
+# broadcast of x_0, consensus models for validation, Lightning's own reductions and barriers.
+ROUND_TAGS = {"ddp": "ddp_gradients", "local_sgd": "average", "gossip": "gossip", "elastic": "elastic"}
+FINAL_TAG = "final"
 # AdaComm's interval when neither --interval-steps nor --interval-s is given.
 DEFAULT_INTERVAL_STEPS = 50
 
@@ -86,17 +115,21 @@ class StepTrace(Callback):
     One dict per step in :attr:`rows`: ``step``, ``time_s`` (since ``on_train_start``, the same origin
     as the train loop timer), ``loss`` (rank 0's loss on its own batch, not averaged over ranks: an
     average would cost an all-reduce per step and show up in the byte counts being compared), ``tau``
-    (the strategy's current period after this step, ``None`` for DDP), ``rounds`` (averaging rounds so
-    far; for DDP, which all-reduces gradients every step, the step count) and ``bytes_sent`` (this
-    rank's ledger so far, so it includes Lightning's own reductions routed through the communicator).
+    (the strategy's current period after this step, ``None`` for DDP), ``rounds`` (communication
+    rounds so far: averages, gossip or elastic rounds; for DDP, which all-reduces gradients every step,
+    the step count), ``bytes_sent`` (this rank's ledger so far, so it includes Lightning's own reductions
+    routed through the communicator and any consensus evaluation) and ``round_bytes_sent`` (the part of
+    it sent by the training rounds themselves, ledger tag ``round_tag``).
 
     Args:
         monitor: the run's :class:`CommunicationMonitor`, whose ledger gives the bytes; it must come
             before this callback in the trainer's list so that its ``on_fit_start`` has run.
+        round_tag: the ledger tag of the strategy's rounds (see :data:`ROUND_TAGS`).
     """
 
-    def __init__(self, monitor: CommunicationMonitor) -> None:
+    def __init__(self, monitor: CommunicationMonitor, round_tag: str) -> None:
         self.monitor = monitor
+        self.round_tag = round_tag
         self.rows: list[dict[str, Any]] = []
         self._start = float("nan")
 
@@ -120,6 +153,7 @@ class StepTrace(Callback):
                 "tau": None if algorithm is None else int(algorithm.tau),
                 "rounds": step if algorithm is None else int(algorithm.rounds),
                 "bytes_sent": int(self.monitor.ledger.bytes_sent),
+                "round_bytes_sent": int(self.monitor.ledger.tag(self.round_tag).bytes_sent),
             }
         )
 
@@ -128,12 +162,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; see ``--help``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategy", choices=STRATEGIES, default="ddp", help="distributed strategy")
-    parser.add_argument("--tau", type=int, default=8, help="local steps between averages (local_sgd only)")
+    parser.add_argument(
+        "--tau",
+        type=int,
+        default=8,
+        help="local steps between communication rounds (local_sgd, gossip and elastic)",
+    )
     parser.add_argument(
         "--schedule",
         choices=SCHEDULES,
         default="constant",
-        help="local_sgd period: constant (--tau) or AdaComm (--tau0 and an interval)",
+        help="period of local_sgd, gossip or elastic: constant (--tau) or AdaComm (--tau0 and an interval)",
     )
     parser.add_argument("--tau0", type=int, default=16, help="AdaComm's initial period")
     interval = parser.add_mutually_exclusive_group()
@@ -151,6 +190,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="lr_aware",
         action="store_false",
         help="AdaComm without the eta_0/eta_l factor (the learning rate is constant here anyway)",
+    )
+    parser.add_argument(
+        "--topology",
+        choices=TOPOLOGY_NAMES,
+        default=None,
+        help=f"gossip graph (gossip only; default {DEFAULT_TOPOLOGY}; torus needs a square --devices)",
+    )
+    parser.add_argument(
+        "--gossip-momentum",
+        choices=GOSSIP_MOMENTUM,
+        default=None,
+        help=f"gossip: mix the momentum buffers with the models, or keep them local"
+        f" (default {DEFAULT_GOSSIP_MOMENTUM})",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="EASGD moving rate in (0, 2/(devices+1)) (elastic only; default 2/(devices+2))",
     )
     parser.add_argument("--devices", type=int, default=2, help="number of CPU processes")
     parser.add_argument("--epochs", type=int, default=3, help="maximum number of epochs")
@@ -172,9 +230,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--devices must be >= 1, got {args.devices}")
     if args.tau < 1:
         parser.error(f"--tau must be >= 1, got {args.tau}")
+    _check_strategy_options(parser, args)
     if args.schedule == "adacomm":
-        if args.strategy != "local_sgd":
-            parser.error("--schedule adacomm needs --strategy local_sgd")
+        if args.strategy not in PERIODIC_STRATEGIES:
+            parser.error(f"--schedule adacomm needs --strategy {'/'.join(PERIODIC_STRATEGIES)}")
         if args.tau0 < 1:
             parser.error(f"--tau0 must be >= 1, got {args.tau0}")
         if args.interval_steps is not None and args.interval_steps < 1:
@@ -184,6 +243,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.interval_steps is None and args.interval_s is None:
             args.interval_steps = DEFAULT_INTERVAL_STEPS
     return args
+
+
+def _check_strategy_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse options of another strategy, fill in the gossip defaults, and check the topology and
+    alpha against ``--devices`` with the package's own checks, before any process is started."""
+    for flag, value, owner in (
+        ("--topology", args.topology, "gossip"),
+        ("--gossip-momentum", args.gossip_momentum, "gossip"),
+        ("--alpha", args.alpha, "elastic"),
+    ):
+        if value is not None and args.strategy != owner:
+            parser.error(f"{flag} applies to --strategy {owner} only, not {args.strategy}")
+    if args.strategy == "gossip":
+        args.topology = args.topology or DEFAULT_TOPOLOGY
+        args.gossip_momentum = args.gossip_momentum or DEFAULT_GOSSIP_MOMENTUM
+        try:
+            make_topology(args.topology, args.devices)
+        except ValueError as err:
+            parser.error(f"--topology {args.topology} with --devices {args.devices}: {err}")
+    if args.strategy == "elastic":
+        try:
+            validate_alpha(args.alpha, args.devices)
+        except (TypeError, ValueError) as err:
+            parser.error(f"--alpha: {err}")
 
 
 def build_period(args: argparse.Namespace) -> int | PeriodSchedule:
@@ -203,18 +286,31 @@ def build_period(args: argparse.Namespace) -> int | PeriodSchedule:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {args.schedule!r}")
 
 
-def build_strategy(name: str, tau: int | PeriodSchedule) -> Strategy:
-    """Lightning's own ``DDPStrategy`` (the baseline) or our ``LocalSGDStrategy`` with period ``tau``."""
+def build_strategy(
+    name: str,
+    tau: int | PeriodSchedule,
+    *,
+    topology: str = DEFAULT_TOPOLOGY,
+    gossip_momentum: str = DEFAULT_GOSSIP_MOMENTUM,
+    alpha: float | None = None,
+) -> Strategy:
+    """Lightning's own ``DDPStrategy`` (the baseline) or one of ours with period ``tau``:
+    ``LocalSGDStrategy`` (``local_sgd``), ``DecentralizedSGDStrategy`` over ``topology`` with
+    ``gossip_momentum`` (``gossip``), or ``ElasticAveragingStrategy`` with ``alpha`` (``elastic``)."""
     if name == "ddp":
         return DDPStrategy()
     if name == "local_sgd":
         return LocalSGDStrategy(tau=tau)
+    if name == "gossip":
+        return DecentralizedSGDStrategy(topology=topology, tau=tau, momentum=gossip_momentum)
+    if name == "elastic":
+        return ElasticAveragingStrategy(tau=tau, alpha=alpha)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
 
 
 def _schedule_config(args: argparse.Namespace) -> dict[str, Any] | None:
     """The period options of the run, for the results (``None`` for DDP, which has no period)."""
-    if args.strategy != "local_sgd":
+    if args.strategy not in PERIODIC_STRATEGIES:
         return None
     if args.schedule == "constant":
         return {"name": "constant", "tau": args.tau}
@@ -233,6 +329,43 @@ def _metric(metrics: dict[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
+def traffic_split(ledger: CommLedger, round_tag: str) -> dict[str, int]:
+    """This rank's bytes sent, split by purpose (from ``ledger.by_tag``); the three parts add up to
+    ``ledger.bytes_sent``.
+
+    ``round_bytes_sent``: the training rounds (tag ``round_tag``); ``final_bytes_sent``: the exact
+    average at the end of fit (tag ``final``; zero for DDP and EASGD, whose replicas end equal anyway);
+    ``other_bytes_sent``: the rest (initial broadcast, consensus evaluation, Lightning's reductions and
+    barriers). ``round_wire_bytes_estimate`` is what the rounds put on this rank's link: a ring
+    all-reduce of ``n`` payload bytes sends ``2 (p-1)/p n``, point-to-point messages exactly their
+    payload (the ledger's ``wire_bytes_estimate`` rule, applied to the round tag alone).
+    """
+    rounds, final = ledger.tag(round_tag), ledger.tag(FINAL_TAG)
+    p = ledger.world_size
+    ring = 2 * (p - 1) * rounds.allreduce_bytes // p if p > 1 else 0
+    return {
+        "round_bytes_sent": int(rounds.bytes_sent),
+        "final_bytes_sent": int(final.bytes_sent),
+        "other_bytes_sent": int(ledger.bytes_sent - rounds.bytes_sent - final.bytes_sent),
+        "round_wire_bytes_estimate": int(ring + rounds.bytes_sent - rounds.allreduce_bytes),
+    }
+
+
+def _algorithm_config(args: argparse.Namespace, algorithm: Any) -> dict[str, Any]:
+    """Strategy-specific settings for the results: the gossip graph and its zeta, EASGD's alpha
+    (``None`` where they do not apply)."""
+    topology = getattr(algorithm, "topology", None) if args.strategy == "gossip" else None
+    return {
+        "topology": args.topology if args.strategy == "gossip" else None,
+        "gossip_momentum": args.gossip_momentum if args.strategy == "gossip" else None,
+        # The contraction of one mixing (one cycle for a time-varying graph): 0 is the exact average.
+        "zeta": None if topology is None else float(topology.zeta),
+        "max_degree": None if topology is None else int(topology.max_degree()),
+        # The rate in force (the default 2/(m+2) resolved), not just the flag.
+        "alpha": float(algorithm.alpha) if args.strategy == "elastic" and algorithm is not None else None,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train and validate; return the results on global rank 0 and ``None`` on the other ranks."""
     # Same seed on every rank: identical initial weights, and Lightning's DistributedSampler takes its
@@ -245,13 +378,20 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     monitor = CommunicationMonitor()
     loop_timer = _TrainLoopTimer()
     callbacks: list[Callback] = [monitor, loop_timer]
-    trace = StepTrace(monitor) if args.trace else None
+    round_tag = ROUND_TAGS[args.strategy]
+    trace = StepTrace(monitor, round_tag) if args.trace else None
     if trace is not None:
         callbacks.append(trace)  # after the monitor, whose ledger it reads
     trainer = Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=build_strategy(args.strategy, build_period(args)),
+        strategy=build_strategy(
+            args.strategy,
+            build_period(args),
+            topology=args.topology or DEFAULT_TOPOLOGY,
+            gossip_momentum=args.gossip_momentum or DEFAULT_GOSSIP_MOMENTUM,
+            alpha=args.alpha,
+        ),
         max_epochs=args.epochs,
         max_steps=args.max_steps,
         callbacks=callbacks,
@@ -273,22 +413,31 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "bytes_received_per_rank": int(ledger.bytes_received),
         "rounds": int(ledger.rounds),
         "comm_s": float(ledger.seconds),
+        "round_tag": round_tag,
+        **{f"{key}_per_rank": value for key, value in traffic_split(ledger, round_tag).items()},
         "ledger": ledger.as_dict(),
     }
     # Read after fit, so they include the final round; validate() below does not change them.
     algorithm = getattr(trainer.strategy, "algorithm", None)
     period = {
         "final_tau": None if algorithm is None else int(algorithm.tau),
+        # Communication rounds of the training loop: averages, gossip or elastic rounds (local SGD's
+        # end-of-fit average counts as one; gossip's does not, see final_bytes_sent_per_rank).
         "averaging_rounds": None if algorithm is None else int(algorithm.rounds),
+        # True when every rank holds the same (consensus) model after fit, the one validated below.
+        "in_sync_after_fit": None if algorithm is None else bool(algorithm.in_sync),
     }
 
+    # After fit every rank holds the consensus model (the strategy's final exact average, EASGD's centre
+    # variable), so this evaluates that model.
     val = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     if not trainer.is_global_zero:
         return None
     results = {
         "strategy": args.strategy,
         # The constant period; None for DDP and for adaptive schedules (see "schedule" and "final_tau").
-        "tau": args.tau if args.strategy == "local_sgd" and args.schedule == "constant" else None,
+        "tau": args.tau if args.strategy in PERIODIC_STRATEGIES and args.schedule == "constant" else None,
+        **_algorithm_config(args, algorithm),
         "schedule": _schedule_config(args),
         "devices": args.devices,
         "wall_s": wall_s,
