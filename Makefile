@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := lightning_commsgd tests examples benchmarks
 
-.PHONY: venv demo test lint bench bench-adacomm clean distclean
+.PHONY: venv demo test lint bench bench-adacomm bench-decentralized clean distclean
 
 venv: $(STAMP)
 
@@ -38,6 +38,9 @@ bench: venv
 
 bench-adacomm: venv
 	$(VPY) benchmarks/bench_adacomm.py $(BENCH_ARGS)
+
+bench-decentralized: venv
+	$(VPY) benchmarks/bench_decentralized.py $(BENCH_ARGS)
 
 # Caches and build leftovers; the virtualenv stays (see distclean).
 clean:

@@ -39,3 +39,18 @@ def test_train_digits_adacomm_trace(tmp_path):
     assert all(row["loss"] > 0 for row in trace)
     rounds = [row["rounds"] for row in trace]
     assert rounds == sorted(rounds) and rounds[-1] == result["averaging_rounds"] >= 2
+
+
+def test_train_digits_gossip_reports_its_traffic(tmp_path):
+    """The decentralized benchmark's input: gossip bytes split from the final exact average."""
+    out = tmp_path / "result.json"
+    run_script(
+        [str(REPO_ROOT / "examples" / "train_digits.py"), "--strategy", "gossip", "--topology", "ring",
+         "--tau", "2", "--max-steps", "6", "--json", str(out)]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["topology"] == "ring" and result["round_tag"] == "gossip" and result["in_sync_after_fit"]
+    gossip = result["ledger"]["by_tag"]["gossip"]
+    # 2 processes: one neighbour; params + momentum per round, 3 rounds
+    assert gossip["rounds"] == 3 and gossip["bytes_sent"] == 3 * 2 * result["num_params"] * 4
+    assert result["final_bytes_sent_per_rank"] == result["ledger"]["by_tag"]["final"]["bytes_sent"] > 0
