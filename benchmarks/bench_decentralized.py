@@ -37,6 +37,7 @@ from benchmarks.bench_adacomm import moving_average  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     REPO_ROOT,
     TrainRunError,
+    add_training_args,
     format_bytes,
     machine_description,
     markdown_table,
@@ -128,20 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-elastic", dest="elastic", action="store_false", help="leave EASGD out")
     parser.add_argument("--alpha", type=float, default=None, help="EASGD's moving rate (default 2/(m+2))")
-    parser.add_argument("--devices", type=int, default=4, help="CPU processes per run (torus: a square)")
-    parser.add_argument("--hidden", type=int, default=512, help="width of the hidden layers")
-    parser.add_argument("--depth", type=int, default=3, help="number of hidden layers")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size per process")
-    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (constant)")
-    parser.add_argument("--max-steps", type=int, default=600, help="optimizer steps per run")
-    parser.add_argument(
-        "--repeat-data",
-        type=int,
-        default=16,
-        help="repeat the training set per epoch (train_digits --repeat)",
-    )
-    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (medians reported)")
-    parser.add_argument("--seed", type=int, default=0, help="seed shared by all runs")
+    add_training_args(parser, devices=4, max_steps=600)
     parser.add_argument("--window", type=int, default=25, help="steps in the loss moving average")
     parser.add_argument(
         "--ladder",

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import (  # noqa: E402
     REPO_ROOT,
     TrainRunError,
+    add_training_args,
     format_bytes,
     machine_description,
     markdown_table,
@@ -42,20 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; see ``--help``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--taus", type=int, nargs="+", default=[1, 4, 8, 16], help="local SGD periods")
-    parser.add_argument("--devices", type=int, default=2, help="CPU processes per run")
-    parser.add_argument("--hidden", type=int, default=512, help="width of the hidden layers")
-    parser.add_argument("--depth", type=int, default=3, help="number of hidden layers")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size per process")
-    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
-    parser.add_argument("--max-steps", type=int, default=300, help="optimizer steps per run")
-    parser.add_argument(
-        "--repeat-data",
-        type=int,
-        default=16,
-        help="repeat the training set per epoch, so few epochs (and validations) fit in the step budget",
-    )
-    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (median reported)")
-    parser.add_argument("--seed", type=int, default=0, help="seed shared by all runs")
+    add_training_args(parser, devices=2, max_steps=300)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before one run is killed")
     parser.add_argument("--out", type=Path, default=None, help="results file (default: results/<date>)")
     args = parser.parse_args(argv)

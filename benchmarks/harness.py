@@ -7,6 +7,7 @@ group, thread pool or allocator state leaks from one measured run into the next.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "add_training_args",
     "REPO_ROOT",
     "TRAIN_SCRIPT",
     "TrainRunError",
@@ -115,6 +117,24 @@ def run_train_digits(
             f"{_tail(stderr, stderr_tail_lines)}"
         )
     return json.loads(json_path.read_text())
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, devices: int, max_steps: int) -> None:
+    """The options every benchmark passes on to ``train_digits.py`` (model, data, budget, repeats)."""
+    parser.add_argument("--devices", type=int, default=devices, help="CPU processes per run")
+    parser.add_argument("--hidden", type=int, default=512, help="width of the hidden layers")
+    parser.add_argument("--depth", type=int, default=3, help="number of hidden layers")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size per process")
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (constant)")
+    parser.add_argument("--max-steps", type=int, default=max_steps, help="optimizer steps per run")
+    parser.add_argument(
+        "--repeat-data",
+        type=int,
+        default=16,
+        help="repeat the training set per epoch (train_digits --repeat), so the step budget binds",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (medians reported)")
+    parser.add_argument("--seed", type=int, default=0, help="seed shared by all runs")
 
 
 def format_bytes(num_bytes: float) -> str:

@@ -19,7 +19,7 @@ from lightning_commsgd.comm import Communicator
 from lightning_commsgd.flat import FlatBuffer
 from lightning_commsgd.schedules import ConstantPeriod, PeriodSchedule, RoundInfo
 
-__all__ = ["PeriodicAlgorithm", "as_schedule", "validate_period"]
+__all__ = ["PeriodicAlgorithm", "as_schedule", "check_choice", "validate_period"]
 
 
 def validate_period(tau: Any, name: str = "tau") -> int:
@@ -29,6 +29,13 @@ def validate_period(tau: Any, name: str = "tau") -> int:
     if tau < 1:
         raise ValueError(f"Arg `{name}` must be >= 1 (the communication period), got {tau}.")
     return tau
+
+
+def check_choice(value: Any, name: str, allowed: Sequence[str]) -> Any:
+    """Return ``value`` if it is one of ``allowed``, else a ValueError naming the argument and the list."""
+    if value not in allowed:
+        raise ValueError(f"Arg `{name}` must be one of {tuple(allowed)}, got {value!r}.")
+    return value
 
 
 def as_schedule(tau: Any) -> PeriodSchedule:
@@ -175,4 +182,3 @@ class PeriodicAlgorithm(ABC):
         self.rounds = int(state["rounds"])
         self.schedule.load_state_dict(state["schedule"])
         self.load_extra_state(state)
-

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_commsgd.algorithms.base import PeriodicAlgorithm
+from lightning_commsgd.algorithms.base import PeriodicAlgorithm, check_choice
 from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.schedules import PeriodSchedule
@@ -80,8 +80,7 @@ class ElasticAverager(PeriodicAlgorithm):
         momentum: Literal["local", "zero"] = "local",
         average_buffers: bool = True,
     ) -> None:
-        if momentum not in ELASTIC_MOMENTUM_MODES:
-            raise ValueError(f"Arg `momentum` must be one of {ELASTIC_MOMENTUM_MODES}, got {momentum!r}.")
+        check_choice(momentum, "momentum", ELASTIC_MOMENTUM_MODES)
         m = communicator.world_size
         self.alpha = validate_alpha(alpha, m) or default_alpha(m)
         super().__init__(ReplicaState(module, optimizers, momentum, average_buffers), communicator, tau)
@@ -123,4 +122,3 @@ class ElasticAverager(PeriodicAlgorithm):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.center = state["center"].to(device=self.center.device, dtype=self.center.dtype).clone()
         self._center_at_step = state["center_at_step"]
-

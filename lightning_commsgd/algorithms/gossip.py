@@ -16,7 +16,7 @@ from typing import Any, Literal
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_commsgd.algorithms.base import PeriodicAlgorithm
+from lightning_commsgd.algorithms.base import PeriodicAlgorithm, check_choice
 from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.schedules import PeriodSchedule
@@ -59,8 +59,7 @@ class GossipMixer(PeriodicAlgorithm):
         average_buffers: bool = True,
         final_average: bool = True,
     ) -> None:
-        if momentum not in GOSSIP_MOMENTUM_MODES:
-            raise ValueError(f"Arg `momentum` must be one of {GOSSIP_MOMENTUM_MODES}, got {momentum!r}.")
+        check_choice(momentum, "momentum", GOSSIP_MOMENTUM_MODES)
         if topology.world_size != communicator.world_size:
             raise ValueError(
                 f"The topology has {topology.world_size} nodes but the world size is "

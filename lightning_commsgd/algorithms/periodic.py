@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_commsgd.algorithms.base import PeriodicAlgorithm, as_schedule, validate_period
+from lightning_commsgd.algorithms.base import PeriodicAlgorithm, as_schedule, check_choice, validate_period
 from lightning_commsgd.algorithms.replica import MOMENTUM_MODES, MomentumMode, ReplicaState
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.schedules import PeriodSchedule
@@ -30,9 +30,7 @@ __all__ = ["PeriodicAverager", "as_schedule", "validate_momentum_mode", "validat
 
 def validate_momentum_mode(momentum: Any) -> MomentumMode:
     """Return ``momentum`` if it names a known momentum mode, else raise a ValueError listing them."""
-    if momentum not in MOMENTUM_MODES:
-        raise ValueError(f"Arg `momentum` must be one of {MOMENTUM_MODES}, got {momentum!r}.")
-    return momentum
+    return check_choice(momentum, "momentum", MOMENTUM_MODES)
 
 
 class PeriodicAverager(PeriodicAlgorithm):

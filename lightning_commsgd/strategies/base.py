@@ -39,6 +39,7 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_commsgd.algorithms.base import check_choice
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.flat import FlatBuffer
 from lightning_commsgd.strategies.checkpointing import CHECKPOINT_FORMAT, CHECKPOINT_KEY, consensus_state_dict
@@ -107,8 +108,7 @@ class CommunicationStrategy(DDPStrategy):
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        if eval_on not in EVAL_MODES:
-            raise ValueError(f"Arg `eval_on` must be one of {EVAL_MODES}, got {eval_on!r}.")
+        check_choice(eval_on, "eval_on", EVAL_MODES)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,

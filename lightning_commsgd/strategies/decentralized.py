@@ -12,7 +12,7 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_commsgd.algorithms.base import as_schedule
+from lightning_commsgd.algorithms.base import as_schedule, check_choice
 from lightning_commsgd.algorithms.elastic import ELASTIC_MOMENTUM_MODES, ElasticAverager, validate_alpha
 from lightning_commsgd.algorithms.gossip import GOSSIP_MOMENTUM_MODES, GossipMixer
 from lightning_commsgd.comm import Communicator
@@ -61,8 +61,7 @@ class DecentralizedSGDStrategy(CommunicationStrategy):
         final_average: bool = True,
         **kwargs: Any,
     ) -> None:
-        if momentum not in GOSSIP_MOMENTUM_MODES:
-            raise ValueError(f"Arg `momentum` must be one of {GOSSIP_MOMENTUM_MODES}, got {momentum!r}.")
+        check_choice(momentum, "momentum", GOSSIP_MOMENTUM_MODES)
         self.topology = topology
         self.tau = _period(tau)
         self.momentum = momentum
@@ -125,8 +124,7 @@ class ElasticAveragingStrategy(CommunicationStrategy):
         average_buffers: bool = True,
         **kwargs: Any,
     ) -> None:
-        if momentum not in ELASTIC_MOMENTUM_MODES:
-            raise ValueError(f"Arg `momentum` must be one of {ELASTIC_MOMENTUM_MODES}, got {momentum!r}.")
+        check_choice(momentum, "momentum", ELASTIC_MOMENTUM_MODES)
         self.tau = _period(tau)
         self.alpha = validate_alpha(alpha)
         self.momentum = momentum
