@@ -270,18 +270,23 @@ class RedundantBatchSampler(Sampler[list[int]]):
         return streams
 
     def __iter__(self) -> Iterator[list[int]]:
+        # A loop may stop after the last batch without exhausting this generator (Lightning knows the
+        # length), so "epoch finished" is position == num_batches, not code after the loop.
+        start = self.position if self.position < self.num_batches else 0
         streams = self._streams()
-        start, self.position = self.position, 0
-        for t in range(self.num_batches):
-            if t < start:
-                continue  # resumed mid-epoch: these batches were consumed before the checkpoint
-            batch = torch.cat([indices[t * n : (t + 1) * n] for indices, n in streams])
+        for t in range(start, self.num_batches):
             self.position = t + 1
-            yield batch.tolist()
-        self.position = 0
+            yield torch.cat([indices[t * n : (t + 1) * n] for indices, n in streams]).tolist()
 
     def __len__(self) -> int:
         return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (forwarded to the placement sampler). A new epoch starts from its first
+        batch; the same epoch again (a resumed run) keeps the restored position."""
+        if epoch != self.sampler.epoch:
+            self.position = 0
+        self.sampler.set_epoch(epoch)
 
     @property
     def samples_per_batch(self) -> int:

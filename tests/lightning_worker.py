@@ -176,6 +176,8 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=2)
     ap.add_argument("--strategy", default="local_sgd", choices=["local_sgd", "ddp", "gossip", "elastic"])
     ap.add_argument("--topology", default="ring")
+    ap.add_argument("--redundancy", type=float, default=0.0)
+    ap.add_argument("--sampling", default="stratified")
     ap.add_argument("--tau", type=int, default=3)
     ap.add_argument("--momentum", default="average")
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "sgd_plain", "adam", "rmsprop"])
@@ -214,7 +216,12 @@ def main() -> None:
             else args.tau
         )
         strategy = LocalSGDStrategy(
-            tau=tau, momentum=args.momentum, start_method=args.start_method, eval_on=args.eval_on
+            tau=tau,
+            momentum=args.momentum,
+            start_method=args.start_method,
+            eval_on=args.eval_on,
+            redundancy=args.redundancy,
+            sampling=args.sampling,
         )
     callbacks = [
         Recorder(args.out),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from simulation import simulate_local_sgd
-from toy_problem import lightning_batches, make_net, mse
+from toy_problem import lightning_batches, make_net, mse, redundant_batches
 
 pytestmark = pytest.mark.multiprocess
 
@@ -281,3 +281,19 @@ def test_elastic_strategy_resume_keeps_the_centre_variable(run_worker, tmp_path)
         for a, b in zip(rec_full["params"][12:], rec_resumed["params"]):
             assert torch.equal(a, b)
         assert torch.equal(rec_full["final_params"], rec_resumed["final_params"])
+
+
+@pytest.mark.parametrize(("redundancy", "sampling"), [(0.5, "stratified"), (0.25, "union")])
+def test_redundant_data_trajectory_matches_simulation(run_worker, tmp_path, redundancy, sampling):
+    """RI-SGD under Lightning: the strategy swaps in the redundant sampler (the DataModule is unchanged)
+    and the run equals the simulation on the RI-SGD batches; stratified batches are b (1 + mu p) big."""
+    steps, tau, world_size = 14, 3, 2 if redundancy == 0.5 else 4
+    records = run_worker(
+        "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps),
+        "--redundancy", str(redundancy), "--sampling", sampling, out=tmp_path / "run",
+    )  # fmt: skip
+    batches = redundant_batches(world_size, steps, redundancy, sampling)
+    if sampling == "stratified":
+        assert all(len(b[0]) == 4 * (1 + round(redundancy * world_size)) for b in batches[0])
+    sim = simulate_local_sgd(make_net(100), _sgd, batches, mse, tau=tau, momentum="average")
+    assert _max_diff(records, sim) <= 1e-6

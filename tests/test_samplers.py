@@ -128,10 +128,22 @@ def test_batch_sampler_resumes_mid_epoch():
     state = interrupted.state_dict()
     assert state == {"epoch": 2, "position": 3}
     resumed = make()
-    resumed.sampler.set_epoch(0)
     resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # Lightning sets the (same) epoch again on resume: the position stays
     assert first + list(resumed) == full
-    assert list(resumed) == full  # the next epoch starts from its first batch again
+    assert list(resumed) == full  # a finished epoch starts again from its first batch
+
+
+def test_a_loop_that_stops_at_the_last_batch_still_gets_every_epoch():
+    """Lightning stops after len() batches without exhausting the iterator; the next epoch must still
+    yield all its batches (a bug caught by the Lightning trajectory test)."""
+    sampler = RedundantDistributedSampler(range(90), 3, 1, redundancy=1 / 3)
+    batches = RedundantBatchSampler(sampler, batch_size=5)
+    for epoch in range(3):
+        batches.set_epoch(epoch)
+        iterator = iter(batches)
+        got = [next(iterator) for _ in range(len(batches))]  # never asks for one more
+        assert len(got) == len(batches) == 6
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 
-__all__ = ["BATCH_SIZE", "make_dataset", "make_net", "lightning_batches", "mse"]
+__all__ = ["BATCH_SIZE", "make_dataset", "make_net", "lightning_batches", "mse", "redundant_batches"]
 
 BATCH_SIZE = 4
 NUM_SAMPLES = 96
@@ -55,4 +55,29 @@ def lightning_batches(world_size: int, steps: int, accumulate: int = 1) -> list[
             micro += [dataset[idx] for idx in batches]
             epoch += 1
         out.append([micro[t * accumulate : (t + 1) * accumulate] for t in range(steps)])
+    return out
+
+
+def redundant_batches(world_size: int, steps: int, redundancy: float, sampling: str) -> list[list[tuple]]:
+    """``out[r][t]``: rank r's batch at step t under RI-SGD (seed 0, set_epoch each epoch)."""
+    from torch.utils.data import default_collate
+
+    from lightning_commsgd.samplers import RedundantBatchSampler, RedundantDistributedSampler
+
+    dataset = make_dataset()
+    out = []
+    for rank in range(world_size):
+        sampler = RedundantDistributedSampler(dataset, world_size, rank, redundancy=redundancy, seed=0)
+        batches: list[tuple] = []
+        epoch = 0
+        while len(batches) < steps:
+            sampler.set_epoch(epoch)
+            if sampling == "stratified":
+                groups = list(RedundantBatchSampler(sampler, BATCH_SIZE))
+            else:
+                indices = list(sampler)
+                groups = [indices[i : i + BATCH_SIZE] for i in range(0, len(indices), BATCH_SIZE)]
+            batches += [default_collate([dataset[i] for i in g]) for g in groups]
+            epoch += 1
+        out.append(batches[:steps])
     return out

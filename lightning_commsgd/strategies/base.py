@@ -20,7 +20,7 @@ Hook order (Trainer -> strategy -> algorithm -> communicator):
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal, Protocol
 
@@ -37,6 +37,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_commsgd.algorithms.base import check_choice
@@ -44,6 +45,7 @@ from lightning_commsgd.comm import Communicator
 from lightning_commsgd.flat import FlatBuffer
 from lightning_commsgd.strategies.checkpointing import CHECKPOINT_FORMAT, CHECKPOINT_KEY, consensus_state_dict
 from lightning_commsgd.strategies.lightning_patches import remove_per_step_collectives
+from lightning_commsgd.strategies.redundancy import RedundancyConfig
 
 __all__ = ["CommunicationStrategy", "SyncAlgorithm"]
 
@@ -90,6 +92,15 @@ class CommunicationStrategy(DDPStrategy):
     Args:
         eval_on: which model validation inside ``fit`` sees: ``"consensus"`` (default; the average of
             the replicas, one extra round when they differ) or ``"local"`` (each rank's own replica).
+        redundancy: RI-SGD's mu (Haddadpour et al. 2019): each worker also holds this fraction of the whole
+            dataset from its neighbours' shards, mu in [0, 1 - 1/p]; 0 (default) keeps Lightning's sampler.
+            See :mod:`lightning_commsgd.samplers`.
+        sampling: ``"stratified"`` (the reference: per batch, the DataLoader's batch_size b from each held
+            shard, so a worker's batch grows to about b (1 + mu p)) or ``"union"`` (the held samples
+            shuffled together, batches of b).
+        original_world_size: p of the data placement when resuming with fewer workers (data locality).
+        failed_workers: original ids of the lost workers; rank r is the r-th survivor.
+        min_coverage: refuse to start when less of the dataset is still held by a survivor.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, timeout, start_method: as for Lightning's ``DDPStrategy`` (set by the
             Trainer from ``accelerator``/``devices``/``num_nodes`` when left out).
@@ -99,6 +110,11 @@ class CommunicationStrategy(DDPStrategy):
         self,
         *,
         eval_on: Literal["consensus", "local"] = "consensus",
+        redundancy: float = 0.0,
+        sampling: Literal["stratified", "union"] = "stratified",
+        original_world_size: int | None = None,
+        failed_workers: Sequence[int] = (),
+        min_coverage: float = 1.0,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -120,6 +136,9 @@ class CommunicationStrategy(DDPStrategy):
             start_method=start_method,
         )
         self.eval_on = eval_on
+        self.redundancy = RedundancyConfig(
+            redundancy, sampling, original_world_size, tuple(failed_workers), min_coverage
+        )
         self._communicator: Communicator | None = None
         self._algorithm: SyncAlgorithm | None = None
         self._pending_algorithm_state: dict[str, Any] | None = None
@@ -161,9 +180,22 @@ class CommunicationStrategy(DDPStrategy):
         return True
 
     @override
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if (
+            self.redundancy.active
+            and trainer is not None
+            and trainer.training  # the training loader only; validation keeps Lightning's sampler
+            and isinstance(dataloader, DataLoader)
+        ):
+            return self.redundancy.dataloader(dataloader, self.world_size, self.global_rank)
+        return super().process_dataloader(dataloader)
+
+    @override
     def _configure_launcher(self) -> None:
         # The Trainer calls this while it is constructed, after applying its flags and before any
         # process or process group exists: the place to refuse flags that contradict the strategy.
+        self.redundancy.check_world(self.world_size)
         if self._layer_sync is not None:
             raise ValueError(
                 f"Trainer(sync_batchnorm=True) all-reduces BatchNorm statistics at every forward pass, which "
