@@ -297,3 +297,19 @@ def test_redundant_data_trajectory_matches_simulation(run_worker, tmp_path, redu
         assert all(len(b[0]) == 4 * (1 + round(redundancy * world_size)) for b in batches[0])
     sim = simulate_local_sgd(make_net(100), _sgd, batches, mse, tau=tau, momentum="average")
     assert _max_diff(records, sim) <= 1e-6
+
+
+def test_redundant_sampler_resumes_mid_epoch(run_worker, tmp_path):
+    """Stratified RI-SGD batches: a checkpoint at step 7 (mid-epoch: 12 batches an epoch, mid-period)
+    stores the sampler's epoch and position; the resumed run sees the same batches, bitwise."""
+    args = ["--tau", "5", "--max-steps", "16", "--redundancy", "0.5", "--sampling", "stratified"]
+    full = run_worker(*args, "--ckpt-every", "7", out=tmp_path / "full")
+    saved = torch.load(tmp_path / "full" / "ckpt" / "step=7.ckpt", weights_only=False)
+    assert saved["lightning_commsgd"]["ranks"][1]["sampler"] == {"epoch": 0, "position": 7}
+    resumed = run_worker(
+        *args, "--resume", str(tmp_path / "full" / "ckpt" / "step=7.ckpt"), out=tmp_path / "res"
+    )
+    for rec_full, rec_resumed in zip(full, resumed):
+        assert rec_resumed["steps"] == list(range(8, 17))
+        for a, b in zip(rec_full["params"][7:], rec_resumed["params"]):
+            assert torch.equal(a, b)

@@ -143,6 +143,8 @@ class CommunicationStrategy(DDPStrategy):
         self._algorithm: SyncAlgorithm | None = None
         self._pending_algorithm_state: dict[str, Any] | None = None
         self._eval_stash: dict[str, Tensor] | None = None
+        self._train_batches: Any = None  # the stratified RI-SGD batch sampler, when there is one
+        self._pending_sampler_state: dict[str, Any] | None = None
 
     # -- what subclasses provide --------------------------------------------------------------------
     @abstractmethod
@@ -188,7 +190,12 @@ class CommunicationStrategy(DDPStrategy):
             and trainer.training  # the training loader only; validation keeps Lightning's sampler
             and isinstance(dataloader, DataLoader)
         ):
-            return self.redundancy.dataloader(dataloader, self.world_size, self.global_rank)
+            loader = self.redundancy.dataloader(dataloader, self.world_size, self.global_rank)
+            self._train_batches = loader.batch_sampler if self.redundancy.sampling == "stratified" else None
+            if self._train_batches is not None and self._pending_sampler_state is not None:
+                self._train_batches.load_state_dict(self._pending_sampler_state)
+            self._pending_sampler_state = None
+            return loader
         return super().process_dataloader(dataloader)
 
     @override
@@ -372,6 +379,11 @@ class CommunicationStrategy(DDPStrategy):
         }
         if "optimizer_states" in checkpoint:
             local["optimizer_states"] = checkpoint["optimizer_states"]
+        if self._train_batches is not None:
+            # Batches the loop consumed in this epoch: the fetcher reads ahead, so the sampler's own
+            # position can be one batch further than what training has seen.
+            progress = self.lightning_module.trainer.fit_loop.epoch_loop.batch_progress.current
+            local["sampler"] = {"epoch": self._train_batches.sampler.epoch, "position": progress.ready}
         return local
 
     @override
@@ -392,6 +404,7 @@ class CommunicationStrategy(DDPStrategy):
             if self._communicator is not None:
                 self._communicator.ledger.load_state_dict(mine["ledger"])
             algorithm_state = dict(mine["algorithm"])
+            self._pending_sampler_state = mine.get("sampler")
         else:
             rank_zero_warn(
                 f"{checkpoint_path} was written by {len(ranks)} ranks and is resumed on {self.world_size}: "
