@@ -226,41 +226,75 @@ def _fit_length(indices: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class RedundantBatchSampler(Sampler[list[int]]):
-    """Stratified RI-SGD batches: ``batch_size`` samples from the own shard and from each full redundant
-    shard, ``int(batch_size r)`` from the partial one, per batch (see the module docstring).
+    """RI-SGD batches for one rank, in either sampling mode, with per-rank batch sizes allowed.
 
-    Every rank yields the same number of batches: ``floor(n / batch_size)`` with ``drop_last`` (n the
-    smallest own-shard size over the survivors), else ``ceil(n_max / batch_size)`` with shards cycled.
-    Tracks its position inside the epoch, so a resumed run continues with the next batch.
+    ``"stratified"`` (the reference): each batch takes ``b`` samples from the own shard and from each full
+    redundant shard and ``int(b r)`` from the partial one (see the module docstring). ``"union"``: the
+    rank's held samples, shuffled together, in batches of ``b``.
+
+    Heterogeneous mini-batch sizes (the paper's extension): ``batch_size`` may give one ``b`` per rank.
+    Every rank still yields the same number of batches per epoch, so no rank waits at a round or at the
+    epoch's end for a batch another rank never takes:
+
+    - ``drop_last``: ``min_r floor(n_r / b_r)`` batches (n_r: rank r's own-shard size in stratified mode,
+      its held-sample count in union mode): no rank repeats a sample within an epoch; a rank whose share
+      lasts longer sees a different part of it each epoch.
+    - otherwise ``max_r ceil(n_r / b_r)`` batches, every one full: a rank whose data runs out first
+      cycles through it again (its shuffled order) to fill its batches, as DistributedSampler pads.
+
+    With equal ``b`` this is one pass over each rank's data per epoch. Tracks its position inside the
+    epoch, so a resumed run continues with the next batch.
 
     Args:
         sampler: the rank's :class:`RedundantDistributedSampler` (placement, seed, epoch).
-        batch_size: b, samples per batch from each complete shard (the DataLoader's batch size).
+        batch_size: b, the samples per batch from each complete shard (stratified) or per batch (union);
+            an int for every rank, or a sequence with one b per rank (``batch_size[rank]``).
+        sampling: ``"stratified"`` or ``"union"``.
     """
 
-    def __init__(self, sampler: RedundantDistributedSampler, batch_size: int) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"Arg `batch_size` must be an int >= 1, got {batch_size!r}.")
+    def __init__(
+        self,
+        sampler: RedundantDistributedSampler,
+        batch_size: int | Sequence[int],
+        sampling: SamplingMode = "stratified",
+    ) -> None:
+        if sampling not in ("stratified", "union"):
+            raise ValueError(f"Arg `sampling` must be one of ('stratified', 'union'), got {sampling!r}.")
+        sizes = _check_batch_sizes(batch_size, sampler.num_replicas)
         placement = sampler.placement
-        self.partial_size = int(batch_size * placement.remainder + 1e-9)
-        if placement.remainder and self.partial_size == 0:
+        partial_sizes = [int(b * placement.remainder + 1e-9) for b in sizes]
+        if sampling == "stratified" and placement.remainder and min(partial_sizes) == 0:
             raise ValueError(
-                f"batch_size {batch_size} times the fractional part of mu p ({placement.remainder:.4g}) "
-                "is < 1: the partial shard would never be sampled. Use a larger batch_size or a redundancy "
+                f"batch_size {min(sizes)} times the fractional part of mu p ({placement.remainder:.4g}) is "
+                "< 1: the partial shard would never be sampled. Use a larger batch_size or a redundancy "
                 "with mu p an integer."
             )
-        self.sampler, self.batch_size = sampler, batch_size
-        own_sizes = [placement.shard(w).numel() for w in placement.survivors]
-        if sampler.drop_last:
-            self.num_batches = min(own_sizes) // batch_size
+        if sampling == "stratified":
+            shares = [placement.shard(w).numel() for w in placement.survivors]
         else:
-            self.num_batches = math.ceil(max(own_sizes) / batch_size)
+            shares = [placement.indices(w).numel() for w in placement.survivors]
+        if sampler.drop_last:
+            self.num_batches = min(n // b for n, b in zip(shares, sizes))
+        else:
+            self.num_batches = max(math.ceil(n / b) for n, b in zip(shares, sizes))
         if self.num_batches < 1:
-            raise ValueError(f"batch_size {batch_size} is larger than a shard ({min(own_sizes)} samples).")
+            worst = min(range(len(sizes)), key=lambda r: shares[r] // sizes[r])
+            raise ValueError(
+                f"batch_size {sizes[worst]} of rank {worst} is larger than its data ({shares[worst]} samples "
+                f"{'per shard' if sampling == 'stratified' else 'held'}); with drop_last no batch is left."
+            )
+        self.sampler, self.sampling = sampler, sampling
+        self.batch_sizes = sizes
+        self.batch_size = sizes[sampler.rank]
+        self.partial_size = partial_sizes[sampler.rank] if sampling == "stratified" else 0
         self.position = 0  # batches already yielded in the current epoch
 
     def _streams(self) -> list[tuple[torch.Tensor, int]]:
+        """(indices long enough for the epoch, samples per batch) for each source of a batch."""
         s, placement = self.sampler, self.sampler.placement
+        if self.sampling == "union":
+            indices = s._permute(placement.indices(s.worker), salt=s.worker)
+            return [(_fit_length(indices, self.num_batches * self.batch_size), self.batch_size)]
         streams = []
         for j, complete in placement.holdings(s.worker):
             indices = placement.shard(j) if complete else placement.partial(j)
@@ -290,7 +324,9 @@ class RedundantBatchSampler(Sampler[list[int]]):
 
     @property
     def samples_per_batch(self) -> int:
-        """b (1 + floor(mu p)) + int(b r): this rank's batch size."""
+        """This rank's batch size: b (1 + floor(mu p)) + int(b r) stratified, b in union mode."""
+        if self.sampling == "union":
+            return self.batch_size
         return self.batch_size * (1 + self.sampler.placement.full) + self.partial_size
 
     def state_dict(self) -> dict[str, Any]:
@@ -299,3 +335,19 @@ class RedundantBatchSampler(Sampler[list[int]]):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
         self.position = int(state["position"])
+
+
+def _check_batch_sizes(batch_size: int | Sequence[int], num_replicas: int) -> list[int]:
+    """One b >= 1 per rank, from an int (the same everywhere) or a sequence of length ``num_replicas``."""
+    if isinstance(batch_size, (list, tuple)):
+        sizes = list(batch_size)
+        if len(sizes) != num_replicas:
+            raise ValueError(
+                f"Arg `batch_size` gives {len(sizes)} per-rank batch sizes for {num_replicas} ranks."
+            )
+    else:
+        sizes = [batch_size] * num_replicas  # type: ignore[list-item]
+    for b in sizes:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"Arg `batch_size` must be an int >= 1 (or one per rank), got {batch_size!r}.")
+    return sizes

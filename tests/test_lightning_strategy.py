@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from simulation import simulate_local_sgd
@@ -299,10 +301,11 @@ def test_redundant_data_trajectory_matches_simulation(run_worker, tmp_path, redu
     assert _max_diff(records, sim) <= 1e-6
 
 
-def test_redundant_sampler_resumes_mid_epoch(run_worker, tmp_path):
-    """Stratified RI-SGD batches: a checkpoint at step 7 (mid-epoch: 12 batches an epoch, mid-period)
-    stores the sampler's epoch and position; the resumed run sees the same batches, bitwise."""
-    args = ["--tau", "5", "--max-steps", "16", "--redundancy", "0.5", "--sampling", "stratified"]
+@pytest.mark.parametrize("sampling", ["stratified", "union"])
+def test_redundant_sampler_resumes_mid_epoch(run_worker, tmp_path, sampling):
+    """RI-SGD batches: a checkpoint at step 7 (mid-epoch: 12 batches an epoch, mid-period) stores the
+    sampler's epoch and position; the resumed run sees the same batches, bitwise."""
+    args = ["--tau", "5", "--max-steps", "16", "--redundancy", "0.5", "--sampling", sampling]
     full = run_worker(*args, "--ckpt-every", "7", out=tmp_path / "full")
     saved = torch.load(tmp_path / "full" / "ckpt" / "step=7.ckpt", weights_only=False)
     assert saved["lightning_commsgd"]["ranks"][1]["sampler"] == {"epoch": 0, "position": 7}
@@ -313,3 +316,74 @@ def test_redundant_sampler_resumes_mid_epoch(run_worker, tmp_path):
         assert rec_resumed["steps"] == list(range(8, 17))
         for a, b in zip(rec_full["params"][7:], rec_resumed["params"]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("world_size", "redundancy", "sampling", "batch_sizes"),
+    [(2, 0.5, "stratified", [2, 6]), (3, 0.0, "union", [3, 4, 6])],
+)
+def test_heterogeneous_batches_weighted_by_samples_match_simulation(
+    run_worker, tmp_path, world_size, redundancy, sampling, batch_sizes
+):
+    """Per-rank batch sizes with weights="samples": each round is sum_j n_j x_j / sum_j n_j; the run equals
+    the simulation on those batches and not the uniform mean; the weight costs 4 bytes, no extra round."""
+    steps, tau = 11, 3
+    records = run_worker(
+        "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps),
+        "--redundancy", str(redundancy), "--sampling", sampling, "--weights", "samples",
+        "--batch-sizes", *map(str, batch_sizes), out=tmp_path / "run",
+    )  # fmt: skip
+    batches = redundant_batches(world_size, steps, redundancy, sampling, batch_sizes)
+    factor = 1 + round(redundancy * world_size) if sampling == "stratified" else 1
+    for rank, b in enumerate(batch_sizes):
+        assert all(len(batch[0]) == b * factor for batch in batches[rank])
+    weighted = simulate_local_sgd(make_net(100), _sgd, batches, mse, tau=tau, weights="samples")
+    uniform = simulate_local_sgd(make_net(100), _sgd, batches, mse, tau=tau, weights="uniform")
+    assert _max_diff(records, weighted) <= 1e-6
+    assert _max_diff(records, uniform) > 1e-3  # the weights matter: a uniform mean would be caught
+    numel = sum(p.numel() for p in make_net(100).parameters())
+    _assert_rounds_only(records, tau, steps, (2 * numel + 1) * 4)
+
+
+def test_resume_after_losing_a_worker_continues_on_the_survivors(run_worker, tmp_path):
+    """RI-SGD fault tolerance under Lightning: 3 workers with mu = 1/3 checkpoint at step 6 (a round, mid
+    epoch); worker 1 is lost; the run resumes on 2 processes with original_world_size=3,
+    failed_workers=[1]. Coverage stays 100%, the survivors (original workers 0 and 2) continue the same
+    epoch at batch 7 from the consensus model, and the trajectory equals the simulation of that."""
+    mu, tau = str(1 / 3), 3
+    run_worker(
+        "--devices", "3", "--tau", str(tau), "--max-steps", "6", "--redundancy", mu, "--ckpt-every", "6",
+        out=tmp_path / "full",
+    )  # fmt: skip
+    ckpt = tmp_path / "full" / "ckpt" / "step=6.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["lightning_commsgd"]["ranks"][0]["sampler"] == {"epoch": 0, "position": 6}
+    resumed = run_worker(
+        "--devices", "2", "--tau", str(tau), "--max-steps", "15", "--redundancy", mu,
+        "--original-world-size", "3", "--failed-workers", "1", "--resume", str(ckpt), out=tmp_path / "res",
+    )  # fmt: skip
+    assert resumed[0]["steps"] == list(range(7, 16)) and resumed[0]["world_size"] == 2
+
+    start = make_net(100)
+    start.load_state_dict({k.removeprefix("net."): v for k, v in saved["state_dict"].items()})
+    optimizer_state = saved["lightning_commsgd"]["ranks"][0]["optimizer_states"][0]
+
+    def resumed_sgd(module):
+        opt = _sgd(module)
+        opt.load_state_dict(copy.deepcopy(optimizer_state))  # replicas must not share momentum tensors
+        return opt
+
+    survivors = redundant_batches(2, 15, 1 / 3, "stratified", original_world_size=3, failed_workers=(1,))
+    sim = simulate_local_sgd(start, resumed_sgd, [b[6:] for b in survivors], mse, tau=tau)
+    assert _max_diff(resumed, sim) <= 1e-6
+    # the survivors hold shard 1 (worker 0 holds its own 0 and its neighbour's 1; worker 2 holds 2 and 0)
+    assert all(len(b[0]) == 8 for b in survivors[0])
+
+
+def test_losing_an_unreplicated_worker_refuses_to_start(run_worker, tmp_path):
+    """mu = 0: losing worker 1 of 3 loses shard 1; the run stops before training with the lost shard named."""
+    with pytest.raises(AssertionError, match=r"no surviving holder: \[1\]"):
+        run_worker(
+            "--devices", "2", "--max-steps", "3", "--original-world-size", "3", "--failed-workers", "1",
+            out=tmp_path / "run",
+        )  # fmt: skip

@@ -169,7 +169,76 @@ def test_dataset_smaller_than_p_and_unusable_batch_sizes():
     sampler = RedundantDistributedSampler(range(400), 4, 0, redundancy=0.3)  # r = 0.2
     with pytest.raises(ValueError, match="partial shard would never be sampled"):
         RedundantBatchSampler(sampler, batch_size=4)  # int(4 * 0.2) = 0
-    with pytest.raises(ValueError, match="larger than a shard"):
+    with pytest.raises(ValueError, match="larger than its data"):
         RedundantBatchSampler(RedundantDistributedSampler(range(40), 4, 0, drop_last=True), batch_size=11)
     with pytest.raises(ValueError, match="batch_size"):
         RedundantBatchSampler(sampler, batch_size=0)
+
+
+@pytest.mark.parametrize(("p", "mu"), CASES)
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_union_batches_are_the_shuffled_union_in_batches_of_b(p, mu, drop_last):
+    data = range(203)
+    samplers = [RedundantDistributedSampler(data, p, r, redundancy=mu, drop_last=drop_last) for r in range(p)]
+    batchers = [RedundantBatchSampler(s, 8, sampling="union") for s in samplers]
+    assert len({len(b) for b in batchers}) == 1
+    for sampler, batcher in zip(samplers, batchers):
+        batches = list(batcher)
+        assert len(batches) == len(batcher) and all(len(batch) == 8 for batch in batches)
+        flat = [x for batch in batches for x in batch]
+        held = set(sampler.placement.indices(sampler.worker).tolist())
+        assert set(flat) <= held
+        if drop_last:
+            assert len(set(flat)) == len(flat)  # no repeat within an epoch
+        else:
+            assert set(flat) == held  # the whole union is seen (cycled to fill the last batches)
+        # the order is the placement sampler's own shuffled (and cycled) union, batched
+        k = min(len(flat), len(sampler))
+        assert flat[:k] == list(sampler)[:k]
+
+
+@pytest.mark.parametrize("sampling", ["stratified", "union"])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_heterogeneous_batch_sizes_keep_equal_batch_counts(sampling, drop_last):
+    p, mu, sizes = 3, 1 / 3, [4, 8, 6]
+    data = range(300)
+    batchers = [
+        RedundantBatchSampler(
+            RedundantDistributedSampler(data, p, r, redundancy=mu, drop_last=drop_last), sizes, sampling
+        )
+        for r in range(p)
+    ]
+    own = 100 if sampling == "stratified" else 200  # shard size / held samples per rank
+    expected = own // 8 if drop_last else math.ceil(own / 4)  # the largest b sets it / the smallest
+    assert [len(b) for b in batchers] == [expected] * p
+    for rank, batcher in enumerate(batchers):
+        batches = list(batcher)
+        assert len(batches) == expected
+        per_batch = sizes[rank] * (2 if sampling == "stratified" else 1)
+        assert all(len(batch) == per_batch for batch in batches) and batcher.samples_per_batch == per_batch
+        flat = [x for batch in batches for x in batch]
+        if drop_last:
+            assert len(set(flat)) == len(flat)
+        if not drop_last and rank == 0:
+            held = batcher.sampler.placement.indices(batcher.sampler.worker).tolist()
+            assert set(flat) == set(held)  # the smallest b sees its data once per epoch
+    with pytest.raises(ValueError, match="3 ranks"):
+        RedundantBatchSampler(RedundantDistributedSampler(data, p, 0), [4, 8])
+    with pytest.raises(ValueError, match="batch_size"):
+        RedundantBatchSampler(RedundantDistributedSampler(data, p, 0), [4, 0, 8])
+
+
+def test_union_batch_sampler_resumes_mid_epoch():
+    def make():
+        sampler = RedundantDistributedSampler(range(90), 3, 1, redundancy=0.5)
+        sampler.set_epoch(1)
+        return RedundantBatchSampler(sampler, 4, sampling="union")
+
+    full = list(make())
+    interrupted = make()
+    iterator = iter(interrupted)
+    first = [next(iterator) for _ in range(5)]
+    resumed = make()
+    resumed.load_state_dict(interrupted.state_dict())
+    resumed.set_epoch(1)
+    assert first + list(resumed) == full

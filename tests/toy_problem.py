@@ -58,7 +58,15 @@ def lightning_batches(world_size: int, steps: int, accumulate: int = 1) -> list[
     return out
 
 
-def redundant_batches(world_size: int, steps: int, redundancy: float, sampling: str) -> list[list[tuple]]:
+def redundant_batches(
+    world_size: int,
+    steps: int,
+    redundancy: float,
+    sampling: str,
+    batch_sizes: list[int] | None = None,
+    original_world_size: int | None = None,
+    failed_workers: tuple[int, ...] = (),
+) -> list[list[tuple]]:
     """``out[r][t]``: rank r's batch at step t under RI-SGD (seed 0, set_epoch each epoch)."""
     from torch.utils.data import default_collate
 
@@ -67,17 +75,21 @@ def redundant_batches(world_size: int, steps: int, redundancy: float, sampling: 
     dataset = make_dataset()
     out = []
     for rank in range(world_size):
-        sampler = RedundantDistributedSampler(dataset, world_size, rank, redundancy=redundancy, seed=0)
+        sampler = RedundantDistributedSampler(
+            dataset,
+            world_size,
+            rank,
+            redundancy=redundancy,
+            seed=0,
+            original_world_size=original_world_size,
+            failed_workers=failed_workers,
+        )
+        batcher = RedundantBatchSampler(sampler, batch_sizes or BATCH_SIZE, sampling)
         batches: list[tuple] = []
         epoch = 0
         while len(batches) < steps:
-            sampler.set_epoch(epoch)
-            if sampling == "stratified":
-                groups = list(RedundantBatchSampler(sampler, BATCH_SIZE))
-            else:
-                indices = list(sampler)
-                groups = [indices[i : i + BATCH_SIZE] for i in range(0, len(indices), BATCH_SIZE)]
-            batches += [default_collate([dataset[i] for i in g]) for g in groups]
+            batcher.set_epoch(epoch)
+            batches += [default_collate([dataset[i] for i in g]) for g in batcher]
             epoch += 1
         out.append(batches[:steps])
     return out

@@ -10,6 +10,11 @@ one flat buffer: one all-reduce per round. No Lightning import: usable from a pl
         loss_fn(model(batch)).backward(); optimizer.step(); optimizer.zero_grad()
         averager.after_optimizer_step()
     averager.finalize()  # consensus model at the end
+
+Heterogeneous mini-batches (RI-SGD's extension, Haddadpour et al. 2019): with ``weights="samples"`` the
+round computes ``x <- sum_j n_j x_j / sum_j n_j`` (and the same for u and the buffers), n_j being the
+samples worker j processed since the latest round (reported through :meth:`record_samples`). The count
+travels as one extra element of the same buffer: still one all-reduce per round.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
@@ -25,7 +31,9 @@ from lightning_commsgd.algorithms.replica import MOMENTUM_MODES, MomentumMode, R
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.schedules import PeriodSchedule
 
-__all__ = ["PeriodicAverager", "as_schedule", "validate_momentum_mode", "validate_period"]
+__all__ = ["WEIGHT_MODES", "PeriodicAverager", "as_schedule", "validate_momentum_mode", "validate_period"]
+
+WEIGHT_MODES: tuple[str, ...] = ("uniform", "samples")
 
 
 def validate_momentum_mode(momentum: Any) -> MomentumMode:
@@ -47,6 +55,10 @@ class PeriodicAverager(PeriodicAlgorithm):
         momentum: ``"average"`` (PR-SGD-Momentum, default), ``"local"`` (torch's
             ``PeriodicModelAverager`` behaviour) or ``"zero"`` (restart: state reset after each round).
         average_buffers: average floating-point buffers (BatchNorm running statistics) too.
+        weights: ``"uniform"`` (default: the plain mean, (1/p) sum_j x_j) or ``"samples"`` (each worker
+            weighted by the samples n_j it processed since the latest round, for per-worker batch sizes
+            B_j: sum_j n_j x_j / sum_j n_j; report them with :meth:`record_samples`). The weight travels
+            in fp32 with the payload, so a bf16/fp16 model's round is sent in fp32 in this mode.
 
     The consensus distance (see :class:`PeriodicAlgorithm`) costs one scalar all-reduce here: the mean
     is the round's own result.
@@ -61,9 +73,20 @@ class PeriodicAverager(PeriodicAlgorithm):
         tau: int | PeriodSchedule = 8,
         momentum: MomentumMode = "average",
         average_buffers: bool = True,
+        weights: str = "uniform",
     ) -> None:
         self.momentum = validate_momentum_mode(momentum)
+        self.weights = check_choice(weights, "weights", WEIGHT_MODES)
+        self.samples_since_round = 0
         super().__init__(ReplicaState(module, optimizers, self.momentum, average_buffers), communicator, tau)
+
+    def record_samples(self, count: int) -> None:
+        """Count ``count`` training samples processed by this worker (its weight at the next round under
+        ``weights="samples"``; ignored otherwise). Call it once per batch, before the optimizer step."""
+        if self.weights == "samples":
+            if count < 0:
+                raise ValueError(f"Arg `count` must be >= 0 samples, got {count}.")
+            self.samples_since_round += int(count)
 
     @property
     def in_sync(self) -> bool:
@@ -82,11 +105,39 @@ class PeriodicAverager(PeriodicAlgorithm):
         if self.communicator.is_distributed and tensors:
             head = self.replica.param_numel
             local_params = self._pack(tensors)[:head].clone() if self._consensus_due() else None
-            mean = self._exact_mean_(tensors, tag)
+            if self.weights == "samples":
+                mean = self._weighted_mean_(tensors, tag)
+            else:
+                mean = self._exact_mean_(tensors, tag)
             if local_params is not None:
                 self._record_consensus(local_params, mean[:head])
+        self.samples_since_round = 0
         if self.momentum == "zero":
             self.replica.reset_optimizer_state()
+
+    def _weighted_mean_(self, tensors: list[torch.Tensor], tag: str) -> torch.Tensor:
+        """``tensors`` <- sum_j n_j t_j / sum_j n_j over ranks, n_j riding in the buffer's last element."""
+        weight = torch.tensor(float(self.samples_since_round), dtype=torch.float32, device=tensors[0].device)
+        buffer = self._pack([*tensors, weight])
+        body = buffer[:-1]
+        body.mul_(buffer[-1])
+        self.communicator.all_reduce_(buffer, "sum", tag=tag)
+        total = float(buffer[-1])
+        if total <= 0:
+            # every rank sees the same total, so every rank raises; the replicas are still untouched
+            raise RuntimeError(
+                'weights="samples": no rank recorded any sample since the latest round; call '
+                "record_samples(n) for every batch (the Lightning strategies do)."
+            )
+        body.div_(total)
+        self._unpack([*tensors, weight], buffer)
+        return body
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"samples_since_round": self.samples_since_round}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.samples_since_round = int(state.get("samples_since_round", 0))
 
     def finalize(self) -> None:
         """A last round so that every replica equals the consensus model (end of training)."""

@@ -101,6 +101,10 @@ class CommunicationStrategy(DDPStrategy):
         original_world_size: p of the data placement when resuming with fewer workers (data locality).
         failed_workers: original ids of the lost workers; rank r is the r-th survivor.
         min_coverage: refuse to start when less of the dataset is still held by a survivor.
+        batch_sizes: heterogeneous mini-batches: one b per rank (``batch_sizes[rank]`` replaces the training
+            DataLoader's batch_size on that rank; every rank still takes the same number of batches per
+            epoch, see :class:`~lightning_commsgd.samplers.RedundantBatchSampler`). Pair it with
+            ``LocalSGDStrategy(weights="samples")`` to weight each replica by its samples at a round.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, timeout, start_method: as for Lightning's ``DDPStrategy`` (set by the
             Trainer from ``accelerator``/``devices``/``num_nodes`` when left out).
@@ -115,6 +119,7 @@ class CommunicationStrategy(DDPStrategy):
         original_world_size: int | None = None,
         failed_workers: Sequence[int] = (),
         min_coverage: float = 1.0,
+        batch_sizes: Sequence[int] | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -137,13 +142,18 @@ class CommunicationStrategy(DDPStrategy):
         )
         self.eval_on = eval_on
         self.redundancy = RedundancyConfig(
-            redundancy, sampling, original_world_size, tuple(failed_workers), min_coverage
+            redundancy,
+            sampling,
+            original_world_size,
+            tuple(failed_workers),
+            min_coverage,
+            None if batch_sizes is None else list(batch_sizes),
         )
         self._communicator: Communicator | None = None
         self._algorithm: SyncAlgorithm | None = None
         self._pending_algorithm_state: dict[str, Any] | None = None
         self._eval_stash: dict[str, Tensor] | None = None
-        self._train_batches: Any = None  # the stratified RI-SGD batch sampler, when there is one
+        self._train_batches: Any = None  # the RI-SGD batch sampler, when there is one
         self._pending_sampler_state: dict[str, Any] | None = None
 
     # -- what subclasses provide --------------------------------------------------------------------
@@ -191,8 +201,8 @@ class CommunicationStrategy(DDPStrategy):
             and isinstance(dataloader, DataLoader)
         ):
             loader = self.redundancy.dataloader(dataloader, self.world_size, self.global_rank)
-            self._train_batches = loader.batch_sampler if self.redundancy.sampling == "stratified" else None
-            if self._train_batches is not None and self._pending_sampler_state is not None:
+            self._train_batches = loader.batch_sampler
+            if self._pending_sampler_state is not None:
                 self._train_batches.load_state_dict(self._pending_sampler_state)
             self._pending_sampler_state = None
             return loader
@@ -413,6 +423,10 @@ class CommunicationStrategy(DDPStrategy):
             )
             algorithm_state = dict(ranks[0]["algorithm"])
             algorithm_state["last_round_step"] = algorithm_state["step"]  # replicas are equal again
+            algorithm_state.pop("samples_since_round", None)
+            # RI-SGD after losing workers: the survivors continue the interrupted epoch at the same batch
+            # (their shard streams depend on (seed, epoch, shard) only, not on the world size).
+            self._pending_sampler_state = ranks[0].get("sampler")
         if self._algorithm is not None:
             self._algorithm.load_state_dict(algorithm_state)
         else:

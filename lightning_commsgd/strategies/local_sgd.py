@@ -5,11 +5,18 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_commsgd.algorithms.periodic import PeriodicAverager, as_schedule, validate_momentum_mode
+from lightning_commsgd.algorithms.base import check_choice
+from lightning_commsgd.algorithms.periodic import (
+    WEIGHT_MODES,
+    PeriodicAverager,
+    as_schedule,
+    validate_momentum_mode,
+)
 from lightning_commsgd.algorithms.replica import MomentumMode
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.schedules import PeriodSchedule
@@ -35,6 +42,12 @@ class LocalSGDStrategy(CommunicationStrategy):
             ``"zero"`` (state reset after each round, any optimizer).
         average_buffers: average floating-point module buffers (BatchNorm running statistics) at each
             round; integer buffers are equal on all ranks and left alone.
+        weights: ``"uniform"`` (default, the plain mean) or ``"samples"``: each replica (and its optimizer
+            state and buffers) weighted by the samples n_j its rank processed since the latest round,
+            x <- sum_j n_j x_j / sum_j n_j (RI-SGD's heterogeneous mini-batch extension; use with per-rank
+            ``batch_sizes``). n_j is the batch size Lightning infers from each training batch. Costs no
+            extra round: the count rides in the averaged buffer (4 more bytes). Validation's consensus
+            model (``eval_on="consensus"``) stays the plain mean.
         **kwargs: see :class:`~lightning_commsgd.strategies.base.CommunicationStrategy` (``eval_on``,
             ``start_method``, ``timeout``, ...).
 
@@ -51,11 +64,13 @@ class LocalSGDStrategy(CommunicationStrategy):
         tau: int | PeriodSchedule = 8,
         momentum: MomentumMode = "average",
         average_buffers: bool = True,
+        weights: str = "uniform",
         **kwargs: Any,
     ) -> None:
         self.tau = tau if isinstance(tau, PeriodSchedule) else as_schedule(tau).tau
         self.momentum = validate_momentum_mode(momentum)
         self.average_buffers = bool(average_buffers)
+        self.weights = check_choice(weights, "weights", WEIGHT_MODES)
         super().__init__(**kwargs)
 
     @override
@@ -69,4 +84,14 @@ class LocalSGDStrategy(CommunicationStrategy):
             tau=copy.deepcopy(self.tau),  # a fresh schedule per fit; resume restores its state
             momentum=self.momentum,
             average_buffers=self.average_buffers,
+            weights=self.weights,
         )
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().training_step(*args, **kwargs)
+        algorithm = self.algorithm
+        if isinstance(algorithm, PeriodicAverager) and algorithm.weights == "samples":
+            batch = args[0] if args else kwargs.get("batch")
+            algorithm.record_samples(extract_batch_size(batch))
+        return output

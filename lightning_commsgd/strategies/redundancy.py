@@ -1,10 +1,12 @@
 """Putting RI-SGD's redundant sampler where Lightning would put its DistributedSampler.
 
 Users change nothing in their DataModule: the strategy rebuilds the *training* DataLoader around a
-:class:`~lightning_commsgd.samplers.RedundantDistributedSampler` (``sampling="union"``) or a
-:class:`~lightning_commsgd.samplers.RedundantBatchSampler` (``sampling="stratified"``, the DataLoader's
-``batch_size`` being b, the per-shard share of a batch). Validation and test loaders keep Lightning's
-sampler. The shuffling seed is Lightning's (``PL_GLOBAL_SEED``, as for its DistributedSampler).
+:class:`~lightning_commsgd.samplers.RedundantBatchSampler` (placement from a
+:class:`~lightning_commsgd.samplers.RedundantDistributedSampler`), in ``"stratified"`` mode (the DataLoader's
+``batch_size`` being b, the per-shard share of a batch) or ``"union"`` mode (batches of b from the shuffled
+union). ``batch_sizes`` replaces b by one value per rank (heterogeneous mini-batches). Validation and test
+loaders keep Lightning's sampler. The shuffling seed is Lightning's (``PL_GLOBAL_SEED``, as for its
+DistributedSampler). The batch sampler's epoch and position go into each rank's checkpoint entry.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class RedundancyConfig:
     original_world_size: int | None = None
     failed_workers: Sequence[int] = field(default_factory=tuple)
     min_coverage: float = 1.0
+    batch_sizes: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         mu = self.redundancy
@@ -55,16 +58,35 @@ class RedundancyConfig:
             )
         if not 0 <= self.min_coverage <= 1:
             raise ValueError(f"Arg `min_coverage` must lie in [0, 1], got {self.min_coverage}.")
+        if self.batch_sizes is not None:
+            sizes = self.batch_sizes
+            if not isinstance(sizes, (list, tuple)) or not sizes:
+                raise ValueError(f"Arg `batch_sizes` must be a non-empty list of ints >= 1, got {sizes!r}.")
+            for b in sizes:
+                if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                    raise ValueError(
+                        f"Arg `batch_sizes` must hold ints >= 1 (one per rank), got {list(sizes)}."
+                    )
 
     @property
     def active(self) -> bool:
         """False for the standard split (mu = 0, nobody lost): Lightning's own sampler stays."""
-        return self.redundancy > 0 or bool(self.failed_workers) or self.original_world_size is not None
+        return (
+            self.redundancy > 0
+            or bool(self.failed_workers)
+            or self.original_world_size is not None
+            or self.batch_sizes is not None
+        )
 
     def check_world(self, world_size: int) -> None:
         """Validate against the world size before any process starts (placement checks, survivors)."""
         if not self.active:
             return
+        if self.batch_sizes is not None and len(self.batch_sizes) != world_size:
+            raise ValueError(
+                f"Arg `batch_sizes` gives {len(self.batch_sizes)} per-rank batch sizes, but this run has "
+                f"{world_size} processes."
+            )
         from lightning_commsgd.samplers import RedundantPlacement
 
         p = self.original_world_size or world_size
@@ -93,27 +115,21 @@ class RedundancyConfig:
         )
 
     def dataloader(self, loader: DataLoader, world_size: int, rank: int) -> DataLoader:
-        """``loader`` rebuilt around the redundant sampler (its other settings kept)."""
-        if loader.batch_size is None:
+        """``loader`` rebuilt around the redundant batch sampler (its other settings kept)."""
+        if loader.batch_size is None and self.batch_sizes is None:
             raise ValueError(
-                "RI-SGD needs the training DataLoader to have a batch_size (b, the per-shard share)."
+                "RI-SGD needs the training DataLoader to have a batch_size (b, the per-shard share) or the "
+                "strategy's `batch_sizes`."
             )
         sampler = self.sampler(loader.dataset, world_size, rank, loader.drop_last)
-        common: dict[str, Any] = {
-            "num_workers": loader.num_workers,
-            "collate_fn": loader.collate_fn,
-            "pin_memory": loader.pin_memory,
-            "worker_init_fn": loader.worker_init_fn,
-            "persistent_workers": loader.persistent_workers if loader.num_workers > 0 else False,
-        }
-        if self.sampling == "stratified":
-            return DataLoader(
-                loader.dataset, batch_sampler=RedundantBatchSampler(sampler, loader.batch_size), **common
-            )
+        batch_size = list(self.batch_sizes) if self.batch_sizes is not None else loader.batch_size
+        batches = RedundantBatchSampler(sampler, batch_size, self.sampling)
         return DataLoader(
             loader.dataset,
-            batch_size=loader.batch_size,
-            sampler=sampler,
-            drop_last=loader.drop_last,
-            **common,
+            batch_sampler=batches,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            worker_init_fn=loader.worker_init_fn,
+            persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
         )
