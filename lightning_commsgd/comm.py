@@ -122,6 +122,24 @@ class Communicator:
         self.ledger.record(tag, sent=nbytes, received=nbytes * (self.world_size - 1), seconds=seconds)
         return out
 
+    def gather(self, tensor: Tensor, dst: int = 0, *, tag: str) -> list[Tensor] | None:
+        """Every rank's ``tensor`` (same shape on all ranks) in rank order on ``dst``, ``None`` elsewhere
+        (one collective). Payload counted: n sent by each other rank, (p - 1) n received by ``dst``."""
+        if not self.is_distributed:
+            return [tensor]
+        start = time.perf_counter()
+        tensor = tensor.contiguous()
+        is_dst = self.rank == dst
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)] if is_dst else None
+        dist.gather(tensor, gather_list=out, dst=dst, group=self.group)
+        nbytes = tensor.numel() * tensor.element_size()
+        seconds = self._finish(tensor, start)
+        others = self.world_size - 1
+        self.ledger.record(
+            tag, sent=0 if is_dst else nbytes, received=nbytes * others if is_dst else 0, seconds=seconds
+        )
+        return out
+
     def exchange(
         self, send: Tensor, to: Sequence[int], recv_from: Sequence[int], *, tag: str
     ) -> list[Tensor]:

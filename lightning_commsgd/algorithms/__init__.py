@@ -1,7 +1,19 @@
 """Framework-independent algorithms: pure torch on flat buffers plus a Communicator."""
 
 from lightning_commsgd.algorithms.base import PeriodicAlgorithm
+from lightning_commsgd.algorithms.compressed import CompressedAlgorithm, NonFiniteError
+from lightning_commsgd.algorithms.compressed_sgd import CompressedGradientSGD
+from lightning_commsgd.algorithms.dore import DoubleResidualCompression
 from lightning_commsgd.algorithms.periodic import PeriodicAverager
 from lightning_commsgd.algorithms.replica import MOMENTUM_MODES, ReplicaState
 
-__all__ = ["MOMENTUM_MODES", "PeriodicAlgorithm", "PeriodicAverager", "ReplicaState"]
+__all__ = [
+    "MOMENTUM_MODES",
+    "CompressedAlgorithm",
+    "CompressedGradientSGD",
+    "DoubleResidualCompression",
+    "NonFiniteError",
+    "PeriodicAlgorithm",
+    "PeriodicAverager",
+    "ReplicaState",
+]

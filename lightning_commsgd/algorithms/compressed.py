@@ -1,0 +1,190 @@
+"""What the compressed-communication algorithms share: the flat gradient/model views of one optimizer's
+parameters, per-rank random streams, the finite flag that travels with every payload, and checkpoints.
+
+These algorithms act at every optimizer step, between ``backward`` and ``optimizer.step``::
+
+    loss.backward()
+    algorithm.after_backward()          # exchange compressed gradients; p.grad <- the aggregate
+    if algorithm.should_step:           # every rank, or only the master (DORE with server="rank0")
+        optimizer.step()
+    algorithm.after_optimizer_step()    # DORE: the compressed model residual reaches every rank
+    optimizer.zero_grad()
+
+Non-finite values: every payload carries one status byte (1 = finite). A rank whose gradient (or, on the
+master, model residual) is not finite sends 0 instead of touching its residual state; the byte reaches
+every rank in the same round as the data, and every rank raises the same ``FloatingPointError`` naming
+the ranks and the step. No residual state (h_i, h, e, x_hat) ever absorbs a NaN or Inf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_commsgd.comm import Communicator
+from lightning_commsgd.compression.base import Compressor
+
+__all__ = ["CompressedAlgorithm", "NonFiniteError"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A gradient or model residual was NaN/Inf on some rank; raised identically on every rank."""
+
+
+class CompressedAlgorithm:
+    """Base of step-wise compressed algorithms (see the module docstring for the call order).
+
+    Args:
+        optimizers: exactly one optimizer; its parameters (all groups, in order) are x.
+        communicator: carries and counts every payload.
+        seed: base of the random streams: rank r's worker stream is seeded ``seed + 1 + r``, the master
+            stream ``seed`` (the same on every rank, so replicated masters draw identically).
+    """
+
+    def __init__(self, optimizers: Sequence[Optimizer], communicator: Communicator, seed: int = 0) -> None:
+        if len(optimizers) != 1:
+            raise TypeError(
+                f"{type(self).__name__} steps exactly one optimizer (the master update), "
+                f"got {len(optimizers)}."
+            )
+        self.optimizer = optimizers[0]
+        self.params: list[Tensor] = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if not self.params:
+            raise ValueError("The optimizer has no parameters.")
+        self.communicator = communicator
+        self.rank, self.world_size = communicator.rank, communicator.world_size
+        self.numel = sum(p.numel() for p in self.params)
+        self.device = self.params[0].device
+        self.step = 0
+        self.seed = int(seed)
+        self.worker_generator = torch.Generator(device=self.device).manual_seed(self.seed + 1 + self.rank)
+        self.master_generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        # the protocol a CommunicationStrategy expects of an algorithm
+        self.consensus_every: int | None = None
+        self.last_consensus: tuple[int, float] | None = None
+
+    # -- flat views ---------------------------------------------------------------------------------
+    def flat_grads(self) -> Tensor:
+        """g: the parameters' gradients in one fp32 vector (a parameter without a gradient counts as 0,
+        so every rank sends the same layout)."""
+        parts = [
+            (p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+            for p in self.params
+        ]
+        return torch.cat(parts)
+
+    def flat_params(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
+
+    def _write(self, flat: Tensor, into_grad: bool) -> None:
+        """Copy ``flat`` into the parameters (or their ``.grad``), cast to each parameter's dtype."""
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                n = p.numel()
+                view = flat[offset : offset + n].view_as(p)
+                offset += n
+                if into_grad:
+                    if p.grad is None:
+                        p.grad = view.to(p.dtype).clone()
+                    else:
+                        p.grad.copy_(view)
+                else:
+                    p.copy_(view)
+
+    def set_grads(self, flat: Tensor) -> None:
+        self._write(flat, into_grad=True)
+
+    def set_params(self, flat: Tensor) -> None:
+        self._write(flat, into_grad=False)
+
+    # -- the finite flag ------------------------------------------------------------------------------
+    @staticmethod
+    def with_status(payload: Tensor, finite: bool) -> Tensor:
+        """``payload`` plus one trailing status byte (1 = finite); a non-finite payload is zeroed."""
+        status = payload.new_full((1,), 1 if finite else 0)
+        return torch.cat([payload if finite else torch.zeros_like(payload), status])
+
+    @staticmethod
+    def split_status(message: Tensor) -> tuple[Tensor, bool]:
+        return message[:-1], bool(message[-1].item() == 1)
+
+    def raise_non_finite(self, what: str, ranks: Sequence[int]) -> None:
+        raise NonFiniteError(
+            f"{type(self).__name__}: non-finite (NaN/Inf) {what} on rank(s) {list(ranks)} at optimizer step "
+            f"{self.step + 1}; the residual state was not updated. Lower the learning rate, clip gradients "
+            "or resume from the last checkpoint."
+        )
+
+    @staticmethod
+    def is_finite(x: Tensor) -> bool:
+        return bool(torch.isfinite(x).all())
+
+    # -- the strategy protocol ------------------------------------------------------------------------
+    @property
+    def in_sync(self) -> bool:
+        """Every rank holds the same model after every step."""
+        return True
+
+    @property
+    def steps_optimizer(self) -> bool:
+        """Whether this rank runs the master update (``optimizer.step()``) at all."""
+        return True
+
+    @property
+    def should_step(self) -> bool:
+        """Whether this rank must call ``optimizer.step()`` now (asked after :meth:`after_backward`)."""
+        return self.steps_optimizer
+
+    def record_loss(self, loss: Any) -> None:
+        """Compressed algorithms do not adapt to the loss."""
+
+    def finalize(self) -> None:
+        """Nothing to do: the replicas agree after every step."""
+
+    def after_backward(self) -> None:
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> bool:
+        """Count the step (subclasses add their model phase). Returns True: every step is a round."""
+        self.step += 1
+        return True
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, Tensor | None]:
+        """Subclass state tensors by name (``None`` where this rank has none)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "worker_generator": self.worker_generator.get_state(),
+            "master_generator": self.master_generator.get_state(),
+            "tensors": {
+                k: None if v is None else v.detach().cpu().clone() for k, v in self._tensors().items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.worker_generator.set_state(state["worker_generator"])
+        self.master_generator.set_state(state["master_generator"])
+        for name, value in state["tensors"].items():
+            current = getattr(self, name)
+            if value is None or current is None:
+                setattr(self, name, None if value is None else value.to(self.device))
+            else:
+                current.copy_(value)
+
+
+def check_compressor(compressor: Any, name: str = "compressor") -> Compressor:
+    if not isinstance(compressor, Compressor):
+        raise TypeError(
+            f"Arg `{name}` must be a lightning_commsgd.compression.Compressor (e.g. PNormQuantizer(), "
+            f"QSGD(), TopK(0.01)), got {type(compressor).__name__}."
+        )
+    return compressor

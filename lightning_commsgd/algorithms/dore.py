@@ -1,0 +1,260 @@
+"""DORE: double residual compression (Liu, Li, Tang, Yan, AISTATS 2020), and DIANA as its special case.
+
+Per optimizer step k, in the paper's symbols (n workers, Q the compressor, Q_m the model compressor):
+
+    worker i:  Delta_i = g_i - h_i;  Delta_hat_i = Q(Delta_i);  send Delta_hat_i
+               h_i <- h_i + alpha Delta_hat_i
+    master:    Delta_hat = (1/n) sum_i Delta_hat_i;  g_hat = h + Delta_hat;  h <- h + alpha Delta_hat
+               x_{k+1} = the user's optimizer step from x_hat_k with gradient g_hat
+               q = x_{k+1} - x_hat_k + eta e;  q_hat = Q_m(q);  e <- q - q_hat;  x_hat <- x_hat + beta q_hat
+               send q_hat
+    worker i:  x_hat_i <- x_hat_i + beta q_hat        (the model every rank computes gradients on)
+
+h = h_i = 0 and x_hat_i = x_hat_0 at the start. The user's optimizer stands where the paper has
+``prox_{gamma R}(x_hat - gamma g_hat)``: with plain SGD (lr = gamma, no momentum, no weight decay) it is
+the paper's update with R = 0; momentum and weight decay (the gradient of R = (wd/2)||x||^2, not its prox)
+act on g_hat there, and the learning-rate schedule sets gamma.
+
+Deployments (``server``):
+
+- ``"rank0"`` (the paper's topology): rank 0 is also the master. Compressed Delta_hat_i are gathered to
+  rank 0 (each other rank sends one payload), rank 0 runs the master step and the optimizer, and
+  broadcasts the compressed q_hat (one payload). Two collectives per step; the optimizer state lives on
+  rank 0 only.
+- ``"replicated"``: Delta_hat_i are all-gathered and every rank runs the master step with the same
+  master random stream, so every rank computes the identical q_hat without sending it (one collective
+  per step; the model side then saves no bytes but keeps the algorithm's trajectory).
+
+DIANA (Mishchenko et al. 2019): gradient residuals with an uncompressed model, i.e. DORE with
+``model_compressor=Identity()``, beta = 1, eta = 0 (then x_hat = x exactly); see :func:`diana`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_commsgd.algorithms.compressed import CompressedAlgorithm, check_compressor
+from lightning_commsgd.comm import Communicator
+from lightning_commsgd.compression.base import Compressor
+
+__all__ = ["SERVER_MODES", "DoubleResidualCompression", "default_dore_rates", "validate_dore_rates"]
+
+SERVER_MODES: tuple[str, ...] = ("rank0", "replicated")
+ServerMode = Literal["rank0", "replicated"]
+
+
+def default_dore_rates(
+    compressor: Compressor, model_compressor: Compressor, numel: int
+) -> tuple[float, float]:
+    """The theory's alpha = 1/(2(C+1)) (C of the gradient compressor) and beta = 1/(C_m+1) (C_m of the
+    model compressor), C from :meth:`Compressor.variance_bound` over ``numel`` values."""
+    c_grad, c_model = compressor.variance_bound(numel), model_compressor.variance_bound(numel)
+    missing = [n for n, c in (("compressor", c_grad), ("model_compressor", c_model)) if c is None]
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing)} is biased (no variance constant C), so DORE's default alpha/beta are "
+            "undefined: pass `alpha` and `beta` explicitly (DORE's theory assumes unbiased compressors)."
+        )
+    assert c_grad is not None and c_model is not None
+    return 1 / (2 * (c_grad + 1)), 1 / (c_model + 1)
+
+
+def validate_dore_rates(
+    alpha: Any, beta: Any, eta: Any, c_grad: float | None, c_model: float | None
+) -> tuple[float, float, float]:
+    """Errors for values no theory allows, warnings for values outside the convergence theorems.
+
+    alpha (h's step) must lie in [0, 1]: 0 never updates h (QSGD-like), the theorems take
+    alpha <= 1/(C+1). beta in (0, 1]: the theorems take beta <= 1/(C_m+1). eta >= 0 (0 drops the error
+    compensation); the strongly convex theorem needs eta small, the paper's experiments use eta = 1.
+    """
+    for name, value in (("alpha", alpha), ("beta", beta), ("eta", eta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"Arg `{name}` must be a finite number, got {value!r}.")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"Arg `alpha` (h_i's step) must lie in [0, 1], got {alpha}.")
+    if not 0 < beta <= 1:
+        raise ValueError(f"Arg `beta` (x_hat's step) must lie in (0, 1], got {beta}.")
+    if eta < 0:
+        raise ValueError(f"Arg `eta` (error-compensation weight) must be >= 0, got {eta}.")
+    if c_grad is not None and alpha > 1 / (c_grad + 1) + 1e-12:
+        warnings.warn(
+            f"alpha={alpha} exceeds 1/(C+1)={1 / (c_grad + 1):.4g}, outside DORE's convergence theory.",
+            stacklevel=3,
+        )
+    if c_model is not None and beta > 1 / (c_model + 1) + 1e-12:
+        warnings.warn(
+            f"beta={beta} exceeds 1/(C_m+1)={1 / (c_model + 1):.4g}, outside DORE's convergence theory.",
+            stacklevel=3,
+        )
+    return float(alpha), float(beta), float(eta)
+
+
+class DoubleResidualCompression(CompressedAlgorithm):
+    """DORE on one rank (see the module docstring for the algorithm and the call order).
+
+    Args:
+        optimizers: the one optimizer (the master's update rule).
+        communicator: carries and counts every payload (tags ``"dore_gradient"``, ``"dore_model"``).
+        compressor: Q for the gradient residuals Delta_i (DORE's worker side).
+        model_compressor: Q_m for the model residual q (master side); default: the same as ``compressor``.
+        server: ``"rank0"`` or ``"replicated"``.
+        alpha: h's step alpha; default 1/(2(C+1)).
+        beta: x_hat's step beta; default 1/(C_m+1).
+        eta: weight eta of the compression error e fed back into q; default 1 (the paper's experiments).
+        seed: base of the random streams (see :class:`CompressedAlgorithm`).
+    """
+
+    def __init__(
+        self,
+        optimizers: Sequence[Optimizer],
+        communicator: Communicator,
+        compressor: Compressor,
+        *,
+        model_compressor: Compressor | None = None,
+        server: ServerMode = "rank0",
+        alpha: float | None = None,
+        beta: float | None = None,
+        eta: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(optimizers, communicator, seed)
+        self.compressor = check_compressor(compressor)
+        self.model_compressor = check_compressor(
+            compressor if model_compressor is None else model_compressor, "model_compressor"
+        )
+        if server not in SERVER_MODES:
+            raise ValueError(f"Arg `server` must be one of {SERVER_MODES}, got {server!r}.")
+        self.server = server
+        if alpha is None or beta is None:
+            default_alpha, default_beta = default_dore_rates(
+                self.compressor, self.model_compressor, self.numel
+            )
+            alpha = default_alpha if alpha is None else alpha
+            beta = default_beta if beta is None else beta
+        self.alpha, self.beta, self.eta = validate_dore_rates(
+            alpha,
+            beta,
+            eta,
+            self.compressor.variance_bound(self.numel),
+            self.model_compressor.variance_bound(self.numel),
+        )
+        zeros = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        self.h_local: Tensor | None = zeros.clone()  # h_i
+        self.x_hat: Tensor | None = self.flat_params()  # x_hat_0: the (broadcast) initial model
+        is_master = self.steps_optimizer
+        self.h_master: Tensor | None = zeros.clone() if is_master else None  # h
+        self.error: Tensor | None = zeros.clone() if is_master else None  # e
+        self._pending_delta: Tensor | None = None  # Delta_hat_i, applied to h_i once the step is known good
+        self._bad_gradient_ranks: list[int] = []
+
+    @property
+    def steps_optimizer(self) -> bool:
+        return self.server == "replicated" or self.rank == 0
+
+    @property
+    def should_step(self) -> bool:
+        # rank 0 in rank0 mode learns of a non-finite gradient before its step: it skips the step (nothing
+        # is poisoned) and reports it to the workers with q_hat, then every rank raises
+        return self.steps_optimizer and not self._bad_gradient_ranks
+
+    def _tensors(self) -> dict[str, Tensor | None]:
+        return {"h_local": self.h_local, "x_hat": self.x_hat, "h_master": self.h_master, "error": self.error}
+
+    # -- worker side, then the master's aggregation -----------------------------------------------------
+    def after_backward(self) -> None:
+        """Compress and exchange Delta_i; on the stepping rank(s) p.grad <- g_hat and h advances."""
+        assert self.h_local is not None
+        grad = self.flat_grads()
+        finite = self.is_finite(grad)
+        delta = grad - self.h_local if finite else torch.zeros_like(grad)
+        payload = self.compressor.encode(delta, self.worker_generator)
+        self._pending_delta = self.compressor.decode(payload, self.numel)
+        message = self.with_status(payload, finite)
+        if self.server == "replicated":
+            messages: list[Tensor] | None = self.communicator.all_gather(message, tag="dore_gradient")
+        else:
+            messages = self.communicator.gather(message, dst=0, tag="dore_gradient")
+        self._bad_gradient_ranks = []
+        if messages is None:  # a worker in rank0 mode: the master's verdict comes with q_hat
+            return
+        payloads, bad = [], []
+        for r, m in enumerate(messages):
+            body, ok = self.split_status(m)
+            payloads.append(body)
+            if not ok:
+                bad.append(r)
+        self._bad_gradient_ranks = bad
+        if bad:
+            if self.server == "replicated":
+                self.raise_non_finite("gradient", bad)
+            return  # rank 0: report it to the workers in the model phase, then raise
+        mean_delta = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        for body in payloads:  # rank order: every replicated master sums identically
+            mean_delta += self.compressor.decode(body, self.numel)
+        mean_delta /= self.world_size
+        assert self.h_master is not None and self.x_hat is not None
+        self.set_grads(self.h_master + mean_delta)  # g_hat
+        self.h_master += self.alpha * mean_delta
+        self.set_params(self.x_hat)  # the optimizer steps from x_hat_k
+
+    # -- the master's model residual, then every rank's x_hat -----------------------------------------------
+    def after_optimizer_step(self) -> bool:
+        """q, q_hat, e and x_hat on the master; q_hat to the workers (rank0 mode); parameters <- x_hat."""
+        assert self.x_hat is not None and self.h_local is not None
+        q_hat: Tensor | None = None
+        if self.steps_optimizer:
+            bad = list(self._bad_gradient_ranks)
+            if not bad:
+                assert self.error is not None
+                q = self.flat_params() - self.x_hat + self.eta * self.error
+                if self.is_finite(q):
+                    payload = self.model_compressor.encode(q, self.master_generator)
+                    q_hat = self.model_compressor.decode(payload, self.numel)
+                    self.error = q - q_hat
+                else:
+                    payload = torch.zeros(self.model_compressor.payload_nbytes(self.numel), dtype=torch.uint8)
+                    bad = [-1]  # the master's own model residual
+            else:
+                payload = torch.zeros(self.model_compressor.payload_nbytes(self.numel), dtype=torch.uint8)
+            status = self._status_byte(bad)
+            message = torch.cat([payload.to(self.device), status])
+        else:
+            size = self.model_compressor.payload_nbytes(self.numel) + 1 + self.world_size
+            message = torch.zeros(size, dtype=torch.uint8, device=self.device)
+        if self.server == "rank0":
+            self.communicator.broadcast_(message, src=0, tag="dore_model")
+            body, verdict = message[: -1 - self.world_size], message[-1 - self.world_size :]
+            bad = self._decode_status(verdict)
+            if bad:
+                what = "model residual" if -1 in bad else "gradient"
+                self.raise_non_finite(what, [0] if -1 in bad else bad)
+            if q_hat is None:
+                q_hat = self.model_compressor.decode(body, self.numel)
+        elif q_hat is None:  # replicated: the master residual itself was not finite, identically everywhere
+            self.raise_non_finite("model residual", list(range(self.world_size)))
+        assert q_hat is not None and self._pending_delta is not None
+        self.x_hat += self.beta * q_hat
+        self.h_local += self.alpha * self._pending_delta
+        self._pending_delta = None
+        self.set_params(self.x_hat)
+        return super().after_optimizer_step()
+
+    def _status_byte(self, bad: list[int]) -> Tensor:
+        """One byte per rank (1 = its gradient was non-finite) and a last byte (1 = the master's q was)."""
+        status = torch.zeros(self.world_size + 1, dtype=torch.uint8, device=self.device)
+        for r in bad:
+            status[r if r >= 0 else self.world_size] = 1
+        return status
+
+    def _decode_status(self, status: Tensor) -> list[int]:
+        flags = status.tolist()
+        bad = [r for r in range(self.world_size) if flags[r]]
+        return [-1] if flags[self.world_size] else bad

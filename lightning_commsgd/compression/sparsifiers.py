@@ -1,0 +1,134 @@
+"""Sparsification: random-k (scaled, unbiased), top-k (biased), and scaled sign (biased)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_commsgd.compression.base import (
+    Compressor,
+    blocks_of,
+    check_positive_int,
+    check_ratio,
+    num_blocks,
+)
+from lightning_commsgd.compression.bitpack import (
+    bytes_to_float32,
+    bytes_to_int32,
+    float32_to_bytes,
+    int32_to_bytes,
+    pack_bits,
+    unpack_bits,
+)
+
+__all__ = ["RandomK", "ScaledSign", "TopK"]
+
+
+def _k(ratio: float, numel: int) -> int:
+    """Entries kept: ceil(ratio d), at least 1 and at most d."""
+    return min(numel, max(1, math.ceil(ratio * numel - 1e-9)))
+
+
+class _Sparse(Compressor):
+    """Wire format shared by the k-sparsifiers: k int32 indices, then k fp32 values (8k bytes)."""
+
+    def __init__(self, ratio: float) -> None:
+        self.ratio = check_ratio(ratio)
+
+    def payload_nbytes(self, numel: int) -> int:
+        return 8 * _k(self.ratio, numel)
+
+    def _pack(self, indices: Tensor, values: Tensor) -> Tensor:
+        return torch.cat([int32_to_bytes(indices), float32_to_bytes(values)])
+
+    def decode(self, payload: Tensor, numel: int) -> Tensor:
+        k = _k(self.ratio, numel)
+        indices = bytes_to_int32(payload[: 4 * k]).long()
+        values = bytes_to_float32(payload[4 * k :])
+        out = torch.zeros(numel, dtype=torch.float32, device=payload.device)
+        out[indices] = values
+        return out
+
+
+class RandomK(_Sparse):
+    """Random-k sparsification: k = ceil(ratio d) coordinates chosen uniformly without replacement, scaled
+    by d / k so that E Q(x) = x; C = d / k - 1. Wire: 8k bytes.
+
+    Args:
+        ratio: fraction of the coordinates kept, in (0, 1].
+    """
+
+    unbiased = True
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        flat = x.detach().reshape(-1).float()
+        numel = flat.numel()
+        k = _k(self.ratio, numel)
+        indices = torch.randperm(numel, generator=generator, device=flat.device)[:k]
+        return self._pack(indices, flat[indices] * (numel / k))
+
+    def variance_bound(self, numel: int) -> float:
+        return numel / _k(self.ratio, numel) - 1
+
+
+class TopK(_Sparse):
+    """Top-k sparsification: the k = ceil(ratio d) entries of largest magnitude, unscaled. Biased, with
+    ||Q(x) - x||^2 <= (1 - k/d) ||x||^2 (delta = k / d); use it with error feedback (MEM-SGD). Wire: 8k bytes.
+
+    Args:
+        ratio: fraction of the coordinates kept, in (0, 1].
+    """
+
+    unbiased = False
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        flat = x.detach().reshape(-1).float()
+        indices = flat.abs().topk(_k(self.ratio, flat.numel()), sorted=False).indices
+        return self._pack(indices, flat[indices])
+
+    def contraction(self, numel: int) -> float:
+        return _k(self.ratio, numel) / numel
+
+
+class ScaledSign(Compressor):
+    """Scaled sign (EF-signSGD, Karimireddy et al. 2019): in each block Q(x)_j = (||x||_1 / b) sign(x_j).
+    Biased, delta = ||x||_1^2 / (b ||x||_2^2) >= 1 / b. Wire: one fp32 scale per block and one bit per
+    value, ``4 ceil(d / block_size) + ceil(d / 8)`` bytes.
+
+    Args:
+        block_size: values sharing one scale; ``None`` (default) for one scale over the whole tensor.
+    """
+
+    unbiased = False
+
+    def __init__(self, block_size: int | None = None) -> None:
+        self.block_size = None if block_size is None else check_positive_int(block_size, "block_size")
+
+    def _block(self, numel: int) -> int:
+        return self.block_size or max(numel, 1)
+
+    def payload_nbytes(self, numel: int) -> int:
+        return 4 * num_blocks(numel, self._block(numel)) + math.ceil(numel / 8)
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        numel = x.numel()
+        block = self._block(numel)
+        blocks = blocks_of(x, block)
+        # mean |x| over the block's real entries (the zero padding of the last block excluded)
+        counts = torch.full((blocks.shape[0],), float(block), device=blocks.device)
+        counts[-1] = numel - block * (blocks.shape[0] - 1)
+        scales = blocks.abs().sum(dim=1) / counts
+        positive = (blocks >= 0).to(torch.int32).reshape(-1)[:numel]
+        return torch.cat([float32_to_bytes(scales), pack_bits(positive, 1)])
+
+    def decode(self, payload: Tensor, numel: int) -> Tensor:
+        block = self._block(numel)
+        nb = num_blocks(numel, block)
+        scales = bytes_to_float32(payload[: 4 * nb])
+        sign = unpack_bits(payload[4 * nb :], 1, numel).to(torch.float32) * 2 - 1
+        return sign * scales.repeat_interleave(block)[:numel]
+
+    def contraction(self, numel: int) -> float:
+        return 1 / self._block(numel)

@@ -1,0 +1,194 @@
+"""Compressors: payload sizes against the analytic formulas, exact round trips, unbiasedness and variance
+(statistically, with tolerances derived from the sample count), contraction of the biased ones."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_commsgd.compression import QSGD, Identity, PNormQuantizer, RandomK, ScaledSign, TopK
+from lightning_commsgd.compression.bitpack import pack_bits, unpack_bits
+
+UNBIASED = [
+    PNormQuantizer(float("inf"), 64),
+    PNormQuantizer(2, 32),
+    PNormQuantizer(1.5, 16),
+    QSGD(levels=2, bucket_size=64),
+    QSGD(levels=8, bucket_size=512),
+    RandomK(0.25),
+    Identity(),
+]
+BIASED = [TopK(0.1), TopK(1.0), ScaledSign(), ScaledSign(block_size=10)]
+SIZES = [1, 7, 64, 65, 1000]
+
+
+def _vectors(numel: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(numel)
+    spike = torch.full((numel,), 1 / (math.sqrt(min(numel, 64)) + 1))
+    spike[0] = 1.0  # near the worst case of the inf-norm quantizer's variance
+    sparse = torch.zeros(numel)
+    sparse[:: max(1, numel // 5)] = 3.0
+    return {"gaussian": torch.randn(numel, generator=g), "spike": spike, "sparse": sparse}
+
+
+@pytest.mark.parametrize("width", range(1, 9))
+def test_bit_packing_round_trips_every_width(width):
+    codes = torch.randint(0, 2**width, (1001,), generator=torch.Generator().manual_seed(width))
+    packed = pack_bits(codes, width)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(1001 * width / 8)
+    assert torch.equal(unpack_bits(packed, width, 1001), codes)
+
+
+@pytest.mark.parametrize("numel", SIZES)
+def test_payload_sizes_equal_the_analytic_formulas(numel):
+    expected = {
+        PNormQuantizer(float("inf"), 256): 4 * math.ceil(numel / 256) + math.ceil(numel / 4),
+        QSGD(levels=4, bucket_size=128): 4 * math.ceil(numel / 128) + math.ceil(numel * 4 / 8),  # 1+3 bits
+        QSGD(levels=1, bucket_size=512): 4 * math.ceil(numel / 512) + math.ceil(numel * 2 / 8),
+        RandomK(0.01): 8 * max(1, math.ceil(0.01 * numel)),
+        TopK(0.5): 8 * math.ceil(0.5 * numel),
+        ScaledSign(): 4 + math.ceil(numel / 8),
+        Identity(): 4 * numel,
+    }
+    x = torch.randn(numel)
+    for compressor, nbytes in expected.items():
+        payload = compressor.encode(x, torch.Generator().manual_seed(0))
+        assert payload.dtype == torch.uint8 and payload.dim() == 1
+        assert payload.numel() == compressor.payload_nbytes(numel) == nbytes, compressor
+        assert compressor.decode(payload, numel).shape == (numel,)
+
+
+def test_pnorm_quantizer_is_16x_smaller_than_fp32_for_large_blocks():
+    assert PNormQuantizer(float("inf"), 256).payload_nbytes(1_000_000) / (4 * 1_000_000) < 1 / 15
+
+
+def test_round_trip_is_exact_for_representable_values():
+    ternary = torch.tensor([0.5, -0.5, 0.0, 0.5, -2.0, 0.0, 2.0, 2.0])  # blocks of 4: values in {-m, 0, m}
+    assert torch.equal(PNormQuantizer(float("inf"), 4).compress(ternary), ternary)
+    single = torch.zeros(10)
+    single[3] = -1.25  # one entry per bucket: level s exactly
+    assert torch.equal(QSGD(levels=3, bucket_size=10).compress(single), single)
+    x = torch.randn(50)
+    assert torch.equal(Identity().compress(x), x)
+    assert torch.equal(RandomK(1.0).compress(x), x)  # k = d: scale d/k = 1
+    sparse = torch.zeros(50)
+    sparse[[4, 9, 31]] = torch.tensor([1.0, -2.0, 3.0])
+    assert torch.equal(TopK(0.1).compress(sparse), sparse)  # k = 5 >= 3 non-zeros
+    signs = torch.tensor([0.75, -0.75, 0.75, 0.75])
+    assert torch.equal(ScaledSign().compress(signs), signs)
+
+
+@pytest.mark.parametrize("compressor", UNBIASED, ids=repr)
+@pytest.mark.parametrize("numel", [7, 65, 300])
+def test_unbiased_compressors_mean_and_variance(compressor, numel):
+    """Over N draws of Q(x): E||mean - x||^2 = V / N for an unbiased Q (V = E||Q(x) - x||^2), so
+    ||mean - x||^2 <= 10 V / N fails with probability <= 0.1 by Markov (seeded: reproducible), while a
+    biased Q (e.g. random-k without its d/k scale) misses by ~||x||^2. The empirical V is <= C ||x||^2."""
+    draws = 3000
+    g = torch.Generator().manual_seed(7)
+    for name, x in _vectors(numel).items():
+        samples = torch.stack([compressor.compress(x, g) for _ in range(draws)])
+        errors = (samples - x).square().sum(1)
+        variance = errors.mean()
+        bias_sq = (samples.mean(0) - x).square().sum()
+        assert bias_sq <= 10 * variance / draws + 1e-9, (name, compressor, float(bias_sq))
+        bound = compressor.variance_bound(numel) * x.square().sum()
+        # the sample mean of ||Q - x||^2 fluctuates: 3 standard errors of slack over the bound
+        slack = 3 * errors.std() / math.sqrt(draws)
+        assert variance <= bound + slack + 1e-6, (name, compressor, float(variance), float(bound))
+
+
+def test_the_unbiasedness_check_catches_a_missing_scale():
+    """The statistic above is sharp enough: random-k without its d/k scale is caught."""
+
+    class UnscaledRandomK(RandomK):
+        def encode(self, x, generator=None):
+            k = max(1, math.ceil(self.ratio * x.numel()))
+            idx = torch.randperm(x.numel(), generator=generator)[:k]
+            return self._pack(idx, x.reshape(-1).float()[idx])
+
+    x = torch.randn(65)
+    g = torch.Generator().manual_seed(0)
+    samples = torch.stack([UnscaledRandomK(0.25).compress(x, g) for _ in range(3000)])
+    variance = (samples - x).square().sum(1).mean()
+    assert (samples.mean(0) - x).square().sum() > 10 * variance / 3000
+
+
+def test_variance_bound_is_nearly_attained_by_the_worst_case_vector():
+    """C is the paper's constant, not a loose number: the inf-norm quantizer's worst case x reaches it."""
+    b = 64
+    quantizer = PNormQuantizer(float("inf"), b)
+    x = _vectors(b)["spike"]
+    g = torch.Generator().manual_seed(0)
+    samples = torch.stack([quantizer.compress(x, g) for _ in range(4000)])
+    ratio = float((samples - x).square().sum(1).mean() / x.square().sum())
+    assert ratio == pytest.approx(quantizer.variance_bound(b), rel=0.05)
+
+
+@pytest.mark.parametrize("compressor", BIASED, ids=repr)
+@pytest.mark.parametrize("numel", SIZES)
+def test_biased_compressors_contract(compressor, numel):
+    assert not compressor.unbiased and compressor.variance_bound(numel) is None
+    delta = compressor.contraction(numel)
+    for x in _vectors(numel).values():
+        error = (compressor.compress(x) - x).square().sum()
+        assert error <= (1 - delta) * x.square().sum() + 1e-5
+
+
+def test_topk_keeps_the_largest_magnitudes():
+    x = torch.tensor([0.1, -5.0, 0.2, 4.0, -0.3, 0.0, 1.0, -0.05, 0.0, 0.0])
+    assert TopK(0.2).compress(x).tolist() == [0, -5.0, 0, 4.0, 0, 0, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("compressor", [*UNBIASED, *BIASED], ids=repr)
+def test_any_floating_dtype_is_computed_in_fp32(compressor, dtype):
+    x = torch.randn(130, dtype=dtype)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    out = compressor.compress(x, g1)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, compressor.compress(x.float(), g2))
+
+
+def test_same_generator_state_gives_the_same_payload():
+    x = torch.randn(500)
+    for compressor in UNBIASED:
+        a = compressor.encode(x, torch.Generator().manual_seed(11))
+        b = compressor.encode(x, torch.Generator().manual_seed(11))
+        assert torch.equal(a, b)
+
+
+def test_zero_vector_compresses_to_zero():
+    for compressor in [*UNBIASED, *BIASED]:
+        assert torch.equal(compressor.compress(torch.zeros(33)), torch.zeros(33))
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: PNormQuantizer(block_size=0), "block_size"),
+        (lambda: PNormQuantizer(p=0.5), "`p`"),
+        (lambda: PNormQuantizer(p=float("nan")), "`p`"),
+        (lambda: QSGD(levels=0), "levels"),
+        (lambda: QSGD(levels=128), "levels"),
+        (lambda: QSGD(bucket_size=-1), "bucket_size"),
+        (lambda: RandomK(0.0), "ratio"),
+        (lambda: TopK(1.5), "ratio"),
+        (lambda: TopK(float("nan")), "ratio"),
+        (lambda: ScaledSign(block_size=0), "block_size"),
+    ],
+)
+def test_bad_compressor_arguments(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compressor", [*UNBIASED, *BIASED], ids=repr)
+def test_cuda_matches_the_format_and_round_trips(compressor):
+    x = torch.randn(1000, device="cuda", dtype=torch.bfloat16)
+    payload = compressor.encode(x, torch.Generator(device="cuda").manual_seed(0))
+    assert payload.is_cuda and payload.numel() == compressor.payload_nbytes(1000)
+    assert compressor.decode(payload, 1000).is_cuda
