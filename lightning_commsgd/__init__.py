@@ -9,6 +9,15 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_commsgd.algorithms import PeriodicAverager
 from lightning_commsgd.callbacks import CommunicationMonitor
 from lightning_commsgd.comm import Communicator
+from lightning_commsgd.compression import (
+    QSGD,
+    Compressor,
+    Identity,
+    PNormQuantizer,
+    RandomK,
+    ScaledSign,
+    TopK,
+)
 from lightning_commsgd.ledger import CommLedger
 from lightning_commsgd.schedules import (
     AdaComm,
@@ -19,26 +28,39 @@ from lightning_commsgd.schedules import (
 )
 from lightning_commsgd.strategies import (
     CommunicationStrategy,
+    CompressedSGDStrategy,
     DecentralizedSGDStrategy,
+    DianaStrategy,
+    DoubleResidualStrategy,
     ElasticAveragingStrategy,
     LocalSGDStrategy,
 )
 from lightning_commsgd.topology import Topology, make_topology
 
 __all__ = [
+    "QSGD",
     "AdaComm",
     "CommLedger",
     "CommunicationMonitor",
     "CommunicationStrategy",
     "Communicator",
+    "CompressedSGDStrategy",
+    "Compressor",
+    "DianaStrategy",
+    "DoubleResidualStrategy",
     "ConstantPeriod",
     "DecentralizedSGDStrategy",
     "ElasticAveragingStrategy",
+    "Identity",
     "IncreasingPeriod",
     "LocalSGDStrategy",
+    "PNormQuantizer",
     "PeriodSchedule",
     "PeriodicAverager",
     "PostLocalSGD",
+    "RandomK",
+    "ScaledSign",
+    "TopK",
     "Topology",
     "make_topology",
     "register_strategies",
@@ -52,6 +74,26 @@ def register_strategies() -> None:
     entries = {
         "local_sgd": (LocalSGDStrategy, "Local SGD, averaging params + momentum every 8 steps", {"tau": 8}),
         "elastic_averaging": (ElasticAveragingStrategy, "EASGD, tau=4, alpha=2/(m+2)", {"tau": 4}),
+        "dore": (
+            DoubleResidualStrategy,
+            "DORE: inf-norm ternary quantization (blocks of 256) both ways, rank 0 as master",
+            {"compressor": PNormQuantizer(float("inf"), 256)},
+        ),
+        "diana": (
+            DianaStrategy,
+            "DIANA: inf-norm quantized gradient residuals, uncompressed model",
+            {"compressor": PNormQuantizer(float("inf"), 256)},
+        ),
+        "qsgd": (
+            CompressedSGDStrategy,
+            "QSGD gradients, 4 levels, buckets of 512",
+            {"compressor": QSGD(4, 512)},
+        ),
+        "mem_sgd": (
+            CompressedSGDStrategy,
+            "MEM-SGD: top-1% gradients with error feedback",
+            {"compressor": TopK(0.01), "error_feedback": True},
+        ),
     }
     for topology in ("ring", "torus", "exponential", "one_peer_exponential", "complete", "star"):
         entries[f"gossip_{topology}"] = (

@@ -26,6 +26,9 @@ class CommunicationMonitor(Callback):
     period), the schedule's values (AdaComm: ``comm/adacomm_F0``, ``comm/adacomm_F``) and
     ``comm/consensus_distance`` = (1/p) sum_i ||x_i - x_bar||^2, measured just before a
     round replaces x_i, every ``consensus_every_n_rounds`` rounds (it costs one scalar all-reduce).
+    ``comm/bytes_per_step`` is the bytes this rank sent per optimizer step since training started; with a
+    compressing strategy, ``comm/compression_ratio`` divides it by what the same exchange would send
+    uncompressed (4 bytes per parameter per step, the fp32 gradient or model an all-reduce would carry).
 
     With Lightning's own ``DDPStrategy`` the monitor registers a counting DDP communication hook that
     behaves like DDP's default (mean all-reduce per gradient bucket), so both can be compared side by
@@ -60,6 +63,7 @@ class CommunicationMonitor(Callback):
         self.prog_bar = prog_bar
         self._ledger: CommLedger | None = None
         self._logged_consensus_step: int | None = None
+        self._start: tuple[int, int] = (0, 0)  # (global step, bytes sent) when training started
 
     @property
     def ledger(self) -> CommLedger:
@@ -88,6 +92,12 @@ class CommunicationMonitor(Callback):
             self._ledger = CommLedger(world_size=trainer.world_size)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after any checkpoint restore: per-step rates count this run's steps only
+        sent = self._ledger.bytes_sent if self._ledger is not None else 0
+        self._start = (trainer.global_step, sent)
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -99,7 +109,13 @@ class CommunicationMonitor(Callback):
             "comm/rounds": float(self._ledger.rounds),
             "comm/seconds": float(self._ledger.seconds),
         }
+        steps = trainer.global_step - self._start[0]
+        if steps > 0:
+            metrics["comm/bytes_per_step"] = (self._ledger.bytes_sent - self._start[1]) / steps
         algorithm = getattr(trainer.strategy, "algorithm", None)
+        uncompressed = getattr(algorithm, "uncompressed_bytes_per_step", None)
+        if uncompressed and "comm/bytes_per_step" in metrics:
+            metrics["comm/compression_ratio"] = metrics["comm/bytes_per_step"] / uncompressed
         if algorithm is not None and hasattr(algorithm, "tau"):
             metrics["comm/tau"] = float(algorithm.tau)
         schedule = getattr(algorithm, "schedule", None)

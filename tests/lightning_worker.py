@@ -26,11 +26,17 @@ from torch.utils.data import DataLoader  # noqa: E402
 from toy_problem import BATCH_SIZE, make_dataset, make_net, mse  # noqa: E402
 
 from lightning_commsgd import (  # noqa: E402
+    QSGD,
     AdaComm,
     CommunicationMonitor,
+    CompressedSGDStrategy,
     DecentralizedSGDStrategy,
+    DianaStrategy,
+    DoubleResidualStrategy,
     ElasticAveragingStrategy,
     LocalSGDStrategy,
+    PNormQuantizer,
+    TopK,
 )
 
 CALLS: list[dict] = []
@@ -62,7 +68,8 @@ _COLLECTIVES = (
 def _count(name, fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        # all_gather(output_list, input): the payload is the input tensor
+        tensor = next((a for a in args[:2] if isinstance(a, torch.Tensor)), None)
         nbytes = tensor.numel() * tensor.element_size() if tensor is not None else 0
         CALLS.append({"fn": name, "bytes": nbytes, **PHASE})
         return fn(*args, **kwargs)
@@ -174,7 +181,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--devices", type=int, default=2)
-    ap.add_argument("--strategy", default="local_sgd", choices=["local_sgd", "ddp", "gossip", "elastic"])
+    ap.add_argument(
+        "--strategy",
+        default="local_sgd",
+        choices=["local_sgd", "ddp", "gossip", "elastic", "dore", "diana", "qsgd", "mem_sgd"],
+    )
+    ap.add_argument("--server", default="rank0")
     ap.add_argument("--topology", default="ring")
     ap.add_argument("--redundancy", type=float, default=0.0)
     ap.add_argument("--sampling", default="stratified")
@@ -213,6 +225,14 @@ def main() -> None:
         )
     elif args.strategy == "elastic":
         strategy = ElasticAveragingStrategy(tau=args.tau, start_method=args.start_method)
+    elif args.strategy in ("dore", "diana"):
+        cls = DoubleResidualStrategy if args.strategy == "dore" else DianaStrategy
+        strategy = cls(PNormQuantizer(float("inf"), 16), server=args.server, start_method=args.start_method)
+    elif args.strategy in ("qsgd", "mem_sgd"):
+        compressor = QSGD(2, 32) if args.strategy == "qsgd" else TopK(0.2)
+        strategy = CompressedSGDStrategy(
+            compressor, error_feedback=args.strategy == "mem_sgd", start_method=args.start_method
+        )
     else:
         tau = (
             AdaComm(tau0=args.tau, interval_steps=args.adacomm_interval)

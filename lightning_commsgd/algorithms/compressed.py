@@ -124,6 +124,11 @@ class CompressedAlgorithm:
     def is_finite(x: Tensor) -> bool:
         return bool(torch.isfinite(x).all())
 
+    @property
+    def uncompressed_bytes_per_step(self) -> int:
+        """What one rank would send per step without compression: the fp32 vector (4 bytes a parameter)."""
+        return 4 * self.numel
+
     # -- the strategy protocol ------------------------------------------------------------------------
     @property
     def in_sync(self) -> bool:
@@ -170,7 +175,11 @@ class CompressedAlgorithm:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; a state holding only ``step`` (a resume on another world
+        size) keeps the fresh residuals and random streams."""
         self.step = int(state["step"])
+        if "tensors" not in state:
+            return
         self.worker_generator.set_state(state["worker_generator"])
         self.master_generator.set_state(state["master_generator"])
         for name, value in state["tensors"].items():

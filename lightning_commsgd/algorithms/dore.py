@@ -148,7 +148,8 @@ class DoubleResidualCompression(CompressedAlgorithm):
         )
         zeros = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
         self.h_local: Tensor | None = zeros.clone()  # h_i
-        self.x_hat: Tensor | None = self.flat_params()  # x_hat_0: the (broadcast) initial model
+        # x_hat_0 is the model at the first step (after any checkpoint restore), taken then
+        self.x_hat: Tensor | None = None
         is_master = self.steps_optimizer
         self.h_master: Tensor | None = zeros.clone() if is_master else None  # h
         self.error: Tensor | None = zeros.clone() if is_master else None  # e
@@ -172,6 +173,8 @@ class DoubleResidualCompression(CompressedAlgorithm):
     def after_backward(self) -> None:
         """Compress and exchange Delta_i; on the stepping rank(s) p.grad <- g_hat and h advances."""
         assert self.h_local is not None
+        if self.x_hat is None:
+            self.x_hat = self.flat_params()
         grad = self.flat_grads()
         finite = self.is_finite(grad)
         delta = grad - self.h_local if finite else torch.zeros_like(grad)

@@ -1,11 +1,19 @@
 """Thin Lightning layer: a base strategy that owns synchronisation, one small subclass per family."""
 
 from lightning_commsgd.strategies.base import CommunicationStrategy
+from lightning_commsgd.strategies.compressed import (
+    CompressedSGDStrategy,
+    DianaStrategy,
+    DoubleResidualStrategy,
+)
 from lightning_commsgd.strategies.decentralized import DecentralizedSGDStrategy, ElasticAveragingStrategy
 from lightning_commsgd.strategies.local_sgd import LocalSGDStrategy
 
 __all__ = [
     "CommunicationStrategy",
+    "CompressedSGDStrategy",
+    "DianaStrategy",
+    "DoubleResidualStrategy",
     "DecentralizedSGDStrategy",
     "ElasticAveragingStrategy",
     "LocalSGDStrategy",

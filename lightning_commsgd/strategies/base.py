@@ -396,6 +396,12 @@ class CommunicationStrategy(DDPStrategy):
             local["sampler"] = {"epoch": self._train_batches.sampler.epoch, "position": progress.ready}
         return local
 
+    def _resized_algorithm_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0's algorithm state, adapted for a resume on a different world size."""
+        state["last_round_step"] = state["step"]  # replicas are equal again
+        state.pop("samples_since_round", None)
+        return state
+
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
@@ -421,9 +427,7 @@ class CommunicationStrategy(DDPStrategy):
                 "every rank starts from the consensus model with rank 0's optimizer state (not the exact "
                 "trajectory)."
             )
-            algorithm_state = dict(ranks[0]["algorithm"])
-            algorithm_state["last_round_step"] = algorithm_state["step"]  # replicas are equal again
-            algorithm_state.pop("samples_since_round", None)
+            algorithm_state = self._resized_algorithm_state(dict(ranks[0]["algorithm"]))
             # RI-SGD after losing workers: the survivors continue the interrupted epoch at the same batch
             # (their shard streams depend on (seed, epoch, shard) only, not on the world size).
             self._pending_sampler_state = ranks[0].get("sampler")

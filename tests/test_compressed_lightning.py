@@ -1,0 +1,185 @@
+"""DORE, DIANA, QSGD and MEM-SGD as Lightning strategies: trajectories against the single-process
+references on Lightning's data order, the only collectives inside training steps, bytes and the
+monitor's compression ratio, resume, registry names, YAML configs and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from compression_simulation import simulate_compressed_sgd, simulate_dore
+from lightning import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.precision import MixedPrecision
+from toy_problem import lightning_batches, make_net, mse
+
+from lightning_commsgd import (
+    QSGD,
+    CompressedSGDStrategy,
+    DianaStrategy,
+    DoubleResidualStrategy,
+    Identity,
+    PNormQuantizer,
+    TopK,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUMEL = 6 * 16 + 16 + 16 + 1  # make_net without BatchNorm
+PNORM = PNormQuantizer(float("inf"), 16)  # C = (sqrt(16) - 1) / 2 = 1.5
+
+
+def _sgd(module):
+    return torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+
+
+def _batches(world_size, steps):
+    return [[step[0] for step in rank] for rank in lightning_batches(world_size, steps)]
+
+
+def _max_diff(records, reference):
+    return max(
+        float((a.float() - r).abs().max()) for rec in records for a, r in zip(rec["params"], reference)
+    )
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("strategy", "server", "world_size"),
+    [("dore", "rank0", 2), ("dore", "replicated", 3), ("diana", "rank0", 2)],
+)
+def test_dore_and_diana_match_the_reference(run_worker, tmp_path, strategy, server, world_size):
+    steps = 9
+    records = run_worker(
+        "--strategy", strategy, "--server", server, "--devices", str(world_size), "--max-steps", str(steps),
+        out=tmp_path / "run",
+    )  # fmt: skip
+    diana = strategy == "diana"
+    reference = simulate_dore(
+        make_net(100), _sgd, _batches(world_size, steps), mse, PNORM, Identity() if diana else PNORM,
+        alpha=1 / (2 * 2.5), beta=1.0 if diana else 1 / 2.5, eta=0.0 if diana else 1.0,
+    )  # fmt: skip
+    assert _max_diff(records, reference) <= 1e-6
+    payload, model_payload = (
+        PNORM.payload_nbytes(NUMEL),
+        (Identity() if diana else PNORM).payload_nbytes(NUMEL),
+    )
+    for rec in records:
+        in_batch = [c for c in rec["calls"] if c["in_batch"]]
+        per_step = {}
+        for call in in_batch:
+            per_step.setdefault(call["step"], []).append((call["fn"], call["bytes"]))
+        assert sorted(per_step) == list(range(steps))
+        for calls in per_step.values():
+            if server == "rank0":
+                assert calls == [("gather", payload + 1), ("broadcast", model_payload + world_size + 1)]
+            else:
+                assert calls == [("all_gather", payload + 1)]
+        assert torch.equal(rec["final_params"], records[0]["final_params"])
+    if server == "rank0":
+        # the monitor's ratio on rank 0 (the master sends the model residual each step)
+        ratio = records[0]["logged"]["comm/compression_ratio"][-1]
+        assert ratio == pytest.approx((model_payload + world_size + 1) / (4 * NUMEL))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["qsgd", "mem_sgd"])
+def test_compressed_sgd_matches_the_reference(run_worker, tmp_path, strategy):
+    steps = 7
+    records = run_worker("--strategy", strategy, "--max-steps", str(steps), out=tmp_path / "run")
+    compressor = QSGD(2, 32) if strategy == "qsgd" else TopK(0.2)
+    reference = simulate_compressed_sgd(
+        make_net(100), _sgd, _batches(2, steps), mse, compressor, error_feedback=strategy == "mem_sgd"
+    )
+    assert _max_diff(records, reference) <= 1e-6
+    ratio = records[0]["logged"]["comm/compression_ratio"][-1]
+    assert ratio == pytest.approx((compressor.payload_nbytes(NUMEL) + 1) / (4 * NUMEL))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("server", ["rank0", "replicated"])
+def test_dore_resume_continues_bitwise(run_worker, tmp_path, server):
+    """h_i, h, e, x_hat and both random streams are in each rank's checkpoint entry. Step 12 ends
+    Lightning's first epoch (its DistributedSampler cannot resume mid-epoch; the RI-SGD samplers can)."""
+    args = ["--strategy", "dore", "--server", server, "--max-steps", "15"]
+    full = run_worker(*args, "--ckpt-every", "12", out=tmp_path / "full")
+    resumed = run_worker(
+        *args, "--resume", str(tmp_path / "full" / "ckpt" / "step=12.ckpt"), out=tmp_path / "res"
+    )
+    for rec_full, rec_resumed in zip(full, resumed):
+        assert rec_resumed["steps"] == list(range(13, 16))
+        for a, b in zip(rec_full["params"][12:], rec_resumed["params"]):
+            assert torch.equal(a, b)
+
+
+def test_registered_names():
+    for name, cls in [
+        ("dore", DoubleResidualStrategy),
+        ("diana", DianaStrategy),
+        ("qsgd", CompressedSGDStrategy),
+        ("mem_sgd", CompressedSGDStrategy),
+    ]:
+        trainer = Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
+        assert type(trainer.strategy) is cls
+    mem = Trainer(strategy="mem_sgd", accelerator="cpu", devices=2, logger=False).strategy
+    assert isinstance(mem.compressor, TopK) and mem.error_feedback
+
+
+@pytest.mark.parametrize(
+    ("config", "override", "check"),
+    [
+        ("dore.yaml", "--trainer.strategy.server=replicated",
+         lambda s: isinstance(s, DoubleResidualStrategy) and s.server == "replicated"
+         and isinstance(s.compressor, PNormQuantizer) and s.compressor.block_size == 256),
+        ("diana.yaml", "--trainer.strategy.alpha=0.1",
+         lambda s: isinstance(s, DianaStrategy) and s.alpha == 0.1
+         and isinstance(s.model_compressor, Identity)),
+        ("qsgd.yaml", "--trainer.strategy.compressor.init_args.levels=8",
+         lambda s: isinstance(s.compressor, QSGD) and s.compressor.levels == 8 and not s.error_feedback),
+        ("mem_sgd.yaml", "--trainer.strategy.compressor.init_args.ratio=0.05",
+         lambda s: isinstance(s.compressor, TopK) and s.compressor.ratio == 0.05 and s.error_feedback),
+    ],
+)  # fmt: skip
+def test_yaml_configs_instantiate(config, override, check):
+    cli = LightningCLI(
+        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+        args=["--config", str(REPO_ROOT / "configs" / config), override],
+    )  # fmt: skip
+    assert check(cli.trainer.strategy)
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda: DoubleResidualStrategy("pnorm"), TypeError, "compressor"),
+        (lambda: DoubleResidualStrategy(PNORM, server="master"), ValueError, "server"),
+        (lambda: DoubleResidualStrategy(PNORM, alpha=-0.1), ValueError, "alpha"),
+        (lambda: DoubleResidualStrategy(PNORM, alpha=float("nan")), ValueError, "alpha"),
+        (lambda: DoubleResidualStrategy(PNORM, beta=0.0), ValueError, "beta"),
+        (lambda: DoubleResidualStrategy(PNORM, beta=1.5), ValueError, "beta"),
+        (lambda: DoubleResidualStrategy(PNORM, eta=-1.0), ValueError, "eta"),
+        (lambda: DoubleResidualStrategy(TopK(0.1)), ValueError, "biased"),
+        (lambda: DoubleResidualStrategy(PNORM, model_compressor=3), TypeError, "model_compressor"),
+        (lambda: CompressedSGDStrategy(TopK(0.1), error_feedback="yes"), TypeError, "error_feedback"),
+        (lambda: CompressedSGDStrategy(None), TypeError, "compressor"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_rates_outside_the_theory_warn():
+    with pytest.warns(UserWarning, match="alpha"):
+        DoubleResidualStrategy(PNORM, alpha=0.9)  # 1/(C+1) = 0.4 for blocks of 16
+    with pytest.warns(UserWarning, match="beta"):
+        DoubleResidualStrategy(PNORM, beta=1.0)
+    DoubleResidualStrategy(TopK(0.1), alpha=0.1, beta=0.5)  # biased: explicit rates accepted
+
+
+def test_fp16_mixed_precision_is_refused_when_the_trainer_is_built():
+    """On a GPU precision="16-mixed" brings a GradScaler (on CPU Lightning turns it into bf16): the
+    plugin is given explicitly here, as the Trainer builds it on CUDA."""
+    fp16 = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="16-mixed"):
+        Trainer(strategy=DoubleResidualStrategy(PNORM), accelerator="cpu", devices=2, plugins=[fp16])
