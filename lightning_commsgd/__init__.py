@@ -94,6 +94,16 @@ def register_strategies() -> None:
             "MEM-SGD: top-1% gradients with error feedback",
             {"compressor": TopK(0.01), "error_feedback": True},
         ),
+        "double_squeeze": (
+            CompressedSGDStrategy,
+            "DoubleSqueeze: scaled sign (blocks of 256) with error feedback on workers and on rank 0",
+            {
+                "compressor": ScaledSign(256),
+                "error_feedback": True,
+                "server_compressor": ScaledSign(256),
+                "server": "rank0",
+            },
+        ),
     }
     for topology in ("ring", "torus", "exponential", "one_peer_exponential", "complete", "star"):
         entries[f"gossip_{topology}"] = (

@@ -101,9 +101,11 @@ def simulate_compressed_sgd(
     compressor,
     *,
     error_feedback: bool,
+    server_compressor=None,
     seed: int = 0,
 ) -> list[Tensor]:
-    """x after each step of QSGD (no error feedback) / MEM-SGD (error feedback)."""
+    """x after each step of QSGD (no error feedback) / MEM-SGD (error feedback) / DoubleSqueeze (with a
+    server compressor and its own error feedback)."""
     n = len(batches)
     net = copy.deepcopy(model)
     params = list(net.parameters())
@@ -111,6 +113,8 @@ def simulate_compressed_sgd(
     d = _flat(params).numel()
     memory = [torch.zeros(d) for _ in range(n)]
     gens = [torch.Generator().manual_seed(seed + 1 + i) for i in range(n)]
+    master_gen = torch.Generator().manual_seed(seed)
+    delta = torch.zeros(d)
     out = []
     for t in range(len(batches[0])):
         grads = _grads(net, batches, loss_fn, t)
@@ -121,7 +125,12 @@ def simulate_compressed_sgd(
             if error_feedback:
                 memory[i] = v - compressed
             total += compressed
-        _set(params, total / n, grad=True)
+        aggregate = total / n
+        if server_compressor is not None:
+            v = aggregate + delta
+            aggregate = server_compressor.decode(server_compressor.encode(v, master_gen), d)
+            delta = v - aggregate
+        _set(params, aggregate, grad=True)
         optimizer.step()
         out.append(_flat(params))
     return out

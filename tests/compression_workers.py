@@ -10,7 +10,7 @@ from mp_workers import loss_fn, make_batches, make_model, make_optimizer
 
 from lightning_commsgd.algorithms import CompressedGradientSGD, DoubleResidualCompression, NonFiniteError
 from lightning_commsgd.comm import Communicator
-from lightning_commsgd.compression import QSGD, Identity, PNormQuantizer, RandomK, TopK
+from lightning_commsgd.compression import QSGD, Identity, PNormQuantizer, RandomK, ScaledSign, TopK
 
 COMPRESSORS = {
     "pnorm": lambda: PNormQuantizer(float("inf"), 16),
@@ -18,6 +18,7 @@ COMPRESSORS = {
     "identity": Identity,
     "topk": lambda: TopK(0.2),
     "randk": lambda: RandomK(0.3),
+    "sign": lambda: ScaledSign(16),
 }
 
 
@@ -40,6 +41,8 @@ def build(case: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.O
         comm,
         COMPRESSORS[case["compressor"]](),
         error_feedback=case["error_feedback"],
+        server_compressor=COMPRESSORS[case["server_compressor"]]() if case.get("server_compressor") else None,
+        server=case.get("server", "replicated"),
         seed=case.get("seed", 0),
     )
 

@@ -36,6 +36,7 @@ from lightning_commsgd import (  # noqa: E402
     ElasticAveragingStrategy,
     LocalSGDStrategy,
     PNormQuantizer,
+    ScaledSign,
     TopK,
 )
 
@@ -184,7 +185,17 @@ def main() -> None:
     ap.add_argument(
         "--strategy",
         default="local_sgd",
-        choices=["local_sgd", "ddp", "gossip", "elastic", "dore", "diana", "qsgd", "mem_sgd"],
+        choices=[
+            "local_sgd",
+            "ddp",
+            "gossip",
+            "elastic",
+            "dore",
+            "diana",
+            "qsgd",
+            "mem_sgd",
+            "double_squeeze",
+        ],
     )
     ap.add_argument("--server", default="rank0")
     ap.add_argument("--topology", default="ring")
@@ -228,6 +239,14 @@ def main() -> None:
     elif args.strategy in ("dore", "diana"):
         cls = DoubleResidualStrategy if args.strategy == "dore" else DianaStrategy
         strategy = cls(PNormQuantizer(float("inf"), 16), server=args.server, start_method=args.start_method)
+    elif args.strategy == "double_squeeze":
+        strategy = CompressedSGDStrategy(
+            ScaledSign(16),
+            error_feedback=True,
+            server_compressor=ScaledSign(16),
+            server="rank0",
+            start_method=args.start_method,
+        )
     elif args.strategy in ("qsgd", "mem_sgd"):
         compressor = QSGD(2, 32) if args.strategy == "qsgd" else TopK(0.2)
         strategy = CompressedSGDStrategy(

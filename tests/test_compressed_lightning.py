@@ -21,6 +21,7 @@ from lightning_commsgd import (
     DoubleResidualStrategy,
     Identity,
     PNormQuantizer,
+    ScaledSign,
     TopK,
 )
 
@@ -83,17 +84,21 @@ def test_dore_and_diana_match_the_reference(run_worker, tmp_path, strategy, serv
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("strategy", ["qsgd", "mem_sgd"])
+@pytest.mark.parametrize("strategy", ["qsgd", "mem_sgd", "double_squeeze"])
 def test_compressed_sgd_matches_the_reference(run_worker, tmp_path, strategy):
     steps = 7
     records = run_worker("--strategy", strategy, "--max-steps", str(steps), out=tmp_path / "run")
-    compressor = QSGD(2, 32) if strategy == "qsgd" else TopK(0.2)
+    compressor = {"qsgd": QSGD(2, 32), "mem_sgd": TopK(0.2), "double_squeeze": ScaledSign(16)}[strategy]
     reference = simulate_compressed_sgd(
-        make_net(100), _sgd, _batches(2, steps), mse, compressor, error_feedback=strategy == "mem_sgd"
-    )
+        make_net(100), _sgd, _batches(2, steps), mse, compressor,
+        error_feedback=strategy != "qsgd",
+        server_compressor=ScaledSign(16) if strategy == "double_squeeze" else None,
+    )  # fmt: skip
     assert _max_diff(records, reference) <= 1e-6
     ratio = records[0]["logged"]["comm/compression_ratio"][-1]
-    assert ratio == pytest.approx((compressor.payload_nbytes(NUMEL) + 1) / (4 * NUMEL))
+    # rank 0 sends its own payload + a status byte (all-gather), or the aggregate + 2 verdict bytes
+    sent = compressor.payload_nbytes(NUMEL) + (2 if strategy == "double_squeeze" else 1)
+    assert ratio == pytest.approx(sent / (4 * NUMEL))
 
 
 @pytest.mark.multiprocess
@@ -118,11 +123,14 @@ def test_registered_names():
         ("diana", DianaStrategy),
         ("qsgd", CompressedSGDStrategy),
         ("mem_sgd", CompressedSGDStrategy),
+        ("double_squeeze", CompressedSGDStrategy),
     ]:
         trainer = Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
         assert type(trainer.strategy) is cls
     mem = Trainer(strategy="mem_sgd", accelerator="cpu", devices=2, logger=False).strategy
     assert isinstance(mem.compressor, TopK) and mem.error_feedback
+    squeeze = Trainer(strategy="double_squeeze", accelerator="cpu", devices=2, logger=False).strategy
+    assert isinstance(squeeze.server_compressor, ScaledSign) and squeeze.server == "rank0"
 
 
 @pytest.mark.parametrize(
@@ -136,6 +144,9 @@ def test_registered_names():
          and isinstance(s.model_compressor, Identity)),
         ("qsgd.yaml", "--trainer.strategy.compressor.init_args.levels=8",
          lambda s: isinstance(s.compressor, QSGD) and s.compressor.levels == 8 and not s.error_feedback),
+        ("double_squeeze.yaml", "--trainer.strategy.server=replicated",
+         lambda s: isinstance(s.server_compressor, ScaledSign) and s.server == "replicated"
+         and s.error_feedback),
         ("mem_sgd.yaml", "--trainer.strategy.compressor.init_args.ratio=0.05",
          lambda s: isinstance(s.compressor, TopK) and s.compressor.ratio == 0.05 and s.error_feedback),
     ],
@@ -162,6 +173,8 @@ def test_yaml_configs_instantiate(config, override, check):
         (lambda: DoubleResidualStrategy(PNORM, model_compressor=3), TypeError, "model_compressor"),
         (lambda: CompressedSGDStrategy(TopK(0.1), error_feedback="yes"), TypeError, "error_feedback"),
         (lambda: CompressedSGDStrategy(None), TypeError, "compressor"),
+        (lambda: CompressedSGDStrategy(TopK(0.1), server_compressor="sign"), TypeError, "server_compressor"),
+        (lambda: CompressedSGDStrategy(TopK(0.1), server="ps"), ValueError, "server"),
     ],
 )
 def test_bad_arguments_fail_at_construction(build, error, match):

@@ -34,12 +34,16 @@ def _dore(server: str, compressor: str, optimizer: str = "sgd_m", **kw: Any) -> 
     }
 
 
-def _csgd(compressor: str, error_feedback: bool) -> dict[str, Any]:
+def _csgd(
+    compressor: str, error_feedback: bool, server: str = "replicated", server_compressor: str | None = None
+) -> dict[str, Any]:
     return {
-        "id": f"csgd-{compressor}-ef{int(error_feedback)}",
+        "id": f"csgd-{compressor}-ef{int(error_feedback)}-{server}-{server_compressor}",
         "algorithm": "csgd",
         "compressor": compressor,
         "error_feedback": error_feedback,
+        "server": server,
+        "server_compressor": server_compressor,
         "optimizer": "sgd_m",
     }
 
@@ -56,6 +60,9 @@ CASES = [
     _csgd("qsgd", False),  # QSGD
     _csgd("topk", True),  # MEM-SGD
     _csgd("randk", False),
+    _csgd("qsgd", False, server="rank0"),  # parameter-server QSGD: the fp32 mean broadcast
+    _csgd("sign", True, server="rank0", server_compressor="sign"),  # DoubleSqueeze
+    _csgd("sign", True, server="replicated", server_compressor="sign"),
 ]
 CASE_BY_ID = {c["id"]: c for c in CASES}
 
@@ -84,8 +91,12 @@ def _reference(p: int, case_id: str) -> torch.Tensor:
         loss_fn,
     )
     if case["algorithm"] == "csgd":
+        server_compressor = case["server_compressor"]
         out = simulate_compressed_sgd(
-            *args, COMPRESSORS[case["compressor"]](), error_feedback=case["error_feedback"]
+            *args,
+            COMPRESSORS[case["compressor"]](),
+            error_feedback=case["error_feedback"],
+            server_compressor=COMPRESSORS[server_compressor]() if server_compressor else None,
         )
     else:
         compressor = COMPRESSORS[case["compressor"]]()
@@ -185,6 +196,7 @@ def test_bytes_per_step_are_the_payload_sizes(world, server):
         _dore("rank0", "pnorm", "sgd_nesterov_wd"),
         _dore("replicated", "qsgd", model_compressor="pnorm"),
         _csgd("topk", True),
+        _csgd("sign", True, server="rank0", server_compressor="sign"),
     ],
     ids=lambda c: c["id"],
 )
@@ -202,8 +214,9 @@ def test_resume_from_a_checkpoint_continues_bitwise(tmp_path, case):
         (_dore("rank0", "pnorm"), (0, 2)),
         (_dore("replicated", "pnorm"), (1, 3)),
         (_csgd("topk", True), (2, 2)),
+        (_csgd("sign", True, server="rank0", server_compressor="sign"), (1, 2)),
     ],
-    ids=["rank0-worker", "rank0-master", "replicated", "memsgd"],
+    ids=["rank0-worker", "rank0-master", "replicated", "memsgd", "doublesqueeze-rank0"],
 )
 def test_a_nan_gradient_on_one_rank_stops_every_rank_with_the_residuals_untouched(tmp_path, case, poison):
     results = run_workers(nan_worker, 3, tmp_path, case, poison, DATA_SEED, MODEL_SEED)
@@ -212,3 +225,15 @@ def test_a_nan_gradient_on_one_rank_stops_every_rank_with_the_residuals_untouche
         assert result["error"] is not None
         assert f"rank(s) [{bad_rank}]" in result["error"] and f"step {step}" in result["error"]
         assert result["state_unchanged"] and result["params_unchanged"] and result["optimizer_unchanged"]
+
+
+def test_double_squeeze_sends_compressed_both_ways(world):
+    """DoubleSqueeze, rank0: a gather of Q(v_i) (+1 status byte) and a broadcast of Q_s(v) (+p verdict
+    bytes) each step: 1 bit a value plus a scale per block of 16, both ways."""
+    p = len(world)
+    case_id = _csgd("sign", True, server="rank0", server_compressor="sign")["id"]
+    payload = COMPRESSORS["sign"]().payload_nbytes(NUMEL)
+    assert payload == 4 * 4 + 8  # 4 scales + 57 sign bits
+    for result in world:
+        calls = _steps_calls(result[case_id])
+        assert all(c == [("gather", payload + 1), ("broadcast", payload + p)] for c in calls.values())

@@ -1,44 +1,54 @@
-"""Compressed-gradient SGD baselines: QSGD (Alistarh et al. 2017) and MEM-SGD / error feedback
-(Stich, Cordonnier, Jaggi 2018; Karimireddy et al. 2019).
+"""Compressed-gradient SGD baselines: QSGD (Alistarh et al. 2017), MEM-SGD / error feedback (Stich,
+Cordonnier, Jaggi 2018; Karimireddy et al. 2019) and DoubleSqueeze (Tang et al. 2019).
 
-Per optimizer step, on every rank i (replicated: each rank applies the same aggregate)::
+Per optimizer step, on every rank i::
 
-    v_i = g_i + m_i            (m_i = 0 without error feedback)
-    send Q(v_i)                (one all-gather of fixed-size payloads)
-    m_i <- v_i - Q(v_i)        (error feedback only)
-    p.grad <- (1/n) sum_j Q(v_j);  the user's optimizer steps
+    v_i = g_i + m_i                      (m_i = 0 without error feedback)
+    send Q(v_i);  m_i <- v_i - Q(v_i)    (the memory only with error feedback)
+    aggregate:  v = (1/n) sum_j Q(v_j) + delta
+    server compression (DoubleSqueeze):  send Q_s(v);  delta <- v - Q_s(v)   (else Q_s = identity, delta = 0)
+    p.grad <- Q_s(v);  the user's optimizer steps, identically on every rank
 
-With an unbiased Q and no error feedback this is QSGD; with top-k and error feedback it is MEM-SGD. The
-memory here holds gradients, not learning-rate-scaled updates: with plain SGD and a constant learning rate
-the two coincide (m = m_MEM / lr); with a schedule or momentum it is the error-feedback form of
-Karimireddy et al.
+``server="replicated"``: the Q(v_i) are all-gathered and every rank aggregates (and compresses with Q_s
+from a shared random stream); one collective per step. ``server="rank0"``: gathered to rank 0, which
+aggregates and broadcasts Q_s(v) (fp32 when there is no server compressor: the parameter-server form).
+
+With an unbiased Q and no error feedback this is QSGD; with top-k and error feedback MEM-SGD; with error
+feedback on both sides DoubleSqueeze. The memory holds gradients, not learning-rate-scaled updates: with
+plain SGD and a constant learning rate the two coincide (m = m_MEM / lr); with a schedule or momentum it
+is the error-feedback form of Karimireddy et al.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_commsgd.algorithms.compressed import CompressedAlgorithm, check_compressor
+from lightning_commsgd.algorithms.dore import SERVER_MODES
 from lightning_commsgd.comm import Communicator
-from lightning_commsgd.compression.base import Compressor
+from lightning_commsgd.compression.base import Compressor, Identity
 
 __all__ = ["CompressedGradientSGD"]
 
 
 class CompressedGradientSGD(CompressedAlgorithm):
-    """QSGD / MEM-SGD on one rank (see the module docstring).
+    """QSGD / MEM-SGD / DoubleSqueeze on one rank (see the module docstring).
 
     Args:
         optimizers: the one optimizer (runs on every rank with the same aggregate gradient).
-        communicator: carries and counts the payloads (tag ``"compressed_gradient"``).
-        compressor: Q.
+        communicator: carries and counts the payloads (tags ``"compressed_gradient"``, ``"server_gradient"``).
+        compressor: Q, the workers' compressor.
         error_feedback: keep the compression error m_i and add it to the next gradient (needed for
             biased compressors such as top-k or sign to converge).
-        seed: base of the random streams (rank r draws from ``seed + 1 + r``).
+        server_compressor: Q_s, compression of the aggregate with its own error feedback delta
+            (DoubleSqueeze); ``None``: the aggregate is used (``rank0``: broadcast) uncompressed.
+        server: ``"replicated"`` (default) or ``"rank0"``.
+        seed: base of the random streams (rank r draws from ``seed + 1 + r``, Q_s from ``seed``).
     """
 
     def __init__(
@@ -48,17 +58,28 @@ class CompressedGradientSGD(CompressedAlgorithm):
         compressor: Compressor,
         *,
         error_feedback: bool = False,
+        server_compressor: Compressor | None = None,
+        server: Literal["rank0", "replicated"] = "replicated",
         seed: int = 0,
     ) -> None:
         super().__init__(optimizers, communicator, seed)
         self.compressor = check_compressor(compressor)
+        self.server_compressor = (
+            None if server_compressor is None else check_compressor(server_compressor, "server_compressor")
+        )
+        if server not in SERVER_MODES:
+            raise ValueError(f"Arg `server` must be one of {SERVER_MODES}, got {server!r}.")
+        self.server = server
         self.error_feedback = bool(error_feedback)
-        self.memory: Tensor | None = (
-            torch.zeros(self.numel, dtype=torch.float32, device=self.device) if self.error_feedback else None
+        zeros = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        self.memory: Tensor | None = zeros.clone() if self.error_feedback else None  # m_i
+        aggregates = server == "replicated" or self.rank == 0
+        self.server_error: Tensor | None = (
+            zeros.clone() if (self.server_compressor is not None and aggregates) else None  # delta
         )
 
     def _tensors(self) -> dict[str, Tensor | None]:
-        return {"memory": self.memory}
+        return {"memory": self.memory, "server_error": self.server_error}
 
     def after_backward(self) -> None:
         grad = self.flat_grads()
@@ -67,18 +88,56 @@ class CompressedGradientSGD(CompressedAlgorithm):
         if not finite:
             v = torch.zeros_like(grad)
         payload = self.compressor.encode(v, self.worker_generator)
-        messages = self.communicator.all_gather(self.with_status(payload, finite), tag="compressed_gradient")
-        bodies, bad = [], []
-        for r, message in enumerate(messages):
-            body, ok = self.split_status(message)
-            bodies.append(body)
-            if not ok:
-                bad.append(r)
+        message = self.with_status(payload, finite)
+        if self.server == "replicated":
+            messages: list[Tensor] | None = self.communicator.all_gather(message, tag="compressed_gradient")
+        else:
+            messages = self.communicator.gather(message, dst=0, tag="compressed_gradient")
+        bad: list[int] = []
+        aggregate_payload: Tensor | None = None
+        if messages is not None:  # the aggregating rank(s)
+            bodies = []
+            for r, m in enumerate(messages):
+                body, ok = self.split_status(m)
+                bodies.append(body)
+                if not ok:
+                    bad.append(r)
+            if not bad:
+                aggregate_payload = self._aggregate(bodies)
+        if self.server == "rank0":
+            server_q = self.server_compressor or Identity()
+            size = server_q.payload_nbytes(self.numel)
+            verdict = torch.zeros(self.world_size, dtype=torch.uint8, device=self.device)
+            for r in bad:
+                verdict[r] = 1
+            if aggregate_payload is None:
+                aggregate_payload = torch.zeros(size, dtype=torch.uint8, device=self.device)
+            down = (
+                torch.cat([aggregate_payload, verdict])
+                if self.rank == 0
+                else torch.zeros(size + self.world_size, dtype=torch.uint8, device=self.device)
+            )
+            self.communicator.broadcast_(down, src=0, tag="server_gradient")
+            aggregate_payload, flags = down[:size], down[size:].tolist()
+            bad = [r for r, flag in enumerate(flags) if flag]
         if bad:
             self.raise_non_finite("gradient", bad)
         if self.memory is not None:
             self.memory = v - self.compressor.decode(payload, self.numel)
-        aggregate = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
-        for body in bodies:  # rank order: every rank sums identically
-            aggregate += self.compressor.decode(body, self.numel)
-        self.set_grads(aggregate / self.world_size)
+        assert aggregate_payload is not None
+        self.set_grads((self.server_compressor or Identity()).decode(aggregate_payload, self.numel))
+
+    def _aggregate(self, bodies: list[Tensor]) -> Tensor:
+        """The payload of Q_s((1/n) sum_j Q(v_j) + delta) (identity without a server compressor);
+        advances delta. Every aggregating rank sums in rank order and draws Q_s from the shared stream."""
+        total = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        for body in bodies:
+            total += self.compressor.decode(body, self.numel)
+        v = total / self.world_size
+        if self.server_compressor is None:
+            return Identity().encode(v)
+        assert self.server_error is not None
+        v = v + self.server_error
+        payload = self.server_compressor.encode(v, self.master_generator)
+        self.server_error = v - self.server_compressor.decode(payload, self.numel)
+        return payload

@@ -1,4 +1,4 @@
-"""Compressed-communication strategies: DORE, DIANA, QSGD and MEM-SGD under Lightning.
+"""Compressed-communication strategies: DORE, DIANA, QSGD, MEM-SGD and DoubleSqueeze under Lightning.
 
 Where the algorithm sits in Lightning's optimizer step: the strategy hands the precision plugin a closure
 that runs the user's forward/backward and then ``algorithm.after_backward()`` (the compressed exchange,
@@ -211,26 +211,41 @@ class DianaStrategy(DoubleResidualStrategy):
 
 
 class CompressedSGDStrategy(_CompressedStrategy):
-    """Compressed-gradient SGD baselines: QSGD (unbiased Q, no memory) and MEM-SGD (top-k with error
-    feedback), see :mod:`lightning_commsgd.algorithms.compressed_sgd`. One all-gather of compressed
-    gradients per step; every rank applies the same mean with the user's optimizer.
+    """Compressed-gradient SGD baselines: QSGD (unbiased Q, no memory), MEM-SGD (top-k with error
+    feedback) and DoubleSqueeze (error feedback on both sides: ``server_compressor``), see
+    :mod:`lightning_commsgd.algorithms.compressed_sgd`. Every rank applies the same aggregate with the
+    user's optimizer.
 
     Args:
         compressor: Q, e.g. ``QSGD(levels=4)`` or ``TopK(0.01)``.
         error_feedback: keep each rank's compression error and add it to its next gradient (needed for
             biased compressors: top-k, sign).
-        seed: base of the compressors' random streams (rank r draws from seed + 1 + r).
+        server_compressor: Q_s, compress the aggregate too, with its own error feedback (DoubleSqueeze);
+            ``None`` leaves it uncompressed.
+        server: ``"replicated"`` (default: one all-gather a step, every rank aggregates) or ``"rank0"``
+            (a gather to rank 0 and a broadcast of the (compressed) aggregate, the parameter-server form).
+        seed: base of the compressors' random streams (rank r draws from seed + 1 + r; Q_s from seed).
         **kwargs: see :class:`~lightning_commsgd.strategies.base.CommunicationStrategy`.
     """
 
     strategy_name = "compressed_sgd"
 
     def __init__(
-        self, compressor: Compressor, error_feedback: bool = False, seed: int = 0, **kwargs: Any
+        self,
+        compressor: Compressor,
+        error_feedback: bool = False,
+        server_compressor: Compressor | None = None,
+        server: Literal["rank0", "replicated"] = "replicated",
+        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         self.compressor = check_compressor(compressor)
         if not isinstance(error_feedback, bool):
             raise TypeError(f"Arg `error_feedback` must be a bool, got {error_feedback!r}.")
+        self.server_compressor = (
+            None if server_compressor is None else check_compressor(server_compressor, "server_compressor")
+        )
+        self.server = check_choice(server, "server", SERVER_MODES)
         self.error_feedback, self.seed = error_feedback, int(seed)
         super().__init__(**kwargs)
 
@@ -239,5 +254,11 @@ class CompressedSGDStrategy(_CompressedStrategy):
         self, module: Module, optimizers: list[Optimizer], communicator: Communicator
     ) -> CompressedGradientSGD:
         return CompressedGradientSGD(
-            optimizers, communicator, self.compressor, error_feedback=self.error_feedback, seed=self.seed
+            optimizers,
+            communicator,
+            self.compressor,
+            error_feedback=self.error_feedback,
+            server_compressor=self.server_compressor,
+            server=self.server,  # type: ignore[arg-type]
+            seed=self.seed,
         )
