@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := lightning_commsgd tests examples benchmarks
 
-.PHONY: venv demo test lint bench bench-adacomm bench-decentralized clean distclean
+.PHONY: venv demo test lint bench bench-adacomm bench-decentralized bench-redundancy clean distclean
 
 venv: $(STAMP)
 
@@ -41,6 +41,9 @@ bench-adacomm: venv
 
 bench-decentralized: venv
 	$(VPY) benchmarks/bench_decentralized.py $(BENCH_ARGS)
+
+bench-redundancy: venv
+	$(VPY) benchmarks/bench_redundancy.py $(BENCH_ARGS)
 
 # Caches and build leftovers; the virtualenv stays (see distclean).
 clean:

@@ -8,11 +8,19 @@ Examples::
         --max-steps 600 --trace --json /tmp/adacomm.json
     python examples/train_digits.py --strategy gossip --topology torus --devices 4 --tau 4 --trace
     python examples/train_digits.py --strategy elastic --tau 4 --alpha 0.2 --devices 4
+    python examples/train_digits.py --strategy local_sgd --devices 4 --non-iid --redundancy 0.5 \
+        --max-steps 600 --val-every-steps 25 --json /tmp/ri_sgd.json
 
 ``gossip`` is ``DecentralizedSGDStrategy`` (each rank mixes with its graph neighbours every ``--tau``
 steps by point-to-point messages, then one exact all-reduce average at the end of fit); ``elastic`` is
 ``ElasticAveragingStrategy`` (EASGD: one all-reduce per round, each rank ends with the centre variable).
 After ``fit`` every rank holds the same consensus model, which the final ``trainer.validate`` evaluates.
+
+``--redundancy MU`` is RI-SGD (Haddadpour et al., ICML 2019): each rank also holds a fraction ``MU`` of the
+whole training set from its neighbours' strided shards; with ``--sampling stratified`` every batch takes
+``--batch-size`` samples from each shard held, so a rank's batch grows to about ``b (1 + MU p)``.
+``--non-iid`` sorts the training set by label into one contiguous block per rank's shard (see
+``DigitsDataModule(label_skew_shards=...)``); the strided placement is then used even at ``MU = 0``.
 
 Lightning's default launcher for ``devices > 1`` on CPU re-runs *this script* once per extra rank (with
 ``LOCAL_RANK`` etc. set), so everything at module level and in :func:`main` runs on every rank. Only
@@ -33,6 +41,7 @@ import lightning
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_commsgd import (
     CommunicationMonitor,
@@ -45,6 +54,7 @@ from lightning_commsgd.algorithms.elastic import validate_alpha
 from lightning_commsgd.data import DigitsDataModule
 from lightning_commsgd.ledger import CommLedger
 from lightning_commsgd.models import MLPClassifier
+from lightning_commsgd.strategies.redundancy import SAMPLING_MODES
 from lightning_commsgd.topology import TOPOLOGY_NAMES
 
 if TYPE_CHECKING:
@@ -56,6 +66,7 @@ __all__ = [
     "SCHEDULES",
     "STRATEGIES",
     "StepTrace",
+    "ValidationTrace",
     "build_period",
     "build_strategy",
     "main",
@@ -158,6 +169,50 @@ class StepTrace(Callback):
         )
 
 
+class ValidationTrace(Callback):
+    """Rank 0's record of every validation inside ``fit`` (``--val-every-steps``).
+
+    One dict per validation in :attr:`rows`: ``step`` (optimizer steps done), ``rounds`` (communication
+    rounds so far; for DDP the step count), ``val_loss`` and ``val_acc`` (averaged over the ranks'
+    parts of the validation set). Our strategies validate the consensus model (``eval_on="consensus"``,
+    the average of the replicas) inside ``fit``, so the rows follow the model a round would produce
+    now, not rank 0's replica. The sanity check and the ``trainer.validate`` after ``fit`` are left out.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not trainer.is_global_zero:
+            return
+        algorithm = getattr(trainer.strategy, "algorithm", None)
+        step = int(trainer.global_step)
+        metrics = trainer.callback_metrics
+        self.rows.append(
+            {
+                "step": step,
+                "rounds": step if algorithm is None else int(algorithm.rounds),
+                "val_loss": _metric(metrics, "val_loss"),
+                "val_acc": _metric(metrics, "val_acc"),
+            }
+        )
+
+
+class _BatchSizeProbe(Callback):
+    """The largest training batch rank 0 took: b (1 + floor(mu p)) + int(b r) in stratified RI-SGD,
+    ``--batch-size`` otherwise (measured rather than recomputed from the sampler's rule)."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # The digits batches are (features, labels); the last batch of a DistributedSampler epoch
+        # may be short, hence the max.
+        self.samples = max(self.samples, len(batch[-1]))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; see ``--help``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -210,6 +265,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="EASGD moving rate in (0, 2/(devices+1)) (elastic only; default 2/(devices+2))",
     )
+    parser.add_argument(
+        "--redundancy",
+        type=float,
+        default=0.0,
+        metavar="MU",
+        help="RI-SGD: each rank also holds this fraction of the whole training set from its neighbours'"
+        " shards, in [0, 1 - 1/devices] (not with ddp; default 0)",
+    )
+    parser.add_argument(
+        "--sampling",
+        choices=SAMPLING_MODES,
+        default="stratified",
+        help="RI-SGD batches: stratified (--batch-size from every shard held) or union (batches of"
+        " --batch-size from the held samples)",
+    )
+    parser.add_argument(
+        "--non-iid",
+        action="store_true",
+        help="label-skewed training data: each rank's shard is one block of the label-sorted set"
+        " (not with ddp)",
+    )
+    parser.add_argument(
+        "--val-every-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="validate the consensus model every N optimizer steps during fit and record a val_trace"
+        " (default 0: once per epoch, no trace)",
+    )
     parser.add_argument("--devices", type=int, default=2, help="number of CPU processes")
     parser.add_argument("--epochs", type=int, default=3, help="maximum number of epochs")
     parser.add_argument("--max-steps", type=int, default=-1, help="optimizer step budget (-1: epochs only)")
@@ -230,7 +314,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--devices must be >= 1, got {args.devices}")
     if args.tau < 1:
         parser.error(f"--tau must be >= 1, got {args.tau}")
+    if args.val_every_steps < 0:
+        parser.error(f"--val-every-steps must be >= 0, got {args.val_every_steps}")
     _check_strategy_options(parser, args)
+    _check_redundancy_options(parser, args)
     if args.schedule == "adacomm":
         if args.strategy not in PERIODIC_STRATEGIES:
             parser.error(f"--schedule adacomm needs --strategy {'/'.join(PERIODIC_STRATEGIES)}")
@@ -269,6 +356,25 @@ def _check_strategy_options(parser: argparse.ArgumentParser, args: argparse.Name
             parser.error(f"--alpha: {err}")
 
 
+def _check_redundancy_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse RI-SGD options DDP cannot honour, and check mu against ``--devices`` with the sampler's
+    own rule, before any process is started."""
+    if args.strategy == "ddp":
+        # DDP keeps Lightning's DistributedSampler, which shuffles the whole set globally: neither the
+        # redundant placement nor the label skew would reach the ranks.
+        if args.redundancy > 0:
+            parser.error("--redundancy applies to local_sgd, gossip and elastic, not ddp")
+        if args.non_iid:
+            parser.error("--non-iid applies to local_sgd, gossip and elastic, not ddp")
+        return
+    from lightning_commsgd.samplers import RedundantPlacement
+
+    try:
+        RedundantPlacement(args.devices, args.devices, args.redundancy)
+    except ValueError as err:
+        parser.error(f"--redundancy with --devices {args.devices}: {err}")
+
+
 def build_period(args: argparse.Namespace) -> int | PeriodSchedule:
     """The ``tau`` argument of ``LocalSGDStrategy``: ``--tau``, or an ``AdaComm`` schedule."""
     if args.schedule == "constant":
@@ -293,18 +399,34 @@ def build_strategy(
     topology: str = DEFAULT_TOPOLOGY,
     gossip_momentum: str = DEFAULT_GOSSIP_MOMENTUM,
     alpha: float | None = None,
+    redundancy: float = 0.0,
+    sampling: str = "stratified",
+    strided_placement_for: int | None = None,
 ) -> Strategy:
     """Lightning's own ``DDPStrategy`` (the baseline) or one of ours with period ``tau``:
     ``LocalSGDStrategy`` (``local_sgd``), ``DecentralizedSGDStrategy`` over ``topology`` with
-    ``gossip_momentum`` (``gossip``), or ``ElasticAveragingStrategy`` with ``alpha`` (``elastic``)."""
+    ``gossip_momentum`` (``gossip``), or ``ElasticAveragingStrategy`` with ``alpha`` (``elastic``).
+
+    Ours take RI-SGD's ``redundancy`` (mu) and ``sampling``. ``strided_placement_for=p`` makes them use
+    the strided placement of ``p`` workers even at mu = 0 (``original_world_size=p``), where Lightning's
+    globally shuffled ``DistributedSampler`` would otherwise undo a label skew of the shards.
+
+    Raises:
+        ValueError: RI-SGD options with ``ddp``, or an unknown ``name``.
+    """
     if name == "ddp":
+        if redundancy > 0 or strided_placement_for is not None:
+            raise ValueError("DDPStrategy takes no RI-SGD options (redundancy, strided placement)")
         return DDPStrategy()
+    ri_sgd: dict[str, Any] = {"redundancy": redundancy, "sampling": sampling}
+    if strided_placement_for is not None:
+        ri_sgd["original_world_size"] = strided_placement_for
     if name == "local_sgd":
-        return LocalSGDStrategy(tau=tau)
+        return LocalSGDStrategy(tau=tau, **ri_sgd)
     if name == "gossip":
-        return DecentralizedSGDStrategy(topology=topology, tau=tau, momentum=gossip_momentum)
+        return DecentralizedSGDStrategy(topology=topology, tau=tau, momentum=gossip_momentum, **ri_sgd)
     if name == "elastic":
-        return ElasticAveragingStrategy(tau=tau, alpha=alpha)
+        return ElasticAveragingStrategy(tau=tau, alpha=alpha, **ri_sgd)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
 
 
@@ -371,17 +493,38 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     # Same seed on every rank: identical initial weights, and Lightning's DistributedSampler takes its
     # shuffling seed from here too.
     lightning.seed_everything(args.seed, verbose=False)
-    datamodule = DigitsDataModule(batch_size=args.batch_size, seed=args.seed, repeat=args.repeat)
+    datamodule = DigitsDataModule(
+        batch_size=args.batch_size,
+        seed=args.seed,
+        repeat=args.repeat,
+        label_skew_shards=args.devices if args.non_iid else 0,
+    )
     model = MLPClassifier(hidden=args.hidden, depth=args.depth, lr=args.lr)
     # Works for our strategies (reads their communicator's ledger) and for plain DDPStrategy (installs a
     # counting DDP comm hook), so both sides of the comparison are measured the same way.
     monitor = CommunicationMonitor()
     loop_timer = _TrainLoopTimer()
-    callbacks: list[Callback] = [monitor, loop_timer]
+    batch_probe = _BatchSizeProbe()
+    callbacks: list[Callback] = [monitor, loop_timer, batch_probe]
     round_tag = ROUND_TAGS[args.strategy]
     trace = StepTrace(monitor, round_tag) if args.trace else None
     if trace is not None:
         callbacks.append(trace)  # after the monitor, whose ledger it reads
+    val_trace = ValidationTrace() if args.val_every_steps else None
+    if val_trace is not None:
+        callbacks.append(val_trace)
+    # Validation every N steps across epoch boundaries (check_val_every_n_epoch=None makes
+    # val_check_interval count batches over the whole fit) and no sanity check, whose numbers for the
+    # initial model would not be a point of the trace; otherwise Lightning's defaults, unchanged.
+    validation: dict[str, Any] = (
+        {
+            "val_check_interval": args.val_every_steps,
+            "check_val_every_n_epoch": None,
+            "num_sanity_val_steps": 0,
+        }
+        if args.val_every_steps
+        else {}
+    )
     trainer = Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -391,6 +534,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             topology=args.topology or DEFAULT_TOPOLOGY,
             gossip_momentum=args.gossip_momentum or DEFAULT_GOSSIP_MOMENTUM,
             alpha=args.alpha,
+            redundancy=args.redundancy,
+            sampling=args.sampling,
+            strided_placement_for=args.devices if args.non_iid else None,
         ),
         max_epochs=args.epochs,
         max_steps=args.max_steps,
@@ -399,6 +545,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        **validation,
     )
 
     start = time.perf_counter()
@@ -448,6 +595,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "final_val_loss": _metric(val, "val_loss"),
         "final_train_loss": train_loss,
         "steps": int(trainer.global_step),
+        # Rank 0's largest training batch, so runs with different mu (stratified batches grow with it)
+        # can be compared at equal samples per step.
+        "samples_per_rank_batch": batch_probe.samples,
         "num_params": sum(p.numel() for p in model.parameters()),
         "config": {
             "epochs": args.epochs,
@@ -458,10 +608,16 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             "lr": args.lr,
             "repeat": args.repeat,
             "seed": args.seed,
+            "redundancy": args.redundancy,
+            "sampling": args.sampling,
+            "non_iid": args.non_iid,
+            "val_every_steps": args.val_every_steps,
         },
     }
     if trace is not None:
         results["trace"] = trace.rows
+    if val_trace is not None:
+        results["val_trace"] = val_trace.rows
     return results
 
 
@@ -483,7 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     if results is None:  # not global rank 0
         return 0
     results = _json_safe(results)
-    summary = {key: value for key, value in results.items() if key not in ("ledger", "config", "trace")}
+    summary = {
+        key: value for key, value in results.items() if key not in ("ledger", "config", "trace", "val_trace")
+    }
     print(json.dumps(summary, indent=2))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -54,3 +54,23 @@ def test_train_digits_gossip_reports_its_traffic(tmp_path):
     # 2 processes: one neighbour; params + momentum per round, 3 rounds
     assert gossip["rounds"] == 3 and gossip["bytes_sent"] == 3 * 2 * result["num_params"] * 4
     assert result["final_bytes_sent_per_rank"] == result["ledger"]["by_tag"]["final"]["bytes_sent"] > 0
+
+
+def test_train_digits_ri_sgd_non_iid_val_trace(tmp_path):
+    """The redundancy benchmark's input: RI-SGD on label-skewed shards, validated every few steps."""
+    out = tmp_path / "result.json"
+    run_script(
+        [str(REPO_ROOT / "examples" / "train_digits.py"), "--strategy", "local_sgd", "--tau", "2",
+         "--redundancy", "0.5", "--non-iid", "--batch-size", "8", "--max-steps", "6",
+         "--val-every-steps", "3", "--json", str(out)]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    config = result["config"]
+    assert (config["redundancy"], config["sampling"], config["non_iid"]) == (0.5, "stratified", True)
+    # 2 processes, mu = 0.5: each holds its own shard and its neighbour's, b = 8 from each per batch.
+    assert result["samples_per_rank_batch"] == 16
+    trace = result["val_trace"]
+    assert [(row["step"], row["rounds"]) for row in trace] == [(3, 1), (6, 3)]
+    assert all(row["val_loss"] > 0 and 0 <= row["val_acc"] <= 1 for row in trace)
+    # The last validation inside fit saw the consensus model that the final validate() sees.
+    assert trace[-1]["val_acc"] == pytest.approx(result["final_val_acc"])

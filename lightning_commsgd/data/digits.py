@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
-__all__ = ["DigitsDataModule", "load_digits_tensors"]
+__all__ = ["DigitsDataModule", "label_skew_order", "load_digits_tensors"]
 
 # Pixel intensities in load_digits are integers in [0, 16].
 _MAX_PIXEL = 16.0
@@ -37,6 +37,32 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return features, labels
 
 
+def label_skew_order(labels: torch.Tensor, shards: int) -> torch.Tensor:
+    """Positions that make every strided shard of ``shards`` a contiguous block of the label-sorted data.
+
+    Returns ``order`` (indices into ``labels``) such that the samples ``order[j], order[j + k],
+    order[j + 2k], ...`` (strided shard ``j`` of ``k = shards``, the placement of
+    :class:`~lightning_commsgd.samplers.RedundantPlacement`) are the ``j``-th of ``k`` equal contiguous
+    blocks of the samples sorted by label (stable sort): each shard is dominated by one to a few labels.
+    Only the first ``k * floor(n / k)`` samples are used, so that the blocks are equal and the strided
+    pattern has no ragged end (at most ``k - 1`` samples are dropped; ``order`` is shorter than ``labels``
+    then).
+
+    Raises:
+        ValueError: ``shards`` is not an int >= 1, or larger than the number of samples.
+    """
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards must be an int >= 1, got {shards!r}")
+    per_block = len(labels) // shards
+    if per_block < 1:
+        raise ValueError(f"cannot split {len(labels)} samples into {shards} label-sorted shards")
+    kept = labels[: shards * per_block]
+    by_label = torch.sort(kept, stable=True).indices
+    # Row j of the (k, n/k) view is block j; reading the transpose row by row puts block j's m-th
+    # sample at position m * k + j, i.e. into strided shard j.
+    return by_label.view(shards, per_block).t().reshape(-1)
+
+
 class DigitsDataModule(LightningDataModule):
     """Train/validation split of scikit-learn's digits data set.
 
@@ -47,6 +73,15 @@ class DigitsDataModule(LightningDataModule):
         num_workers: ``DataLoader`` worker processes (must be >= 0; 0 loads in the main process).
         repeat: how many times the training set is repeated per epoch (must be >= 1), so that benchmarks
             can make epochs longer without changing the data distribution.
+        label_skew_shards: non-iid training data for ``k`` workers (must be an int >= 0; 0, the default,
+            keeps the random order). With ``k >= 1`` the training set (not the validation set) is
+            reordered by :func:`label_skew_order` so that strided shard ``j`` of ``k`` (positions ``j,
+            j + k, j + 2k, ...``, the shards RI-SGD's sampler hands out) is the ``j``-th block of the
+            label-sorted training data, truncated to a multiple of ``k`` samples (at most ``k - 1``
+            dropped, chosen at random by the split). The reordering comes before ``repeat``: with a
+            length divisible by ``k`` every repeat keeps the same strided shards. Lightning's default
+            ``DistributedSampler`` shuffles globally and undoes the skew; it takes a strided placement
+            (e.g. a strategy with ``redundancy``/``original_world_size``) for workers to see it.
     """
 
     def __init__(
@@ -56,6 +91,7 @@ class DigitsDataModule(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         repeat: int = 1,
+        label_skew_shards: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -66,12 +102,19 @@ class DigitsDataModule(LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if repeat < 1:
             raise ValueError(f"repeat must be >= 1, got {repeat}")
+        if (
+            isinstance(label_skew_shards, bool)
+            or not isinstance(label_skew_shards, int)
+            or label_skew_shards < 0
+        ):
+            raise ValueError(f"label_skew_shards must be an int >= 0, got {label_skew_shards!r}")
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.seed = seed
         self.num_workers = num_workers
         self.repeat = repeat
+        self.label_skew_shards = label_skew_shards
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
 
@@ -86,6 +129,10 @@ class DigitsDataModule(LightningDataModule):
         order = torch.randperm(len(labels), generator=generator)
         num_val = max(1, round(self.val_fraction * len(labels)))
         val_idx, train_idx = order[:num_val], order[num_val:]
+        if self.label_skew_shards:
+            # train_idx is in random order, so the (at most k - 1) samples the truncation drops are
+            # random ones, not the tail of the last label.
+            train_idx = train_idx[label_skew_order(labels[train_idx], self.label_skew_shards)]
         train = TensorDataset(features[train_idx], labels[train_idx])
         # Repeating the same TensorDataset costs no extra memory; ConcatDataset only maps indices.
         self.train_dataset = train if self.repeat == 1 else ConcatDataset([train] * self.repeat)
