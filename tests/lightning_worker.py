@@ -128,13 +128,14 @@ class ToyModule(L.LightningModule):
 
 class Recorder(Callback):
     def __init__(self, out: str) -> None:
-        self.out, self.params, self.steps = out, [], []
+        self.out, self.params, self.steps, self.batch_sizes = out, [], [], []
 
     def on_train_start(self, trainer, pl_module):
         self.start_step = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         PHASE.update(step=trainer.global_step, in_batch=True)
+        self.batch_sizes.append(len(batch[0]))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         PHASE.update(in_batch=False)
@@ -151,6 +152,7 @@ class Recorder(Callback):
             {
                 "params": self.params,
                 "steps": self.steps,
+                "batch_sizes": self.batch_sizes,
                 "calls": CALLS,
                 "ledger": monitor.ledger.as_dict(),
                 "has_communicator": ledger is not None,
@@ -228,30 +230,26 @@ def main() -> None:
 
     L.seed_everything(0, verbose=False)
     rank = int(os.environ.get("LOCAL_RANK", 0))  # popen children know their rank here; others use 0
+    # RI-SGD options for every strategy of the package (each takes them through CommunicationStrategy)
+    ours = {"start_method": args.start_method, "redundancy": args.redundancy, "sampling": args.sampling}
     if args.strategy == "ddp":
         strategy = DDPStrategy(start_method=args.start_method)
     elif args.strategy == "gossip":
         strategy = DecentralizedSGDStrategy(
-            topology=args.topology, tau=args.tau, momentum=args.momentum, start_method=args.start_method
+            topology=args.topology, tau=args.tau, momentum=args.momentum, **ours
         )
     elif args.strategy == "elastic":
-        strategy = ElasticAveragingStrategy(tau=args.tau, start_method=args.start_method)
+        strategy = ElasticAveragingStrategy(tau=args.tau, **ours)
     elif args.strategy in ("dore", "diana"):
         cls = DoubleResidualStrategy if args.strategy == "dore" else DianaStrategy
-        strategy = cls(PNormQuantizer(float("inf"), 16), server=args.server, start_method=args.start_method)
+        strategy = cls(PNormQuantizer(float("inf"), 16), server=args.server, **ours)
     elif args.strategy == "double_squeeze":
         strategy = CompressedSGDStrategy(
-            ScaledSign(16),
-            error_feedback=True,
-            server_compressor=ScaledSign(16),
-            server="rank0",
-            start_method=args.start_method,
+            ScaledSign(16), error_feedback=True, server_compressor=ScaledSign(16), server="rank0", **ours
         )
     elif args.strategy in ("qsgd", "mem_sgd"):
         compressor = QSGD(2, 32) if args.strategy == "qsgd" else TopK(0.2)
-        strategy = CompressedSGDStrategy(
-            compressor, error_feedback=args.strategy == "mem_sgd", start_method=args.start_method
-        )
+        strategy = CompressedSGDStrategy(compressor, error_feedback=args.strategy == "mem_sgd", **ours)
     else:
         tau = (
             AdaComm(tau0=args.tau, interval_steps=args.adacomm_interval)

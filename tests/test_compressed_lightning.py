@@ -12,7 +12,7 @@ from compression_simulation import simulate_compressed_sgd, simulate_dore
 from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.precision import MixedPrecision
-from toy_problem import lightning_batches, make_net, mse
+from toy_problem import lightning_batches, make_net, mse, redundant_batches
 
 from lightning_commsgd import (
     QSGD,
@@ -196,3 +196,19 @@ def test_fp16_mixed_precision_is_refused_when_the_trainer_is_built():
     fp16 = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
     with pytest.raises(ValueError, match="16-mixed"):
         Trainer(strategy=DoubleResidualStrategy(PNORM), accelerator="cpu", devices=2, plugins=[fp16])
+
+
+@pytest.mark.multiprocess
+def test_dore_with_redundant_data_matches_the_reference(run_worker, tmp_path):
+    """RI-SGD works with every strategy: DORE on the stratified redundant batches (b (1 + mu p) = 8 a
+    batch) equals the reference fed the same batches."""
+    steps = 6
+    records = run_worker(
+        "--strategy", "dore", "--redundancy", "0.5", "--max-steps", str(steps), out=tmp_path / "run"
+    )  # fmt: skip
+    assert all(size == 8 for rec in records for size in rec["batch_sizes"])
+    batches = redundant_batches(2, steps, 0.5, "stratified")
+    reference = simulate_dore(
+        make_net(100), _sgd, batches, mse, PNORM, PNORM, alpha=1 / 5, beta=1 / 2.5, eta=1.0
+    )
+    assert _max_diff(records, reference) <= 1e-6

@@ -387,3 +387,14 @@ def test_losing_an_unreplicated_worker_refuses_to_start(run_worker, tmp_path):
             "--devices", "2", "--max-steps", "3", "--original-world-size", "3", "--failed-workers", "1",
             out=tmp_path / "run",
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["gossip", "elastic"])
+def test_decentralized_strategies_take_the_redundant_sampler(run_worker, tmp_path, strategy):
+    """The RI-SGD sampler is the strategy base's: gossip and EASGD get stratified batches of
+    b (1 + mu p) = 8 samples (Lightning's sampler would give 4)."""
+    records = run_worker(
+        "--strategy", strategy, "--redundancy", "0.5", "--tau", "2", "--max-steps", "4",
+        *(["--momentum", "mix"] if strategy == "gossip" else []), out=tmp_path / "run",
+    )  # fmt: skip
+    assert all(rec["batch_sizes"] == [8] * 4 for rec in records)
