@@ -89,6 +89,35 @@ class Communicator:
         self.ledger.record(tag, sent=nbytes, received=nbytes, seconds=seconds, kind="all_reduce")
         return buffer
 
+    def all_reduce_mean_lowp_(self, buffer: Tensor, wire_dtype: torch.dtype, *, tag: str) -> Tensor:
+        """Replace the float ``buffer`` by its mean over ranks, sending ``wire_dtype`` (bf16/fp16) values
+        and accumulating in fp32: a reduce-scatter (one ``all_to_all`` of ``wire_dtype`` chunks; each rank
+        sums its chunk over ranks in fp32 and divides by p) and an ``all_gather`` of the chunk means cast
+        to ``wire_dtype``. The result (rounded twice to ``wire_dtype``) is identical on every rank.
+
+        One round of two collectives; each rank sends and receives 2 (p-1) ceil(n/p) elements of
+        ``wire_dtype``: half the bytes of an fp32 ring all-reduce.
+        """
+        if not self.is_distributed:
+            return buffer
+        start = time.perf_counter()
+        p, n = self.world_size, buffer.numel()
+        chunk = -(-n // p)
+        wire = torch.zeros(chunk * p, dtype=wire_dtype, device=buffer.device)
+        wire[:n] = buffer.reshape(-1)
+        received = torch.empty_like(wire)
+        dist.all_to_all_single(received, wire, group=self.group)
+        # row r: rank r's values of this rank's chunk; summed in rank order, in fp32
+        mine = (received.view(p, chunk).to(torch.float32).sum(dim=0) / p).to(wire_dtype)
+        gathered = [torch.empty_like(mine) for _ in range(p)]
+        dist.all_gather(gathered, mine, group=self.group)
+        buffer.reshape(-1).copy_(torch.cat(gathered)[:n])
+        nbytes = 2 * (p - 1) * chunk * wire.element_size()
+        self.ledger.record(
+            tag, sent=nbytes, received=nbytes, seconds=self._finish(buffer, start), collectives=2
+        )
+        return buffer
+
     def all_reduce_scalars(
         self, values: Sequence[float], op: ReduceKind = "sum", *, tag: str, dtype: torch.dtype = torch.float64
     ) -> list[float]:

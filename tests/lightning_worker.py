@@ -205,6 +205,7 @@ def main() -> None:
     ap.add_argument("--sampling", default="stratified")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="one b per rank")
     ap.add_argument("--weights", default="uniform")
+    ap.add_argument("--payload-dtype", default=None)
     ap.add_argument("--original-world-size", type=int, default=None)
     ap.add_argument("--failed-workers", type=int, nargs="*", default=[])
     ap.add_argument("--tau", type=int, default=3)
@@ -265,6 +266,7 @@ def main() -> None:
             sampling=args.sampling,
             batch_sizes=args.batch_sizes,
             weights=args.weights,
+            payload_dtype=args.payload_dtype,
             original_world_size=args.original_world_size,
             failed_workers=args.failed_workers,
         )

@@ -44,6 +44,7 @@ def simulate_local_sgd(
     momentum: str = "average",
     average_buffers: bool = True,
     weights: str = "uniform",
+    payload_dtype: torch.dtype | None = None,
 ) -> list[list[Tensor]]:
     """Run local SGD on ``len(batches)`` replicas of ``model``.
 
@@ -57,6 +58,9 @@ def simulate_local_sgd(
         average_buffers: average floating-point buffers at rounds.
         weights: ``"uniform"`` or ``"samples"`` (each replica weighted by the samples of its batches since
             the latest round, the first dimension of a batch's first tensor).
+        payload_dtype: average in 16 bits as the package's ``payload_dtype`` states it: each replica's
+            change since the latest consensus, rounded to this dtype, summed over replicas in fp32,
+            divided by p, rounded again, added to the consensus (the anchor).
 
     Returns:
         ``out[r][t]``: replica r's flat parameters after step t (and after the round ending at t).
@@ -66,6 +70,25 @@ def simulate_local_sgd(
     optimizers = [make_optimizer(m) for m in replicas]
     out: list[list[Tensor]] = [[] for _ in range(p)]
     samples = [0.0] * p
+    anchors: dict[tuple[str, int, str], Tensor] = {}
+
+    def mean_(kind: str, index: int, key: str, tensors: Sequence[Tensor], w) -> None:
+        if payload_dtype is None:
+            _mean_(tensors, w)
+            return
+        # the consensus before any round: x_0 / the initial buffers, zero optimizer state
+        anchor = anchors.get((kind, index, key))
+        if anchor is None:
+            anchor = initial[(kind, index)].clone() if kind != "state" else torch.zeros_like(tensors[0])
+        deltas = torch.stack([(t.detach() - anchor).to(payload_dtype) for t in tensors])
+        mean = (deltas.to(torch.float32).sum(0) / p).to(payload_dtype).to(torch.float32)
+        anchors[(kind, index, key)] = anchor + mean
+        with torch.no_grad():
+            for t in tensors:
+                t.copy_(anchors[(kind, index, key)])
+
+    initial = {("param", i): prm.detach().clone() for i, prm in enumerate(replicas[0].parameters())}
+    initial.update({("buffer", i): b.detach().clone() for i, b in enumerate(replicas[0].buffers())})
     for t in range(len(batches[0])):
         for r in range(p):
             optimizers[r].zero_grad()
@@ -75,18 +98,18 @@ def simulate_local_sgd(
         if (t + 1) % tau == 0:
             w = list(samples) if weights == "samples" else None
             samples = [0.0] * p
-            for params in zip(*(m.parameters() for m in replicas)):
-                _mean_(params, w)
+            for i, params in enumerate(zip(*(m.parameters() for m in replicas))):
+                mean_("param", i, "", params, w)
             if average_buffers:
-                for bufs in zip(*(m.buffers() for m in replicas)):
+                for i, bufs in enumerate(zip(*(m.buffers() for m in replicas))):
                     if torch.is_floating_point(bufs[0]):
-                        _mean_(bufs, w)
+                        mean_("buffer", i, "", bufs, w)
             if momentum == "average":
-                for params in zip(*(m.parameters() for m in replicas)):
+                for i, params in enumerate(zip(*(m.parameters() for m in replicas))):
                     states = [opt.state[prm] for opt, prm in zip(optimizers, params)]
                     for key in _MOMENT_KEYS:
                         if all(key in s for s in states):
-                            _mean_([s[key] for s in states], w)
+                            mean_("state", i, key, [s[key] for s in states], w)
             elif momentum == "zero":
                 for opt in optimizers:
                     opt.state.clear()

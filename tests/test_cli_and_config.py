@@ -68,6 +68,8 @@ def test_cli_fit_runs_two_processes_with_overridden_tau(tmp_path):
         ({"momentum": "nesterov"}, ValueError, "momentum"),
         ({"eval_on": "global"}, ValueError, "eval_on"),
         ({"weights": "batch"}, ValueError, "weights"),
+        ({"payload_dtype": "int8"}, ValueError, "payload_dtype"),
+        ({"payload_dtype": "bf16", "weights": "samples"}, ValueError, "payload_dtype"),
         ({"redundancy": -0.1}, ValueError, "redundancy"),
         ({"redundancy": 1.0}, ValueError, "redundancy"),
         ({"redundancy": float("nan")}, ValueError, "redundancy"),

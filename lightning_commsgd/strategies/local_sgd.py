@@ -16,6 +16,7 @@ from lightning_commsgd.algorithms.periodic import (
     PeriodicAverager,
     as_schedule,
     validate_momentum_mode,
+    validate_payload_dtype,
 )
 from lightning_commsgd.algorithms.replica import MomentumMode
 from lightning_commsgd.comm import Communicator
@@ -48,6 +49,9 @@ class LocalSGDStrategy(CommunicationStrategy):
             ``batch_sizes``). n_j is the batch size Lightning infers from each training batch. Costs no
             extra round: the count rides in the averaged buffer (4 more bytes). Validation's consensus
             model (``eval_on="consensus"``) stays the plain mean.
+        payload_dtype: ``None`` (exact fp32 mean) or ``"bf16"`` / ``"fp16"``: each rank sends its change
+            since the latest round in 16 bits, accumulated in fp32 (half the bytes of a round; the change,
+            not the model, is rounded; see :class:`~lightning_commsgd.algorithms.PeriodicAverager`).
         **kwargs: see :class:`~lightning_commsgd.strategies.base.CommunicationStrategy` (``eval_on``,
             ``start_method``, ``timeout``, ...).
 
@@ -65,12 +69,16 @@ class LocalSGDStrategy(CommunicationStrategy):
         momentum: MomentumMode = "average",
         average_buffers: bool = True,
         weights: str = "uniform",
+        payload_dtype: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.tau = tau if isinstance(tau, PeriodSchedule) else as_schedule(tau).tau
         self.momentum = validate_momentum_mode(momentum)
         self.average_buffers = bool(average_buffers)
         self.weights = check_choice(weights, "weights", WEIGHT_MODES)
+        self.payload_dtype = validate_payload_dtype(payload_dtype)
+        if self.payload_dtype is not None and self.weights != "uniform":
+            raise ValueError('Arg `payload_dtype` works with weights="uniform" only.')
         super().__init__(**kwargs)
 
     @override
@@ -85,6 +93,7 @@ class LocalSGDStrategy(CommunicationStrategy):
             momentum=self.momentum,
             average_buffers=self.average_buffers,
             weights=self.weights,
+            payload_dtype=self.payload_dtype,
         )
 
     @override
