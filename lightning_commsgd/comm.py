@@ -41,9 +41,13 @@ class Communicator:
             else a single-process communicator.
         device: device of the small tensors the communicator creates itself (scalars, object
             payloads); must be a CUDA device for NCCL groups.
+        ledger: the ledger to record into (default: a new one); sub-group communicators share their
+            parent's.
     """
 
-    def __init__(self, group: Any = None, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, group: Any = None, device: torch.device | str = "cpu", ledger: CommLedger | None = None
+    ) -> None:
         self.device = torch.device(device)
         if dist.is_available() and dist.is_initialized():
             self.group = group if group is not None else dist.group.WORLD
@@ -53,7 +57,20 @@ class Communicator:
             if group is not None:
                 raise ValueError("A process group was given but torch.distributed is not initialised.")
             self.group, self.rank, self.world_size = None, 0, 1
-        self.ledger = CommLedger(world_size=self.world_size)
+        # a sub-group's communicator shares its parent's ledger: one account per rank
+        self.ledger = ledger if ledger is not None else CommLedger(world_size=self.world_size)
+
+    def split(self, group_size: int) -> Communicator:
+        """A communicator over this rank's block of ``group_size`` consecutive ranks (e.g. one node),
+        recording into the same ledger. Collective: every rank must call it, at the same point."""
+        if not self.is_distributed:
+            return self
+        if group_size < 1 or self.world_size % group_size:
+            raise ValueError(f"group_size {group_size} must divide the world size {self.world_size}.")
+        if self.group is not dist.group.WORLD:
+            raise ValueError("split() works on the world communicator.")
+        subgroup, _ = dist.new_subgroups(group_size)
+        return Communicator(subgroup, self.device, ledger=self.ledger)
 
     @property
     def is_distributed(self) -> bool:

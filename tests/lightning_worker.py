@@ -206,6 +206,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="one b per rank")
     ap.add_argument("--weights", default="uniform")
     ap.add_argument("--payload-dtype", default=None)
+    ap.add_argument("--global-every", type=int, default=1)
+    ap.add_argument("--group-size", type=int, default=None)
     ap.add_argument("--original-world-size", type=int, default=None)
     ap.add_argument("--failed-workers", type=int, nargs="*", default=[])
     ap.add_argument("--tau", type=int, default=3)
@@ -267,6 +269,8 @@ def main() -> None:
             batch_sizes=args.batch_sizes,
             weights=args.weights,
             payload_dtype=args.payload_dtype,
+            global_every=args.global_every,
+            group_size=args.group_size,
             original_world_size=args.original_world_size,
             failed_workers=args.failed_workers,
         )

@@ -45,6 +45,8 @@ def simulate_local_sgd(
     average_buffers: bool = True,
     weights: str = "uniform",
     payload_dtype: torch.dtype | None = None,
+    group_size: int | None = None,
+    global_every: int = 1,
 ) -> list[list[Tensor]]:
     """Run local SGD on ``len(batches)`` replicas of ``model``.
 
@@ -61,6 +63,9 @@ def simulate_local_sgd(
         payload_dtype: average in 16 bits as the package's ``payload_dtype`` states it: each replica's
             change since the latest consensus, rounded to this dtype, summed over replicas in fp32,
             divided by p, rounded again, added to the consensus (the anchor).
+        group_size: hierarchical averaging: rounds average within consecutive blocks of this many
+            replicas, except every ``global_every``-th round, over all.
+        global_every: see ``group_size``.
 
     Returns:
         ``out[r][t]``: replica r's flat parameters after step t (and after the round ending at t).
@@ -89,6 +94,7 @@ def simulate_local_sgd(
 
     initial = {("param", i): prm.detach().clone() for i, prm in enumerate(replicas[0].parameters())}
     initial.update({("buffer", i): b.detach().clone() for i, b in enumerate(replicas[0].buffers())})
+    rounds_done = 0
     for t in range(len(batches[0])):
         for r in range(p):
             optimizers[r].zero_grad()
@@ -96,6 +102,29 @@ def simulate_local_sgd(
             optimizers[r].step()
             samples[r] += len(batches[r][t][0])
         if (t + 1) % tau == 0:
+            rounds_done += 1
+            if group_size is not None and global_every > 1 and rounds_done % global_every:
+                for start in range(0, p, group_size):  # a local round: each block on its own
+                    block = slice(start, start + group_size)
+                    for params in zip(*(m.parameters() for m in replicas[block])):
+                        _mean_(params)
+                    if average_buffers:
+                        for bufs in zip(*(m.buffers() for m in replicas[block])):
+                            if torch.is_floating_point(bufs[0]):
+                                _mean_(bufs)
+                    if momentum == "average":
+                        for params in zip(*(m.parameters() for m in replicas[block])):
+                            states = [opt.state[prm] for opt, prm in zip(optimizers[block], params)]
+                            for key in _MOMENT_KEYS:
+                                if all(key in s for s in states):
+                                    _mean_([s[key] for s in states])
+                    if momentum == "zero":
+                        for opt in optimizers[block]:
+                            opt.state.clear()
+                samples = [0.0] * p
+                for r in range(p):
+                    out[r].append(flat_params(replicas[r]))
+                continue
             w = list(samples) if weights == "samples" else None
             samples = [0.0] * p
             for i, params in enumerate(zip(*(m.parameters() for m in replicas))):

@@ -69,6 +69,9 @@ def test_cli_fit_runs_two_processes_with_overridden_tau(tmp_path):
         ({"eval_on": "global"}, ValueError, "eval_on"),
         ({"weights": "batch"}, ValueError, "weights"),
         ({"payload_dtype": "int8"}, ValueError, "payload_dtype"),
+        ({"global_every": 0}, ValueError, "global_every"),
+        ({"global_every": 2, "group_size": 0}, ValueError, "group_size"),
+        ({"global_every": 2, "payload_dtype": "bf16"}, ValueError, "payload_dtype"),
         ({"payload_dtype": "bf16", "weights": "samples"}, ValueError, "payload_dtype"),
         ({"redundancy": -0.1}, ValueError, "redundancy"),
         ({"redundancy": 1.0}, ValueError, "redundancy"),
@@ -111,6 +114,7 @@ def test_sync_batchnorm_refused_when_the_trainer_is_built():
         ({"batch_sizes": [4, 4, 4]}, "3 per-rank batch sizes, but this run has 2"),
         ({"original_world_size": 3, "failed_workers": [0, 1]}, "leaves 1 workers, but this run has 2"),
         ({"original_world_size": 3, "failed_workers": [3]}, "failed_workers"),
+        ({"global_every": 2, "group_size": 3}, r"`group_size` \(3\) must divide the world size \(2\)"),
     ],
 )
 def test_bad_redundancy_for_the_world_size_fails_when_the_trainer_is_built(kwargs, match):

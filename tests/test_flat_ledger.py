@@ -360,6 +360,7 @@ def test_averager_state_dict_round_trip() -> None:
         "rounds": 3,
         "schedule": {"tau": 3},
         "samples_since_round": 0,
+        "last_global_step": 9,
     }
 
     resumed = PeriodicAverager(model, [opt], Communicator(), tau=4)

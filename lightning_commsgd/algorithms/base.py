@@ -154,11 +154,15 @@ class PeriodicAlgorithm(ABC):
         (distance,) = self.communicator.all_reduce_scalars([local_sq], "mean", tag="consensus")
         self.last_consensus = (self.step, distance)
 
-    def _exact_mean_(self, tensors: Sequence[Tensor], tag: str) -> Tensor:
-        """Replace ``tensors`` by their mean over ranks (one all-reduce); returns the packed mean."""
+    def _exact_mean_(
+        self, tensors: Sequence[Tensor], tag: str, communicator: Communicator | None = None
+    ) -> Tensor:
+        """Replace ``tensors`` by their mean over the ranks of ``communicator`` (default: all; one
+        all-reduce); returns the packed mean."""
+        comm = communicator or self.communicator
         buffer = self._pack(tensors)
-        if self.communicator.is_distributed:
-            self.communicator.all_reduce_(buffer, "mean", tag=tag)
+        if comm.is_distributed:
+            comm.all_reduce_(buffer, "mean", tag=tag)
             self._unpack(tensors, buffer)
         return buffer
 

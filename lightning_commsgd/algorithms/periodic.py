@@ -15,6 +15,11 @@ Heterogeneous mini-batches (RI-SGD's extension, Haddadpour et al. 2019): with ``
 round computes ``x <- sum_j n_j x_j / sum_j n_j`` (and the same for u and the buffers), n_j being the
 samples worker j processed since the latest round (reported through :meth:`record_samples`). The count
 travels as one extra element of the same buffer: still one all-reduce per round.
+
+Hierarchical local SGD (Lin et al., ICLR 2020 "Don't use large mini-batches, use local SGD"; torch's
+``HierarchicalModelAverager``): with ``group_size=g`` and ``global_every=H``, a round averages within
+blocks of g consecutive ranks (one node), and every H-th round averages over all ranks. Intra-node links
+are fast; only one round in H crosses the slow inter-node network.
 """
 
 from __future__ import annotations
@@ -81,6 +86,10 @@ class PeriodicAverager(PeriodicAlgorithm):
             x <- x_anchor + mean (so only the *change*, not x itself, is rounded: a relative error of
             about 2^-8 (bf16) or 2^-11 (fp16) of the change per round). Half the bytes of an fp32
             all-reduce; costs one fp32 copy of the averaged tensors (the anchor, checkpointed).
+        group_size: g, ranks per block for hierarchical averaging (consecutive ranks, e.g. one node); must
+            divide the world size. ``None`` (default): flat averaging.
+        global_every: H, every H-th round averages over all ranks; the others average within the block
+            of ``group_size`` ranks (tag ``"average_local"``). 1 (default): every round is global.
 
     The consensus distance (see :class:`PeriodicAlgorithm`) costs one scalar all-reduce here: the mean
     is the round's own result.
@@ -97,8 +106,16 @@ class PeriodicAverager(PeriodicAlgorithm):
         average_buffers: bool = True,
         weights: str = "uniform",
         payload_dtype: str | None = None,
+        group_size: int | None = None,
+        global_every: int = 1,
     ) -> None:
         self.momentum = validate_momentum_mode(momentum)
+        self.global_every = validate_period(global_every, "global_every")
+        if group_size is not None:
+            validate_period(group_size, "group_size")
+        self.hierarchical = group_size is not None and self.global_every > 1
+        if self.hierarchical and payload_dtype is not None:
+            raise ValueError("Arg `payload_dtype` does not combine with hierarchical averaging (group_size).")
         self.weights = check_choice(weights, "weights", WEIGHT_MODES)
         self.payload_dtype = validate_payload_dtype(payload_dtype)
         if self.payload_dtype is not None and self.weights != "uniform":
@@ -111,6 +128,10 @@ class PeriodicAverager(PeriodicAlgorithm):
             [b.detach().clone() for b in self.replica.buffers],
         )
         self.anchor: torch.Tensor | None = None  # fp32 consensus of the latest round (payload_dtype only)
+        # collective: every rank builds its block's communicator here
+        self.group_communicator = communicator.split(group_size) if self.hierarchical else communicator
+        self.last_global_step = 0
+        self._force_global = False
 
     def record_samples(self, count: int) -> None:
         """Count ``count`` training samples processed by this worker (its weight at the next round under
@@ -122,40 +143,57 @@ class PeriodicAverager(PeriodicAlgorithm):
 
     @property
     def in_sync(self) -> bool:
-        """True when no local step was taken since the latest round (all replicas are equal)."""
-        return self.step == self.last_round_step
+        """True when no local step was taken since the latest global round (all replicas are equal)."""
+        return self.step == self.last_global_step
 
     def average(self, tag: str = "average") -> None:
         """A round outside the schedule, now: x_i (and u_i, buffers per the options) <- their mean over
-        workers (one all-reduce); the next scheduled round counts from here."""
-        self.communicate(tag)
+        all workers (one all-reduce, global also when hierarchical); the next scheduled round counts from
+        here."""
+        self._force_global = True
+        try:
+            self.communicate(tag)
+        finally:
+            self._force_global = False
         self.last_round_step = self.step
         self.rounds += 1
 
+    def _is_global_round(self) -> bool:
+        """Every round is global unless hierarchical: then every ``global_every``-th, and any round
+        outside the schedule (``average``, ``finalize``)."""
+        return not self.hierarchical or self._force_global or (self.rounds + 1) % self.global_every == 0
+
     def communicate(self, tag: str) -> None:
         tensors = self.replica.averaged_tensors()
-        if self.communicator.is_distributed and tensors:
+        is_global = self._is_global_round()
+        comm = self.communicator if is_global else self.group_communicator
+        if not is_global:
+            tag = "average_local"
+        if comm.is_distributed and tensors:
             head = self.replica.param_numel
-            local_params = self._pack(tensors)[:head].clone() if self._consensus_due() else None
+            measure = is_global and self._consensus_due()
+            local_params = self._pack(tensors)[:head].clone() if measure else None
             if self.weights == "samples":
-                mean = self._weighted_mean_(tensors, tag)
+                mean = self._weighted_mean_(tensors, tag, comm)
             elif self.payload_dtype is not None:
                 mean = self._low_precision_mean_(tensors, tag)
             else:
-                mean = self._exact_mean_(tensors, tag)
+                mean = self._exact_mean_(tensors, tag, comm)
             if local_params is not None:
                 self._record_consensus(local_params, mean[:head])
+        if is_global:
+            self.last_global_step = self.step
         self.samples_since_round = 0
         if self.momentum == "zero":
             self.replica.reset_optimizer_state()
 
-    def _weighted_mean_(self, tensors: list[torch.Tensor], tag: str) -> torch.Tensor:
+    def _weighted_mean_(self, tensors: list[torch.Tensor], tag: str, comm: Communicator) -> torch.Tensor:
         """``tensors`` <- sum_j n_j t_j / sum_j n_j over ranks, n_j riding in the buffer's last element."""
         weight = torch.tensor(float(self.samples_since_round), dtype=torch.float32, device=tensors[0].device)
         buffer = self._pack([*tensors, weight])
         body = buffer[:-1]
         body.mul_(buffer[-1])
-        self.communicator.all_reduce_(buffer, "sum", tag=tag)
+        comm.all_reduce_(buffer, "sum", tag=tag)
         total = float(buffer[-1])
         if total <= 0:
             # every rank sees the same total, so every rank raises; the replicas are still untouched
@@ -189,13 +227,17 @@ class PeriodicAverager(PeriodicAlgorithm):
         return torch.cat([*flat, zeros, *(b.reshape(-1).float() for b in buffers)]).to(buffer.device)
 
     def extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"samples_since_round": self.samples_since_round}
+        state: dict[str, Any] = {
+            "samples_since_round": self.samples_since_round,
+            "last_global_step": self.last_global_step,
+        }
         if self.anchor is not None:
             state["anchor"] = self.anchor.detach().cpu().clone()
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.samples_since_round = int(state.get("samples_since_round", 0))
+        self.last_global_step = int(state.get("last_global_step", self.last_round_step))
         anchor = state.get("anchor")
         self.anchor = None if anchor is None else anchor.to(self.replica.params[0].device)
 

@@ -399,6 +399,7 @@ class CommunicationStrategy(DDPStrategy):
     def _resized_algorithm_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """Rank 0's algorithm state, adapted for a resume on a different world size."""
         state["last_round_step"] = state["step"]  # replicas are equal again
+        state["last_global_step"] = state["step"]
         state.pop("samples_since_round", None)
         return state
 

@@ -10,7 +10,7 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_commsgd.algorithms.base import check_choice
+from lightning_commsgd.algorithms.base import check_choice, validate_period
 from lightning_commsgd.algorithms.periodic import (
     WEIGHT_MODES,
     PeriodicAverager,
@@ -52,6 +52,10 @@ class LocalSGDStrategy(CommunicationStrategy):
         payload_dtype: ``None`` (exact fp32 mean) or ``"bf16"`` / ``"fp16"``: each rank sends its change
             since the latest round in 16 bits, accumulated in fp32 (half the bytes of a round; the change,
             not the model, is rounded; see :class:`~lightning_commsgd.algorithms.PeriodicAverager`).
+        global_every: hierarchical local SGD (Lin et al. 2020): every ``global_every``-th round averages
+            over all ranks, the others only within a block of ``group_size`` ranks; 1 (default) is flat.
+        group_size: ranks per block (consecutive global ranks); default: the devices per node, so the
+            frequent rounds stay on a node's fast links. Must divide the world size.
         **kwargs: see :class:`~lightning_commsgd.strategies.base.CommunicationStrategy` (``eval_on``,
             ``start_method``, ``timeout``, ...).
 
@@ -70,6 +74,8 @@ class LocalSGDStrategy(CommunicationStrategy):
         average_buffers: bool = True,
         weights: str = "uniform",
         payload_dtype: str | None = None,
+        global_every: int = 1,
+        group_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.tau = tau if isinstance(tau, PeriodSchedule) else as_schedule(tau).tau
@@ -79,7 +85,25 @@ class LocalSGDStrategy(CommunicationStrategy):
         self.payload_dtype = validate_payload_dtype(payload_dtype)
         if self.payload_dtype is not None and self.weights != "uniform":
             raise ValueError('Arg `payload_dtype` works with weights="uniform" only.')
+        self.global_every = validate_period(global_every, "global_every")
+        self.group_size = None if group_size is None else validate_period(group_size, "group_size")
+        if self.global_every > 1 and self.payload_dtype is not None:
+            raise ValueError(
+                "Arg `payload_dtype` does not combine with hierarchical averaging (global_every > 1)."
+            )
         super().__init__(**kwargs)
+
+    @override
+    def _configure_launcher(self) -> None:
+        if self.global_every > 1 and self.world_size % self._block_size():
+            raise ValueError(
+                f"Arg `group_size` ({self._block_size()}) must divide the world size ({self.world_size})."
+            )
+        super()._configure_launcher()
+
+    def _block_size(self) -> int:
+        """Ranks per hierarchical block: ``group_size``, else the devices of one node."""
+        return self.group_size or self.num_processes
 
     @override
     def build_algorithm(
@@ -94,6 +118,8 @@ class LocalSGDStrategy(CommunicationStrategy):
             average_buffers=self.average_buffers,
             weights=self.weights,
             payload_dtype=self.payload_dtype,
+            group_size=self._block_size() if self.global_every > 1 else None,
+            global_every=self.global_every,
         )
 
     @override
