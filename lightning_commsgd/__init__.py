@@ -34,6 +34,7 @@ from lightning_commsgd.strategies import (
     DoubleResidualStrategy,
     ElasticAveragingStrategy,
     LocalSGDStrategy,
+    OverlapLocalSGDStrategy,
 )
 from lightning_commsgd.topology import Topology, make_topology
 
@@ -54,6 +55,7 @@ __all__ = [
     "Identity",
     "IncreasingPeriod",
     "LocalSGDStrategy",
+    "OverlapLocalSGDStrategy",
     "PNormQuantizer",
     "PeriodSchedule",
     "PeriodicAverager",
@@ -74,6 +76,11 @@ def register_strategies() -> None:
     entries = {
         "local_sgd": (LocalSGDStrategy, "Local SGD, averaging params + momentum every 8 steps", {"tau": 8}),
         "elastic_averaging": (ElasticAveragingStrategy, "EASGD, tau=4, alpha=2/(m+2)", {"tau": 4}),
+        "overlap_local_sgd": (
+            OverlapLocalSGDStrategy,
+            "Overlap Local-SGD: tau=8, the average runs behind the next 8 local steps, pull alpha=0.5",
+            {"tau": 8},
+        ),
         "dore": (
             DoubleResidualStrategy,
             "DORE: inf-norm ternary quantization (blocks of 256) both ways, rank 0 as master",

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lightning_commsgd.ledger import CommLedger
 
-__all__ = ["Communicator", "ReduceKind"]
+__all__ = ["Communicator", "PendingMean", "ReduceKind"]
 
 ReduceKind = Literal["sum", "mean", "max", "min"]
 
@@ -134,6 +134,13 @@ class Communicator:
             tag, sent=nbytes, received=nbytes, seconds=self._finish(buffer, start), collectives=2
         )
         return buffer
+
+    def all_reduce_mean_async(self, buffer: Tensor, *, tag: str) -> PendingMean:
+        """Start the mean over ranks of ``buffer`` in the background (one collective) and return a handle
+        whose :meth:`PendingMean.wait` finishes it in place. Until then ``buffer`` must not be touched.
+        The ledger records the round when it is waited for, with the seconds spent *waiting* (the
+        communication time the overlap did not hide)."""
+        return PendingMean(self, buffer, tag)
 
     def all_reduce_scalars(
         self, values: Sequence[float], op: ReduceKind = "sum", *, tag: str, dtype: torch.dtype = torch.float64
@@ -325,3 +332,32 @@ class Communicator:
             return fut.value()[0].div_(self.world_size)
 
         return future.then(finish)
+
+
+class PendingMean:
+    """A mean over ranks in flight (see :meth:`Communicator.all_reduce_mean_async`)."""
+
+    def __init__(self, communicator: Communicator, buffer: Tensor, tag: str) -> None:
+        self.communicator, self.buffer, self.tag = communicator, buffer, tag
+        self._work = (
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=communicator.group, async_op=True)
+            if communicator.is_distributed
+            else None
+        )
+        self.done = not communicator.is_distributed
+
+    def wait(self) -> Tensor:
+        """Block until the mean has arrived (at once when it already has); returns the buffer."""
+        if self.done:
+            return self.buffer
+        start = time.perf_counter()
+        assert self._work is not None
+        self._work.wait()
+        self.buffer.div_(self.communicator.world_size)
+        nbytes = self.buffer.numel() * self.buffer.element_size()
+        seconds = self.communicator._finish(self.buffer, start)
+        self.communicator.ledger.record(
+            self.tag, sent=nbytes, received=nbytes, seconds=seconds, kind="all_reduce"
+        )
+        self.done = True
+        return self.buffer

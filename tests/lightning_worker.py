@@ -35,6 +35,7 @@ from lightning_commsgd import (  # noqa: E402
     DoubleResidualStrategy,
     ElasticAveragingStrategy,
     LocalSGDStrategy,
+    OverlapLocalSGDStrategy,
     PNormQuantizer,
     ScaledSign,
     TopK,
@@ -197,9 +198,12 @@ def main() -> None:
             "qsgd",
             "mem_sgd",
             "double_squeeze",
+            "overlap",
         ],
     )
     ap.add_argument("--server", default="rank0")
+    ap.add_argument("--overlap-alpha", type=float, default=0.5)
+    ap.add_argument("--anchor-momentum", type=float, default=0.0)
     ap.add_argument("--topology", default="ring")
     ap.add_argument("--redundancy", type=float, default=0.0)
     ap.add_argument("--sampling", default="stratified")
@@ -240,6 +244,10 @@ def main() -> None:
     elif args.strategy == "gossip":
         strategy = DecentralizedSGDStrategy(
             topology=args.topology, tau=args.tau, momentum=args.momentum, **ours
+        )
+    elif args.strategy == "overlap":
+        strategy = OverlapLocalSGDStrategy(
+            tau=args.tau, alpha=args.overlap_alpha, anchor_momentum=args.anchor_momentum, **ours
         )
     elif args.strategy == "elastic":
         strategy = ElasticAveragingStrategy(tau=args.tau, **ours)

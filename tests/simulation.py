@@ -145,3 +145,68 @@ def simulate_local_sgd(
         for r in range(p):
             out[r].append(flat_params(replicas[r]))
     return out
+
+
+def simulate_overlap_local_sgd(
+    model: nn.Module,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    batches: Sequence[Sequence[tuple[Tensor, Tensor]]],
+    loss_fn: Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor],
+    tau: int,
+    alpha: float,
+    beta: float = 0.0,
+    lr: float = 0.1,
+) -> list[list[Tensor]]:
+    """Overlap Local-SGD from the paper's description: every tau steps, the anchor becomes the average
+    sent at the previous round (x_0 before any), each replica is pulled x <- (1-alpha) x + alpha z, and
+    sends z - lr v (v <- beta v + (z - x)/lr; with beta = 0 that is x), whose mean is next round's anchor.
+    Optimizer state stays local; parameters and floating buffers are pulled alike.
+
+    Args:
+        model: x_0.
+        make_optimizer: builds one optimizer per replica.
+        batches: ``batches[r][t]``, replica r's batch at step t.
+        loss_fn: ``loss_fn(replica, batch)``.
+        tau: period.
+        alpha: pull strength.
+        beta: anchor momentum.
+        lr: the learning rate the anchor momentum divides by.
+
+    Returns:
+        ``out[r][t]``: replica r's flat parameters after step t.
+    """
+    p = len(batches)
+    replicas = [copy.deepcopy(model) for _ in range(p)]
+    optimizers = [make_optimizer(m) for m in replicas]
+
+    def pulled(m: nn.Module) -> list[Tensor]:
+        return [*m.parameters(), *(b for b in m.buffers() if torch.is_floating_point(b))]
+
+    anchor = [t.detach().clone() for t in pulled(replicas[0])]
+    velocity = [[torch.zeros_like(a) for a in anchor] for _ in range(p)]
+    in_flight: list[Tensor] | None = None
+    out: list[list[Tensor]] = [[] for _ in range(p)]
+    for t in range(len(batches[0])):
+        for r in range(p):
+            optimizers[r].zero_grad()
+            loss_fn(replicas[r], batches[r][t]).backward()
+            optimizers[r].step()
+        if (t + 1) % tau == 0:
+            if in_flight is not None:
+                anchor = in_flight
+            sent = []
+            for r in range(p):
+                outgoing = []
+                with torch.no_grad():
+                    for i, (x, z) in enumerate(zip(pulled(replicas[r]), anchor)):
+                        x.mul_(1 - alpha).add_(z, alpha=alpha)
+                        if beta:
+                            velocity[r][i].mul_(beta).add_((z - x) / lr)
+                            outgoing.append(z - lr * velocity[r][i])
+                        else:
+                            outgoing.append(x.detach().clone())
+                sent.append(outgoing)
+            in_flight = [torch.stack(parts).sum(0) / p for parts in zip(*sent)]
+        for r in range(p):
+            out[r].append(flat_params(replicas[r]))
+    return out

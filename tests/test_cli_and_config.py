@@ -10,7 +10,7 @@ from conftest import REPO_ROOT, TESTS_DIR, run_script
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_commsgd import CommunicationMonitor, LocalSGDStrategy
+from lightning_commsgd import CommunicationMonitor, LocalSGDStrategy, OverlapLocalSGDStrategy
 
 CONFIG = REPO_ROOT / "configs" / "local_sgd.yaml"
 
@@ -161,3 +161,24 @@ def test_yaml_schedule_is_instantiated_with_overrides():
     schedule = cli.trainer.strategy.tau
     assert isinstance(cli.trainer.strategy, LocalSGDStrategy) and isinstance(schedule, AdaComm)
     assert (schedule.tau0, schedule.interval_steps, schedule.tau) == (32, 20, 32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alpha": 0.0}, "overlap_alpha"),
+        ({"alpha": 1.5}, "overlap_alpha"),
+        ({"alpha": float("nan")}, "overlap_alpha"),
+        ({"anchor_momentum": 1.0}, "anchor_momentum"),
+        ({"anchor_momentum": -0.1}, "anchor_momentum"),
+        ({"tau": 0}, "tau"),
+    ],
+)
+def test_bad_overlap_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OverlapLocalSGDStrategy(**kwargs)
+
+
+def test_overlap_registered_name():
+    strategy = Trainer(strategy="overlap_local_sgd", accelerator="cpu", devices=2, logger=False).strategy
+    assert isinstance(strategy, OverlapLocalSGDStrategy) and strategy.tau == 8 and strategy.alpha == 0.5

@@ -4,6 +4,7 @@ from lightning_commsgd.algorithms.base import PeriodicAlgorithm
 from lightning_commsgd.algorithms.compressed import CompressedAlgorithm, NonFiniteError
 from lightning_commsgd.algorithms.compressed_sgd import CompressedGradientSGD
 from lightning_commsgd.algorithms.dore import DoubleResidualCompression
+from lightning_commsgd.algorithms.overlap import OverlapLocalSGD
 from lightning_commsgd.algorithms.periodic import PeriodicAverager
 from lightning_commsgd.algorithms.replica import MOMENTUM_MODES, ReplicaState
 
@@ -13,6 +14,7 @@ __all__ = [
     "CompressedGradientSGD",
     "DoubleResidualCompression",
     "NonFiniteError",
+    "OverlapLocalSGD",
     "PeriodicAlgorithm",
     "PeriodicAverager",
     "ReplicaState",

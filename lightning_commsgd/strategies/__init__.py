@@ -8,6 +8,7 @@ from lightning_commsgd.strategies.compressed import (
 )
 from lightning_commsgd.strategies.decentralized import DecentralizedSGDStrategy, ElasticAveragingStrategy
 from lightning_commsgd.strategies.local_sgd import LocalSGDStrategy
+from lightning_commsgd.strategies.overlap import OverlapLocalSGDStrategy
 
 __all__ = [
     "CommunicationStrategy",
@@ -17,4 +18,5 @@ __all__ = [
     "DecentralizedSGDStrategy",
     "ElasticAveragingStrategy",
     "LocalSGDStrategy",
+    "OverlapLocalSGDStrategy",
 ]

@@ -1,0 +1,150 @@
+"""Overlap Local-SGD (Wang, Liang, Joshi, ICASSP 2020): the averaging all-reduce runs while the next tau
+local steps compute, and each worker is pulled towards the average when it arrives.
+
+Each worker keeps an anchor model z (x_0 at the start). At every round k (every tau optimizer steps)::
+
+    z <- the average started at round k-1 (wait for it; it has had tau local steps to arrive)
+    x_i <- (1 - alpha) x_i + alpha z                       (pull towards the anchor)
+    v_i <- beta v_i + (z - x_i) / lr;  send z - lr v_i      (anchor momentum; beta = 0 sends x_i)
+    start averaging what was sent: the next anchor, used at round k+1
+
+so no worker ever waits for a collective unless the link is slower than tau local steps. With beta = 0
+the next anchor is the average of the pulled models. The optimizer's own state (momentum) stays local, as
+in the paper. The trajectory does not depend on timing: the average started at round k is applied exactly
+at round k+1 (which makes the method testable against a simulation, and resumable: a checkpoint waits for
+the average in flight and stores it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_commsgd.algorithms.base import PeriodicAlgorithm
+from lightning_commsgd.algorithms.replica import ReplicaState
+from lightning_commsgd.comm import Communicator, PendingMean
+from lightning_commsgd.schedules import PeriodSchedule
+
+__all__ = ["OverlapLocalSGD", "validate_pull"]
+
+
+def validate_pull(alpha: Any, beta: Any) -> tuple[float, float]:
+    """alpha (pull strength) in (0, 1], beta (anchor momentum) in [0, 1); ValueError naming the argument."""
+    for name, value in (("overlap_alpha", alpha), ("anchor_momentum", beta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"Arg `{name}` must be a finite number, got {value!r}.")
+    if not 0 < alpha <= 1:
+        raise ValueError(
+            f"Arg `overlap_alpha` (the pull towards the anchor) must lie in (0, 1], got {alpha}."
+        )
+    if not 0 <= beta < 1:
+        raise ValueError(f"Arg `anchor_momentum` must lie in [0, 1), got {beta}.")
+    return float(alpha), float(beta)
+
+
+class OverlapLocalSGD(PeriodicAlgorithm):
+    """Overlap Local-SGD on one rank (see the module docstring).
+
+    Args:
+        module: the replica x_i (parameters; floating buffers too with ``average_buffers``).
+        optimizers: its optimizers (their state stays local).
+        communicator: carries the background all-reduce (tag ``"overlap_average"``).
+        tau: local steps between rounds (an int or a schedule).
+        alpha: pull strength alpha in (0, 1] (1: jump to the anchor, i.e. local SGD with a one-round-stale
+            average).
+        beta: anchor momentum beta in [0, 1) (the paper's momentum variant; 0: plain).
+        average_buffers: treat floating buffers (BatchNorm statistics) like parameters.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizers: Sequence[Optimizer],
+        communicator: Communicator,
+        *,
+        tau: int | PeriodSchedule = 8,
+        alpha: float = 0.5,
+        beta: float = 0.0,
+        average_buffers: bool = True,
+    ) -> None:
+        self.alpha, self.beta = validate_pull(alpha, beta)
+        super().__init__(ReplicaState(module, optimizers, "local", average_buffers), communicator, tau)
+        tensors = self.replica.averaged_tensors()
+        self.anchor: Tensor = self._pack(tensors).to(torch.float32).clone()  # z_0 = x_0
+        self.velocity: Tensor | None = torch.zeros_like(self.anchor) if self.beta else None
+        self._in_flight: Tensor | None = None  # what was sent at the latest round
+        self._pending: PendingMean | None = None
+        self.synced_at_step = 0  # the step of the latest exact (blocking) average
+
+    @property
+    def in_sync(self) -> bool:
+        return self.step == self.synced_at_step
+
+    def _learning_rate(self) -> float:
+        lr = super()._learning_rate()
+        return lr if lr else 1.0
+
+    def _arrived_anchor(self) -> None:
+        """Wait for the average in flight (if any) and make it the anchor."""
+        if self._pending is not None:
+            self.anchor = self._pending.wait()
+            self._pending = None
+            self._in_flight = None
+
+    def communicate(self, tag: str) -> None:
+        tensors = self.replica.averaged_tensors()
+        x = self._pack(tensors).to(torch.float32)
+        self._arrived_anchor()
+        x.mul_(1 - self.alpha).add_(self.anchor, alpha=self.alpha)
+        if self.velocity is not None:
+            lr = self._learning_rate()
+            self.velocity.mul_(self.beta).add_((self.anchor - x) / lr)
+            outgoing = self.anchor - lr * self.velocity
+        else:
+            outgoing = x.clone()
+        self._unpack(tensors, x)
+        self._in_flight = outgoing
+        self._pending = self.communicator.all_reduce_mean_async(outgoing, tag="overlap_average")
+
+    def finalize(self) -> None:
+        """The average in flight lands, then one exact (blocking) average: every replica equal."""
+        self._arrived_anchor()
+        if not self.in_sync:
+            self._exact_mean_(self.replica.averaged_tensors(), tag="final")
+            self.synced_at_step = self.step
+
+    def extra_state(self) -> dict[str, Any]:
+        # a checkpoint waits for the average in flight: its value is part of the trajectory
+        if self._pending is not None:
+            self._pending.wait()
+        return {
+            "anchor": self.anchor.detach().cpu().clone(),
+            "velocity": None if self.velocity is None else self.velocity.detach().cpu().clone(),
+            "in_flight": None if self._in_flight is None else self._in_flight.detach().cpu().clone(),
+            "synced_at_step": self.synced_at_step,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        device = self.anchor.device
+        self.anchor = state["anchor"].to(device)
+        self.velocity = None if state["velocity"] is None else state["velocity"].to(device)
+        in_flight = state.get("in_flight")
+        # the average was complete when saved: it arrives at once at the next round
+        self._in_flight = None if in_flight is None else in_flight.to(device)
+        self._pending = None if in_flight is None else _Arrived(self._in_flight)
+        self.synced_at_step = int(state.get("synced_at_step", 0))
+
+
+class _Arrived:
+    """An average restored from a checkpoint: already complete."""
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+    def wait(self) -> Tensor:
+        return self.value

@@ -1,0 +1,67 @@
+"""OverlapLocalSGDStrategy: local SGD whose averaging all-reduce runs behind the next tau local steps."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch.nn import Module
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_commsgd.algorithms.base import as_schedule
+from lightning_commsgd.algorithms.overlap import OverlapLocalSGD, validate_pull
+from lightning_commsgd.comm import Communicator
+from lightning_commsgd.schedules import PeriodSchedule
+from lightning_commsgd.strategies.base import CommunicationStrategy
+
+__all__ = ["OverlapLocalSGDStrategy"]
+
+
+class OverlapLocalSGDStrategy(CommunicationStrategy):
+    """Overlap Local-SGD (Wang, Liang, Joshi 2020): every ``tau`` steps each worker is pulled towards the
+    anchor (the average started one round earlier, which had ``tau`` local steps to arrive) and starts the
+    next average in the background; no rank waits for the network unless it is slower than ``tau`` local
+    steps. See :mod:`lightning_commsgd.algorithms.overlap`.
+
+    Args:
+        tau: local steps between rounds (an int >= 1 or a schedule).
+        alpha: pull strength alpha in (0, 1]: x_i <- (1 - alpha) x_i + alpha z. Default 0.5.
+        anchor_momentum: beta in [0, 1), the paper's momentum variant on the anchor; 0 (default) averages
+            the pulled models.
+        average_buffers: BatchNorm statistics ride with the parameters.
+        **kwargs: see :class:`~lightning_commsgd.strategies.base.CommunicationStrategy`.
+
+    The optimizer state (momentum) stays local, as in the paper. The trajectory does not depend on timing
+    (the average started at round k is applied at round k+1); after fit one blocking average leaves every
+    rank with the same model.
+    """
+
+    strategy_name = "overlap_local_sgd"
+
+    def __init__(
+        self,
+        tau: int | PeriodSchedule = 8,
+        alpha: float = 0.5,
+        anchor_momentum: float = 0.0,
+        average_buffers: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.tau = tau if isinstance(tau, PeriodSchedule) else as_schedule(tau).tau
+        self.alpha, self.anchor_momentum = validate_pull(alpha, anchor_momentum)
+        self.average_buffers = bool(average_buffers)
+        super().__init__(**kwargs)
+
+    @override
+    def build_algorithm(
+        self, module: Module, optimizers: list[Optimizer], communicator: Communicator
+    ) -> OverlapLocalSGD:
+        return OverlapLocalSGD(
+            module,
+            optimizers,
+            communicator,
+            tau=copy.deepcopy(self.tau),
+            alpha=self.alpha,
+            beta=self.anchor_momentum,
+            average_buffers=self.average_buffers,
+        )
