@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := lightning_commsgd tests examples benchmarks
 
-.PHONY: venv demo test lint bench bench-adacomm bench-decentralized bench-redundancy clean distclean
+.PHONY: venv demo test lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression clean distclean
 
 venv: $(STAMP)
 
@@ -44,6 +44,9 @@ bench-decentralized: venv
 
 bench-redundancy: venv
 	$(VPY) benchmarks/bench_redundancy.py $(BENCH_ARGS)
+
+bench-compression: venv
+	$(VPY) benchmarks/bench_compression.py $(BENCH_ARGS)
 
 # Caches and build leftovers; the virtualenv stays (see distclean).
 clean:

@@ -1,4 +1,5 @@
-"""Run ``examples/train_digits.py`` in a subprocess and collect its JSON results.
+"""Run ``examples/train_digits.py`` (or ``examples/synthetic_cnn.py``, which takes the same options) in a
+subprocess and collect its JSON results.
 
 Shared by ``examples/demo.py`` and the ``benchmarks/bench_*.py`` scripts so that all of them measure
 runs the same way. Each call starts a fresh interpreter, which then launches its own ranks: no process
@@ -22,21 +23,25 @@ from typing import Any
 
 __all__ = [
     "add_training_args",
+    "CNN_SCRIPT",
     "REPO_ROOT",
     "TRAIN_SCRIPT",
     "TrainRunError",
     "format_bytes",
     "machine_description",
     "markdown_table",
+    "run_example",
+    "run_synthetic_cnn",
     "run_train_digits",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "examples" / "train_digits.py"
+CNN_SCRIPT = REPO_ROOT / "examples" / "synthetic_cnn.py"
 
 
 class TrainRunError(RuntimeError):
-    """A ``train_digits.py`` run exited non-zero, timed out, or wrote no results."""
+    """A ``train_digits.py`` (or ``synthetic_cnn.py``) run exited non-zero, timed out, or wrote no results."""
 
 
 def _tail(text: str, lines: int) -> str:
@@ -62,7 +67,40 @@ def run_train_digits(
 ) -> dict[str, Any]:
     """Run ``train_digits.py`` with ``args`` (``--json`` is added) and return the JSON rank 0 wrote.
 
+    See :func:`run_example` for the arguments and errors.
+    """
+    return run_example(
+        TRAIN_SCRIPT, args, timeout_s=timeout_s, workdir=workdir, stderr_tail_lines=stderr_tail_lines
+    )
+
+
+def run_synthetic_cnn(
+    args: Sequence[str],
+    *,
+    timeout_s: float = 600.0,
+    workdir: Path | None = None,
+    stderr_tail_lines: int = 40,
+) -> dict[str, Any]:
+    """Run ``synthetic_cnn.py`` (the small CNN on synthetic 32x32x3 images, same options and results as
+    ``train_digits.py``) with ``args``; see :func:`run_example`."""
+    return run_example(
+        CNN_SCRIPT, args, timeout_s=timeout_s, workdir=workdir, stderr_tail_lines=stderr_tail_lines
+    )
+
+
+def run_example(
+    script: Path,
+    args: Sequence[str],
+    *,
+    timeout_s: float = 600.0,
+    workdir: Path | None = None,
+    stderr_tail_lines: int = 40,
+) -> dict[str, Any]:
+    """Run a training ``script`` that takes ``train_digits.py``'s ``--json`` option with ``args`` (``--json``
+    is added) and return the JSON its rank 0 wrote.
+
     Args:
+        script: the script, e.g. :data:`TRAIN_SCRIPT` or :data:`CNN_SCRIPT`.
         args: command-line arguments for the script, e.g. ``["--strategy", "ddp", "--epochs", "3"]``.
         timeout_s: seconds before the whole run (every rank) is killed.
         workdir: directory for the JSON file and the run's working directory; a temporary directory
@@ -75,15 +113,15 @@ def run_train_digits(
     """
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="commsgd_run_") as tmp:
-            return run_train_digits(
-                args, timeout_s=timeout_s, workdir=Path(tmp), stderr_tail_lines=stderr_tail_lines
+            return run_example(
+                script, args, timeout_s=timeout_s, workdir=Path(tmp), stderr_tail_lines=stderr_tail_lines
             )
 
     workdir.mkdir(parents=True, exist_ok=True)
     # A fresh name per run: rank 0 creates the file, so its existence afterwards proves the run got
     # that far, even when several runs share one workdir.
     json_path = workdir / f"result_{uuid.uuid4().hex}.json"
-    cmd = [sys.executable, str(TRAIN_SCRIPT), *args, "--json", str(json_path)]
+    cmd = [sys.executable, str(script), *args, "--json", str(json_path)]
     printable = " ".join(cmd)
 
     # A new session makes the run's ranks one process group: on timeout we kill all of them, not just

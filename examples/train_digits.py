@@ -1,4 +1,5 @@
-"""Train an MLP on scikit-learn's digits with several CPU processes under DDP, local SGD, gossip or EASGD.
+"""Train an MLP on scikit-learn's digits with several CPU processes under DDP, local SGD, gossip, EASGD or
+a compressed-communication strategy (DORE, DIANA, QSGD, MEM-SGD, DoubleSqueeze).
 
 Examples::
 
@@ -10,11 +11,23 @@ Examples::
     python examples/train_digits.py --strategy elastic --tau 4 --alpha 0.2 --devices 4
     python examples/train_digits.py --strategy local_sgd --devices 4 --non-iid --redundancy 0.5 \
         --max-steps 600 --val-every-steps 25 --json /tmp/ri_sgd.json
+    python examples/train_digits.py --strategy dore --compressor-block 256 --server rank0 --trace
+    python examples/train_digits.py --strategy mem_sgd --topk-ratio 0.01 --max-steps 300
 
 ``gossip`` is ``DecentralizedSGDStrategy`` (each rank mixes with its graph neighbours every ``--tau``
 steps by point-to-point messages, then one exact all-reduce average at the end of fit); ``elastic`` is
 ``ElasticAveragingStrategy`` (EASGD: one all-reduce per round, each rank ends with the centre variable).
 After ``fit`` every rank holds the same consensus model, which the final ``trainer.validate`` evaluates.
+
+The compressed strategies communicate at every optimizer step (no ``--tau``): ``dore`` is
+``DoubleResidualStrategy`` with the inf-norm ternary quantizer (``--compressor-block`` values per norm) on
+both sides, ``diana`` is ``DianaStrategy`` (the same quantizer, an uncompressed model), ``qsgd`` is
+``CompressedSGDStrategy(QSGD(--qsgd-levels, --qsgd-bucket))``, ``mem_sgd`` is top-``--topk-ratio`` with
+error feedback and ``double_squeeze`` is scaled sign (blocks of ``--compressor-block``) with error feedback
+on the workers and on the server. ``--server`` picks rank 0 as parameter server or a replicated master.
+With ``server="rank0"`` the ranks send different amounts (rank 0 broadcasts, the others send up), so the
+results and the ``--trace`` rows also hold the mean over the ranks (``mean_*`` keys), collected after fit
+outside the ledger.
 
 ``--redundancy MU`` is RI-SGD (Haddadpour et al., ICML 2019): each rank also holds a fraction ``MU`` of the
 whole training set from its neighbours' strided shards; with ``--sampling stratified`` every batch takes
@@ -34,22 +47,34 @@ import json
 import math
 import sys
 import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_commsgd import (
+    QSGD,
     CommunicationMonitor,
+    CompressedSGDStrategy,
     DecentralizedSGDStrategy,
+    DianaStrategy,
+    DoubleResidualStrategy,
     ElasticAveragingStrategy,
     LocalSGDStrategy,
+    PNormQuantizer,
+    ScaledSign,
+    TopK,
     make_topology,
 )
+from lightning_commsgd.algorithms.dore import SERVER_MODES
 from lightning_commsgd.algorithms.elastic import validate_alpha
 from lightning_commsgd.data import DigitsDataModule
 from lightning_commsgd.ledger import CommLedger
@@ -61,14 +86,21 @@ if TYPE_CHECKING:
     from lightning_commsgd.schedules import PeriodSchedule
 
 __all__ = [
+    "COMPRESSED_STRATEGIES",
+    "DIGITS_WORKLOAD",
     "GOSSIP_MOMENTUM",
+    "PERIODIC_STRATEGIES",
     "ROUND_TAGS",
     "SCHEDULES",
     "STRATEGIES",
+    "CompressionOptions",
     "StepTrace",
     "ValidationTrace",
+    "Workload",
+    "build_parser",
     "build_period",
     "build_strategy",
+    "check_args",
     "main",
     "parse_args",
     "run",
@@ -80,20 +112,99 @@ __all__ = [
 # Done at import time because every rank re-executes this file.
 torch.set_num_threads(1)
 
-STRATEGIES = ("ddp", "local_sgd", "gossip", "elastic")
-# The strategies with a communication period (everything but DDP); --tau and --schedule apply to them.
+# The step-wise compressed strategies: one compressed exchange at every optimizer step, no period.
+COMPRESSED_STRATEGIES = ("dore", "diana", "qsgd", "mem_sgd", "double_squeeze")
+STRATEGIES = ("ddp", "local_sgd", "gossip", "elastic", *COMPRESSED_STRATEGIES)
+# The strategies with a communication period; --tau and --schedule apply to them (not to DDP nor to the
+# compressed strategies, which communicate at every step).
 PERIODIC_STRATEGIES = ("local_sgd", "gossip", "elastic")
 SCHEDULES = ("constant", "adacomm")
 GOSSIP_MOMENTUM = ("mix", "local")
 DEFAULT_TOPOLOGY = "ring"
 DEFAULT_GOSSIP_MOMENTUM = "mix"
-# The ledger tag of each strategy's training rounds (for DDP: the counting hook's gradient buckets).
+# The ledger tags of each strategy's training rounds (for DDP: the counting hook's gradient buckets); the
+# first is the main one (the results' "round_tag"). The compressed strategies use two: the workers'
+# payloads up and the server's (model or aggregate) payload down, the latter only with server="rank0".
 # Everything else a rank sends is either the end-of-fit average (tag "final") or overhead: the initial
 # broadcast of x_0, consensus models for validation, Lightning's own reductions and barriers.
-ROUND_TAGS = {"ddp": "ddp_gradients", "local_sgd": "average", "gossip": "gossip", "elastic": "elastic"}
+_DORE_TAGS = ("dore_gradient", "dore_model")
+_COMPRESSED_SGD_TAGS = ("compressed_gradient", "server_gradient")
+ROUND_TAGS: dict[str, tuple[str, ...]] = {
+    "ddp": ("ddp_gradients",),
+    "local_sgd": ("average",),
+    "gossip": ("gossip",),
+    "elastic": ("elastic",),
+    "dore": _DORE_TAGS,
+    "diana": _DORE_TAGS,
+    "qsgd": _COMPRESSED_SGD_TAGS,
+    "mem_sgd": _COMPRESSED_SGD_TAGS,
+    "double_squeeze": _COMPRESSED_SGD_TAGS,
+}
 FINAL_TAG = "final"
 # AdaComm's interval when neither --interval-steps nor --interval-s is given.
 DEFAULT_INTERVAL_STEPS = 50
+# Compressor defaults: the DORE paper's inf-norm quantizer over blocks of 256 (also DoubleSqueeze's sign
+# blocks), QSGD's 4 levels over buckets of 512 as in its paper, and MEM-SGD's top 1%.
+DEFAULT_COMPRESSOR_BLOCK = 256
+DEFAULT_QSGD_LEVELS = 4
+DEFAULT_QSGD_BUCKET = 512
+DEFAULT_TOPK_RATIO = 0.01
+# The paper's topology for the two-sided methods (a server that sends compressed data down); the
+# one-sided baselines all-gather, so every rank aggregates and nothing is sent down.
+DEFAULT_SERVER = {
+    "dore": "rank0",
+    "diana": "rank0",
+    "qsgd": "replicated",
+    "mem_sgd": "replicated",
+    "double_squeeze": "rank0",
+}
+
+
+@dataclass(frozen=True)
+class CompressionOptions:
+    """The compressed strategies' settings (``None``: the strategy's own default).
+
+    Attributes:
+        server: ``"rank0"`` or ``"replicated"``; ``None`` takes :data:`DEFAULT_SERVER`.
+        block: values per norm of the inf-norm quantizer (dore, diana) and per scale of the scaled sign
+            (double_squeeze).
+        qsgd_levels: QSGD's s.
+        qsgd_bucket: QSGD's bucket size.
+        topk_ratio: MEM-SGD's fraction of coordinates sent.
+        alpha: DORE/DIANA's h step (default 1/(2(C+1))).
+        beta: DORE's x_hat step (default 1/(C_m+1)).
+        eta: DORE's error-compensation weight (default 1).
+        seed: base of the compressors' random streams.
+    """
+
+    server: str | None = None
+    block: int = DEFAULT_COMPRESSOR_BLOCK
+    qsgd_levels: int = DEFAULT_QSGD_LEVELS
+    qsgd_bucket: int = DEFAULT_QSGD_BUCKET
+    topk_ratio: float = DEFAULT_TOPK_RATIO
+    alpha: float | None = None
+    beta: float | None = None
+    eta: float | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CompressionOptions:
+        """The options of the command line, unset flags replaced by the defaults."""
+
+        def given(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return cls(
+            server=args.server,
+            block=given(args.compressor_block, DEFAULT_COMPRESSOR_BLOCK),
+            qsgd_levels=given(args.qsgd_levels, DEFAULT_QSGD_LEVELS),
+            qsgd_bucket=given(args.qsgd_bucket, DEFAULT_QSGD_BUCKET),
+            topk_ratio=given(args.topk_ratio, DEFAULT_TOPK_RATIO),
+            alpha=args.dore_alpha,
+            beta=args.dore_beta,
+            eta=args.dore_eta,
+            seed=args.seed,
+        )
 
 
 class _TrainLoopTimer(Callback):
@@ -120,28 +231,56 @@ def _step_loss(outputs: Any) -> float | None:
     return float(loss) if isinstance(loss, torch.Tensor) else None
 
 
+def _round_bytes(ledger: CommLedger, round_tags: Sequence[str]) -> int:
+    """Bytes this rank sent in the training rounds so far (the sum over the strategy's round tags)."""
+    return sum(int(ledger.tag(tag).bytes_sent) for tag in round_tags)
+
+
+def _period(algorithm: Any) -> int | None:
+    """The strategy's current period; ``None`` for DDP and the compressed strategies (no period)."""
+    tau = getattr(algorithm, "tau", None)
+    return None if tau is None else int(tau)
+
+
+def _rounds_done(algorithm: Any, step: int) -> int:
+    """Communication rounds so far: the periodic algorithms count them (``rounds``); DDP (no algorithm)
+    and the compressed algorithms (which count optimizer steps, ``step``) communicate at every step."""
+    if algorithm is None:
+        return step
+    rounds = getattr(algorithm, "rounds", None)
+    return int(algorithm.step if rounds is None else rounds)
+
+
 class StepTrace(Callback):
     """Rank 0's record of every optimizer step: time, loss, period, rounds and bytes so far.
 
     One dict per step in :attr:`rows`: ``step``, ``time_s`` (since ``on_train_start``, the same origin
     as the train loop timer), ``loss`` (rank 0's loss on its own batch, not averaged over ranks: an
     average would cost an all-reduce per step and show up in the byte counts being compared), ``tau``
-    (the strategy's current period after this step, ``None`` for DDP), ``rounds`` (communication
-    rounds so far: averages, gossip or elastic rounds; for DDP, which all-reduces gradients every step,
-    the step count), ``bytes_sent`` (this rank's ledger so far, so it includes Lightning's own reductions
-    routed through the communicator and any consensus evaluation) and ``round_bytes_sent`` (the part of
-    it sent by the training rounds themselves, ledger tag ``round_tag``).
+    (the strategy's current period after this step, ``None`` for DDP and the compressed strategies),
+    ``rounds`` (communication rounds so far: averages, gossip or elastic rounds; for DDP and the
+    compressed strategies, which communicate every step, the step count), ``bytes_sent`` (this rank's
+    ledger so far, so it includes Lightning's own reductions routed through the communicator and any
+    consensus evaluation) and ``round_bytes_sent`` (the part of it sent by the training rounds
+    themselves, ledger tags ``round_tags``).
+
+    Every rank also keeps its own byte counts per step (:attr:`local_bytes`): where ranks send different
+    amounts (a parameter server on rank 0) :meth:`add_rank_means` adds, from every rank's counts
+    gathered after fit, ``mean_bytes_sent``, ``mean_round_bytes_sent`` (means over the ranks) and
+    ``max_round_bytes_sent`` (the busiest rank) to the rows.
 
     Args:
         monitor: the run's :class:`CommunicationMonitor`, whose ledger gives the bytes; it must come
             before this callback in the trainer's list so that its ``on_fit_start`` has run.
-        round_tag: the ledger tag of the strategy's rounds (see :data:`ROUND_TAGS`).
+        round_tags: the ledger tag(s) of the strategy's rounds (see :data:`ROUND_TAGS`).
     """
 
-    def __init__(self, monitor: CommunicationMonitor, round_tag: str) -> None:
+    def __init__(self, monitor: CommunicationMonitor, round_tags: str | Sequence[str]) -> None:
         self.monitor = monitor
-        self.round_tag = round_tag
+        self.round_tags = (round_tags,) if isinstance(round_tags, str) else tuple(round_tags)
         self.rows: list[dict[str, Any]] = []
+        # (step, bytes_sent, round_bytes_sent) on this rank, one entry per optimizer step
+        self.local_bytes: list[tuple[int, int, int]] = []
         self._start = float("nan")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -152,7 +291,12 @@ class StepTrace(Callback):
     ) -> None:
         # With gradient accumulation this hook runs for every batch, but a row is one optimizer step.
         step = int(trainer.global_step)
-        if not trainer.is_global_zero or (self.rows and self.rows[-1]["step"] == step):
+        if self.local_bytes and self.local_bytes[-1][0] == step:
+            return
+        ledger = self.monitor.ledger
+        sent, round_sent = int(ledger.bytes_sent), _round_bytes(ledger, self.round_tags)
+        self.local_bytes.append((step, sent, round_sent))
+        if not trainer.is_global_zero:
             return
         elapsed = time.perf_counter() - self._start
         algorithm = getattr(trainer.strategy, "algorithm", None)
@@ -161,12 +305,23 @@ class StepTrace(Callback):
                 "step": step,
                 "time_s": elapsed,
                 "loss": _step_loss(outputs),
-                "tau": None if algorithm is None else int(algorithm.tau),
-                "rounds": step if algorithm is None else int(algorithm.rounds),
-                "bytes_sent": int(self.monitor.ledger.bytes_sent),
-                "round_bytes_sent": int(self.monitor.ledger.tag(self.round_tag).bytes_sent),
+                "tau": _period(algorithm),
+                "rounds": _rounds_done(algorithm, step),
+                "bytes_sent": sent,
+                "round_bytes_sent": round_sent,
             }
         )
+
+    def add_rank_means(self, per_rank: Sequence[Sequence[tuple[int, int, int]]]) -> None:
+        """Add the ``mean_*``/``max_*`` byte columns to :attr:`rows` from every rank's
+        :attr:`local_bytes` (in rank order; rank 0's own first). Every rank takes the same steps."""
+        for i, row in enumerate(self.rows):
+            entries = [series[i] for series in per_rank]
+            if any(entry[0] != row["step"] for entry in entries):
+                raise RuntimeError(f"the ranks' step traces disagree at step {row['step']}: {entries}")
+            row["mean_bytes_sent"] = sum(entry[1] for entry in entries) / len(entries)
+            row["mean_round_bytes_sent"] = sum(entry[2] for entry in entries) / len(entries)
+            row["max_round_bytes_sent"] = max(entry[2] for entry in entries)
 
 
 class ValidationTrace(Callback):
@@ -191,7 +346,7 @@ class ValidationTrace(Callback):
         self.rows.append(
             {
                 "step": step,
-                "rounds": step if algorithm is None else int(algorithm.rounds),
+                "rounds": _rounds_done(algorithm, step),
                 "val_loss": _metric(metrics, "val_loss"),
                 "val_acc": _metric(metrics, "val_acc"),
             }
@@ -213,9 +368,9 @@ class _BatchSizeProbe(Callback):
         self.samples = max(self.samples, len(batch[-1]))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; see ``--help``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The command-line options of this script (shared with ``synthetic_cnn.py``, which adds its own)."""
+    parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     parser.add_argument("--strategy", choices=STRATEGIES, default="ddp", help="distributed strategy")
     parser.add_argument(
         "--tau",
@@ -265,6 +420,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="EASGD moving rate in (0, 2/(devices+1)) (elastic only; default 2/(devices+2))",
     )
+    compression = parser.add_argument_group(
+        "compressed strategies (" + ", ".join(COMPRESSED_STRATEGIES) + ")"
+    )
+    compression.add_argument(
+        "--server",
+        choices=SERVER_MODES,
+        default=None,
+        help="rank0 (a parameter server: gather up, broadcast down) or replicated (all-gather, every rank"
+        " aggregates); default rank0 for dore, diana and double_squeeze, replicated for qsgd and mem_sgd",
+    )
+    compression.add_argument(
+        "--compressor-block",
+        type=int,
+        default=None,
+        help="values per norm of the inf-norm quantizer (dore, diana) or per scale of the scaled sign"
+        f" (double_squeeze); default {DEFAULT_COMPRESSOR_BLOCK}",
+    )
+    compression.add_argument(
+        "--qsgd-levels", type=int, default=None, help=f"QSGD's levels s (qsgd; default {DEFAULT_QSGD_LEVELS})"
+    )
+    compression.add_argument(
+        "--qsgd-bucket",
+        type=int,
+        default=None,
+        help=f"values per QSGD bucket norm (qsgd; default {DEFAULT_QSGD_BUCKET})",
+    )
+    compression.add_argument(
+        "--topk-ratio",
+        type=float,
+        default=None,
+        help=f"fraction of the gradient entries sent (mem_sgd; default {DEFAULT_TOPK_RATIO})",
+    )
+    compression.add_argument(
+        "--dore-alpha",
+        type=float,
+        default=None,
+        help="step of the gradient shifts h (dore, diana; default 1/(2(C+1)) of the quantizer)",
+    )
+    compression.add_argument(
+        "--dore-beta",
+        type=float,
+        default=None,
+        help="step of the model estimate x_hat (dore; default 1/(C+1) of the quantizer)",
+    )
+    compression.add_argument(
+        "--dore-eta",
+        type=float,
+        default=None,
+        help="weight of the model-side error feedback (dore; default 1)",
+    )
     parser.add_argument(
         "--redundancy",
         type=float,
@@ -309,7 +514,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="add a per-step trace (time, loss, tau, rounds, bytes) to the JSON",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; see ``--help``."""
+    parser = build_parser()
+    return check_args(parser, parser.parse_args(argv))
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Check parsed options (``parser.error`` on the first bad one) and fill in the defaults that depend
+    on other options; returns ``args``."""
     if args.devices < 1:
         parser.error(f"--devices must be >= 1, got {args.devices}")
     if args.tau < 1:
@@ -333,15 +549,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _check_strategy_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse options of another strategy, fill in the gossip defaults, and check the topology and
-    alpha against ``--devices`` with the package's own checks, before any process is started."""
-    for flag, value, owner in (
-        ("--topology", args.topology, "gossip"),
-        ("--gossip-momentum", args.gossip_momentum, "gossip"),
-        ("--alpha", args.alpha, "elastic"),
+    """Refuse options of another strategy, fill in the gossip and compression defaults, and check the
+    topology, alpha and the compressors' settings with the package's own checks, before any process is
+    started."""
+    for flag, value, owners in (
+        ("--topology", args.topology, ("gossip",)),
+        ("--gossip-momentum", args.gossip_momentum, ("gossip",)),
+        ("--alpha", args.alpha, ("elastic",)),
+        ("--server", args.server, COMPRESSED_STRATEGIES),
+        ("--compressor-block", args.compressor_block, ("dore", "diana", "double_squeeze")),
+        ("--qsgd-levels", args.qsgd_levels, ("qsgd",)),
+        ("--qsgd-bucket", args.qsgd_bucket, ("qsgd",)),
+        ("--topk-ratio", args.topk_ratio, ("mem_sgd",)),
+        ("--dore-alpha", args.dore_alpha, ("dore", "diana")),
+        ("--dore-beta", args.dore_beta, ("dore",)),
+        ("--dore-eta", args.dore_eta, ("dore",)),
     ):
-        if value is not None and args.strategy != owner:
-            parser.error(f"{flag} applies to --strategy {owner} only, not {args.strategy}")
+        if value is not None and args.strategy not in owners:
+            parser.error(f"{flag} applies to --strategy {'/'.join(owners)} only, not {args.strategy}")
+    if args.strategy in COMPRESSED_STRATEGIES:
+        args.server = args.server or DEFAULT_SERVER[args.strategy]
+        # The strategy's constructor checks the compressor's settings and DORE's rates; its warnings
+        # (rates outside the theory) come again, once per rank, when the run builds it.
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                build_strategy(args.strategy, args.tau, compression=CompressionOptions.from_args(args))
+        except (TypeError, ValueError) as err:
+            parser.error(f"--strategy {args.strategy}: {err}")
     if args.strategy == "gossip":
         args.topology = args.topology or DEFAULT_TOPOLOGY
         args.gossip_momentum = args.gossip_momentum or DEFAULT_GOSSIP_MOMENTUM
@@ -363,9 +598,9 @@ def _check_redundancy_options(parser: argparse.ArgumentParser, args: argparse.Na
         # DDP keeps Lightning's DistributedSampler, which shuffles the whole set globally: neither the
         # redundant placement nor the label skew would reach the ranks.
         if args.redundancy > 0:
-            parser.error("--redundancy applies to local_sgd, gossip and elastic, not ddp")
+            parser.error("--redundancy applies to the strategies of lightning_commsgd, not ddp")
         if args.non_iid:
-            parser.error("--non-iid applies to local_sgd, gossip and elastic, not ddp")
+            parser.error("--non-iid applies to the strategies of lightning_commsgd, not ddp")
         return
     from lightning_commsgd.samplers import RedundantPlacement
 
@@ -402,10 +637,15 @@ def build_strategy(
     redundancy: float = 0.0,
     sampling: str = "stratified",
     strided_placement_for: int | None = None,
+    compression: CompressionOptions | None = None,
 ) -> Strategy:
     """Lightning's own ``DDPStrategy`` (the baseline) or one of ours with period ``tau``:
     ``LocalSGDStrategy`` (``local_sgd``), ``DecentralizedSGDStrategy`` over ``topology`` with
-    ``gossip_momentum`` (``gossip``), or ``ElasticAveragingStrategy`` with ``alpha`` (``elastic``).
+    ``gossip_momentum`` (``gossip``), or ``ElasticAveragingStrategy`` with ``alpha`` (``elastic``); or a
+    compressed strategy (``tau`` unused) set up by ``compression`` (default :class:`CompressionOptions`):
+    ``DoubleResidualStrategy`` (``dore``) and ``DianaStrategy`` (``diana``) with the inf-norm quantizer,
+    ``CompressedSGDStrategy`` with QSGD (``qsgd``), top-k and error feedback (``mem_sgd``), or scaled
+    sign with error feedback on both sides (``double_squeeze``).
 
     Ours take RI-SGD's ``redundancy`` (mu) and ``sampling``. ``strided_placement_for=p`` makes them use
     the strided placement of ``p`` workers even at mu = 0 (``original_world_size=p``), where Lightning's
@@ -427,7 +667,30 @@ def build_strategy(
         return DecentralizedSGDStrategy(topology=topology, tau=tau, momentum=gossip_momentum, **ri_sgd)
     if name == "elastic":
         return ElasticAveragingStrategy(tau=tau, alpha=alpha, **ri_sgd)
+    if name in COMPRESSED_STRATEGIES:
+        return _build_compressed(name, compression or CompressionOptions(), ri_sgd)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+
+
+def _build_compressed(name: str, options: CompressionOptions, ri_sgd: dict[str, Any]) -> Strategy:
+    """One of :data:`COMPRESSED_STRATEGIES` from ``options`` (see :func:`build_strategy`)."""
+    server = options.server or DEFAULT_SERVER[name]
+    common: dict[str, Any] = {"server": server, "seed": options.seed, **ri_sgd}
+    if name in ("dore", "diana"):
+        quantizer = PNormQuantizer(p=float("inf"), block_size=options.block)
+        if name == "diana":
+            return DianaStrategy(quantizer, alpha=options.alpha, **common)
+        eta = 1.0 if options.eta is None else options.eta
+        return DoubleResidualStrategy(quantizer, alpha=options.alpha, beta=options.beta, eta=eta, **common)
+    if name == "qsgd":
+        return CompressedSGDStrategy(QSGD(options.qsgd_levels, options.qsgd_bucket), **common)
+    if name == "mem_sgd":
+        return CompressedSGDStrategy(TopK(options.topk_ratio), error_feedback=True, **common)
+    # double_squeeze: the aggregate is compressed too, with the server's own error memory
+    sign = ScaledSign(options.block)
+    return CompressedSGDStrategy(
+        sign, error_feedback=True, server_compressor=ScaledSign(options.block), **common
+    )
 
 
 def _schedule_config(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -451,31 +714,58 @@ def _metric(metrics: dict[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def traffic_split(ledger: CommLedger, round_tag: str) -> dict[str, int]:
+def traffic_split(ledger: CommLedger, round_tag: str | Sequence[str]) -> dict[str, int]:
     """This rank's bytes sent, split by purpose (from ``ledger.by_tag``); the three parts add up to
     ``ledger.bytes_sent``.
 
-    ``round_bytes_sent``: the training rounds (tag ``round_tag``); ``final_bytes_sent``: the exact
-    average at the end of fit (tag ``final``; zero for DDP and EASGD, whose replicas end equal anyway);
-    ``other_bytes_sent``: the rest (initial broadcast, consensus evaluation, Lightning's reductions and
-    barriers). ``round_wire_bytes_estimate`` is what the rounds put on this rank's link: a ring
-    all-reduce of ``n`` payload bytes sends ``2 (p-1)/p n``, point-to-point messages exactly their
-    payload (the ledger's ``wire_bytes_estimate`` rule, applied to the round tag alone).
+    ``round_bytes_sent``: the training rounds (tag ``round_tag``, or the sum over several tags);
+    ``final_bytes_sent``: the exact average at the end of fit (tag ``final``; zero for DDP and EASGD,
+    whose replicas end equal anyway); ``other_bytes_sent``: the rest (initial broadcast, consensus
+    evaluation, Lightning's reductions and barriers). ``round_wire_bytes_estimate`` is what the rounds put
+    on this rank's link: a ring all-reduce of ``n`` payload bytes sends ``2 (p-1)/p n``, point-to-point
+    messages and (all-)gathers exactly their payload (the ledger's ``wire_bytes_estimate`` rule, applied
+    to the round tags alone).
     """
-    rounds, final = ledger.tag(round_tag), ledger.tag(FINAL_TAG)
+    tags = (round_tag,) if isinstance(round_tag, str) else tuple(round_tag)
+    final = ledger.tag(FINAL_TAG)
+    round_sent = sum(ledger.tag(tag).bytes_sent for tag in tags)
+    allreduce = sum(ledger.tag(tag).allreduce_bytes for tag in tags)
     p = ledger.world_size
-    ring = 2 * (p - 1) * rounds.allreduce_bytes // p if p > 1 else 0
+    ring = 2 * (p - 1) * allreduce // p if p > 1 else 0
     return {
-        "round_bytes_sent": int(rounds.bytes_sent),
+        "round_bytes_sent": int(round_sent),
         "final_bytes_sent": int(final.bytes_sent),
-        "other_bytes_sent": int(ledger.bytes_sent - rounds.bytes_sent - final.bytes_sent),
-        "round_wire_bytes_estimate": int(ring + rounds.bytes_sent - rounds.allreduce_bytes),
+        "other_bytes_sent": int(ledger.bytes_sent - round_sent - final.bytes_sent),
+        "round_wire_bytes_estimate": int(ring + round_sent - allreduce),
     }
 
 
+def _compression_config(args: argparse.Namespace, algorithm: Any) -> dict[str, Any] | None:
+    """The compressed strategies' settings in force (DORE's default rates resolved for this model), and
+    what one step costs: the payload a worker sends up and what it would be uncompressed (fp32)."""
+    if args.strategy not in COMPRESSED_STRATEGIES or algorithm is None:
+        return None
+    numel = int(algorithm.numel)
+    compressor = algorithm.compressor
+    down = getattr(algorithm, "model_compressor", None) or getattr(algorithm, "server_compressor", None)
+    config: dict[str, Any] = {
+        "server": algorithm.server,
+        "compressor": repr(compressor),
+        "down_compressor": None if down is None else repr(down),
+        "error_feedback": bool(getattr(algorithm, "error_feedback", False)),
+        # payload bytes of one worker's message up (the status byte that travels with it left out)
+        "up_payload_bytes_per_step": int(compressor.payload_nbytes(numel)),
+        "uncompressed_bytes_per_step": int(algorithm.uncompressed_bytes_per_step),
+    }
+    for key in ("alpha", "beta", "eta"):
+        if hasattr(algorithm, key):
+            config[key] = float(getattr(algorithm, key))
+    return config
+
+
 def _algorithm_config(args: argparse.Namespace, algorithm: Any) -> dict[str, Any]:
-    """Strategy-specific settings for the results: the gossip graph and its zeta, EASGD's alpha
-    (``None`` where they do not apply)."""
+    """Strategy-specific settings for the results: the gossip graph and its zeta, EASGD's alpha, the
+    compression settings (``None`` where they do not apply)."""
     topology = getattr(algorithm, "topology", None) if args.strategy == "gossip" else None
     return {
         "topology": args.topology if args.strategy == "gossip" else None,
@@ -485,29 +775,82 @@ def _algorithm_config(args: argparse.Namespace, algorithm: Any) -> dict[str, Any
         "max_degree": None if topology is None else int(topology.max_degree()),
         # The rate in force (the default 2/(m+2) resolved), not just the flag.
         "alpha": float(algorithm.alpha) if args.strategy == "elastic" and algorithm is not None else None,
+        "compression": _compression_config(args, algorithm),
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Train and validate; return the results on global rank 0 and ``None`` on the other ranks."""
-    # Same seed on every rank: identical initial weights, and Lightning's DistributedSampler takes its
-    # shuffling seed from here too.
-    lightning.seed_everything(args.seed, verbose=False)
-    datamodule = DigitsDataModule(
+def _gather_to_rank0(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on global rank 0, ``None`` on the others (``[obj]`` without a
+    process group). Deliberately *not* through the communicator: this is bookkeeping of the measurement,
+    after the ledger was read, and must not count as the strategy's traffic."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def _per_rank_traffic(per_rank: list[dict[str, int]]) -> dict[str, Any]:
+    """Bytes sent by every rank, and their means: with a parameter server on rank 0 the ranks differ, and
+    rank 0's own ledger (the rest of the results) is then not what a typical rank sends."""
+    count = len(per_rank)
+    return {
+        "bytes_sent_by_rank": [entry["bytes_sent"] for entry in per_rank],
+        "round_bytes_sent_by_rank": [entry["round_bytes_sent"] for entry in per_rank],
+        "mean_bytes_sent_per_rank": sum(entry["bytes_sent"] for entry in per_rank) / count,
+        "mean_round_bytes_sent_per_rank": sum(entry["round_bytes_sent"] for entry in per_rank) / count,
+        "max_round_bytes_sent_per_rank": max(entry["round_bytes_sent"] for entry in per_rank),
+    }
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What :func:`run` trains: the model and data built from the parsed options, a name for the results
+    and the workload's own settings for the results' ``config``.
+
+    Attributes:
+        name: recorded as the results' ``workload``.
+        make_model: the LightningModule to train (it must log ``train_loss``, ``val_loss`` and ``val_acc``
+            as :class:`~lightning_commsgd.models.MLPClassifier` does).
+        make_datamodule: its data; it must honour ``label_skew_shards`` semantics for ``--non-iid``.
+        config: extra entries for the results' ``config``.
+    """
+
+    name: str
+    make_model: Callable[[argparse.Namespace], LightningModule]
+    make_datamodule: Callable[[argparse.Namespace], LightningDataModule]
+    config: Callable[[argparse.Namespace], dict[str, Any]] = lambda args: {}
+
+
+DIGITS_WORKLOAD = Workload(
+    name="digits_mlp",
+    make_model=lambda args: MLPClassifier(hidden=args.hidden, depth=args.depth, lr=args.lr),
+    make_datamodule=lambda args: DigitsDataModule(
         batch_size=args.batch_size,
         seed=args.seed,
         repeat=args.repeat,
         label_skew_shards=args.devices if args.non_iid else 0,
-    )
-    model = MLPClassifier(hidden=args.hidden, depth=args.depth, lr=args.lr)
+    ),
+)
+
+
+def run(args: argparse.Namespace, workload: Workload | None = None) -> dict[str, Any] | None:
+    """Train and validate ``workload`` (default: the digits MLP); return the results on global rank 0
+    and ``None`` on the other ranks."""
+    workload = workload or DIGITS_WORKLOAD
+    # Same seed on every rank: identical initial weights, and Lightning's DistributedSampler takes its
+    # shuffling seed from here too.
+    lightning.seed_everything(args.seed, verbose=False)
+    datamodule = workload.make_datamodule(args)
+    model = workload.make_model(args)
     # Works for our strategies (reads their communicator's ledger) and for plain DDPStrategy (installs a
     # counting DDP comm hook), so both sides of the comparison are measured the same way.
     monitor = CommunicationMonitor()
     loop_timer = _TrainLoopTimer()
     batch_probe = _BatchSizeProbe()
     callbacks: list[Callback] = [monitor, loop_timer, batch_probe]
-    round_tag = ROUND_TAGS[args.strategy]
-    trace = StepTrace(monitor, round_tag) if args.trace else None
+    round_tags = ROUND_TAGS[args.strategy]
+    trace = StepTrace(monitor, round_tags) if args.trace else None
     if trace is not None:
         callbacks.append(trace)  # after the monitor, whose ledger it reads
     val_trace = ValidationTrace() if args.val_every_steps else None
@@ -525,6 +868,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         if args.val_every_steps
         else {}
     )
+    compressed = args.strategy in COMPRESSED_STRATEGIES
     trainer = Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -537,6 +881,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             redundancy=args.redundancy,
             sampling=args.sampling,
             strided_placement_for=args.devices if args.non_iid else None,
+            compression=CompressionOptions.from_args(args) if compressed else None,
         ),
         max_epochs=args.epochs,
         max_steps=args.max_steps,
@@ -555,22 +900,32 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     # is not part of the training communication we compare.
     train_loss = _metric(trainer.callback_metrics, "train_loss")
     ledger = monitor.ledger
+    split = traffic_split(ledger, round_tags)
     comm = {
         "bytes_sent_per_rank": int(ledger.bytes_sent),
         "bytes_received_per_rank": int(ledger.bytes_received),
         "rounds": int(ledger.rounds),
         "comm_s": float(ledger.seconds),
-        "round_tag": round_tag,
-        **{f"{key}_per_rank": value for key, value in traffic_split(ledger, round_tag).items()},
+        "round_tag": round_tags[0],
+        "round_tags": list(round_tags),
+        **{f"{key}_per_rank": value for key, value in split.items()},
         "ledger": ledger.as_dict(),
     }
+    # Every rank's totals (and trace) to rank 0, once the ledger has been read: see _gather_to_rank0.
+    mine = {
+        "bytes_sent": int(ledger.bytes_sent),
+        "round_bytes_sent": split["round_bytes_sent"],
+        "trace": None if trace is None else trace.local_bytes,
+    }
+    gathered = _gather_to_rank0(mine)
     # Read after fit, so they include the final round; validate() below does not change them.
     algorithm = getattr(trainer.strategy, "algorithm", None)
     period = {
-        "final_tau": None if algorithm is None else int(algorithm.tau),
+        "final_tau": _period(algorithm),
         # Communication rounds of the training loop: averages, gossip or elastic rounds (local SGD's
-        # end-of-fit average counts as one; gossip's does not, see final_bytes_sent_per_rank).
-        "averaging_rounds": None if algorithm is None else int(algorithm.rounds),
+        # end-of-fit average counts as one; gossip's does not, see final_bytes_sent_per_rank); for the
+        # compressed strategies the optimizer steps.
+        "averaging_rounds": None if algorithm is None else _rounds_done(algorithm, int(trainer.global_step)),
         # True when every rank holds the same (consensus) model after fit, the one validated below.
         "in_sync_after_fit": None if algorithm is None else bool(algorithm.in_sync),
     }
@@ -580,9 +935,14 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     val = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     if not trainer.is_global_zero:
         return None
+    assert gathered is not None
+    if trace is not None:
+        trace.add_rank_means([entry["trace"] for entry in gathered])
     results = {
+        "workload": workload.name,
         "strategy": args.strategy,
-        # The constant period; None for DDP and for adaptive schedules (see "schedule" and "final_tau").
+        # The constant period; None for DDP, the compressed strategies and adaptive schedules (see
+        # "schedule" and "final_tau").
         "tau": args.tau if args.strategy in PERIODIC_STRATEGIES and args.schedule == "constant" else None,
         **_algorithm_config(args, algorithm),
         "schedule": _schedule_config(args),
@@ -590,6 +950,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "wall_s": wall_s,
         "train_loop_s": loop_timer.seconds,
         **comm,
+        **_per_rank_traffic(gathered),
         **period,
         "final_val_acc": _metric(val, "val_acc"),
         "final_val_loss": _metric(val, "val_loss"),
@@ -612,6 +973,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             "sampling": args.sampling,
             "non_iid": args.non_iid,
             "val_every_steps": args.val_every_steps,
+            **workload.config(args),
         },
     }
     if trace is not None:
@@ -632,10 +994,15 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit status."""
-    args = parse_args(argv)
-    results = run(args)
+def main(
+    argv: list[str] | None = None,
+    workload: Workload | None = None,
+    parse: Callable[[list[str] | None], argparse.Namespace] = parse_args,
+) -> int:
+    """Entry point; returns the process exit status. ``workload`` and ``parse`` let another script (see
+    ``synthetic_cnn.py``) train its own model with this script's strategies, options and results."""
+    args = parse(argv)
+    results = run(args, workload)
     if results is None:  # not global rank 0
         return 0
     results = _json_safe(results)

@@ -74,3 +74,34 @@ def test_train_digits_ri_sgd_non_iid_val_trace(tmp_path):
     assert all(row["val_loss"] > 0 and 0 <= row["val_acc"] <= 1 for row in trace)
     # The last validation inside fit saw the consensus model that the final validate() sees.
     assert trace[-1]["val_acc"] == pytest.approx(result["final_val_acc"])
+
+
+def test_train_digits_dore_sends_a_fraction_of_ddps_bytes(tmp_path):
+    """The compression benchmark's input: DORE's exact payloads on every rank, far below DDP's fp32
+    gradients for the same steps, and a trace with the mean over the ranks."""
+    results = {}
+    for strategy in ("ddp", "dore"):
+        out = tmp_path / f"{strategy}.json"
+        run_script(
+            [str(REPO_ROOT / "examples" / "train_digits.py"), "--strategy", strategy, "--hidden", "64",
+             "--depth", "1", "--max-steps", "4", "--trace", "--json", str(out)]
+        )  # fmt: skip
+        results[strategy] = json.loads(out.read_text())
+    ddp, dore = results["ddp"], results["dore"]
+    numel, steps = dore["num_params"], 4
+    assert ddp["num_params"] == numel and ddp["steps"] == dore["steps"] == steps
+    assert ddp["round_bytes_sent_by_rank"] == [4 * numel * steps] * 2  # fp32 gradients, every step
+    assert dore["round_tags"] == ["dore_gradient", "dore_model"] and dore["compression"]["server"] == "rank0"
+    # rank 0 (the master) broadcasts q_hat plus a verdict byte per rank and one for itself; rank 1 gathers
+    # its Delta_hat plus a status byte up. Inf-norm ternary: 2 bits a value and an fp32 norm per 256.
+    payload = 4 * -(-numel // 256) + -(-2 * numel // 8)
+    assert dore["compression"]["up_payload_bytes_per_step"] == payload
+    assert dore["round_bytes_sent_by_rank"] == [(payload + 3) * steps, (payload + 1) * steps]
+    assert max(dore["round_bytes_sent_by_rank"]) < 0.07 * min(ddp["round_bytes_sent_by_rank"])
+    assert dore["averaging_rounds"] == steps and dore["tau"] is None and dore["in_sync_after_fit"]
+    trace = dore["trace"]
+    assert [row["rounds"] for row in trace] == [1, 2, 3, 4] and all(row["tau"] is None for row in trace)
+    assert (
+        trace[-1]["mean_round_bytes_sent"] == dore["mean_round_bytes_sent_per_rank"] == (payload + 2) * steps
+    )
+    assert trace[-1]["max_round_bytes_sent"] == (payload + 3) * steps
