@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := lightning_commsgd tests examples benchmarks
 
-.PHONY: venv demo test lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression clean distclean
+.PHONY: venv demo test lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead clean distclean
 
 venv: $(STAMP)
 
@@ -47,6 +47,9 @@ bench-redundancy: venv
 
 bench-compression: venv
 	$(VPY) benchmarks/bench_compression.py $(BENCH_ARGS)
+
+bench-overhead: venv
+	$(VPY) benchmarks/bench_overhead.py $(BENCH_ARGS)
 
 # Caches and build leftovers; the virtualenv stays (see distclean).
 clean:
