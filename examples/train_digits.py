@@ -55,7 +55,6 @@ from typing import TYPE_CHECKING, Any
 
 import lightning
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -63,6 +62,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning_commsgd import (
     QSGD,
     CommunicationMonitor,
+    Communicator,
     CompressedSGDStrategy,
     DecentralizedSGDStrategy,
     DianaStrategy,
@@ -781,13 +781,10 @@ def _algorithm_config(args: argparse.Namespace, algorithm: Any) -> dict[str, Any
 
 def _gather_to_rank0(obj: Any) -> list[Any] | None:
     """Every rank's ``obj`` in rank order on global rank 0, ``None`` on the others (``[obj]`` without a
-    process group). Deliberately *not* through the communicator: this is bookkeeping of the measurement,
-    after the ledger was read, and must not count as the strategy's traffic."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered
+    process group). Through a communicator of its own (the package's one door to torch.distributed), whose
+    ledger is thrown away: this is bookkeeping of the measurement, after the strategy's ledger was read,
+    and must not count as the strategy's traffic."""
+    return Communicator().gather_object(obj, dst=0, tag="benchmark_results")
 
 
 def _per_rank_traffic(per_rank: list[dict[str, int]]) -> dict[str, Any]:
