@@ -122,10 +122,15 @@ class PeriodicAverager(PeriodicAlgorithm):
             raise ValueError('Arg `payload_dtype` works with weights="uniform" only.')
         self.samples_since_round = 0
         super().__init__(ReplicaState(module, optimizers, self.momentum, average_buffers), communicator, tau)
-        # the consensus before the first round: x_0 (equal on every rank), zero optimizer state, buffers
+        # payload_dtype: the consensus before the first round is x_0 (equal on every rank), zero optimizer
+        # state and the initial buffers; kept only in that mode (a copy of the model)
         self._initial = (
-            [t.detach().clone() for t in self.replica.params],
-            [b.detach().clone() for b in self.replica.buffers],
+            (
+                [t.detach().clone() for t in self.replica.params],
+                [b.detach().clone() for b in self.replica.buffers],
+            )
+            if self.payload_dtype is not None
+            else ([], [])
         )
         self.anchor: torch.Tensor | None = None  # fp32 consensus of the latest round (payload_dtype only)
         # collective: every rank builds its block's communicator here
