@@ -76,6 +76,7 @@ from lightning_commsgd import (
 )
 from lightning_commsgd.algorithms.dore import SERVER_MODES
 from lightning_commsgd.algorithms.elastic import validate_alpha
+from lightning_commsgd.comm import shutdown_process_group
 from lightning_commsgd.data import DigitsDataModule
 from lightning_commsgd.ledger import CommLedger
 from lightning_commsgd.models import MLPClassifier
@@ -1000,8 +1001,16 @@ def main(
     ``synthetic_cnn.py``) train its own model with this script's strategies, options and results."""
     args = parse(argv)
     results = run(args, workload)
-    if results is None:  # not global rank 0
-        return 0
+    if results is not None:  # global rank 0
+        _report(args, results)
+    # every rank leaves together: a rank that exits while rank 0 still writes can abort rank 0's
+    # process-group teardown ("terminate called without an active exception", seen once in CI)
+    shutdown_process_group()
+    return 0
+
+
+def _report(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Print the summary and write ``--json`` (rank 0)."""
     results = _json_safe(results)
     summary = {
         key: value for key, value in results.items() if key not in ("ledger", "config", "trace", "val_trace")
@@ -1010,7 +1019,6 @@ def main(
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lightning_commsgd.ledger import CommLedger
 
-__all__ = ["Communicator", "PendingMean", "ReduceKind"]
+__all__ = ["Communicator", "PendingMean", "ReduceKind", "shutdown_process_group"]
 
 ReduceKind = Literal["sum", "mean", "max", "min"]
 
@@ -332,6 +332,15 @@ class Communicator:
             return fut.value()[0].div_(self.world_size)
 
         return future.then(finish)
+
+
+def shutdown_process_group() -> None:
+    """End a run's process group in order: every rank waits for the others (one uncounted barrier), then
+    destroys the group. Scripts that keep collectives running after ``fit`` (gathering results,
+    ``validate``) call it last, so that no rank exits while a peer still talks to it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class PendingMean:
