@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import math
 import statistics
 import sys
@@ -38,6 +37,8 @@ from benchmarks.harness import (  # noqa: E402
     format_bytes,
     machine_description,
     markdown_table,
+    matplotlib_missing,
+    plots_note,
     run_train_digits,
 )
 
@@ -501,8 +502,7 @@ def _report(
         " machine: collectives go over loopback, far faster than a real network, so the times say little"
         " about a cluster; see benchmarks/README.md.",
     ]
-    if plots:
-        lines += ["", "Plots (regenerated, not tracked): " + ", ".join(f"`{path.name}`" for path in plots)]
+    lines += plots_note(plots)
     return "\n".join(lines) + "\n"
 
 
@@ -510,12 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run every configuration, print the table, write the results file and plots; returns the exit status."""
     args = parse_args(argv)
     # Checked before minutes of runs, not after them.
-    if args.plots and importlib.util.find_spec("matplotlib") is None:
-        print(
-            "bench_adacomm: the plots need matplotlib: pip install -e '.[examples]'"
-            " (or pass --no-plots for the table alone)",
-            file=sys.stderr,
-        )
+    if matplotlib_missing("bench_adacomm", args.plots):
         return 2
     common = ["--strategy", "local_sgd", "--devices", str(args.devices), "--trace"]
     common += ["--hidden", str(args.hidden), "--depth", str(args.depth), "--batch-size", str(args.batch_size)]

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import math
 import statistics
 import sys
@@ -50,6 +49,8 @@ from benchmarks.harness import (  # noqa: E402
     format_bytes,
     machine_description,
     markdown_table,
+    matplotlib_missing,
+    plots_note,
     run_synthetic_cnn,
     run_train_digits,
 )
@@ -675,8 +676,7 @@ def _report(
         " plus an fp32 norm per 256 values is 6.64% of fp32 (at most 93.4% less at equal steps), scaled sign"
         " 3.52%, top-1% 2.00% (index and value), QSGD with 4 levels 12.70%.",
     ]
-    if plots:
-        lines += ["", "Plots (regenerated, not tracked): " + ", ".join(f"`{path.name}`" for path in plots)]
+    lines += plots_note(plots)
     return "\n".join(lines) + "\n"
 
 
@@ -684,12 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run every workload and method, print the tables, write the results file and plots; returns the
     exit status."""
     args = parse_args(argv)
-    if args.plots and importlib.util.find_spec("matplotlib") is None:
-        print(
-            "bench_compression: the plots need matplotlib: pip install -e '.[examples]'"
-            " (or pass --no-plots for the tables alone)",
-            file=sys.stderr,
-        )
+    if matplotlib_missing("bench_compression", args.plots):
         return 2
     started = time.perf_counter()
     # One date for the file's name and its title, even when the runs go past midnight.

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import math
 import statistics
 import sys
@@ -41,6 +40,8 @@ from benchmarks.harness import (  # noqa: E402
     format_bytes,
     machine_description,
     markdown_table,
+    matplotlib_missing,
+    plots_note,
     run_train_digits,
 )
 
@@ -414,20 +415,14 @@ def _report(
             "",
             ladder,
         ]
-    if plots:
-        lines += ["", "Plots (regenerated, not tracked): " + ", ".join(f"`{path.name}`" for path in plots)]
+    lines += plots_note(plots)
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run every configuration, print the table, write the results file and plots; returns the exit status."""
     args = parse_args(argv)
-    if args.plots and importlib.util.find_spec("matplotlib") is None:
-        print(
-            "bench_decentralized: the plots need matplotlib: pip install -e '.[examples]'"
-            " (or pass --no-plots for the table alone)",
-            file=sys.stderr,
-        )
+    if matplotlib_missing("bench_decentralized", args.plots):
         return 2
     started = time.perf_counter()
     common = ["--devices", str(args.devices), "--trace"]

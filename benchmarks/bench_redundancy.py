@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import math
 import statistics
 import sys
@@ -55,6 +54,8 @@ from benchmarks.harness import (  # noqa: E402
     format_bytes,
     machine_description,
     markdown_table,
+    matplotlib_missing,
+    plots_note,
     run_train_digits,
 )
 
@@ -519,20 +520,14 @@ def _report(
             "Measured comparisons (medians over the seeds; in how many seeds the first run was lower):",
         ]
         lines += ["", *notes]
-    if plots:
-        lines += ["", "Plots (regenerated, not tracked): " + ", ".join(f"`{path.name}`" for path in plots)]
+    lines += plots_note(plots)
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run every configuration, print the table, write the results file and plots; returns the exit status."""
     args = parse_args(argv)
-    if args.plots and importlib.util.find_spec("matplotlib") is None:
-        print(
-            "bench_redundancy: the plots need matplotlib: pip install -e '.[examples]'"
-            " (or pass --no-plots for the table alone)",
-            file=sys.stderr,
-        )
+    if matplotlib_missing("bench_redundancy", args.plots):
         return 2
     started = time.perf_counter()
     common = ["--strategy", "local_sgd", "--tau", str(args.tau), "--devices", str(args.devices), "--trace"]

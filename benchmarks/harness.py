@@ -29,6 +29,8 @@ __all__ = [
     "TrainRunError",
     "format_bytes",
     "machine_description",
+    "matplotlib_missing",
+    "plots_note",
     "markdown_table",
     "run_example",
     "run_synthetic_cnn",
@@ -201,3 +203,24 @@ def machine_description() -> str:
         f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()},"
         f" torch {torch.__version__}"
     )
+
+
+def matplotlib_missing(script: str, plots: bool) -> bool:
+    """True (after telling the user on stderr) when plots are wanted and matplotlib is not installed."""
+    import importlib.util
+
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        print(
+            f"{script}: the plots need matplotlib: pip install -e '.[examples]' (or pass --no-plots for the"
+            " tables alone)",
+            file=sys.stderr,
+        )
+        return True
+    return False
+
+
+def plots_note(plots: Sequence[Path]) -> list[str]:
+    """The results file's line naming the PNGs next to it (none when there are none)."""
+    if not plots:
+        return []
+    return ["", "Plots (regenerated, not tracked): " + ", ".join(f"`{path.name}`" for path in plots)]
