@@ -10,6 +10,7 @@ records nothing: nothing crossed a network.
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from lightning_commsgd.ledger import CommLedger
 
-__all__ = ["Communicator", "PendingMean", "ReduceKind", "shutdown_process_group"]
+__all__ = ["Communicator", "PendingLowpMean", "PendingMean", "ReduceKind", "shutdown_process_group"]
 
 ReduceKind = Literal["sum", "mean", "max", "min"]
 
@@ -59,6 +60,8 @@ class Communicator:
             self.group, self.rank, self.world_size = None, 0, 1
         # a sub-group's communicator shares its parent's ledger: one account per rank
         self.ledger = ledger if ledger is not None else CommLedger(world_size=self.world_size)
+        # a second group over the same ranks for background collectives (all_reduce_mean_lowp_async)
+        self._background_group: Any = None
 
     def split(self, group_size: int) -> Communicator:
         """A communicator over this rank's block of ``group_size`` consecutive ranks (e.g. one node),
@@ -118,22 +121,40 @@ class Communicator:
         if not self.is_distributed:
             return buffer
         start = time.perf_counter()
+        nbytes = self._lowp_mean_(buffer, wire_dtype, self.group)
+        self.ledger.record(
+            tag, sent=nbytes, received=nbytes, seconds=self._finish(buffer, start), collectives=2
+        )
+        return buffer
+
+    def _lowp_mean_(self, buffer: Tensor, wire_dtype: torch.dtype, group: Any) -> int:
+        """The two collectives of :meth:`all_reduce_mean_lowp_` over ``group``; returns the payload bytes
+        sent (= received) by this rank."""
         p, n = self.world_size, buffer.numel()
         chunk = -(-n // p)
         wire = torch.zeros(chunk * p, dtype=wire_dtype, device=buffer.device)
         wire[:n] = buffer.reshape(-1)
         received = torch.empty_like(wire)
-        dist.all_to_all_single(received, wire, group=self.group)
+        dist.all_to_all_single(received, wire, group=group)
         # row r: rank r's values of this rank's chunk; summed in rank order, in fp32
         mine = (received.view(p, chunk).to(torch.float32).sum(dim=0) / p).to(wire_dtype)
         gathered = [torch.empty_like(mine) for _ in range(p)]
-        dist.all_gather(gathered, mine, group=self.group)
+        dist.all_gather(gathered, mine, group=group)
         buffer.reshape(-1).copy_(torch.cat(gathered)[:n])
-        nbytes = 2 * (p - 1) * chunk * wire.element_size()
-        self.ledger.record(
-            tag, sent=nbytes, received=nbytes, seconds=self._finish(buffer, start), collectives=2
-        )
-        return buffer
+        return 2 * (p - 1) * chunk * wire.element_size()
+
+    def all_reduce_mean_lowp_async(
+        self, buffer: Tensor, wire_dtype: torch.dtype, *, tag: str
+    ) -> PendingLowpMean:
+        """:meth:`all_reduce_mean_lowp_` in the background: a helper thread runs its two collectives over
+        a second process group with the same ranks (created at the first call, which every rank makes at
+        the same point), so they neither wait behind nor interleave with the collectives the training
+        loop issues meanwhile. :meth:`PendingLowpMean.wait` joins it; the ledger records the round then,
+        with the seconds spent *waiting*. Until then ``buffer`` must not be touched."""
+        if self.is_distributed and self._background_group is None:
+            ranks = None if self.group is dist.group.WORLD else dist.get_process_group_ranks(self.group)
+            self._background_group = dist.new_group(ranks=ranks)
+        return PendingLowpMean(self, buffer, wire_dtype, tag)
 
     def all_reduce_mean_async(self, buffer: Tensor, *, tag: str) -> PendingMean:
         """Start the mean over ranks of ``buffer`` in the background (one collective) and return a handle
@@ -369,4 +390,46 @@ class PendingMean:
             self.tag, sent=nbytes, received=nbytes, seconds=seconds, kind="all_reduce"
         )
         self.done = True
+        return self.buffer
+
+
+class PendingLowpMean:
+    """A 16-bit mean over ranks in flight on a helper thread (see
+    :meth:`Communicator.all_reduce_mean_lowp_async`). A failure on the thread is raised by :meth:`wait`."""
+
+    def __init__(self, communicator: Communicator, buffer: Tensor, wire_dtype: torch.dtype, tag: str) -> None:
+        self.communicator, self.buffer, self.tag = communicator, buffer, tag
+        self.done = not communicator.is_distributed
+        self._nbytes = 0
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if not self.done:
+            self._thread = threading.Thread(
+                target=self._run, args=(wire_dtype,), name=f"commsgd-{tag}", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self, wire_dtype: torch.dtype) -> None:
+        try:
+            group = self.communicator._background_group
+            self._nbytes = self.communicator._lowp_mean_(self.buffer, wire_dtype, group)
+        except BaseException as error:  # re-raised on the training thread by wait()
+            self._error = error
+
+    def wait(self) -> Tensor:
+        """Block until the mean has arrived (at once when it already has); returns the buffer."""
+        if self.done:
+            return self.buffer
+        start = time.perf_counter()
+        assert self._thread is not None
+        self._thread.join()
+        self.done = True
+        if self._error is not None:
+            raise RuntimeError(
+                f"The background average (tag {self.tag!r}) failed: {self._error}"
+            ) from self._error
+        seconds = self.communicator._finish(self.buffer, start)
+        self.communicator.ledger.record(
+            self.tag, sent=self._nbytes, received=self._nbytes, seconds=seconds, collectives=2
+        )
         return self.buffer

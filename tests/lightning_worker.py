@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import threading
 import os
 import sys
 
@@ -73,7 +74,8 @@ def _count(name, fn):
         # all_gather(output_list, input): the payload is the input tensor
         tensor = next((a for a in args[:2] if isinstance(a, torch.Tensor)), None)
         nbytes = tensor.numel() * tensor.element_size() if tensor is not None else 0
-        CALLS.append({"fn": name, "bytes": nbytes, **PHASE})
+        thread = threading.current_thread().name
+        CALLS.append({"fn": name, "bytes": nbytes, "thread": thread, **PHASE})
         return fn(*args, **kwargs)
 
     return wrapper
@@ -247,7 +249,11 @@ def main() -> None:
         )
     elif args.strategy == "overlap":
         strategy = OverlapLocalSGDStrategy(
-            tau=args.tau, alpha=args.overlap_alpha, anchor_momentum=args.anchor_momentum, **ours
+            tau=args.tau,
+            alpha=args.overlap_alpha,
+            anchor_momentum=args.anchor_momentum,
+            payload_dtype=args.payload_dtype,
+            **ours,
         )
     elif args.strategy == "elastic":
         strategy = ElasticAveragingStrategy(tau=args.tau, **ours)

@@ -156,6 +156,7 @@ def simulate_overlap_local_sgd(
     alpha: float,
     beta: float = 0.0,
     lr: float = 0.1,
+    payload_dtype: torch.dtype | None = None,
 ) -> list[list[Tensor]]:
     """Overlap Local-SGD from the paper's description: every tau steps, the anchor becomes the average
     sent at the previous round (x_0 before any), each replica is pulled x <- (1-alpha) x + alpha z, and
@@ -171,6 +172,9 @@ def simulate_overlap_local_sgd(
         alpha: pull strength.
         beta: anchor momentum.
         lr: the learning rate the anchor momentum divides by.
+        payload_dtype: 16-bit payloads as the package states them: each replica sends its change since
+            the anchor rounded to this dtype; the sum over replicas in fp32, divided by p, rounded again,
+            added to the anchor, is the next anchor.
 
     Returns:
         ``out[r][t]``: replica r's flat parameters after step t.
@@ -206,7 +210,14 @@ def simulate_overlap_local_sgd(
                         else:
                             outgoing.append(x.detach().clone())
                 sent.append(outgoing)
-            in_flight = [torch.stack(parts).sum(0) / p for parts in zip(*sent)]
+            if payload_dtype is None:
+                in_flight = [torch.stack(parts).sum(0) / p for parts in zip(*sent)]
+            else:
+                in_flight = []
+                for z, parts in zip(anchor, zip(*sent)):
+                    deltas = torch.stack([(part - z).to(payload_dtype) for part in parts])
+                    mean = (deltas.to(torch.float32).sum(0) / p).to(payload_dtype).to(torch.float32)
+                    in_flight.append(z + mean)
         for r in range(p):
             out[r].append(flat_params(replicas[r]))
     return out

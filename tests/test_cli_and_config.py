@@ -172,6 +172,7 @@ def test_yaml_schedule_is_instantiated_with_overrides():
         ({"anchor_momentum": 1.0}, "anchor_momentum"),
         ({"anchor_momentum": -0.1}, "anchor_momentum"),
         ({"tau": 0}, "tau"),
+        ({"payload_dtype": "int8"}, "payload_dtype"),
     ],
 )
 def test_bad_overlap_arguments(kwargs, match):

@@ -486,10 +486,45 @@ def test_overlap_local_sgd_matches_simulation(run_worker, tmp_path, world_size, 
     assert records[0]["ledger"]["by_tag"]["overlap_average"]["rounds"] == steps // tau
 
 
-def test_overlap_resume_waits_for_the_average_in_flight(run_worker, tmp_path):
+@pytest.mark.parametrize(("payload_dtype", "world_size", "beta"), [("bf16", 2, 0.0), ("fp16", 3, 0.5)])
+def test_overlap_low_precision_payload_matches_its_simulation(
+    run_worker, tmp_path, payload_dtype, world_size, beta
+):
+    """Overlap with payload_dtype: the change since the anchor travels in 16 bits (reduce-scatter +
+    all-gather, fp32 accumulation) on the helper thread; the run equals the simulation of exactly that
+    rounding, stays within it of the fp32 overlap run, sends half the bytes, and no collective of a round
+    runs on the training thread."""
+    steps, tau = 13, 3
+    records = run_worker(
+        "--strategy", "overlap", "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps),
+        "--overlap-alpha", "0.6", "--anchor-momentum", str(beta), "--payload-dtype", payload_dtype,
+        out=tmp_path / "run",
+    )  # fmt: skip
+    batches = [[step[0] for step in rank] for rank in lightning_batches(world_size, steps)]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[payload_dtype]
+    kwargs = {"tau": tau, "alpha": 0.6, "beta": beta}
+    low = simulate_overlap_local_sgd(make_net(100), _sgd, batches, mse, payload_dtype=dtype, **kwargs)
+    exact = simulate_overlap_local_sgd(make_net(100), _sgd, batches, mse, **kwargs)
+    assert _max_diff(records, low) <= 1e-6
+    assert 0 < _max_diff(records, exact) <= (2e-2 if payload_dtype == "bf16" else 3e-3)
+    rounds = steps // tau
+    numel = sum(p.numel() for p in make_net(100).parameters())  # parameters only: momentum stays local
+    chunk = -(-numel // world_size)
+    for rec in records:
+        background = [c["fn"] for c in rec["calls"] if c["thread"] == "commsgd-overlap_average"]
+        assert background == ["all_to_all_single", "all_gather"] * rounds
+        assert not [c for c in rec["calls"] if c["in_batch"] and c["thread"] == "MainThread"]
+        stats = rec["ledger"]["by_tag"]["overlap_average"]
+        assert stats["rounds"] == rounds and stats["bytes_sent"] == rounds * 2 * (world_size - 1) * chunk * 2
+        assert torch.equal(rec["final_params"], records[0]["final_params"])
+
+
+@pytest.mark.parametrize("payload_dtype", [None, "bf16"])
+def test_overlap_resume_waits_for_the_average_in_flight(run_worker, tmp_path, payload_dtype):
     """A checkpoint at step 12 (a round, the average of that round in flight) stores the anchor and the
     average in flight; the resumed run continues bitwise."""
     args = ["--strategy", "overlap", "--tau", "4", "--max-steps", "18"]
+    args += ["--payload-dtype", payload_dtype] if payload_dtype else []
     full = run_worker(*args, "--ckpt-every", "12", out=tmp_path / "full")
     resumed = run_worker(
         *args, "--resume", str(tmp_path / "full" / "ckpt" / "step=12.ckpt"), out=tmp_path / "r"

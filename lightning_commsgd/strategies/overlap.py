@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lightning_commsgd.algorithms.base import as_schedule
 from lightning_commsgd.algorithms.overlap import OverlapLocalSGD, validate_pull
+from lightning_commsgd.algorithms.periodic import validate_payload_dtype
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.schedules import PeriodSchedule
 from lightning_commsgd.strategies.base import CommunicationStrategy
@@ -30,6 +31,10 @@ class OverlapLocalSGDStrategy(CommunicationStrategy):
         anchor_momentum: beta in [0, 1), the paper's momentum variant on the anchor; 0 (default) averages
             the pulled models.
         average_buffers: BatchNorm statistics ride with the parameters.
+        payload_dtype: ``None`` (default, fp32) or ``"bf16"`` / ``"fp16"``: each rank's change since the
+            anchor travels in 16 bits, summed in fp32 (half the bytes; only the change is rounded, and
+            identically on every rank). The two collectives run on a helper thread over a second process
+            group, so they hide behind the next ``tau`` local steps as the fp32 all-reduce does.
         **kwargs: see :class:`~lightning_commsgd.strategies.base.CommunicationStrategy`.
 
     The optimizer state (momentum) stays local, as in the paper. The trajectory does not depend on timing
@@ -45,11 +50,13 @@ class OverlapLocalSGDStrategy(CommunicationStrategy):
         alpha: float = 0.5,
         anchor_momentum: float = 0.0,
         average_buffers: bool = True,
+        payload_dtype: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.tau = tau if isinstance(tau, PeriodSchedule) else as_schedule(tau).tau
         self.alpha, self.anchor_momentum = validate_pull(alpha, anchor_momentum)
         self.average_buffers = bool(average_buffers)
+        self.payload_dtype = validate_payload_dtype(payload_dtype)
         super().__init__(**kwargs)
 
     @override
@@ -64,4 +71,5 @@ class OverlapLocalSGDStrategy(CommunicationStrategy):
             alpha=self.alpha,
             beta=self.anchor_momentum,
             average_buffers=self.average_buffers,
+            payload_dtype=self.payload_dtype,
         )
