@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import threading
 import os
 import sys
+import threading
 
 import torch
 
@@ -205,6 +205,7 @@ def main() -> None:
     )
     ap.add_argument("--server", default="rank0")
     ap.add_argument("--overlap-alpha", type=float, default=0.5)
+    ap.add_argument("--correction", default="pull")
     ap.add_argument("--anchor-momentum", type=float, default=0.0)
     ap.add_argument("--topology", default="ring")
     ap.add_argument("--redundancy", type=float, default=0.0)
@@ -253,6 +254,7 @@ def main() -> None:
             alpha=args.overlap_alpha,
             anchor_momentum=args.anchor_momentum,
             payload_dtype=args.payload_dtype,
+            correction=args.correction,
             **ours,
         )
     elif args.strategy == "elastic":

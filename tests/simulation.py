@@ -157,6 +157,7 @@ def simulate_overlap_local_sgd(
     beta: float = 0.0,
     lr: float = 0.1,
     payload_dtype: torch.dtype | None = None,
+    correction: str = "pull",
 ) -> list[list[Tensor]]:
     """Overlap Local-SGD from the paper's description: every tau steps, the anchor becomes the average
     sent at the previous round (x_0 before any), each replica is pulled x <- (1-alpha) x + alpha z, and
@@ -175,6 +176,8 @@ def simulate_overlap_local_sgd(
         payload_dtype: 16-bit payloads as the package states them: each replica sends its change since
             the anchor rounded to this dtype; the sum over replicas in fp32, divided by p, rounded again,
             added to the anchor, is the next anchor.
+        correction: ``"pull"`` (above) or ``"cocod"``: when the average z of the models sent at the
+            previous round arrives, x <- x + (z - x_sent) (no pull, no anchor momentum), then x is sent.
 
     Returns:
         ``out[r][t]``: replica r's flat parameters after step t.
@@ -189,6 +192,7 @@ def simulate_overlap_local_sgd(
     anchor = [t.detach().clone() for t in pulled(replicas[0])]
     velocity = [[torch.zeros_like(a) for a in anchor] for _ in range(p)]
     in_flight: list[Tensor] | None = None
+    snapshots: list[list[Tensor]] | None = None
     out: list[list[Tensor]] = [[] for _ in range(p)]
     for t in range(len(batches[0])):
         for r in range(p):
@@ -196,6 +200,7 @@ def simulate_overlap_local_sgd(
             loss_fn(replicas[r], batches[r][t]).backward()
             optimizers[r].step()
         if (t + 1) % tau == 0:
+            arrived = in_flight is not None
             if in_flight is not None:
                 anchor = in_flight
             sent = []
@@ -203,6 +208,12 @@ def simulate_overlap_local_sgd(
                 outgoing = []
                 with torch.no_grad():
                     for i, (x, z) in enumerate(zip(pulled(replicas[r]), anchor)):
+                        if correction == "cocod":
+                            if arrived:
+                                assert snapshots is not None
+                                x.add_(z - snapshots[r][i])
+                            outgoing.append(x.detach().clone())
+                            continue
                         x.mul_(1 - alpha).add_(z, alpha=alpha)
                         if beta:
                             velocity[r][i].mul_(beta).add_((z - x) / lr)
@@ -210,6 +221,7 @@ def simulate_overlap_local_sgd(
                         else:
                             outgoing.append(x.detach().clone())
                 sent.append(outgoing)
+            snapshots = [[part.clone() for part in outgoing] for outgoing in sent]
             if payload_dtype is None:
                 in_flight = [torch.stack(parts).sum(0) / p for parts in zip(*sent)]
             else:

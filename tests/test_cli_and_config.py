@@ -173,6 +173,8 @@ def test_yaml_schedule_is_instantiated_with_overrides():
         ({"anchor_momentum": -0.1}, "anchor_momentum"),
         ({"tau": 0}, "tau"),
         ({"payload_dtype": "int8"}, "payload_dtype"),
+        ({"correction": "average"}, "correction"),
+        ({"correction": "cocod", "anchor_momentum": 0.5}, "anchor_momentum"),
     ],
 )
 def test_bad_overlap_arguments(kwargs, match):

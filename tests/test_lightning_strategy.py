@@ -519,12 +519,37 @@ def test_overlap_low_precision_payload_matches_its_simulation(
         assert torch.equal(rec["final_params"], records[0]["final_params"])
 
 
-@pytest.mark.parametrize("payload_dtype", [None, "bf16"])
-def test_overlap_resume_waits_for_the_average_in_flight(run_worker, tmp_path, payload_dtype):
+@pytest.mark.parametrize(("world_size", "payload_dtype"), [(2, None), (3, "bf16")])
+def test_overlap_cocod_correction_matches_simulation(run_worker, tmp_path, world_size, payload_dtype):
+    """correction="cocod": the arrived average replaces the model each rank sent a round earlier and the
+    local progress since is kept; the run equals the simulation of that rule (fp32, and bf16 payloads on 3
+    ranks) and is not the paper's pull."""
+    steps, tau = 13, 3
+    extra = ["--payload-dtype", payload_dtype] if payload_dtype else []
+    records = run_worker(
+        "--strategy", "overlap", "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps),
+        "--correction", "cocod", *extra, out=tmp_path / "run",
+    )  # fmt: skip
+    batches = [[step[0] for step in rank] for rank in lightning_batches(world_size, steps)]
+    dtype = {None: None, "bf16": torch.bfloat16}[payload_dtype]
+    sim = simulate_overlap_local_sgd(
+        make_net(100), _sgd, batches, mse, tau=tau, alpha=0.5, payload_dtype=dtype, correction="cocod"
+    )
+    assert _max_diff(records, sim) <= 1e-6
+    pull = simulate_overlap_local_sgd(make_net(100), _sgd, batches, mse, tau=tau, alpha=0.5)
+    assert _max_diff(records, pull) > 1e-3
+    assert all(torch.equal(rec["final_params"], records[0]["final_params"]) for rec in records)
+
+
+@pytest.mark.parametrize(
+    ("payload_dtype", "correction"), [(None, "pull"), ("bf16", "pull"), ("bf16", "cocod")]
+)
+def test_overlap_resume_waits_for_the_average_in_flight(run_worker, tmp_path, payload_dtype, correction):
     """A checkpoint at step 12 (a round, the average of that round in flight) stores the anchor and the
     average in flight; the resumed run continues bitwise."""
     args = ["--strategy", "overlap", "--tau", "4", "--max-steps", "18"]
     args += ["--payload-dtype", payload_dtype] if payload_dtype else []
+    args += ["--correction", correction]
     full = run_worker(*args, "--ckpt-every", "12", out=tmp_path / "full")
     resumed = run_worker(
         *args, "--resume", str(tmp_path / "full" / "ckpt" / "step=12.ckpt"), out=tmp_path / "r"

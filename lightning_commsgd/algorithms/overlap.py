@@ -14,6 +14,14 @@ in the paper. The trajectory does not depend on timing: the average started at r
 at round k+1 (which makes the method testable against a simulation, and resumable: a checkpoint waits for
 the average in flight and stores it).
 
+``correction="cocod"`` applies the average as CoCoD-SGD does (Shen et al., IJCAI 2019; a baseline in the
+Overlap Local-SGD authors' code): when the average z_k of the models sent at round k arrives (round k+1),
+each worker swaps its own round-k model for it and keeps the local progress made since,
+x_i <- x_i + (z_k - x_i^(k)), then sends the corrected model. The pull drags the mean model back towards a
+one-round-old anchor (with beta = 0 it discards alpha of each round's progress); this correction leaves
+the mean model exactly where the local steps took it, so it converges like blocking local SGD while the
+average travels in the background. alpha and beta do not apply to it.
+
 With ``payload_dtype="bf16"``/``"fp16"`` each worker sends its change since the anchor, d_i = sent_i - z, in
 16 bits (reduce-scatter + all-gather with fp32 accumulation, on a helper thread over a second process group)
 and the next anchor is z + mean_i(d_i): half the bytes, so the average hides behind half as many local
@@ -37,7 +45,18 @@ from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator, PendingLowpMean, PendingMean
 from lightning_commsgd.schedules import PeriodSchedule
 
-__all__ = ["OverlapLocalSGD", "validate_pull"]
+__all__ = ["CORRECTIONS", "OverlapLocalSGD", "validate_correction", "validate_pull"]
+
+CORRECTIONS: tuple[str, ...] = ("pull", "cocod")
+
+
+def validate_correction(correction: Any, beta: float) -> str:
+    """``correction`` if it is one of :data:`CORRECTIONS` (``cocod`` only with beta = 0), else ValueError."""
+    if correction not in CORRECTIONS:
+        raise ValueError(f"Arg `correction` must be one of {CORRECTIONS}, got {correction!r}.")
+    if correction == "cocod" and beta:
+        raise ValueError('Arg `anchor_momentum` must be 0 with correction="cocod" (it applies to "pull").')
+    return str(correction)
 
 
 def validate_pull(alpha: Any, beta: Any) -> tuple[float, float]:
@@ -68,6 +87,8 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         average_buffers: treat floating buffers (BatchNorm statistics) like parameters.
         payload_dtype: ``None`` (fp32 average) or ``"bf16"`` / ``"fp16"``: the change since the anchor travels
             in 16 bits, accumulated in fp32 (see the module docstring).
+        correction: how the arrived average is applied: ``"pull"`` (the paper's x <- (1-alpha) x + alpha z)
+            or ``"cocod"`` (x <- x + z - x^(k): swap the sent model for the average, keep the progress since).
     """
 
     def __init__(
@@ -81,8 +102,10 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         beta: float = 0.0,
         average_buffers: bool = True,
         payload_dtype: str | None = None,
+        correction: str = "pull",
     ) -> None:
         self.alpha, self.beta = validate_pull(alpha, beta)
+        self.correction = validate_correction(correction, self.beta)
         self.payload_dtype = validate_payload_dtype(payload_dtype)
         super().__init__(ReplicaState(module, optimizers, "local", average_buffers), communicator, tau)
         tensors = self.replica.averaged_tensors()
@@ -90,6 +113,7 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         self.velocity: Tensor | None = torch.zeros_like(self.anchor) if self.beta else None
         self._in_flight: Tensor | None = None  # what was sent at the latest round
         self._pending: PendingMean | PendingLowpMean | _Arrived | None = None
+        self._snapshot: Tensor | None = None  # cocod: this worker's model as sent at the latest round
         self.synced_at_step = 0  # the step of the latest exact (blocking) average
 
     @property
@@ -100,20 +124,33 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         lr = super()._learning_rate()
         return lr if lr else 1.0
 
-    def _arrived_anchor(self) -> None:
-        """Wait for the average in flight (if any) and make it the anchor."""
-        if self._pending is not None:
-            arrived = self._pending.wait()
-            # 16-bit payloads carry the mean change since the anchor, fp32 ones the mean itself
-            self.anchor = self.anchor + arrived if self.payload_dtype else arrived
-            self._pending = None
-            self._in_flight = None
+    def _arrived_anchor(self) -> bool:
+        """Wait for the average in flight (if any) and make it the anchor; True when one arrived."""
+        if self._pending is None:
+            return False
+        arrived = self._pending.wait()
+        # 16-bit payloads carry the mean change since the anchor, fp32 ones the mean itself
+        self.anchor = self.anchor + arrived if self.payload_dtype else arrived
+        self._pending = None
+        self._in_flight = None
+        return True
+
+    def _apply_arrival(self, x: Tensor) -> None:
+        """Wait for the average in flight and apply it to ``x`` (this worker's packed model) as
+        ``correction`` says."""
+        arrived = self._arrived_anchor()
+        if self.correction == "pull":
+            x.mul_(1 - self.alpha).add_(self.anchor, alpha=self.alpha)
+        elif arrived:
+            assert self._snapshot is not None
+            x.add_(self.anchor - self._snapshot)
 
     def communicate(self, tag: str) -> None:
         tensors = self.replica.averaged_tensors()
         x = self._pack(tensors).to(torch.float32)
-        self._arrived_anchor()
-        x.mul_(1 - self.alpha).add_(self.anchor, alpha=self.alpha)
+        self._apply_arrival(x)
+        if self.correction == "cocod":
+            self._snapshot = x.clone()
         if self.velocity is not None:
             lr = self._learning_rate()
             self.velocity.mul_(self.beta).add_((self.anchor - x) / lr)
@@ -132,7 +169,9 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         self._in_flight = outgoing
 
     def finalize(self) -> None:
-        """The average in flight lands, then one exact (blocking) average: every replica equal."""
+        """The average in flight lands, then one exact (blocking) average of the replicas as they are: every
+        replica equal. (Neither correction is applied first: the exact mean follows anyway, and cocod's
+        correction has mean zero.)"""
         self._arrived_anchor()
         if not self.in_sync:
             self._exact_mean_(self.replica.averaged_tensors(), tag="final")
@@ -147,6 +186,7 @@ class OverlapLocalSGD(PeriodicAlgorithm):
             "velocity": None if self.velocity is None else self.velocity.detach().cpu().clone(),
             "in_flight": None if self._in_flight is None else self._in_flight.detach().cpu().clone(),
             "synced_at_step": self.synced_at_step,
+            "snapshot": None if self._snapshot is None else self._snapshot.detach().cpu().clone(),
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -159,6 +199,8 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         self._in_flight = None if in_flight is None else in_flight.to(device)
         self._pending = None if in_flight is None else _Arrived(self._in_flight)
         self.synced_at_step = int(state.get("synced_at_step", 0))
+        snapshot = state.get("snapshot")
+        self._snapshot = None if snapshot is None else snapshot.to(device)
 
 
 class _Arrived:

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_commsgd.algorithms.base import as_schedule
-from lightning_commsgd.algorithms.overlap import OverlapLocalSGD, validate_pull
+from lightning_commsgd.algorithms.overlap import OverlapLocalSGD, validate_correction, validate_pull
 from lightning_commsgd.algorithms.periodic import validate_payload_dtype
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.schedules import PeriodSchedule
@@ -35,6 +35,10 @@ class OverlapLocalSGDStrategy(CommunicationStrategy):
             anchor travels in 16 bits, summed in fp32 (half the bytes; only the change is rounded, and
             identically on every rank). The two collectives run on a helper thread over a second process
             group, so they hide behind the next ``tau`` local steps as the fp32 all-reduce does.
+        correction: ``"pull"`` (default, the paper) or ``"cocod"``: apply the arrived average as CoCoD-SGD
+            does, x <- x + (z_k - x^(k)) (swap the model sent at round k for the average, keep the local
+            progress since), which leaves the mean model where the local steps took it; alpha and
+            anchor_momentum are then unused (anchor_momentum must be 0).
         **kwargs: see :class:`~lightning_commsgd.strategies.base.CommunicationStrategy`.
 
     The optimizer state (momentum) stays local, as in the paper. The trajectory does not depend on timing
@@ -51,12 +55,14 @@ class OverlapLocalSGDStrategy(CommunicationStrategy):
         anchor_momentum: float = 0.0,
         average_buffers: bool = True,
         payload_dtype: str | None = None,
+        correction: str = "pull",
         **kwargs: Any,
     ) -> None:
         self.tau = tau if isinstance(tau, PeriodSchedule) else as_schedule(tau).tau
         self.alpha, self.anchor_momentum = validate_pull(alpha, anchor_momentum)
         self.average_buffers = bool(average_buffers)
         self.payload_dtype = validate_payload_dtype(payload_dtype)
+        self.correction = validate_correction(correction, self.anchor_momentum)
         super().__init__(**kwargs)
 
     @override
@@ -72,4 +78,5 @@ class OverlapLocalSGDStrategy(CommunicationStrategy):
             beta=self.anchor_momentum,
             average_buffers=self.average_buffers,
             payload_dtype=self.payload_dtype,
+            correction=self.correction,
         )
