@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := lightning_commsgd tests examples benchmarks
 
-.PHONY: venv demo test lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead clean distclean
+.PHONY: venv demo test lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-cluster clean distclean
 
 venv: $(STAMP)
 
@@ -50,6 +50,10 @@ bench-compression: venv
 
 bench-overhead: venv
 	$(VPY) benchmarks/bench_overhead.py $(BENCH_ARGS)
+
+# Needs root: network namespaces and tc rate limits emulate the nodes and their links.
+bench-cluster: venv
+	$(VPY) benchmarks/bench_cluster.py $(BENCH_ARGS)
 
 # Caches and build leftovers; the virtualenv stays (see distclean).
 clean:

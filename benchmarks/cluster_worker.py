@@ -1,0 +1,275 @@
+"""One process of the emulated-cluster benchmark (``bench_cluster.py`` starts one per emulated node).
+
+Trains the benchmark's MLP on scikit-learn's digits with Lightning under one named configuration (see
+:data:`CONFIGS`), one process per node (``Trainer(num_nodes=N, devices=1)``, rendezvous from the
+``MASTER_ADDR``/``NODE_RANK``/``WORLD_SIZE`` environment the cluster sets), and rank 0 writes a JSON with:
+
+- ``train_seconds``: wall-clock from the first training step's start (``on_train_start``) to the end of
+  ``fit`` (final averaging included), on rank 0;
+- ``steps``: per step, the wall-clock since ``on_train_start`` and the training loss, averaged over the
+  ranks (each rank's loss of its own replica on its own batch), and rank 0's payload bytes sent so far;
+- ``bytes_sent`` / ``bytes_received`` / ``rounds`` per rank from the ledger (``by_tag`` too);
+- the consensus model's loss on the whole training set and its validation accuracy (computed after the
+  timed part: ranks that end fit with different replicas, e.g. Lightning's post-local SGD, are averaged
+  first).
+
+``--no-communication`` runs the same steps without any process group (the compute floor: each node
+trains alone). Everything a configuration does is in :func:`build_strategy`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# one intra-op thread per process: the emulated nodes share this machine's cores
+torch.set_num_threads(1)
+
+import lightning as L  # noqa: E402
+from lightning.pytorch import Callback, Trainer  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy, Strategy  # noqa: E402
+
+from lightning_commsgd import (  # noqa: E402
+    CommunicationMonitor,
+    CommunicationStrategy,
+    Communicator,
+    LocalSGDStrategy,
+    OverlapLocalSGDStrategy,
+)
+from lightning_commsgd.data import DigitsDataModule  # noqa: E402
+from lightning_commsgd.models import MLPClassifier  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from train_digits import build_strategy as build_digits_strategy  # noqa: E402
+
+__all__ = ["CONFIGS", "build_strategy", "main"]
+
+# name -> what it runs (the table's description); tau is the benchmark's --tau
+CONFIGS: dict[str, str] = {
+    "ddp": "Lightning DDPStrategy (gradient all-reduce every step)",
+    "post_local_sgd": "Lightning DDPStrategy(model_averaging_period=tau) with PostLocalSGDState",
+    "local_sgd": "LocalSGDStrategy(tau): params + momentum, fp32, blocking",
+    "local_sgd_params": 'LocalSGDStrategy(tau, momentum="local"): params only, fp32, blocking',
+    "local_sgd_bf16": 'LocalSGDStrategy(tau, payload_dtype="bf16"): params + momentum, bf16, blocking',
+    "hierarchical": "LocalSGDStrategy(tau, global_every=4): rounds within a node, every 4th over all",
+    "overlap": "OverlapLocalSGDStrategy(tau, alpha=0.5): params, fp32, in the background",
+    "overlap_bf16": 'OverlapLocalSGDStrategy(tau, alpha=0.5, payload_dtype="bf16"): in the background',
+    "overlap_momentum_bf16": (
+        'OverlapLocalSGDStrategy(tau, alpha=0.3, anchor_momentum=0.9, payload_dtype="bf16"): the paper\'s'
+        " momentum variant"
+    ),
+    "overlap_cocod": 'OverlapLocalSGDStrategy(tau, correction="cocod"): params, fp32, in the background',
+    "overlap_cocod_bf16": 'OverlapLocalSGDStrategy(tau, correction="cocod", payload_dtype="bf16")',
+    "gossip": "DecentralizedSGDStrategy(ring, tau)",
+    "elastic": "ElasticAveragingStrategy(tau)",
+    "dore": "DoubleResidualStrategy (2-bit inf-norm quantizer both ways), every step",
+    "diana": "DianaStrategy (2-bit inf-norm quantizer up), every step",
+    "qsgd": "CompressedSGDStrategy(QSGD(4 levels)), every step",
+    "mem_sgd": "CompressedSGDStrategy(TopK(1%), error feedback), every step",
+    "double_squeeze": "CompressedSGDStrategy(ScaledSign both ways, error feedback), every step",
+}
+
+
+def build_strategy(name: str, tau: int) -> Strategy:
+    """The strategy of configuration ``name`` (one of :data:`CONFIGS`) with period ``tau``."""
+    if name == "ddp":
+        return DDPStrategy(process_group_backend="gloo")
+    if name == "post_local_sgd":
+        from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import (
+            PostLocalSGDState,
+            post_localSGD_hook,
+        )
+
+        # Lightning's documented recipe. On CPU Lightning does not register DDP comm hooks (CUDA only), so
+        # the gradients are still all-reduced every step and the averaging comes on top.
+        state = PostLocalSGDState(process_group=None, subgroup=None, start_localSGD_iter=tau)
+        return DDPStrategy(
+            process_group_backend="gloo",
+            ddp_comm_state=state,
+            ddp_comm_hook=post_localSGD_hook,
+            model_averaging_period=tau,
+        )
+    if name == "local_sgd_params":
+        return LocalSGDStrategy(tau=tau, momentum="local")
+    if name == "local_sgd_bf16":
+        return LocalSGDStrategy(tau=tau, payload_dtype="bf16")
+    if name == "hierarchical":
+        return LocalSGDStrategy(tau=tau, global_every=4)
+    if name == "overlap":
+        return OverlapLocalSGDStrategy(tau=tau)
+    if name == "overlap_bf16":
+        return OverlapLocalSGDStrategy(tau=tau, payload_dtype="bf16")
+    if name == "overlap_momentum_bf16":
+        return OverlapLocalSGDStrategy(tau=tau, alpha=0.3, anchor_momentum=0.9, payload_dtype="bf16")
+    if name == "overlap_cocod":
+        return OverlapLocalSGDStrategy(tau=tau, correction="cocod")
+    if name == "overlap_cocod_bf16":
+        return OverlapLocalSGDStrategy(tau=tau, correction="cocod", payload_dtype="bf16")
+    if name in CONFIGS:  # local_sgd, gossip, elastic and the compressed ones: as train_digits builds them
+        return build_digits_strategy(name, tau)
+    raise ValueError(f"Arg `config` must be one of {sorted(CONFIGS)}, got {name!r}.")
+
+
+class StepTrace(Callback):
+    """Per step: wall-clock since ``on_train_start``, this rank's training loss and the payload bytes it
+    has sent so far (from ``monitor``'s ledger; 0 without one)."""
+
+    def __init__(self, monitor: CommunicationMonitor | None = None) -> None:
+        self.monitor = monitor
+        self.start = 0.0
+        self.rows: list[tuple[int, float, float, int]] = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: L.LightningModule, outputs: Any, *_: Any
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        sent = self.monitor.ledger.bytes_sent if self.monitor is not None else 0
+        self.rows.append((trainer.global_step, time.perf_counter() - self.start, float(loss), sent))
+
+
+class _AveragingCounter:
+    """Counts Lightning's post-local SGD model averaging (``PeriodicModelAverager`` calls
+    ``torch.distributed`` itself, outside any DDP hook) into the monitor's ledger, tag ``model_averaging``."""
+
+    def __init__(self, averager: Any, ledger: Any, nbytes: int) -> None:
+        self.averager, self.ledger, self.nbytes = averager, ledger, nbytes
+        self.original = averager.average_parameters
+
+    def __call__(self, params: Any) -> None:
+        step = self.averager.step
+        averages = (
+            step >= self.averager.warmup_steps
+            and (step - self.averager.warmup_steps) % self.averager.period == 0
+        )
+        start = time.perf_counter()
+        self.original(params)
+        if averages:
+            seconds = time.perf_counter() - start
+            self.ledger.record("model_averaging", sent=self.nbytes, received=self.nbytes, seconds=seconds)
+
+
+class _CountLightningAveraging(Callback):
+    def __init__(self, monitor: CommunicationMonitor) -> None:
+        self.monitor = monitor
+
+    def on_train_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
+        averager = getattr(trainer.strategy, "_model_averager", None)
+        if averager is not None:
+            nbytes = sum(p.numel() * p.element_size() for p in pl_module.parameters())
+            averager.average_parameters = _AveragingCounter(averager, self.monitor.ledger, nbytes)
+
+
+@torch.no_grad()
+def _evaluate(model: MLPClassifier, data: DigitsDataModule) -> dict[str, float]:
+    """Loss on the whole training set (one copy of it) and validation accuracy / loss."""
+    model.eval()
+    out = {}
+    for split, dataset in (("train", data.train_dataset), ("val", data.val_dataset)):
+        if split == "train" and hasattr(dataset, "datasets"):  # repeated: one copy is enough
+            dataset = dataset.datasets[0]
+        x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        y = torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+        logits = model(x)
+        out[f"{split}_loss"] = float(torch.nn.functional.cross_entropy(logits, y))
+        out[f"{split}_acc"] = float((logits.argmax(1) == y).float().mean())
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="local_sgd")
+    parser.add_argument("--no-communication", action="store_true", help="the compute floor: no process group")
+    parser.add_argument("--num-nodes", type=int, default=2)
+    parser.add_argument("--devices", type=int, default=1, help="processes per node")
+    parser.add_argument("--tau", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1100)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--repeat", type=int, default=6, help="training set copies per epoch")
+    parser.add_argument("--max-steps", type=int, required=True, help="optimizer steps per rank")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, required=True, help="rank 0 writes the results here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    L.seed_everything(args.seed, verbose=False)
+    model = MLPClassifier(hidden=args.hidden, depth=args.depth, lr=args.lr, momentum=0.9)
+    data = DigitsDataModule(batch_size=args.batch_size, repeat=args.repeat, seed=args.seed)
+    monitor = CommunicationMonitor()
+    trace = StepTrace(None if args.no_communication else monitor)
+    common: dict[str, Any] = dict(
+        accelerator="cpu",
+        max_steps=args.max_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    if args.no_communication:
+        trainer = Trainer(devices=1, callbacks=[trace], **common)
+    else:
+        strategy = build_strategy(args.config, args.tau)
+        callbacks = [monitor, trace, _CountLightningAveraging(monitor)]
+        trainer = Trainer(
+            devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, callbacks=callbacks, **common
+        )
+    trainer.fit(model, datamodule=data)
+    train_seconds = time.perf_counter() - trace.start
+    results: dict[str, Any] = {
+        "config": "compute_floor" if args.no_communication else args.config,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "train_seconds": train_seconds,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    if args.no_communication:
+        results.update(steps=[[t, loss, 0] for _, t, loss, _ in trace.rows], **_evaluate(model, data))
+        args.json.write_text(json.dumps(results))
+        return
+    ledger = monitor.ledger
+    results.update(
+        bytes_sent=ledger.bytes_sent,
+        bytes_received=ledger.bytes_received,
+        rounds=ledger.rounds,
+        by_tag={tag: vars(stats) for tag, stats in ledger.by_tag.items()},
+    )
+    # untimed, outside the ledger read above: the consensus model and the ranks' loss curves
+    communicator = Communicator()
+    if not isinstance(trainer.strategy, CommunicationStrategy):  # DDP / post-local SGD: average replicas
+        for p in model.parameters():
+            communicator.all_reduce_(p.data, "mean", tag="eval_consensus")
+    traces = communicator.gather_object(trace.rows, tag="eval_consensus")
+    if communicator.rank == 0:
+        assert traces is not None
+        per_step = list(zip(*traces))
+        # per step: (mean wall-clock, mean loss over ranks, rank 0's bytes sent so far)
+        results["steps"] = [
+            [sum(r[1] for r in rows) / len(rows), sum(r[2] for r in rows) / len(rows), rows[0][3]]
+            for rows in per_step
+        ]
+        results["seconds_per_rank"] = [rows[-1][1] for rows in traces]
+        results.update(_evaluate(model, data))
+        args.json.write_text(json.dumps(results))
+    from lightning_commsgd.comm import shutdown_process_group
+
+    shutdown_process_group()
+
+
+if __name__ == "__main__":
+    main()

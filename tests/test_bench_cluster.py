@@ -1,0 +1,121 @@
+"""The emulated-cluster benchmark: its arithmetic (steps, smoothing, time to target, the analytic
+prediction), its refusal to run without root, every configuration's strategy, and (as root) a short real
+run whose ledger bytes agree with what the kernel counted on the links."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.strategies import DDPStrategy
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import bench_cluster  # noqa: E402
+from benchmarks.cluster_worker import CONFIGS, build_strategy  # noqa: E402
+from benchmarks.emulated_cluster import ClusterUnavailable  # noqa: E402
+from lightning_commsgd import LocalSGDStrategy, OverlapLocalSGDStrategy  # noqa: E402
+
+
+def test_steps_per_epoch_follows_the_padded_distributed_sampler():
+    assert bench_cluster.steps_per_epoch(8628, 2, 32) == 135  # 4314 per rank -> 135 batches
+    assert bench_cluster.steps_per_epoch(100, 3, 10) == 4  # 34 per rank (padded) -> 4 batches
+
+
+def test_smoothed_and_time_to_target():
+    assert bench_cluster.smoothed([4.0, 2.0, 0.0, 2.0], 2) == [4.0, 3.0, 1.0, 1.0]
+    steps = [[0.5, 4.0], [1.0, 2.0], [1.5, 0.0], [2.0, 2.0]]
+    assert bench_cluster.time_to_target(steps, 1.0, 2) == 1.5
+    assert bench_cluster.time_to_target(steps, 0.5, 2) is None
+
+
+def test_prediction_is_floor_plus_bytes_over_bandwidth_and_overlap_hides_tau_steps():
+    row = {"config": "local_sgd", "bytes_sent": 20e6, "bytes_received": 10e6, "by_tag": {}}
+    assert bench_cluster.predicted_seconds(3.0, row, 10e6, 8, 100) == (5.0, None)
+    # 10 rounds of 1 MB at 10 MB/s = 0.1 s each; 8 steps of 3 s / 400 hide 0.06 s of each; 1 MB more
+    # outside the rounds (x_0 broadcast, final average) is not hidden
+    overlap = {
+        "config": "overlap_bf16",
+        "bytes_sent": 11e6,
+        "bytes_received": 11e6,
+        "by_tag": {"overlap_average": {"rounds": 10, "bytes_sent": 10e6, "bytes_received": 10e6}},
+    }
+    blocking, hidden = bench_cluster.predicted_seconds(3.0, overlap, 10e6, 8, 400)
+    assert blocking == pytest.approx(4.1)
+    assert hidden == pytest.approx(3.0 + 10 * 0.04 + 0.1)
+    # slower compute hides the rounds completely (8 steps of 0.03 s > 0.1 s)
+    assert bench_cluster.predicted_seconds(3.0, overlap, 10e6, 8, 100)[1] == pytest.approx(3.1)
+
+
+def test_without_root_or_tools_it_explains_and_exits_2(monkeypatch, capsys):
+    def unavailable() -> None:
+        raise ClusterUnavailable("The emulated cluster needs root")
+
+    monkeypatch.setattr(bench_cluster, "check_available", unavailable)
+    assert bench_cluster.main(["--configs", "local_sgd"]) == 2
+    assert "needs root" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [(["--configs", "sgd"], "unknown"), (["--tau", "0"], "--tau"), (["--nodes", "1"], "--nodes")],
+)
+def test_bad_arguments(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_cluster.main(argv)
+    assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_configuration_builds_its_strategy(name):
+    strategy = build_strategy(name, 8)
+    if name in ("ddp", "post_local_sgd"):
+        assert type(strategy) is DDPStrategy
+        assert (strategy._model_averaging_period == 8) == (name == "post_local_sgd")
+    if name.startswith("overlap"):
+        assert isinstance(strategy, OverlapLocalSGDStrategy)
+        assert strategy.payload_dtype == ("bf16" if name.endswith("bf16") else None)
+        assert strategy.correction == ("cocod" if "cocod" in name else "pull")
+    if name.startswith("local_sgd") or name == "hierarchical":
+        assert isinstance(strategy, LocalSGDStrategy) and strategy.tau == 8
+
+
+def test_unknown_configuration():
+    with pytest.raises(ValueError, match="config"):
+        build_strategy("sgd", 8)
+
+
+def _table(report: str) -> dict[str, dict[str, str]]:
+    lines = [line for line in report.splitlines() if line.startswith("|")]
+    headers = [h.strip() for h in lines[0].strip("|").split("|")]
+    return {
+        cells[0]: dict(zip(headers, cells))
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])
+    }
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the emulated cluster needs root (network namespaces)")
+def test_short_run_on_two_emulated_nodes(tmp_path):
+    """DDP, local SGD and 16-bit overlap on a 1gbit emulated link, 1 epoch of a small MLP: every row is
+    there, the predictions are filled in, and the bytes the kernel counted on the links are the ledger's
+    payload plus headers and rendezvous (at least the payload, at most 1.3 x it + 1.5 MB)."""
+    out = tmp_path / "cluster.md"
+    argv = ["--rates", "1gbit", "--configs", "ddp", "local_sgd", "overlap_bf16", "--epochs", "1"]
+    argv += ["--hidden", "256", "--repeat", "1", "--out", str(out), "--no-plots", "--timeout", "240"]
+    assert bench_cluster.main(argv) == 0
+    rows = _table(out.read_text())
+    assert set(rows) == {"compute_floor", "ddp", "local_sgd", "overlap_bf16"}
+    for name in ("ddp", "local_sgd", "overlap_bf16"):
+        ledger = float(rows[name]["MB sent per rank (ledger)"])
+        link = float(rows[name]["MB link tx per node"])
+        assert ledger <= link <= 1.3 * ledger + 1.5, (name, ledger, link)
+        assert re.fullmatch(r"[\d.]+( / [\d.]+)?", rows[name]["predicted s (blocking / overlap)"])
+    assert " / " in rows["overlap_bf16"]["predicted s (blocking / overlap)"]
+    # DDP all-reduces every step, local SGD every 8th (params + momentum): about 4x fewer bytes
+    assert float(rows["local_sgd"]["MB sent per rank (ledger)"]) < 0.5 * float(
+        rows["ddp"]["MB sent per rank (ledger)"]
+    )
