@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import REPO_ROOT, machine_description, markdown_table  # noqa: E402
+from benchmarks.harness import BARE_TRAINER, REPO_ROOT, machine_description, markdown_table  # noqa: E402
 
 MODES = ("plain", "local_sgd_1", "local_sgd_2", "overlap_2")
 WARMUP = 50
@@ -74,12 +74,7 @@ def child(mode: str, steps: int, hidden: int, out: str) -> None:
         strategy=strategy,
         max_steps=steps,
         callbacks=[timer],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
+        **BARE_TRAINER,
     )
     trainer.fit(MLPClassifier(hidden=hidden, depth=3), DigitsDataModule(batch_size=32, repeat=16))
     if trainer.global_rank == 0:

@@ -31,10 +31,16 @@ import torch
 # one intra-op thread per process: the emulated nodes share this machine's cores
 torch.set_num_threads(1)
 
+# the repository (benchmarks.harness) and examples/ (train_digits' strategy builder), also when run directly
+_REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(_REPO), str(_REPO / "examples")]
+
 import lightning as L  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy, Strategy  # noqa: E402
+from train_digits import build_strategy as build_digits_strategy  # noqa: E402
 
+from benchmarks.harness import BARE_TRAINER  # noqa: E402
 from lightning_commsgd import (  # noqa: E402
     CommunicationMonitor,
     CommunicationStrategy,
@@ -44,9 +50,6 @@ from lightning_commsgd import (  # noqa: E402
 )
 from lightning_commsgd.data import DigitsDataModule  # noqa: E402
 from lightning_commsgd.models import MLPClassifier  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from train_digits import build_strategy as build_digits_strategy  # noqa: E402
 
 __all__ = ["CONFIGS", "build_strategy", "main"]
 
@@ -211,17 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     data = DigitsDataModule(batch_size=args.batch_size, repeat=args.repeat, seed=args.seed)
     monitor = CommunicationMonitor()
     trace = StepTrace(None if args.no_communication else monitor)
-    common: dict[str, Any] = dict(
-        accelerator="cpu",
-        max_steps=args.max_steps,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    common: dict[str, Any] = dict(accelerator="cpu", max_steps=args.max_steps, max_epochs=-1, **BARE_TRAINER)
     if args.no_communication:
         trainer = Trainer(devices=1, callbacks=[trace], **common)
     else:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BARE_TRAINER",
     "add_training_args",
     "CNN_SCRIPT",
     "REPO_ROOT",
@@ -40,6 +41,18 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "examples" / "train_digits.py"
 CNN_SCRIPT = REPO_ROOT / "examples" / "synthetic_cnn.py"
+
+
+# Trainer options of a measured run: nothing but the training steps (no logger, checkpoint, progress bar,
+# summary or validation) so that timings measure the strategy, not Lightning's extras.
+BARE_TRAINER: dict[str, Any] = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "limit_val_batches": 0,
+    "num_sanity_val_steps": 0,
+}
 
 
 class TrainRunError(RuntimeError):

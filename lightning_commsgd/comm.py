@@ -364,42 +364,57 @@ def shutdown_process_group() -> None:
         dist.destroy_process_group()
 
 
-class PendingMean:
-    """A mean over ranks in flight (see :meth:`Communicator.all_reduce_mean_async`)."""
+class _PendingRound:
+    """A round in flight: :meth:`wait` blocks until it has arrived (at once when it already has), records
+    it in the ledger with the seconds spent *waiting*, and returns the buffer, which holds the mean."""
 
     def __init__(self, communicator: Communicator, buffer: Tensor, tag: str) -> None:
         self.communicator, self.buffer, self.tag = communicator, buffer, tag
-        self._work = (
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=communicator.group, async_op=True)
-            if communicator.is_distributed
-            else None
-        )
         self.done = not communicator.is_distributed
+
+    def _complete(self) -> tuple[int, int, str]:
+        """Block until the collectives are done and the buffer holds the mean; (bytes sent, collectives,
+        ledger kind)."""
+        raise NotImplementedError
 
     def wait(self) -> Tensor:
         """Block until the mean has arrived (at once when it already has); returns the buffer."""
         if self.done:
             return self.buffer
         start = time.perf_counter()
-        assert self._work is not None
-        self._work.wait()
-        self.buffer.div_(self.communicator.world_size)
-        nbytes = self.buffer.numel() * self.buffer.element_size()
+        self.done = True
+        nbytes, collectives, kind = self._complete()
         seconds = self.communicator._finish(self.buffer, start)
         self.communicator.ledger.record(
-            self.tag, sent=nbytes, received=nbytes, seconds=seconds, kind="all_reduce"
+            self.tag, sent=nbytes, received=nbytes, seconds=seconds, collectives=collectives, kind=kind
         )
-        self.done = True
         return self.buffer
 
 
-class PendingLowpMean:
+class PendingMean(_PendingRound):
+    """A mean over ranks in flight (see :meth:`Communicator.all_reduce_mean_async`)."""
+
+    def __init__(self, communicator: Communicator, buffer: Tensor, tag: str) -> None:
+        super().__init__(communicator, buffer, tag)
+        self._work = (
+            None
+            if self.done
+            else dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=communicator.group, async_op=True)
+        )
+
+    def _complete(self) -> tuple[int, int, str]:
+        assert self._work is not None
+        self._work.wait()
+        self.buffer.div_(self.communicator.world_size)
+        return self.buffer.numel() * self.buffer.element_size(), 1, "all_reduce"
+
+
+class PendingLowpMean(_PendingRound):
     """A 16-bit mean over ranks in flight on a helper thread (see
     :meth:`Communicator.all_reduce_mean_lowp_async`). A failure on the thread is raised by :meth:`wait`."""
 
     def __init__(self, communicator: Communicator, buffer: Tensor, wire_dtype: torch.dtype, tag: str) -> None:
-        self.communicator, self.buffer, self.tag = communicator, buffer, tag
-        self.done = not communicator.is_distributed
+        super().__init__(communicator, buffer, tag)
         self._nbytes = 0
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -416,20 +431,11 @@ class PendingLowpMean:
         except BaseException as error:  # re-raised on the training thread by wait()
             self._error = error
 
-    def wait(self) -> Tensor:
-        """Block until the mean has arrived (at once when it already has); returns the buffer."""
-        if self.done:
-            return self.buffer
-        start = time.perf_counter()
+    def _complete(self) -> tuple[int, int, str]:
         assert self._thread is not None
         self._thread.join()
-        self.done = True
         if self._error is not None:
             raise RuntimeError(
                 f"The background average (tag {self.tag!r}) failed: {self._error}"
             ) from self._error
-        seconds = self.communicator._finish(self.buffer, start)
-        self.communicator.ledger.record(
-            self.tag, sent=self._nbytes, received=self._nbytes, seconds=seconds, collectives=2
-        )
-        return self.buffer
+        return self._nbytes, 2, ""
