@@ -94,6 +94,35 @@ def comm_worker(rank: int, world_size: int) -> dict[str, Any]:
     return out
 
 
+LOWP_NUMEL = 300_007  # > SEGMENT_BYTES in every message, not divisible by 2, 3 or 4
+
+
+def lowp_input(rank: int) -> torch.Tensor:
+    """Rank ``rank``'s buffer for :func:`lowp_worker` (values of very different magnitudes)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(LOWP_NUMEL, generator=g) * torch.logspace(-3, 3, LOWP_NUMEL)
+
+
+def lowp_worker(rank: int, world_size: int) -> dict[str, Any]:
+    """16-bit means (blocking and in the background) and a ring exchange of a large tensor: the
+    segmented point-to-point paths of the communicator."""
+    comm = Communicator()
+    blocking = lowp_input(rank)
+    comm.all_reduce_mean_lowp_(blocking, torch.bfloat16, tag="lowp")
+    background = lowp_input(rank)
+    pending = comm.all_reduce_mean_lowp_async(background, torch.float16, tag="lowp_async")
+    ring = comm.exchange(
+        lowp_input(rank), to=[(rank + 1) % world_size], recv_from=[(rank - 1) % world_size], tag="ring"
+    )
+    pending.wait()
+    return {
+        "blocking": blocking,
+        "background": background,
+        "ring": ring[0],
+        "ledger": comm.ledger.as_dict(),
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # PeriodicAverager worker
 # --------------------------------------------------------------------------------------------------

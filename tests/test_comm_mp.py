@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from mp import run_workers
-from mp_workers import broadcast_payload, comm_worker, gather_payload
+from mp_workers import LOWP_NUMEL, broadcast_payload, comm_worker, gather_payload, lowp_input, lowp_worker
 
 pytestmark = pytest.mark.multiprocess
 
@@ -177,3 +177,29 @@ def test_totals_match_counted_calls(world: list[dict[str, Any]]) -> None:
         assert ledger["bytes_received"] == sum(s["bytes_received"] for s in ledger["by_tag"].values())
         ring = 2 * (p - 1) * allreduce_payload // p
         assert ledger["wire_bytes_estimate"] == ring + ledger["bytes_sent"] - allreduce_payload
+
+
+def _lowp_reference(p: int, wire: torch.dtype) -> torch.Tensor:
+    """The mean as all_reduce_mean_lowp_ defines it: 16-bit values summed in fp32 in rank order, / p,
+    rounded to 16 bits."""
+    rows = torch.stack([lowp_input(r).to(wire) for r in range(p)]).to(torch.float32)
+    total = rows[0].clone()
+    for row in rows[1:]:
+        total += row
+    return (total / p).to(wire).to(torch.float32)
+
+
+@pytest.mark.parametrize("p", [2, 3])
+def test_low_precision_mean_and_exchange_in_segments(tmp_path, p):
+    """Messages larger than SEGMENT_BYTES travel in segments: the 16-bit mean (blocking, bf16; in the
+    background, fp16, overlapping a ring exchange on the training thread) equals its definition on every
+    rank, the exchange delivers the neighbour's tensor bit for bit, and the ledger counts the payload."""
+    results = run_workers(lowp_worker, p, tmp_path)
+    chunk = -(-LOWP_NUMEL // p)
+    for rank, res in enumerate(results):
+        assert torch.equal(res["blocking"], _lowp_reference(p, torch.bfloat16))
+        assert torch.equal(res["background"], _lowp_reference(p, torch.float16))
+        assert torch.equal(res["ring"], lowp_input((rank - 1) % p))
+        by_tag = res["ledger"]["by_tag"]
+        assert by_tag["lowp"]["bytes_sent"] == by_tag["lowp_async"]["bytes_sent"] == 2 * (p - 1) * chunk * 2
+        assert by_tag["ring"]["bytes_sent"] == by_tag["ring"]["bytes_received"] == LOWP_NUMEL * 4
