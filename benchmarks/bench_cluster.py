@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     model_args += ["--lr", str(args.lr), "--repeat", str(args.repeat), "--max-steps", str(steps)]
     model_args += ["--tau", str(args.tau), "--num-nodes", str(args.nodes), "--devices", str(args.devices)]
-    sections, port = [], 29700
+    sections, port, failures = [], 29700, []
     logdir = Path(tempfile.mkdtemp(prefix="bench_cluster_"))
     for rate in args.rates:
         with EmulatedCluster(nodes=args.nodes, rate=rate) as cluster:
@@ -303,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 except RuntimeError as err:
                     print(f"bench_cluster: {err}", file=sys.stderr)
-                    return 1
+                    if config == "compute_floor":  # every row is measured against it
+                        return 1
+                    failures.append(f"{rate} {config}: {str(err).splitlines()[0]}")
+                    continue
                 after = [cluster.interface_bytes(n)[1] for n in range(args.nodes)]
                 row = json.loads(out.read_text())
                 if config == "compute_floor":  # each rank alone: the slowest one sets the floor
@@ -323,12 +326,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             sections.append(_section(args, rate, bandwidth, steps, rows, plots, logdir))
     report = _report(args, sys.argv[1:] if argv is None else argv, steps, sections)
+    if failures:  # the others' rows stand; the failed runs are named with their logs
+        report += "\nFailed runs (no row):\n\n" + "\n".join(f"- {line}" for line in failures) + "\n"
     out = args.out or RESULTS_DIR / f"cluster_{datetime.date.today().isoformat()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     print(report)
     print(f"\nwritten to {out} (run logs in {logdir})", file=sys.stderr)
-    return 0
+    return 1 if failures else 0
 
 
 def _section(
