@@ -392,7 +392,8 @@ def _section(
             ]
         )
     pngs = _plots(rate, rows, args, logdir) if plots else []
-    return {"rate": rate, "bandwidth": bandwidth, "table": markdown_table(headers, cells), "plots": pngs}
+    table = markdown_table(headers, cells)
+    return {"rate": rate, "bandwidth": bandwidth, "table": table, "plots": pngs, "params": floor["params"]}
 
 
 def _plots(rate: str, rows: list[dict[str, Any]], args: argparse.Namespace, logdir: Path) -> list[Path]:
@@ -432,8 +433,7 @@ def _plots(rate: str, rows: list[dict[str, Any]], args: argparse.Namespace, logd
 def _report(args: argparse.Namespace, argv: list[str], steps: int, sections: list[dict[str, Any]]) -> str:
     from benchmarks.cluster_worker import CONFIGS
 
-    params = (64 * args.hidden + args.hidden) + (args.depth - 1) * (args.hidden**2 + args.hidden)
-    params += args.hidden * 10 + 10
+    params = sections[0]["params"]  # counted by the worker, not re-derived here
     lines = [
         f"# Emulated cluster, {datetime.date.today().isoformat()}",
         "",

@@ -111,7 +111,6 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         tensors = self.replica.averaged_tensors()
         self.anchor: Tensor = self._pack(tensors).to(torch.float32).clone()  # z_0 = x_0
         self.velocity: Tensor | None = torch.zeros_like(self.anchor) if self.beta else None
-        self._in_flight: Tensor | None = None  # what was sent at the latest round
         self._pending: PendingMean | PendingLowpMean | _Arrived | None = None
         self._snapshot: Tensor | None = None  # cocod: this worker's model as sent at the latest round
         self.synced_at_step = 0  # the step of the latest exact (blocking) average
@@ -132,7 +131,6 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         # 16-bit payloads carry the mean change since the anchor, fp32 ones the mean itself
         self.anchor = self.anchor + arrived if self.payload_dtype else arrived
         self._pending = None
-        self._in_flight = None
         return True
 
     def _apply_arrival(self, x: Tensor) -> None:
@@ -166,7 +164,6 @@ class OverlapLocalSGD(PeriodicAlgorithm):
             )
         else:
             self._pending = self.communicator.all_reduce_mean_async(outgoing, tag="overlap_average")
-        self._in_flight = outgoing
 
     def finalize(self) -> None:
         """The average in flight lands, then one exact (blocking) average of the replicas as they are: every
@@ -184,7 +181,8 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         return {
             "anchor": self.anchor.detach().cpu().clone(),
             "velocity": None if self.velocity is None else self.velocity.detach().cpu().clone(),
-            "in_flight": None if self._in_flight is None else self._in_flight.detach().cpu().clone(),
+            # the arrived average (or mean change) of the latest round, not yet applied
+            "in_flight": None if self._pending is None else self._pending.wait().detach().cpu().clone(),
             "synced_at_step": self.synced_at_step,
             "snapshot": None if self._snapshot is None else self._snapshot.detach().cpu().clone(),
         }
@@ -196,8 +194,7 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         in_flight = state.get("in_flight")
         # the average was complete when saved (the mean, or the mean change with payload_dtype): it arrives
         # at once at the next round
-        self._in_flight = None if in_flight is None else in_flight.to(device)
-        self._pending = None if in_flight is None else _Arrived(self._in_flight)
+        self._pending = None if in_flight is None else _Arrived(in_flight.to(device))
         self.synced_at_step = int(state.get("synced_at_step", 0))
         snapshot = state.get("snapshot")
         self._snapshot = None if snapshot is None else snapshot.to(device)
@@ -207,7 +204,7 @@ class _Arrived:
     """An average restored from a checkpoint: already complete."""
 
     def __init__(self, value: Tensor) -> None:
-        self.value = value
+        self.buffer = value
 
     def wait(self) -> Tensor:
-        return self.value
+        return self.buffer
