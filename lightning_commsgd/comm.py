@@ -22,6 +22,7 @@ import torch.distributed.distributed_c10d as c10d
 from torch import Tensor
 
 from lightning_commsgd.ledger import CommLedger
+from lightning_commsgd.payload import PayloadCodec, payload_codec, rounding_generator
 
 __all__ = ["Communicator", "PendingLowpMean", "PendingMean", "ReduceKind", "shutdown_process_group"]
 
@@ -110,43 +111,49 @@ class Communicator:
         self.ledger.record(tag, sent=nbytes, received=nbytes, seconds=seconds, kind="all_reduce")
         return buffer
 
-    def all_reduce_mean_lowp_(self, buffer: Tensor, wire_dtype: torch.dtype, *, tag: str) -> Tensor:
-        """Replace the float ``buffer`` by its mean over ranks, sending ``wire_dtype`` (bf16/fp16) values
-        and accumulating in fp32: a reduce-scatter (each rank sends chunk j of its ``wire_dtype`` values to
-        rank j; each rank sums its chunk over ranks in fp32, in rank order, and divides by p) and an
-        all-gather of the chunk means cast to ``wire_dtype``. The result (rounded twice to
-        ``wire_dtype``) is identical on every rank.
+    def all_reduce_mean_lowp_(
+        self, buffer: Tensor, payload: str | torch.dtype | PayloadCodec, *, tag: str, seed: int = 0
+    ) -> Tensor:
+        """Replace the float ``buffer`` by its mean over ranks, sending ``payload``-encoded values (a
+        ``payload_dtype`` name of :mod:`lightning_commsgd.payload`: bf16, fp16 or int8; or a torch dtype)
+        and accumulating in fp32: a reduce-scatter (each rank encodes chunk j of its values and sends it to
+        rank j; each rank decodes its chunk from every rank, sums in fp32 in rank order and divides by p)
+        and an all-gather of the encoded chunk means. Every rank decodes the same messages, so the result
+        is identical on every rank. Stochastic rounding (int8) draws from generators seeded by ``seed``,
+        the rank and the phase (:func:`~lightning_commsgd.payload.rounding_seed`).
 
         One round of two batches of point-to-point messages (see :meth:`_p2p_batch` for why not gloo's
-        ``all_to_all``); each rank sends and receives 2 (p-1) ceil(n/p) elements of ``wire_dtype``: half
-        the bytes of an fp32 ring all-reduce.
+        ``all_to_all``); each rank sends and receives 2 (p-1) payloads of ceil(n/p) values: half the bytes
+        of an fp32 ring all-reduce in 16 bits, about a quarter in int8.
         """
         if not self.is_distributed:
             return buffer
         start = time.perf_counter()
-        nbytes = self._lowp_mean_(buffer, wire_dtype, self.group)
+        nbytes = self._lowp_mean_(buffer, payload_codec(payload), self.group, seed)
         self.ledger.record(
             tag, sent=nbytes, received=nbytes, seconds=self._finish(buffer, start), collectives=2
         )
         return buffer
 
-    def _lowp_mean_(self, buffer: Tensor, wire_dtype: torch.dtype, group: Any) -> int:
+    def _lowp_mean_(self, buffer: Tensor, codec: PayloadCodec, group: Any, seed: int) -> int:
         """The two message batches of :meth:`all_reduce_mean_lowp_` over ``group``; returns the payload
         bytes sent (= received) by this rank."""
-        p, n, me = self.world_size, buffer.numel(), self.rank
+        p, n, me, device = self.world_size, buffer.numel(), self.rank, buffer.device
         chunk = -(-n // p)
-        wire = torch.zeros(p, chunk, dtype=wire_dtype, device=buffer.device)
-        wire.view(-1)[:n] = buffer.reshape(-1)
-        rows = torch.empty_like(wire)  # row r: rank r's values of this rank's chunk
-        rows[me] = wire[me]
+        padded = torch.zeros(p, chunk, dtype=torch.float32, device=device)
+        padded.view(-1)[:n] = buffer.reshape(-1)
+        generator = rounding_generator(codec, seed, me, 0, device)
+        outgoing = [codec.encode(padded[r], generator) for r in range(p)]
+        incoming = [outgoing[r] if r == me else codec.empty(chunk, device) for r in range(p)]
         peers = [r for r in range(p) if r != me]
-        self._p2p_batch([(r, wire[r]) for r in peers], [(r, rows[r]) for r in peers], group)
-        mine = (rows.to(torch.float32).sum(dim=0) / p).to(wire_dtype)
-        gathered = torch.empty_like(wire)
-        gathered[me] = mine
+        self._p2p_batch([(r, outgoing[r]) for r in peers], [(r, incoming[r]) for r in peers], group)
+        rows = torch.stack([codec.decode(row, chunk) for row in incoming])
+        mean = rows.sum(dim=0) / p
+        mine = codec.encode(mean, rounding_generator(codec, seed, me, 1, device))
+        gathered = [mine if r == me else codec.empty(chunk, device) for r in range(p)]
         self._p2p_batch([(r, mine) for r in peers], [(r, gathered[r]) for r in peers], group)
-        buffer.reshape(-1).copy_(gathered.view(-1)[:n])
-        return 2 * (p - 1) * chunk * wire.element_size()
+        buffer.reshape(-1).copy_(torch.cat([codec.decode(part, chunk) for part in gathered])[:n])
+        return (p - 1) * (codec.nbytes(outgoing[me]) + codec.nbytes(mine))
 
     # gloo moves one message per pair at a time: when two ranks exchange large messages, each side's
     # receive is only posted behind its own send, and the pair runs at about half the link rate (measured
@@ -187,7 +194,7 @@ class Communicator:
         return [op for segment in itertools.zip_longest(*per_peer) for op in segment if op is not None]
 
     def all_reduce_mean_lowp_async(
-        self, buffer: Tensor, wire_dtype: torch.dtype, *, tag: str
+        self, buffer: Tensor, payload: str | torch.dtype | PayloadCodec, *, tag: str, seed: int = 0
     ) -> PendingLowpMean:
         """:meth:`all_reduce_mean_lowp_` in the background: a helper thread sends its two batches of
         messages over a second process group with the same ranks (created at the first call, which every
@@ -197,7 +204,7 @@ class Communicator:
         if self.is_distributed and self._background_group is None:
             ranks = None if self.group is dist.group.WORLD else dist.get_process_group_ranks(self.group)
             self._background_group = dist.new_group(ranks=ranks)
-        return PendingLowpMean(self, buffer, wire_dtype, tag)
+        return PendingLowpMean(self, buffer, payload_codec(payload), tag, seed)
 
     def all_reduce_mean_async(self, buffer: Tensor, *, tag: str) -> PendingMean:
         """Start the mean over ranks of ``buffer`` in the background (one collective) and return a handle
@@ -448,24 +455,26 @@ class PendingMean(_PendingRound):
 
 
 class PendingLowpMean(_PendingRound):
-    """A 16-bit mean over ranks in flight on a helper thread (see
+    """A low-precision (16- or 8-bit) mean over ranks in flight on a helper thread (see
     :meth:`Communicator.all_reduce_mean_lowp_async`). A failure on the thread is raised by :meth:`wait`."""
 
-    def __init__(self, communicator: Communicator, buffer: Tensor, wire_dtype: torch.dtype, tag: str) -> None:
+    def __init__(
+        self, communicator: Communicator, buffer: Tensor, codec: PayloadCodec, tag: str, seed: int
+    ) -> None:
         super().__init__(communicator, buffer, tag)
         self._nbytes = 0
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if not self.done:
             self._thread = threading.Thread(
-                target=self._run, args=(wire_dtype,), name=f"commsgd-{tag}", daemon=True
+                target=self._run, args=(codec, seed), name=f"commsgd-{tag}", daemon=True
             )
             self._thread.start()
 
-    def _run(self, wire_dtype: torch.dtype) -> None:
+    def _run(self, codec: PayloadCodec, seed: int) -> None:
         try:
             group = self.communicator._background_group
-            self._nbytes = self.communicator._lowp_mean_(self.buffer, wire_dtype, group)
+            self._nbytes = self.communicator._lowp_mean_(self.buffer, codec, group, seed)
         except BaseException as error:  # re-raised on the training thread by wait()
             self._error = error
 

@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["simulate_local_sgd", "flat_params"]
+from lightning_commsgd.payload import payload_codec, rounding_generator
+
+__all__ = ["flat_params", "lowp_mean_reference", "simulate_local_sgd", "simulate_overlap_local_sgd"]
 
 _MOMENT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -22,6 +24,45 @@ _MOMENT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 def flat_params(module: nn.Module) -> Tensor:
     """All parameters of ``module`` as one detached float64 vector (comparison helper)."""
     return torch.cat([p.detach().reshape(-1).double() for p in module.parameters()])
+
+
+def lowp_mean_reference(rows: Sequence[Tensor], payload: str, seed: int) -> Tensor:
+    """The mean of the flat fp32 ``rows`` (one per rank) as ``Communicator.all_reduce_mean_lowp_`` defines
+    it: the vector cut into p chunks of ceil(n/p) values (zero-padded); rank r encodes its chunks 0..p-1
+    in order with the generator of (seed, r, phase 0); chunk j's mean is the sum in rank order of the
+    decoded chunks, / p, encoded by rank j with the generator of (seed, j, phase 1) and decoded."""
+    codec = payload_codec(payload)
+    p, n = len(rows), rows[0].numel()
+    chunk = -(-n // p)
+    padded = [torch.cat([row.float(), row.new_zeros(p * chunk - n, dtype=torch.float32)]) for row in rows]
+    decoded = []
+    for r in range(p):
+        gen = rounding_generator(codec, seed, r, 0, torch.device("cpu"))
+        parts = [codec.encode(padded[r][j * chunk : (j + 1) * chunk], gen) for j in range(p)]
+        decoded.append([codec.decode(part, chunk) for part in parts])
+    means = []
+    for j in range(p):
+        total = decoded[0][j].clone()
+        for r in range(1, p):
+            total += decoded[r][j]
+        gen = rounding_generator(codec, seed, j, 1, torch.device("cpu"))
+        means.append(codec.decode(codec.encode(total / p, gen), chunk))
+    return torch.cat(means)[:n]
+
+
+def _flat_lowp_mean_(per_rank: Sequence[Sequence[Tensor]], anchor: Tensor, payload: str, seed: int) -> Tensor:
+    """``per_rank[r]``: rank r's tensors in the package's pack order. Each rank's change since the flat
+    ``anchor`` is averaged by :func:`lowp_mean_reference`; every tensor is set to anchor + mean, which is
+    returned (the next anchor)."""
+    rows = [torch.cat([t.detach().reshape(-1).float() for t in tensors]) - anchor for tensors in per_rank]
+    consensus = anchor + lowp_mean_reference(rows, payload, seed)
+    with torch.no_grad():
+        for tensors in per_rank:
+            offset = 0
+            for t in tensors:
+                t.copy_(consensus[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+    return consensus
 
 
 def _mean_(tensors: Sequence[Tensor], weights: Sequence[float] | None = None) -> None:
@@ -44,7 +85,7 @@ def simulate_local_sgd(
     momentum: str = "average",
     average_buffers: bool = True,
     weights: str = "uniform",
-    payload_dtype: torch.dtype | None = None,
+    payload_dtype: str | None = None,
     group_size: int | None = None,
     global_every: int = 1,
 ) -> list[list[Tensor]]:
@@ -60,9 +101,10 @@ def simulate_local_sgd(
         average_buffers: average floating-point buffers at rounds.
         weights: ``"uniform"`` or ``"samples"`` (each replica weighted by the samples of its batches since
             the latest round, the first dimension of a batch's first tensor).
-        payload_dtype: average in 16 bits as the package's ``payload_dtype`` states it: each replica's
-            change since the latest consensus, rounded to this dtype, summed over replicas in fp32,
-            divided by p, rounded again, added to the consensus (the anchor).
+        payload_dtype: ``"bf16"``/``"fp16"``/``"int8"``: average as the package's ``payload_dtype`` states
+            it: each replica's change since the latest consensus (parameters, then the averaged optimizer
+            state, then buffers, in one flat vector) averaged by :func:`lowp_mean_reference` with the
+            round's step as seed and added to the consensus (the anchor).
         group_size: hierarchical averaging: rounds average within consecutive blocks of this many
             replicas, except every ``global_every``-th round, over all.
         global_every: see ``group_size``.
@@ -75,25 +117,23 @@ def simulate_local_sgd(
     optimizers = [make_optimizer(m) for m in replicas]
     out: list[list[Tensor]] = [[] for _ in range(p)]
     samples = [0.0] * p
-    anchors: dict[tuple[str, int, str], Tensor] = {}
 
-    def mean_(kind: str, index: int, key: str, tensors: Sequence[Tensor], w) -> None:
-        if payload_dtype is None:
-            _mean_(tensors, w)
-            return
-        # the consensus before any round: x_0 / the initial buffers, zero optimizer state
-        anchor = anchors.get((kind, index, key))
-        if anchor is None:
-            anchor = initial[(kind, index)].clone() if kind != "state" else torch.zeros_like(tensors[0])
-        deltas = torch.stack([(t.detach() - anchor).to(payload_dtype) for t in tensors])
-        mean = (deltas.to(torch.float32).sum(0) / p).to(payload_dtype).to(torch.float32)
-        anchors[(kind, index, key)] = anchor + mean
-        with torch.no_grad():
-            for t in tensors:
-                t.copy_(anchors[(kind, index, key)])
+    # payload_dtype: the consensus before any round is x_0, the initial buffers and zero optimizer state
+    initial = [prm.detach().clone() for prm in replicas[0].parameters()]
+    initial_buffers = [b.detach().clone() for b in replicas[0].buffers() if torch.is_floating_point(b)]
+    anchor: Tensor | None = None
 
-    initial = {("param", i): prm.detach().clone() for i, prm in enumerate(replicas[0].parameters())}
-    initial.update({("buffer", i): b.detach().clone() for i, b in enumerate(replicas[0].buffers())})
+    def packed(r: int) -> list[Tensor]:
+        """Replica r's averaged tensors in the package's order: parameters, optimizer state, buffers."""
+        params = list(replicas[r].parameters())
+        state = []
+        if momentum == "average":
+            for prm in params:
+                moments = optimizers[r].state[prm]
+                state.extend(moments[k] for k in _MOMENT_KEYS if k in moments)
+        buffers = [b for b in replicas[r].buffers() if torch.is_floating_point(b)] if average_buffers else []
+        return [*params, *state, *buffers]
+
     rounds_done = 0
     for t in range(len(batches[0])):
         for r in range(p):
@@ -127,19 +167,34 @@ def simulate_local_sgd(
                 continue
             w = list(samples) if weights == "samples" else None
             samples = [0.0] * p
-            for i, params in enumerate(zip(*(m.parameters() for m in replicas))):
-                mean_("param", i, "", params, w)
-            if average_buffers:
-                for i, bufs in enumerate(zip(*(m.buffers() for m in replicas))):
-                    if torch.is_floating_point(bufs[0]):
-                        mean_("buffer", i, "", bufs, w)
-            if momentum == "average":
-                for i, params in enumerate(zip(*(m.parameters() for m in replicas))):
-                    states = [opt.state[prm] for opt, prm in zip(optimizers, params)]
-                    for key in _MOMENT_KEYS:
-                        if all(key in s for s in states):
-                            mean_("state", i, key, [s[key] for s in states], w)
-            elif momentum == "zero":
+            if payload_dtype is not None:
+                per_rank = [packed(r) for r in range(p)]
+                if anchor is None:
+                    state_numel = sum(t.numel() for t in per_rank[0]) - sum(
+                        t.numel() for t in [*initial, *(initial_buffers if average_buffers else [])]
+                    )
+                    anchor = torch.cat(
+                        [
+                            *(t.reshape(-1).float() for t in initial),
+                            torch.zeros(state_numel),
+                            *(b.reshape(-1).float() for b in (initial_buffers if average_buffers else [])),
+                        ]
+                    )
+                anchor = _flat_lowp_mean_(per_rank, anchor, payload_dtype, seed=t + 1)
+            else:
+                for params in zip(*(m.parameters() for m in replicas)):
+                    _mean_(params, w)
+                if average_buffers:
+                    for bufs in zip(*(m.buffers() for m in replicas)):
+                        if torch.is_floating_point(bufs[0]):
+                            _mean_(bufs, w)
+                if momentum == "average":
+                    for params in zip(*(m.parameters() for m in replicas)):
+                        states = [opt.state[prm] for opt, prm in zip(optimizers, params)]
+                        for key in _MOMENT_KEYS:
+                            if all(key in s for s in states):
+                                _mean_([s[key] for s in states], w)
+            if momentum == "zero":
                 for opt in optimizers:
                     opt.state.clear()
         for r in range(p):
@@ -156,7 +211,7 @@ def simulate_overlap_local_sgd(
     alpha: float,
     beta: float = 0.0,
     lr: float = 0.1,
-    payload_dtype: torch.dtype | None = None,
+    payload_dtype: str | None = None,
     correction: str = "pull",
 ) -> list[list[Tensor]]:
     """Overlap Local-SGD from the paper's description: every tau steps, the anchor becomes the average
@@ -173,9 +228,9 @@ def simulate_overlap_local_sgd(
         alpha: pull strength.
         beta: anchor momentum.
         lr: the learning rate the anchor momentum divides by.
-        payload_dtype: 16-bit payloads as the package states them: each replica sends its change since
-            the anchor rounded to this dtype; the sum over replicas in fp32, divided by p, rounded again,
-            added to the anchor, is the next anchor.
+        payload_dtype: ``"bf16"``/``"fp16"``/``"int8"`` payloads as the package states them: each replica's
+            change since the anchor (parameters then floating buffers, one flat vector) averaged by
+            :func:`lowp_mean_reference` with the round's step as seed; anchor + mean is the next anchor.
         correction: ``"pull"`` (above) or ``"cocod"``: when the average z of the models sent at the
             previous round arrives, x <- x + (z - x_sent) (no pull, no anchor momentum), then x is sent.
 
@@ -225,11 +280,13 @@ def simulate_overlap_local_sgd(
             if payload_dtype is None:
                 in_flight = [torch.stack(parts).sum(0) / p for parts in zip(*sent)]
             else:
-                in_flight = []
-                for z, parts in zip(anchor, zip(*sent)):
-                    deltas = torch.stack([(part - z).to(payload_dtype) for part in parts])
-                    mean = (deltas.to(torch.float32).sum(0) / p).to(payload_dtype).to(torch.float32)
-                    in_flight.append(z + mean)
+                flat_anchor = torch.cat([z.reshape(-1).float() for z in anchor])
+                rows = [torch.cat([x.reshape(-1).float() for x in parts]) - flat_anchor for parts in sent]
+                consensus = flat_anchor + lowp_mean_reference(rows, payload_dtype, seed=t + 1)
+                in_flight, offset = [], 0
+                for z in anchor:
+                    in_flight.append(consensus[offset : offset + z.numel()].view_as(z))
+                    offset += z.numel()
         for r in range(p):
             out[r].append(flat_params(replicas[r]))
     return out

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lightning_commsgd.compression import QSGD, Identity, PNormQuantizer, RandomK, ScaledSign, TopK
+from lightning_commsgd.compression import QSGD, BlockInt8, Identity, PNormQuantizer, RandomK, ScaledSign, TopK
 from lightning_commsgd.compression.bitpack import pack_bits, unpack_bits
 
 UNBIASED = [
@@ -17,6 +17,8 @@ UNBIASED = [
     PNormQuantizer(1.5, 16),
     QSGD(levels=2, bucket_size=64),
     QSGD(levels=8, bucket_size=512),
+    BlockInt8(16),
+    BlockInt8(256),
     RandomK(0.25),
     Identity(),
 ]
@@ -47,6 +49,7 @@ def test_payload_sizes_equal_the_analytic_formulas(numel):
         PNormQuantizer(float("inf"), 256): 4 * math.ceil(numel / 256) + math.ceil(numel / 4),
         QSGD(levels=4, bucket_size=128): 4 * math.ceil(numel / 128) + math.ceil(numel * 4 / 8),  # 1+3 bits
         QSGD(levels=1, bucket_size=512): 4 * math.ceil(numel / 512) + math.ceil(numel * 2 / 8),
+        BlockInt8(256): 4 * math.ceil(numel / 256) + numel,
         RandomK(0.01): 8 * max(1, math.ceil(0.01 * numel)),
         TopK(0.5): 8 * math.ceil(0.5 * numel),
         ScaledSign(): 4 + math.ceil(numel / 8),
@@ -78,6 +81,17 @@ def test_round_trip_is_exact_for_representable_values():
     assert torch.equal(TopK(0.1).compress(sparse), sparse)  # k = 5 >= 3 non-zeros
     signs = torch.tensor([0.75, -0.75, 0.75, 0.75])
     assert torch.equal(ScaledSign().compress(signs), signs)
+    on_grid = torch.tensor([127.0, -3.0, 0.0, 64.0, -127.0, 1.0]) * 0.25  # multiples of the scale max/127
+    assert torch.equal(BlockInt8(6).compress(on_grid), on_grid)
+
+
+def test_block_int8_is_a_quarter_of_fp32_and_keeps_each_error_below_the_scale():
+    quantizer = BlockInt8(256)
+    assert quantizer.payload_nbytes(1_000_000) / (4 * 1_000_000) < 0.26
+    x = torch.randn(4096) * torch.logspace(-4, 1, 4096)  # blocks of very different magnitudes
+    error = (quantizer.compress(x, torch.Generator().manual_seed(0)) - x).abs().view(16, 256)
+    scale = x.abs().view(16, 256).amax(1, keepdim=True) / 127
+    assert bool((error < scale).all())
 
 
 @pytest.mark.parametrize("compressor", UNBIASED, ids=repr)
@@ -117,14 +131,16 @@ def test_the_unbiasedness_check_catches_a_missing_scale():
 
 
 def test_variance_bound_is_nearly_attained_by_the_worst_case_vector():
-    """C is the paper's constant, not a loose number: the inf-norm quantizer's worst case x reaches it."""
+    """C is the paper's constant, not a loose number: the inf-norm quantizer's worst case x reaches it,
+    and so does BlockInt8's (one value at the scale's 127 steps, the others half-way between two steps)."""
     b = 64
-    quantizer = PNormQuantizer(float("inf"), b)
-    x = _vectors(b)["spike"]
     g = torch.Generator().manual_seed(0)
-    samples = torch.stack([quantizer.compress(x, g) for _ in range(4000)])
-    ratio = float((samples - x).square().sum(1).mean() / x.square().sum())
-    assert ratio == pytest.approx(quantizer.variance_bound(b), rel=0.05)
+    int8_worst = torch.full((b,), 0.5)
+    int8_worst[0] = 127.0
+    for quantizer, x in [(PNormQuantizer(float("inf"), b), _vectors(b)["spike"]), (BlockInt8(b), int8_worst)]:
+        samples = torch.stack([quantizer.compress(x, g) for _ in range(4000)])
+        ratio = float((samples - x).square().sum(1).mean() / x.square().sum())
+        assert ratio == pytest.approx(quantizer.variance_bound(b), rel=0.05), quantizer
 
 
 @pytest.mark.parametrize("compressor", BIASED, ids=repr)
@@ -174,6 +190,7 @@ def test_zero_vector_compresses_to_zero():
         (lambda: QSGD(levels=0), "levels"),
         (lambda: QSGD(levels=128), "levels"),
         (lambda: QSGD(bucket_size=-1), "bucket_size"),
+        (lambda: BlockInt8(block_size=0), "block_size"),
         (lambda: RandomK(0.0), "ratio"),
         (lambda: TopK(1.5), "ratio"),
         (lambda: TopK(float("nan")), "ratio"),

@@ -22,11 +22,13 @@ one-round-old anchor (with beta = 0 it discards alpha of each round's progress);
 the mean model exactly where the local steps took it, so it converges like blocking local SGD while the
 average travels in the background. alpha and beta do not apply to it.
 
-With ``payload_dtype="bf16"``/``"fp16"`` each worker sends its change since the anchor, d_i = sent_i - z, in
-16 bits (reduce-scatter + all-gather with fp32 accumulation, on a helper thread over a second process group)
-and the next anchor is z + mean_i(d_i): half the bytes, so the average hides behind half as many local
-steps. Only the change is rounded (relative error about 2^-8 of ||d|| for bf16, 2^-11 for fp16), and
-every rank rounds identically, so the anchors stay equal across ranks.
+With ``payload_dtype="bf16"``/``"fp16"``/``"int8"`` each worker sends its change since the anchor,
+d_i = sent_i - z, in that format (reduce-scatter + all-gather with fp32 accumulation, on a helper thread over
+a second process group; :mod:`lightning_commsgd.payload`) and the next anchor is z + mean_i(d_i): half (16
+bits) or about a quarter (int8) of the bytes, so the average hides behind fewer local steps. Only the
+change is rounded (relative error about 2^-8 of ||d|| for bf16, 2^-11 for fp16; int8 rounds
+stochastically, unbiased, within 1/127 of each block's largest change), and every rank decodes the same
+messages, so the anchors stay equal across ranks.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_commsgd.algorithms.base import PeriodicAlgorithm
-from lightning_commsgd.algorithms.periodic import PAYLOAD_DTYPES, validate_payload_dtype
 from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator, PendingLowpMean, PendingMean
+from lightning_commsgd.payload import validate_payload_dtype
 from lightning_commsgd.schedules import PeriodSchedule
 
 __all__ = ["CORRECTIONS", "OverlapLocalSGD", "validate_correction", "validate_pull"]
@@ -60,13 +62,18 @@ def validate_correction(correction: Any, beta: float) -> str:
 
 
 def validate_pull(alpha: Any, beta: Any) -> tuple[float, float]:
-    """alpha (pull strength) in (0, 1], beta (anchor momentum) in [0, 1); ValueError naming the argument."""
+    """alpha (pull strength) in (0, 1), beta (anchor momentum) in [0, 1); ValueError naming the argument.
+
+    alpha = 1 is refused: every worker would be set to the anchor and send it back (with or without anchor
+    momentum, whose velocity then stays 0), so each round's local progress would be discarded and the
+    model would never change (the reference implementation behaves the same)."""
     for name, value in (("overlap_alpha", alpha), ("anchor_momentum", beta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"Arg `{name}` must be a finite number, got {value!r}.")
-    if not 0 < alpha <= 1:
+    if not 0 < alpha < 1:
         raise ValueError(
-            f"Arg `overlap_alpha` (the pull towards the anchor) must lie in (0, 1], got {alpha}."
+            f"Arg `overlap_alpha` (the pull towards the anchor) must lie in (0, 1), got {alpha} (1 would"
+            " discard every round's local progress)."
         )
     if not 0 <= beta < 1:
         raise ValueError(f"Arg `anchor_momentum` must lie in [0, 1), got {beta}.")
@@ -81,12 +88,11 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         optimizers: its optimizers (their state stays local).
         communicator: carries the background all-reduce (tag ``"overlap_average"``).
         tau: local steps between rounds (an int or a schedule).
-        alpha: pull strength alpha in (0, 1] (1: jump to the anchor, i.e. local SGD with a one-round-stale
-            average).
+        alpha: pull strength alpha in (0, 1) (1 would send the anchor back unchanged: no progress).
         beta: anchor momentum beta in [0, 1) (the paper's momentum variant; 0: plain).
         average_buffers: treat floating buffers (BatchNorm statistics) like parameters.
-        payload_dtype: ``None`` (fp32 average) or ``"bf16"`` / ``"fp16"``: the change since the anchor travels
-            in 16 bits, accumulated in fp32 (see the module docstring).
+        payload_dtype: ``None`` (fp32 average), ``"bf16"`` / ``"fp16"`` or ``"int8"``: the change since the
+            anchor travels in that format, accumulated in fp32 (see the module docstring).
         correction: how the arrived average is applied: ``"pull"`` (the paper's x <- (1-alpha) x + alpha z)
             or ``"cocod"`` (x <- x + z - x^(k): swap the sent model for the average, keep the progress since).
     """
@@ -158,9 +164,8 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         self._unpack(tensors, x)
         if self.payload_dtype:
             outgoing -= self.anchor
-            wire = PAYLOAD_DTYPES[self.payload_dtype]
             self._pending = self.communicator.all_reduce_mean_lowp_async(
-                outgoing, wire, tag="overlap_average"
+                outgoing, self.payload_dtype, tag="overlap_average", seed=self.step
             )
         else:
             self._pending = self.communicator.all_reduce_mean_async(outgoing, tag="overlap_average")

@@ -34,27 +34,18 @@ from torch.optim import Optimizer
 from lightning_commsgd.algorithms.base import PeriodicAlgorithm, as_schedule, check_choice, validate_period
 from lightning_commsgd.algorithms.replica import MOMENTUM_MODES, MomentumMode, ReplicaState
 from lightning_commsgd.comm import Communicator
+from lightning_commsgd.payload import validate_payload_dtype
 from lightning_commsgd.schedules import PeriodSchedule
 
 __all__ = [
-    "PAYLOAD_DTYPES",
     "WEIGHT_MODES",
     "PeriodicAverager",
-    "validate_payload_dtype",
     "as_schedule",
     "validate_momentum_mode",
     "validate_period",
 ]
 
 WEIGHT_MODES: tuple[str, ...] = ("uniform", "samples")
-PAYLOAD_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def validate_payload_dtype(payload_dtype: Any) -> str | None:
-    """``payload_dtype`` if it is ``None``, ``"bf16"`` or ``"fp16"``, else a ValueError listing them."""
-    if payload_dtype is None:
-        return None
-    return check_choice(payload_dtype, "payload_dtype", tuple(PAYLOAD_DTYPES))
 
 
 def validate_momentum_mode(momentum: Any) -> MomentumMode:
@@ -80,12 +71,14 @@ class PeriodicAverager(PeriodicAlgorithm):
             weighted by the samples n_j it processed since the latest round, for per-worker batch sizes
             B_j: sum_j n_j x_j / sum_j n_j; report them with :meth:`record_samples`). The weight travels
             in fp32 with the payload, so a bf16/fp16 model's round is sent in fp32 in this mode.
-        payload_dtype: ``None`` (default: the buffer's own dtype, exact mean) or ``"bf16"`` / ``"fp16"``:
-            each rank sends its change since the latest consensus, d_i = x_i - x_anchor, in 16 bits; the
-            mean of the d_i is accumulated in fp32 (:meth:`Communicator.all_reduce_mean_lowp_`) and
-            x <- x_anchor + mean (so only the *change*, not x itself, is rounded: a relative error of
-            about 2^-8 (bf16) or 2^-11 (fp16) of the change per round). Half the bytes of an fp32
-            all-reduce; costs one fp32 copy of the averaged tensors (the anchor, checkpointed).
+        payload_dtype: ``None`` (default: the buffer's own dtype, exact mean), ``"bf16"`` / ``"fp16"`` or
+            ``"int8"`` (see :mod:`lightning_commsgd.payload`): each rank sends its change since the latest
+            consensus, d_i = x_i - x_anchor, in that format; the mean of the d_i is accumulated in fp32
+            (:meth:`Communicator.all_reduce_mean_lowp_`) and x <- x_anchor + mean (so only the *change*,
+            not x itself, is rounded: a relative error of about 2^-8 (bf16) or 2^-11 (fp16) of the change
+            per round; int8 rounds stochastically, unbiased, within 1/127 of each block's largest change).
+            Half (16 bits) or about a quarter (int8) of the bytes of an fp32 all-reduce; costs one fp32
+            copy of the averaged tensors (the anchor, checkpointed).
         group_size: g, ranks per block for hierarchical averaging (consecutive ranks, e.g. one node); must
             divide the world size. ``None`` (default): flat averaging.
         global_every: H, every H-th round averages over all ranks; the others average within the block
@@ -216,7 +209,7 @@ class PeriodicAverager(PeriodicAlgorithm):
         if self.anchor is None or self.anchor.numel() != buffer.numel():
             self.anchor = self._initial_anchor(buffer)
         delta = buffer.to(torch.float32) - self.anchor
-        self.communicator.all_reduce_mean_lowp_(delta, PAYLOAD_DTYPES[self.payload_dtype], tag=tag)
+        self.communicator.all_reduce_mean_lowp_(delta, self.payload_dtype, tag=tag, seed=self.step)
         self.anchor += delta
         buffer.copy_(self.anchor)
         self._unpack(tensors, buffer)

@@ -1,4 +1,5 @@
-"""Stochastic quantizers: blockwise p-norm ternary quantization (DIANA/DORE) and QSGD with s levels."""
+"""Stochastic quantizers: blockwise p-norm ternary quantization (DIANA/DORE), QSGD with s levels and
+blockwise 8-bit absmax quantization (the 8-bit payload of the averaging strategies)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lightning_commsgd.compression.base import (
 )
 from lightning_commsgd.compression.bitpack import bytes_to_float32, float32_to_bytes, pack_bits, unpack_bits
 
-__all__ = ["PNormQuantizer", "QSGD"]
+__all__ = ["BlockInt8", "PNormQuantizer", "QSGD"]
 
 
 class PNormQuantizer(Compressor):
@@ -128,3 +129,52 @@ class QSGD(Compressor):
     def variance_bound(self, numel: int) -> float:
         b = min(self.bucket_size, max(numel, 1))
         return min(b / self.levels**2, math.sqrt(b) / self.levels)
+
+
+class BlockInt8(Compressor):
+    """Blockwise 8-bit quantization with stochastic rounding: in each block of b values, the scale is
+    s = max_j |x_j| / 127 and Q(x)_j = s q_j, q_j the stochastic rounding of x_j / s to an integer in
+    [-127, 127] (floor(x_j / s + u), u ~ U[0, 1)). Unbiased, and each value's error is below s.
+
+    This is QSGD's stochastic rounding with 127 levels scaled by the block's inf-norm instead of its
+    2-norm, so small blocks of similar values keep 7 bits of resolution. It is the ``payload_dtype="int8"``
+    of :class:`~lightning_commsgd.LocalSGDStrategy` and :class:`~lightning_commsgd.OverlapLocalSGDStrategy`.
+
+    Wire format: one fp32 scale per block, then one signed byte per value: ``4 ceil(d / b) + d`` bytes
+    (3.9x smaller than fp32 for b = 256).
+
+    Variance constant: E (Q(x)_j - x_j)^2 <= s^2 / 4 and b s^2 <= b ||x_block||^2 / 127^2, so
+    C = b / (4 * 127^2) over a block of b values (0.004 for b = 256).
+
+    Args:
+        block_size: b, values per block sharing one scale, >= 1.
+    """
+
+    unbiased = True
+    LEVELS = 127
+
+    def __init__(self, block_size: int = 256) -> None:
+        self.block_size = check_positive_int(block_size, "block_size")
+
+    def payload_nbytes(self, numel: int) -> int:
+        return 4 * num_blocks(numel, self.block_size) + numel
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        numel = x.numel()
+        blocks = blocks_of(x, self.block_size)
+        scales = blocks.abs().amax(dim=1) / self.LEVELS
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(1)
+        # floor(v + u) rounds v up with probability frac(v): E = v; |v| <= 127, so no clamp is needed
+        codes = (blocks / safe).add_(uniform(tuple(blocks.shape), blocks, generator)).floor_()
+        codes = codes.clamp_(-self.LEVELS, self.LEVELS).to(torch.int8).reshape(-1)[:numel]
+        return torch.cat([float32_to_bytes(scales), codes.view(torch.uint8)])
+
+    def decode(self, payload: Tensor, numel: int) -> Tensor:
+        nb = num_blocks(numel, self.block_size)
+        scales = bytes_to_float32(payload[: 4 * nb])
+        codes = payload[4 * nb : 4 * nb + numel].view(torch.int8).to(torch.float32)
+        return codes * scales.repeat_interleave(self.block_size)[:numel]
+
+    def variance_bound(self, numel: int) -> float:
+        b = min(self.block_size, max(numel, 1))
+        return b / (4 * self.LEVELS**2)

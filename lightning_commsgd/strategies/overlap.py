@@ -11,8 +11,8 @@ from typing_extensions import override
 
 from lightning_commsgd.algorithms.base import as_schedule
 from lightning_commsgd.algorithms.overlap import OverlapLocalSGD, validate_correction, validate_pull
-from lightning_commsgd.algorithms.periodic import validate_payload_dtype
 from lightning_commsgd.comm import Communicator
+from lightning_commsgd.payload import validate_payload_dtype
 from lightning_commsgd.schedules import PeriodSchedule
 from lightning_commsgd.strategies.base import CommunicationStrategy
 
@@ -27,14 +27,17 @@ class OverlapLocalSGDStrategy(CommunicationStrategy):
 
     Args:
         tau: local steps between rounds (an int >= 1 or a schedule).
-        alpha: pull strength alpha in (0, 1]: x_i <- (1 - alpha) x_i + alpha z. Default 0.5.
+        alpha: pull strength alpha in (0, 1): x_i <- (1 - alpha) x_i + alpha z. Default 0.5. (At 1 every
+            worker would send the anchor back unchanged and training would stand still.)
         anchor_momentum: beta in [0, 1), the paper's momentum variant on the anchor; 0 (default) averages
             the pulled models.
         average_buffers: BatchNorm statistics ride with the parameters.
-        payload_dtype: ``None`` (default, fp32) or ``"bf16"`` / ``"fp16"``: each rank's change since the
-            anchor travels in 16 bits, summed in fp32 (half the bytes; only the change is rounded, and
-            identically on every rank). The two collectives run on a helper thread over a second process
-            group, so they hide behind the next ``tau`` local steps as the fp32 all-reduce does.
+        payload_dtype: ``None`` (default, fp32), ``"bf16"`` / ``"fp16"`` or ``"int8"``: each rank's change
+            since the anchor travels in that format, summed in fp32 (half the bytes in 16 bits, about a
+            quarter in int8, which rounds stochastically and without bias; only the change is rounded, and
+            every rank decodes the same messages; see :mod:`lightning_commsgd.payload`). The two collectives
+            run on a helper thread over a second process group, so they hide behind the next ``tau`` local
+            steps as the fp32 all-reduce does.
         correction: ``"pull"`` (default, the paper) or ``"cocod"``: apply the arrived average as CoCoD-SGD
             does, x <- x + (z_k - x^(k)) (swap the model sent at round k for the average, keep the local
             progress since), which leaves the mean model where the local steps took it; alpha and
