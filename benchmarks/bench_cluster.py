@@ -4,7 +4,8 @@ nodes crossing a rate-limited link (see ``emulated_cluster.py``; needs root).
 
 For each link rate it first measures the link (a timed fp32 all-reduce between the namespaces: payload
 bytes per second per direction, B) and the compute floor (each node trains alone, same steps, no process
-group), then runs each configuration once and records:
+group), then runs each configuration once per seed (``--seeds``; the table shows means over the seeds) and
+records:
 
 - wall-clock of the whole job (process start to exit, both nodes) and of the training loop (rank 0,
   ``on_train_start`` to the end of ``fit``);
@@ -12,12 +13,15 @@ group), then runs each configuration once and records:
   overlap strategies floor + rounds x max(0, bytes per round / B - tau x step time);
 - payload bytes per rank from the ledger and, as a cross-check, bytes each node's link transmitted
   (``/proc/net/dev``: payload plus TCP/IP headers, rendezvous and the post-fit evaluation);
-- training loss of the consensus model on the training set, its validation accuracy, and the
-  training-loop time at which the smoothed (rank-mean) training loss first reaches the target;
+- training loss of the consensus model on the training set (with several seeds: mean +- standard
+  deviation, and the mean +- standard error of its difference to DDP's loss with the same seed, since
+  the seed moves every configuration's loss alike), its validation accuracy, and the training-loop time
+  at which the smoothed (rank-mean) training loss first reaches the target (first seed);
 - PNGs: training loss against wall-clock and against bytes sent.
 
     sudo python benchmarks/bench_cluster.py                        # 100mbit and 1gbit, every config
     sudo python benchmarks/bench_cluster.py --rates 100mbit --configs ddp local_sgd overlap_bf16
+    sudo python benchmarks/bench_cluster.py --rates 1gbit --seeds 0 1 2 3 4   # final loss over 5 seeds
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +50,16 @@ from benchmarks.harness import (  # noqa: E402
     plots_note,
 )
 
-__all__ = ["DEFAULT_CONFIGS", "main", "predicted_seconds", "smoothed", "steps_per_epoch", "time_to_target"]
+__all__ = [
+    "DEFAULT_CONFIGS",
+    "loss_cells",
+    "main",
+    "merge_seeds",
+    "predicted_seconds",
+    "smoothed",
+    "steps_per_epoch",
+    "time_to_target",
+]
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 WORKER = REPO_ROOT / "benchmarks" / "cluster_worker.py"
@@ -55,9 +69,12 @@ DEFAULT_CONFIGS = [
     "local_sgd",
     "local_sgd_params",
     "local_sgd_bf16",
+    "local_sgd_int8",
     "overlap",
     "overlap_bf16",
+    "overlap_int8",
     "overlap_momentum_bf16",
+    "overlap_momentum_int8",
     "overlap_cocod_bf16",
     "gossip",
     "elastic",
@@ -67,7 +84,15 @@ DEFAULT_CONFIGS = [
     "mem_sgd",
     "double_squeeze",
 ]
-OVERLAP_CONFIGS = ("overlap", "overlap_bf16", "overlap_momentum_bf16", "overlap_cocod", "overlap_cocod_bf16")
+OVERLAP_CONFIGS = (
+    "overlap",
+    "overlap_bf16",
+    "overlap_int8",
+    "overlap_momentum_bf16",
+    "overlap_momentum_int8",
+    "overlap_cocod",
+    "overlap_cocod_bf16",
+)
 # a timed all-reduce between the namespaces: bytes per second of payload per direction
 _CALIBRATE = """
 import sys, time, torch, torch.distributed as dist
@@ -124,6 +149,31 @@ def predicted_seconds(
     hidden = tau * floor_s / steps
     rest = moved - max(stats["bytes_sent"], stats["bytes_received"])  # setup, final average
     return blocking, floor_s + stats["rounds"] * max(0.0, per_round - hidden) + rest / bandwidth
+
+
+def merge_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's runs (one per seed, same order for every configuration) as one row: the first
+    seed's row (its step trace, bytes, plots) with the mean times, loss and accuracy, and ``train_losses``,
+    every seed's final training loss."""
+    merged = dict(rows[0])
+    for key in ("job_seconds", "train_seconds", "train_loss", "val_acc", "link_tx"):
+        merged[key] = sum(row[key] for row in rows) / len(rows)
+    merged["train_losses"] = [row["train_loss"] for row in rows]
+    return merged
+
+
+def loss_cells(row: dict[str, Any], ddp: dict[str, Any] | None) -> tuple[str, str]:
+    """(final training loss, its paired difference to DDP's) as table cells: mean +- sd over the seeds, and
+    mean +- standard error of (loss - DDP's loss) seed by seed ("-" with one seed or no DDP row)."""
+    losses = row["train_losses"]
+    if len(losses) == 1:
+        return f"{losses[0]:.4f}", "-"
+    loss = f"{statistics.mean(losses):.4f} +- {statistics.stdev(losses):.4f}"
+    if ddp is None or row is ddp:
+        return loss, "-"
+    diffs = [a - b for a, b in zip(losses, ddp["train_losses"])]
+    stderr = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return loss, f"{statistics.mean(diffs):+.4f} +- {stderr:.4f}"
 
 
 def _worker_env(cluster: EmulatedCluster, node: int, port: int, devices: int) -> dict[str, str]:
@@ -218,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--target-loss", type=float, default=None, help="loss for time-to-target (default: 1.1 x DDP's final)"
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="seeds per configuration (model init and data order); several: mean times, loss mean +- sd"
+        " and its paired difference to DDP",
+    )
     parser.add_argument("--window", type=int, default=16, help="steps in the loss moving average")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before one run is killed")
     parser.add_argument(
@@ -238,6 +296,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.nodes < 2:
         parser.error("--nodes must be >= 2")
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        parser.error("--seeds must be distinct integers >= 0")
 
 
 def _train_samples(repeat: int) -> int:
@@ -283,47 +343,19 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows = []
             for config in ["compute_floor", *args.configs]:
-                port += 1
-                out = logdir / f"{rate}_{config}.json"
-                extra = ["--no-communication"] if config == "compute_floor" else ["--config", config]
-
-                def argv_for(node: int, copy: int, extra: list[str] = extra, out: Path = out) -> list[str]:
-                    target = out if node == copy == 0 else out.with_suffix(f".node{node}_{copy}.json")
-                    return [sys.executable, str(WORKER), *extra, *model_args, "--json", str(target)]
-
-                # the floor: every rank trains alone, so start all of them; otherwise Lightning does
-                copies = args.devices if config == "compute_floor" else 1
-
-                before = [cluster.interface_bytes(n)[1] for n in range(args.nodes)]
-                print(f"[{rate}] {config} ...", file=sys.stderr, flush=True)
-                try:
-                    label = f"{rate}_{config}"
-                    wall = _run_nodes(
-                        cluster, argv_for, port, args.timeout, logdir, label, args.devices, copies
-                    )
-                except RuntimeError as err:
-                    print(f"bench_cluster: {err}", file=sys.stderr)
-                    if config == "compute_floor":  # every row is measured against it
-                        return 1
-                    failures.append(f"{rate} {config}: {str(err).splitlines()[0]}")
-                    continue
-                after = [cluster.interface_bytes(n)[1] for n in range(args.nodes)]
-                row = json.loads(out.read_text())
-                if config == "compute_floor":  # each rank alone: the slowest one sets the floor
-                    others = [
-                        json.loads(out.with_suffix(f".node{n}_{c}.json").read_text())
-                        for n in range(args.nodes)
-                        for c in range(args.devices)
-                        if n or c
-                    ]
-                    row["train_seconds"] = max(r["train_seconds"] for r in [row, *others])
-                row.update(job_seconds=wall, link_tx=max(a - b for a, b in zip(after, before)))
-                rows.append(row)
-                print(
-                    f"[{rate}] {config}: job {wall:.1f} s, train loop {row['train_seconds']:.1f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                runs = []
+                for seed in args.seeds:
+                    port += 1
+                    try:
+                        runs.append(_run_config(cluster, config, seed, port, args, model_args, logdir, rate))
+                    except RuntimeError as err:
+                        print(f"bench_cluster: {err}", file=sys.stderr)
+                        if config == "compute_floor":  # every row is measured against it
+                            return 1
+                        failures.append(f"{rate} {config} seed {seed}: {str(err).splitlines()[0]}")
+                        break
+                else:
+                    rows.append(merge_seeds(runs))
             sections.append(_section(args, rate, bandwidth, steps, rows, plots, logdir))
     report = _report(args, sys.argv[1:] if argv is None else argv, steps, sections)
     if failures:  # the others' rows stand; the failed runs are named with their logs
@@ -334,6 +366,52 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     print(f"\nwritten to {out} (run logs in {logdir})", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _run_config(
+    cluster: EmulatedCluster,
+    config: str,
+    seed: int,
+    port: int,
+    args: argparse.Namespace,
+    model_args: list[str],
+    logdir: Path,
+    rate: str,
+) -> dict[str, Any]:
+    """One run of ``config`` with ``seed`` on the cluster: rank 0's JSON plus job wall-clock and link bytes.
+    Raises RuntimeError when a process fails or times out."""
+    label = f"{rate}_{config}_s{seed}"
+    out = logdir / f"{label}.json"
+    extra = ["--no-communication"] if config == "compute_floor" else ["--config", config]
+    extra += ["--seed", str(seed)]
+
+    def argv_for(node: int, copy: int) -> list[str]:
+        target = out if node == copy == 0 else out.with_suffix(f".node{node}_{copy}.json")
+        return [sys.executable, str(WORKER), *extra, *model_args, "--json", str(target)]
+
+    # the floor: every rank trains alone, so start all of them; otherwise Lightning does
+    copies = args.devices if config == "compute_floor" else 1
+    before = [cluster.interface_bytes(n)[1] for n in range(args.nodes)]
+    print(f"[{rate}] {config} seed {seed} ...", file=sys.stderr, flush=True)
+    wall = _run_nodes(cluster, argv_for, port, args.timeout, logdir, label, args.devices, copies)
+    after = [cluster.interface_bytes(n)[1] for n in range(args.nodes)]
+    row = json.loads(out.read_text())
+    if config == "compute_floor":  # each rank alone: the slowest one sets the floor
+        others = [
+            json.loads(out.with_suffix(f".node{n}_{c}.json").read_text())
+            for n in range(args.nodes)
+            for c in range(args.devices)
+            if n or c
+        ]
+        row["train_seconds"] = max(r["train_seconds"] for r in [row, *others])
+    row.update(job_seconds=wall, link_tx=max(a - b for a, b in zip(after, before)))
+    print(
+        f"[{rate}] {config} seed {seed}: job {wall:.1f} s, train loop {row['train_seconds']:.1f} s,"
+        f" loss {row['train_loss']:.4f}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return row
 
 
 def _section(
@@ -362,6 +440,7 @@ def _section(
         "MB sent per rank (ledger)",
         "MB link tx per node",
         "train loss",
+        "loss - DDP's (paired)",
         "val acc",
         f"s to loss {target:.3f}" if target is not None else "s to target",
     ]
@@ -386,7 +465,7 @@ def _section(
                 f"{row['train_seconds'] / floor['train_seconds']:.2f}",
                 sent,
                 f"{row['link_tx'] / 1e6:.1f}",
-                f"{row['train_loss']:.4f}",
+                *loss_cells(row, ddp),
                 f"{row['val_acc']:.4f}",
                 "-" if reached is None else f"{reached:.1f}",
             ]
@@ -445,6 +524,7 @@ def _report(args: argparse.Namespace, argv: list[str], steps: int, sections: lis
         f" (training set x {args.repeat}), batch {args.batch_size} per process,"
         f" SGD lr {args.lr} momentum 0.9,"
         f" {args.epochs} epochs = {steps} steps per rank; tau = {args.tau}",
+        f"- seeds: {' '.join(map(str, args.seeds))} (times, loss and accuracy are means over them)",
         "",
         "Configurations:",
         "",
@@ -469,7 +549,9 @@ def _report(args: argparse.Namespace, argv: list[str], steps: int, sections: lis
         " overlap strategies floor + rounds x max(0, round bytes / rate - tau x step time); MB link tx ="
         " bytes the busier node's link sent (/proc/net/dev: payload + TCP/IP headers + rendezvous + the"
         " post-fit evaluation); train loss / val acc = the consensus model (replicas averaged after fit"
-        " where the strategy leaves them apart) on the whole training / validation set; s to loss = first"
+        " where the strategy leaves them apart) on the whole training / validation set (several seeds:"
+        " mean +- sd; loss - DDP's = mean +- standard error of the difference to DDP's loss, seed by"
+        " seed); s to loss = first"
         " train-loop time at which the rank-mean training loss, averaged over the last"
         f" {args.window} steps, reaches the target (1.1 x DDP's final unless --target-loss).",
         "",

@@ -61,12 +61,17 @@ CONFIGS: dict[str, str] = {
     "local_sgd": "LocalSGDStrategy(tau): params + momentum, fp32, blocking",
     "local_sgd_params": 'LocalSGDStrategy(tau, momentum="local"): params only, fp32, blocking',
     "local_sgd_bf16": 'LocalSGDStrategy(tau, payload_dtype="bf16"): params + momentum, bf16, blocking',
+    "local_sgd_int8": 'LocalSGDStrategy(tau, payload_dtype="int8"): params + momentum, 8-bit, blocking',
     "hierarchical": "LocalSGDStrategy(tau, global_every=4): rounds within a node, every 4th over all",
     "overlap": "OverlapLocalSGDStrategy(tau, alpha=0.5): params, fp32, in the background",
     "overlap_bf16": 'OverlapLocalSGDStrategy(tau, alpha=0.5, payload_dtype="bf16"): in the background',
     "overlap_momentum_bf16": (
         'OverlapLocalSGDStrategy(tau, alpha=0.3, anchor_momentum=0.9, payload_dtype="bf16"): the paper\'s'
         " momentum variant"
+    ),
+    "overlap_int8": 'OverlapLocalSGDStrategy(tau, alpha=0.5, payload_dtype="int8"): in the background',
+    "overlap_momentum_int8": (
+        'OverlapLocalSGDStrategy(tau, alpha=0.3, anchor_momentum=0.9, payload_dtype="int8"): 8-bit changes'
     ),
     "overlap_cocod": 'OverlapLocalSGDStrategy(tau, correction="cocod"): params, fp32, in the background',
     "overlap_cocod_bf16": 'OverlapLocalSGDStrategy(tau, correction="cocod", payload_dtype="bf16")',
@@ -103,6 +108,8 @@ def build_strategy(name: str, tau: int) -> Strategy:
         return LocalSGDStrategy(tau=tau, momentum="local")
     if name == "local_sgd_bf16":
         return LocalSGDStrategy(tau=tau, payload_dtype="bf16")
+    if name == "local_sgd_int8":
+        return LocalSGDStrategy(tau=tau, payload_dtype="int8")
     if name == "hierarchical":
         return LocalSGDStrategy(tau=tau, global_every=4)
     if name == "overlap":
@@ -111,6 +118,10 @@ def build_strategy(name: str, tau: int) -> Strategy:
         return OverlapLocalSGDStrategy(tau=tau, payload_dtype="bf16")
     if name == "overlap_momentum_bf16":
         return OverlapLocalSGDStrategy(tau=tau, alpha=0.3, anchor_momentum=0.9, payload_dtype="bf16")
+    if name == "overlap_int8":
+        return OverlapLocalSGDStrategy(tau=tau, payload_dtype="int8")
+    if name == "overlap_momentum_int8":
+        return OverlapLocalSGDStrategy(tau=tau, alpha=0.3, anchor_momentum=0.9, payload_dtype="int8")
     if name == "overlap_cocod":
         return OverlapLocalSGDStrategy(tau=tau, correction="cocod")
     if name == "overlap_cocod_bf16":

@@ -51,6 +51,24 @@ def test_prediction_is_floor_plus_bytes_over_bandwidth_and_overlap_hides_tau_ste
     assert bench_cluster.predicted_seconds(3.0, overlap, 10e6, 8, 100)[1] == pytest.approx(3.1)
 
 
+def test_seeds_merge_into_means_and_a_paired_difference_to_ddp():
+    def run(loss: float, seconds: float) -> dict:
+        return {"config": "c", "job_seconds": seconds, "train_seconds": seconds / 2, "train_loss": loss,
+                "val_acc": 0.9, "link_tx": 10.0, "steps": [[0.0, loss, 0]]}  # fmt: skip
+
+    ddp = bench_cluster.merge_seeds([run(0.02, 10.0), run(0.04, 12.0), run(0.03, 14.0)])
+    assert ddp["job_seconds"] == 12.0 and ddp["train_seconds"] == 6.0
+    assert ddp["train_loss"] == pytest.approx(0.03) and ddp["train_losses"] == [0.02, 0.04, 0.03]
+    assert ddp["steps"] == [[0.0, 0.02, 0]]  # the first seed's trace
+    # the seed moves both alike: the paired difference is exact although the spread is large
+    other = bench_cluster.merge_seeds([run(0.021, 1.0), run(0.041, 1.0), run(0.031, 1.0)])
+    assert bench_cluster.loss_cells(ddp, ddp) == ("0.0300 +- 0.0100", "-")
+    assert bench_cluster.loss_cells(other, ddp) == ("0.0310 +- 0.0100", "+0.0010 +- 0.0000")
+    assert bench_cluster.loss_cells(other, None) == ("0.0310 +- 0.0100", "-")
+    single = bench_cluster.merge_seeds([run(0.05, 1.0)])
+    assert bench_cluster.loss_cells(single, ddp) == ("0.0500", "-")
+
+
 def test_without_root_or_tools_it_explains_and_exits_2(monkeypatch, capsys):
     def unavailable() -> None:
         raise ClusterUnavailable("The emulated cluster needs root")
@@ -62,7 +80,13 @@ def test_without_root_or_tools_it_explains_and_exits_2(monkeypatch, capsys):
 
 @pytest.mark.parametrize(
     ("argv", "match"),
-    [(["--configs", "sgd"], "unknown"), (["--tau", "0"], "--tau"), (["--nodes", "1"], "--nodes")],
+    [
+        (["--configs", "sgd"], "unknown"),
+        (["--tau", "0"], "--tau"),
+        (["--nodes", "1"], "--nodes"),
+        (["--seeds", "1", "1"], "--seeds"),
+        (["--seeds", "-1"], "--seeds"),
+    ],
 )
 def test_bad_arguments(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -78,10 +102,11 @@ def test_every_configuration_builds_its_strategy(name):
         assert (strategy._model_averaging_period == 8) == (name == "post_local_sgd")
     if name.startswith("overlap"):
         assert isinstance(strategy, OverlapLocalSGDStrategy)
-        assert strategy.payload_dtype == ("bf16" if name.endswith("bf16") else None)
+        assert strategy.payload_dtype == next((d for d in ("bf16", "int8") if name.endswith(d)), None)
         assert strategy.correction == ("cocod" if "cocod" in name else "pull")
     if name.startswith("local_sgd") or name == "hierarchical":
         assert isinstance(strategy, LocalSGDStrategy) and strategy.tau == 8
+        assert strategy.payload_dtype == next((d for d in ("bf16", "int8") if name.endswith(d)), None)
 
 
 def test_unknown_configuration():
@@ -100,21 +125,27 @@ def _table(report: str) -> dict[str, dict[str, str]]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the emulated cluster needs root (network namespaces)")
 def test_short_run_on_two_emulated_nodes(tmp_path):
-    """DDP, local SGD and 16-bit overlap on a 1gbit emulated link, 1 epoch of a small MLP: every row is
+    """DDP, local SGD and 8-bit overlap on a 1gbit emulated link, 1 epoch of a small MLP: every row is
     there, the predictions are filled in, and the bytes the kernel counted on the links are the ledger's
     payload plus headers and rendezvous (at least the payload, at most 1.3 x it + 1.5 MB)."""
     out = tmp_path / "cluster.md"
-    argv = ["--rates", "1gbit", "--configs", "ddp", "local_sgd", "overlap_bf16", "--epochs", "1"]
+    argv = ["--rates", "1gbit", "--configs", "ddp", "local_sgd", "overlap_int8", "--epochs", "1"]
     argv += ["--hidden", "256", "--repeat", "1", "--out", str(out), "--no-plots", "--timeout", "240"]
     assert bench_cluster.main(argv) == 0
     rows = _table(out.read_text())
-    assert set(rows) == {"compute_floor", "ddp", "local_sgd", "overlap_bf16"}
-    for name in ("ddp", "local_sgd", "overlap_bf16"):
+    assert set(rows) == {"compute_floor", "ddp", "local_sgd", "overlap_int8"}
+    for name in ("ddp", "local_sgd", "overlap_int8"):
         ledger = float(rows[name]["MB sent per rank (ledger)"])
         link = float(rows[name]["MB link tx per node"])
         assert ledger <= link <= 1.3 * ledger + 1.5, (name, ledger, link)
         assert re.fullmatch(r"[\d.]+( / [\d.]+)?", rows[name]["predicted s (blocking / overlap)"])
-    assert " / " in rows["overlap_bf16"]["predicted s (blocking / overlap)"]
+    assert " / " in rows["overlap_int8"]["predicted s (blocking / overlap)"]
+    assert rows["local_sgd"]["loss - DDP's (paired)"] == "-"  # one seed
+    # 8-bit changes of the parameters against fp32 parameters + momentum: about 8x fewer bytes per round,
+    # but x_0's broadcast and the exact final average are fp32 and this run has only 8 rounds
+    assert float(rows["overlap_int8"]["MB sent per rank (ledger)"]) < 0.5 * float(
+        rows["local_sgd"]["MB sent per rank (ledger)"]
+    )
     # DDP all-reduces every step, local SGD every 8th (params + momentum): about 4x fewer bytes
     assert float(rows["local_sgd"]["MB sent per rank (ledger)"]) < 0.5 * float(
         rows["ddp"]["MB sent per rank (ledger)"]
