@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_digits  # noqa: E402
 
 from lightning_commsgd.data.digits import label_skew_order  # noqa: E402
+from lightning_commsgd.models.classification import ClassifierModule  # noqa: E402
 
 __all__ = [
     "CNN_WORKLOAD",
@@ -181,7 +182,7 @@ class SyntheticImageDataModule(LightningDataModule):
         return DataLoader(self.val_dataset, batch_size=256)
 
 
-class SmallCNN(LightningModule):
+class SmallCNN(ClassifierModule):
     """``depth`` blocks of ``Conv2d(3x3, padding 1) -> ReLU -> MaxPool2d(2)`` (``width`` channels, then
     ``2 width``), a hidden ``Linear`` of ``hidden`` units with ReLU, and a linear classifier. No BatchNorm
     and no dropout: x is the parameters alone, as the compressed strategies assume.
@@ -230,22 +231,6 @@ class SmallCNN(LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits of shape ``(batch, num_classes)``."""
         return self.classifier(self.features(x))
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Cross-entropy loss of one batch, logged as ``train_loss`` (rank-local, as the MLP's)."""
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        # Not synced across ranks: a per-step all-reduce would add to the bytes being compared.
-        self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=len(y))
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Log ``val_loss`` and ``val_acc``, averaged over the epoch (weighted by batch size) and ranks."""
-        x, y = batch
-        logits = self(x)
-        acc = (logits.argmax(dim=-1) == y).float().mean()
-        self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, batch_size=len(y))
-        self.log("val_acc", acc, on_epoch=True, sync_dist=True, batch_size=len(y))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """SGD with momentum (the master's update under the compressed strategies)."""

@@ -13,9 +13,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torch import nn
+
+from lightning_commsgd.models.classification import ClassifierModule
 
 __all__ = ["ARCHS", "SCHEDULES", "ResNetClassifier", "TorchvisionMissingError", "lr_factor"]
 
@@ -79,7 +79,7 @@ def lr_factor(
     return 1.0
 
 
-class ResNetClassifier(LightningModule):
+class ResNetClassifier(ClassifierModule):
     """A torchvision ResNet with the CIFAR stem (3x3 convolution, stride 1, no max-pool), trained with SGD.
 
     The learning-rate schedule is per optimizer step over the trainer's whole run
@@ -141,22 +141,6 @@ class ResNetClassifier(LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``(batch, num_classes)`` of normalised images ``(batch, 3, 32, 32)``."""
         return self.net(x)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Cross-entropy of one batch, logged as ``train_loss``."""
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        # Not synced across ranks: a per-step all-reduce would add traffic to every strategy.
-        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y))
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """``val_loss`` and ``val_acc``, averaged over the epoch (weighted by batch size) and the ranks."""
-        x, y = batch
-        logits = self(x)
-        acc = (logits.argmax(dim=-1) == y).float().mean()
-        self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, batch_size=len(y))
-        self.log("val_acc", acc, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=len(y))
 
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD and a per-step learning-rate schedule over ``trainer.estimated_stepping_batches``."""

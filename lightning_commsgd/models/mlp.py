@@ -1,4 +1,5 @@
-"""A plain multi-layer perceptron classifier as a :class:`~lightning.pytorch.LightningModule`.
+"""A plain multi-layer perceptron classifier as a :class:`~lightning.pytorch.LightningModule` (steps from
+:class:`~lightning_commsgd.models.classification.ClassifierModule`).
 
 Deliberately free of randomness after initialisation (no dropout), so that tests can compare the
 parameter trajectories of different strategies exactly.
@@ -7,16 +8,16 @@ parameter trajectories of different strategies exactly.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torch import nn
+
+from lightning_commsgd.models.classification import ClassifierModule
 
 __all__ = ["MLPClassifier"]
 
 _OPTIMIZERS = ("sgd", "adam")
 
 
-class MLPClassifier(LightningModule):
+class MLPClassifier(ClassifierModule):
     """``depth`` hidden ``Linear -> [BatchNorm1d] -> ReLU`` blocks followed by a linear classifier.
 
     Args:
@@ -82,26 +83,6 @@ class MLPClassifier(LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits of shape ``(batch, num_classes)``."""
         return self.net(x)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Cross-entropy loss of one batch, logged as ``train_loss``."""
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        # Not synced across ranks: a per-step all-reduce would add communication to every strategy
-        # and distort the byte counts that the benchmarks compare.
-        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y))
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Log ``val_loss`` and ``val_acc``, averaged over the epoch (weighted by batch size) and ranks."""
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        # Computed by hand rather than with a torchmetrics state: it keeps the module free of extra
-        # state, and the batch-size-weighted epoch mean Lightning computes is the exact accuracy.
-        acc = (logits.argmax(dim=-1) == y).float().mean()
-        self.log("val_loss", loss, on_epoch=True, sync_dist=True, batch_size=len(y))
-        self.log("val_acc", acc, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=len(y))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """SGD (with optional momentum/Nesterov) or Adam, as chosen by ``optimizer``."""
