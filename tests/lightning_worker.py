@@ -230,6 +230,7 @@ def main() -> None:
     ap.add_argument("--groups", action="store_true")
     ap.add_argument("--validate", action="store_true")
     ap.add_argument("--eval-on", default="consensus")
+    ap.add_argument("--check-replicas", action="store_true", help="the strategies' debug replica check")
     ap.add_argument("--ckpt-every", type=int, default=0)
     ap.add_argument("--resume", default=None)
     ap.add_argument("--ckpt-on-val", action="store_true")
@@ -241,7 +242,12 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     rank = int(os.environ.get("LOCAL_RANK", 0))  # popen children know their rank here; others use 0
     # RI-SGD options for every strategy of the package (each takes them through CommunicationStrategy)
-    ours = {"start_method": args.start_method, "redundancy": args.redundancy, "sampling": args.sampling}
+    ours = {
+        "start_method": args.start_method,
+        "redundancy": args.redundancy,
+        "sampling": args.sampling,
+        "check_replicas": args.check_replicas,
+    }
     if args.strategy == "ddp":
         strategy = DDPStrategy(start_method=args.start_method)
     elif args.strategy == "gossip":
@@ -289,6 +295,7 @@ def main() -> None:
             group_size=args.group_size,
             original_world_size=args.original_world_size,
             failed_workers=args.failed_workers,
+            check_replicas=args.check_replicas,
         )
     callbacks = [
         Recorder(args.out),

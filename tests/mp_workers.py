@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lightning_commsgd.algorithms import PeriodicAverager
 from lightning_commsgd.comm import Communicator
+from lightning_commsgd.replica_check import ReplicasDivergedError, check_replicas_equal
 
 # --------------------------------------------------------------------------------------------------
 # Communicator worker
@@ -132,6 +133,22 @@ def lowp_worker(rank: int, world_size: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 N_IN, N_HIDDEN = 5, 8
+
+
+def replica_check_worker(rank: int, world_size: int) -> dict[str, Any]:
+    """The debug replica check with real collectives: equal replicas pass; then the last rank's replica
+    differs in one value by one ulp, and every rank must raise."""
+    comm = Communicator()
+    model = [torch.linspace(-1, 1, 1000), torch.ones(3, 4)]
+    check_replicas_equal(model, comm, step=3)
+    if rank == world_size - 1:
+        model[0][500] = torch.nextafter(model[0][500], torch.tensor(2.0))  # one ulp
+    try:
+        check_replicas_equal(model, comm, step=7)
+        error = None
+    except ReplicasDivergedError as err:
+        error = str(err)
+    return {"error": error, "ledger": comm.ledger.as_dict()}
 
 
 def make_model(kind: str, seed: int) -> nn.Module:

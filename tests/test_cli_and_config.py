@@ -68,6 +68,7 @@ def test_cli_fit_runs_two_processes_with_overridden_tau(tmp_path):
         ({"momentum": "nesterov"}, ValueError, "momentum"),
         ({"eval_on": "global"}, ValueError, "eval_on"),
         ({"weights": "batch"}, ValueError, "weights"),
+        ({"check_replicas": "yes"}, TypeError, "check_replicas"),
         ({"payload_dtype": "int4"}, ValueError, "payload_dtype"),
         ({"payload_dtype": torch.bfloat16}, ValueError, "payload_dtype"),
         ({"global_every": 0}, ValueError, "global_every"),

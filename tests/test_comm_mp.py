@@ -16,8 +16,11 @@ from mp_workers import (
     gather_payload,
     lowp_input,
     lowp_worker,
+    replica_check_worker,
 )
 from simulation import lowp_mean_reference
+
+from lightning_commsgd.replica_check import replica_digest
 
 pytestmark = pytest.mark.multiprocess
 
@@ -219,3 +222,24 @@ def test_low_precision_mean_and_exchange_in_segments(tmp_path, p):
         assert by_tag["lowp"]["bytes_sent"] == by_tag["lowp_async"]["bytes_sent"] == 2 * (p - 1) * chunk * 2
         assert by_tag["lowp_int8"]["bytes_sent"] == 2 * (p - 1) * (4 * -(-chunk // 256) + chunk)
         assert by_tag["ring"]["bytes_sent"] == by_tag["ring"]["bytes_received"] == LOWP_NUMEL * 4
+
+
+def test_replica_check_passes_equal_replicas_and_stops_every_rank_on_one_ulp(tmp_path):
+    """check_replicas_equal: equal replicas pass (one 8-byte all-gather each); a one-ulp difference on
+    rank 2 raises on every rank, naming rank 2 and the step."""
+    results = run_workers(replica_check_worker, 3, tmp_path)
+    for res in results:
+        assert res["error"] is not None and "rank(s) [2]" in res["error"] and "step 7" in res["error"]
+        stats = res["ledger"]["by_tag"]["replica_check"]
+        assert stats["rounds"] == 2 and stats["bytes_sent"] == 2 * 8
+
+
+def test_replica_digest_sees_every_bit_shape_and_dtype():
+    base = torch.linspace(-1, 1, 1000)
+    assert replica_digest([base, torch.ones(3)]) == replica_digest([base.clone(), torch.ones(3)])
+    bumped = base.clone()
+    bumped[123] = torch.nextafter(bumped[123], torch.tensor(2.0))
+    assert replica_digest([bumped]) != replica_digest([base])
+    assert replica_digest([base.view(10, 100)]) != replica_digest([base])
+    assert replica_digest([base.double()]) != replica_digest([base])
+    assert 0 <= replica_digest([base]) < 2**63

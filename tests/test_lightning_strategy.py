@@ -418,8 +418,10 @@ def test_low_precision_payload_matches_its_simulation(run_worker, tmp_path, payl
     steps, tau = 9, 3
     records = run_worker(
         "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps),
-        "--payload-dtype", payload_dtype, out=tmp_path / "run",
+        "--payload-dtype", payload_dtype, "--check-replicas", out=tmp_path / "run",
     )  # fmt: skip
+    # the debug check hashed every rank's parameters after each round and at the end of fit: all equal
+    assert all(rec["ledger"]["by_tag"]["replica_check"]["rounds"] == steps // tau + 1 for rec in records)
     batches = [[step[0] for step in rank] for rank in lightning_batches(world_size, steps)]
     low = simulate_local_sgd(make_net(100), _sgd, batches, mse, tau=tau, payload_dtype=payload_dtype)
     exact = simulate_local_sgd(make_net(100), _sgd, batches, mse, tau=tau)
@@ -430,7 +432,9 @@ def test_low_precision_payload_matches_its_simulation(run_worker, tmp_path, payl
     chunk = -(-numel // world_size)
     for rec in records:
         in_batch = [c for c in rec["calls"] if c["in_batch"]]
-        assert [c["fn"] for c in in_batch] == ["batch_isend_irecv", "batch_isend_irecv"] * (steps // tau)
+        # each round: the two message batches, then the replica check's all-gather
+        expected = ["batch_isend_irecv", "batch_isend_irecv", "all_gather"] * (steps // tau)
+        assert [c["fn"] for c in in_batch] == expected
         assert rec["ledger"]["by_tag"]["average"]["bytes_sent"] == (steps // tau) * 2 * (
             world_size - 1
         ) * _payload_bytes(payload_dtype, chunk)
@@ -506,8 +510,10 @@ def test_overlap_low_precision_payload_matches_its_simulation(
     records = run_worker(
         "--strategy", "overlap", "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps),
         "--overlap-alpha", "0.6", "--anchor-momentum", str(beta), "--payload-dtype", payload_dtype,
-        out=tmp_path / "run",
+        "--check-replicas", out=tmp_path / "run",
     )  # fmt: skip
+    # replicas differ between rounds (the average lands a round late): only fit's final average is checked
+    assert all(rec["ledger"]["by_tag"]["replica_check"]["rounds"] == 1 for rec in records)
     batches = [[step[0] for step in rank] for rank in lightning_batches(world_size, steps)]
     kwargs = {"tau": tau, "alpha": 0.6, "beta": beta}
     low = simulate_overlap_local_sgd(make_net(100), _sgd, batches, mse, payload_dtype=payload_dtype, **kwargs)

@@ -43,6 +43,7 @@ from typing_extensions import override
 from lightning_commsgd.algorithms.base import check_choice
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.flat import FlatBuffer
+from lightning_commsgd.replica_check import check_replicas_equal
 from lightning_commsgd.strategies.checkpointing import CHECKPOINT_FORMAT, CHECKPOINT_KEY, consensus_state_dict
 from lightning_commsgd.strategies.lightning_patches import remove_per_step_collectives
 from lightning_commsgd.strategies.redundancy import RedundancyConfig
@@ -101,6 +102,12 @@ class CommunicationStrategy(DDPStrategy):
         original_world_size: p of the data placement when resuming with fewer workers (data locality).
         failed_workers: original ids of the lost workers; rank r is the r-th survivor.
         min_coverage: refuse to start when less of the dataset is still held by a survivor.
+        check_replicas: debug option: after every round that leaves the replicas equal (and after the
+            final round of fit), hash each rank's parameters and gather the hashes (8 bytes per rank, tag
+            ``"replica_check"``); unless they are bitwise equal, every rank raises a
+            ``ReplicasDivergedError`` (:mod:`lightning_commsgd.replica_check`) naming the differing ranks
+            and the step.
+            Off by default (it hashes the whole model at every round).
         batch_sizes: heterogeneous mini-batches: one b per rank (``batch_sizes[rank]`` replaces the training
             DataLoader's batch_size on that rank; every rank still takes the same number of batches per
             epoch, see :class:`~lightning_commsgd.samplers.RedundantBatchSampler`). Pair it with
@@ -120,6 +127,7 @@ class CommunicationStrategy(DDPStrategy):
         failed_workers: Sequence[int] = (),
         min_coverage: float = 1.0,
         batch_sizes: Sequence[int] | None = None,
+        check_replicas: bool = False,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -130,6 +138,8 @@ class CommunicationStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         check_choice(eval_on, "eval_on", EVAL_MODES)
+        if not isinstance(check_replicas, bool):
+            raise TypeError(f"Arg `check_replicas` must be a bool, got {check_replicas!r}.")
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -141,6 +151,7 @@ class CommunicationStrategy(DDPStrategy):
             start_method=start_method,
         )
         self.eval_on = eval_on
+        self.check_replicas = check_replicas
         self.redundancy = RedundancyConfig(
             redundancy,
             sampling,
@@ -274,8 +285,16 @@ class CommunicationStrategy(DDPStrategy):
     ) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self._algorithm is not None:
-            self._algorithm.after_optimizer_step()
+            ran_round = self._algorithm.after_optimizer_step()
+            if ran_round and self.check_replicas and self._algorithm.in_sync:
+                self._check_replicas()
         return output
+
+    def _check_replicas(self) -> None:
+        """``check_replicas``: every rank's parameters bitwise equal, or every rank raises."""
+        params = [p for p in self.lightning_module.parameters() if p.requires_grad]
+        step = self.lightning_module.trainer.global_step
+        check_replicas_equal(params, self.communicator, step=step)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -290,6 +309,8 @@ class CommunicationStrategy(DDPStrategy):
         super().on_train_end()
         if self._algorithm is not None:
             self._algorithm.finalize()
+            if self.check_replicas:
+                self._check_replicas()
 
     @override
     def on_validation_start(self) -> None:
