@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := lightning_commsgd tests examples benchmarks
 
-.PHONY: venv demo test lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-cluster clean distclean
+.PHONY: venv demo test test-faults lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-cluster clean distclean
 
 venv: $(STAMP)
 
@@ -31,7 +31,11 @@ lint: venv
 
 test: venv
 	$(VPY) -m ruff check $(LINT_PATHS)
-	$(VPY) -m pytest -x -q tests
+	$(VPY) -m pytest -x -q -m "not fault_matrix" tests
+
+# The whole fault-injection matrix (3 ranks x crash/kill/hang x mid-period/in a round); make test runs its core.
+test-faults: venv
+	$(VPY) -m pytest -x -q -m fault_matrix tests/test_faults.py
 
 bench: venv
 	$(VPY) benchmarks/bench_local_sgd.py $(BENCH_ARGS)

@@ -13,8 +13,11 @@ import io
 import itertools
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any, Literal
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -23,6 +26,9 @@ from torch import Tensor
 
 from lightning_commsgd.ledger import CommLedger
 from lightning_commsgd.payload import PayloadCodec, payload_codec, rounding_generator
+
+if TYPE_CHECKING:
+    from lightning_commsgd.watchdog import FailureWatchdog
 
 __all__ = ["Communicator", "PendingLowpMean", "PendingMean", "ReduceKind", "shutdown_process_group"]
 
@@ -46,10 +52,24 @@ class Communicator:
             payloads); must be a CUDA device for NCCL groups.
         ledger: the ledger to record into (default: a new one); sub-group communicators share their
             parent's.
+        timeout: seconds after which any collective of this communicator gives up and raises (the
+            ``sync_timeout`` of the strategies): set on ``group`` (the process group's timeout, through
+            torch's ``_set_pg_timeout``) and on the groups the communicator creates. ``None`` (default)
+            leaves the group's own timeout.
+        monitor: a :class:`~lightning_commsgd.watchdog.FailureWatchdog`: every collective reports entering
+            and leaving to it, and a failed collective raises its diagnosis
+            (:class:`~lightning_commsgd.watchdog.RankFailureError`, naming the failed rank and step). The
+            strategies set it; ``None`` re-raises torch's error as it is.
     """
 
     def __init__(
-        self, group: Any = None, device: torch.device | str = "cpu", ledger: CommLedger | None = None
+        self,
+        group: Any = None,
+        device: torch.device | str = "cpu",
+        ledger: CommLedger | None = None,
+        *,
+        timeout: float | None = None,
+        monitor: FailureWatchdog | None = None,
     ) -> None:
         self.device = torch.device(device)
         if dist.is_available() and dist.is_initialized():
@@ -64,6 +84,31 @@ class Communicator:
         self.ledger = ledger if ledger is not None else CommLedger(world_size=self.world_size)
         # a second group over the same ranks for background collectives (all_reduce_mean_lowp_async)
         self._background_group: Any = None
+        self.monitor = monitor
+        self.timeout = timeout
+        if timeout is not None and self.is_distributed:
+            _set_group_timeout(self.group, timeout)
+
+    def _group_timeout(self) -> dict[str, Any]:
+        """``timeout=`` for groups this communicator creates (empty: torch's default)."""
+        return {} if self.timeout is None else {"timeout": timedelta(seconds=self.timeout)}
+
+    @contextmanager
+    def _collective(self, tag: str) -> Iterator[None]:
+        """Around every blocking collective: tell the monitor, and turn a failure into its diagnosis."""
+        monitor = self.monitor
+        if monitor is None:
+            yield
+            return
+        monitor.enter(tag)
+        try:
+            yield
+        except Exception as error:
+            failure = monitor.failure(error)
+            if failure is error:  # this rank's own error, not the network's: raised as it is
+                raise
+            raise failure from error
+        monitor.leave()
 
     def split(self, group_size: int) -> Communicator:
         """A communicator over this rank's block of ``group_size`` consecutive ranks (e.g. one node),
@@ -74,8 +119,8 @@ class Communicator:
             raise ValueError(f"group_size {group_size} must divide the world size {self.world_size}.")
         if self.group is not dist.group.WORLD:
             raise ValueError("split() works on the world communicator.")
-        subgroup, _ = dist.new_subgroups(group_size)
-        return Communicator(subgroup, self.device, ledger=self.ledger)
+        subgroup, _ = dist.new_subgroups(group_size, **self._group_timeout())
+        return Communicator(subgroup, self.device, ledger=self.ledger, monitor=self.monitor)
 
     @property
     def is_distributed(self) -> bool:
@@ -100,7 +145,8 @@ class Communicator:
         if not self.is_distributed:
             return buffer
         start = time.perf_counter()
-        dist.all_reduce(buffer, op=_REDUCE_OPS[op], group=self.group)
+        with self._collective(tag):
+            dist.all_reduce(buffer, op=_REDUCE_OPS[op], group=self.group)
         if op == "mean":
             if torch.is_floating_point(buffer):
                 buffer.div_(self.world_size)
@@ -129,7 +175,8 @@ class Communicator:
         if not self.is_distributed:
             return buffer
         start = time.perf_counter()
-        nbytes = self._lowp_mean_(buffer, payload_codec(payload), self.group, seed)
+        with self._collective(tag):
+            nbytes = self._lowp_mean_(buffer, payload_codec(payload), self.group, seed)
         self.ledger.record(
             tag, sent=nbytes, received=nbytes, seconds=self._finish(buffer, start), collectives=2
         )
@@ -203,7 +250,7 @@ class Communicator:
         round then, with the seconds spent *waiting*. Until then ``buffer`` must not be touched."""
         if self.is_distributed and self._background_group is None:
             ranks = None if self.group is dist.group.WORLD else dist.get_process_group_ranks(self.group)
-            self._background_group = dist.new_group(ranks=ranks)
+            self._background_group = dist.new_group(ranks=ranks, **self._group_timeout())
         return PendingLowpMean(self, buffer, payload_codec(payload), tag, seed)
 
     def all_reduce_mean_async(self, buffer: Tensor, *, tag: str) -> PendingMean:
@@ -225,7 +272,8 @@ class Communicator:
         if not self.is_distributed:
             return buffer
         start = time.perf_counter()
-        dist.broadcast(buffer, src=src, group=self.group)
+        with self._collective(tag):
+            dist.broadcast(buffer, src=src, group=self.group)
         nbytes = buffer.numel() * buffer.element_size()
         is_src = self.rank == src
         seconds = self._finish(buffer, start)
@@ -240,7 +288,8 @@ class Communicator:
             return [tensor]
         start = time.perf_counter()
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(out, tensor.contiguous(), group=self.group)
+        with self._collective(tag):
+            dist.all_gather(out, tensor.contiguous(), group=self.group)
         nbytes = tensor.numel() * tensor.element_size()
         seconds = self._finish(tensor, start)
         self.ledger.record(tag, sent=nbytes, received=nbytes * (self.world_size - 1), seconds=seconds)
@@ -255,7 +304,8 @@ class Communicator:
         tensor = tensor.contiguous()
         is_dst = self.rank == dst
         out = [torch.empty_like(tensor) for _ in range(self.world_size)] if is_dst else None
-        dist.gather(tensor, gather_list=out, dst=dst, group=self.group)
+        with self._collective(tag):
+            dist.gather(tensor, gather_list=out, dst=dst, group=self.group)
         nbytes = tensor.numel() * tensor.element_size()
         seconds = self._finish(tensor, start)
         others = self.world_size - 1
@@ -279,7 +329,8 @@ class Communicator:
             return received
         start = time.perf_counter()
         send = send.contiguous()
-        self._p2p_batch([(peer, send) for peer in to], list(zip(recv_from, received)), self.group)
+        with self._collective(tag):
+            self._p2p_batch([(peer, send) for peer in to], list(zip(recv_from, received)), self.group)
         nbytes = send.numel() * send.element_size()
         seconds = self._finish(send, start)
         # one torch.distributed call (batch_isend_irecv) carrying every message
@@ -299,10 +350,11 @@ class Communicator:
         if not self.is_distributed:
             return
         start = time.perf_counter()
-        if dist.get_backend(self.group) == "nccl" and self.device.type == "cuda":
-            dist.barrier(group=self.group, device_ids=[self.device.index or 0])
-        else:
-            dist.barrier(group=self.group)
+        with self._collective(tag):
+            if dist.get_backend(self.group) == "nccl" and self.device.type == "cuda":
+                dist.barrier(group=self.group, device_ids=[self.device.index or 0])
+            else:
+                dist.barrier(group=self.group)
         self.ledger.record(tag, sent=0, received=0, seconds=time.perf_counter() - start)
 
     # -- Python objects -----------------------------------------------------------------------------
@@ -324,10 +376,11 @@ class Communicator:
             self._to_bytes(obj) if self.rank == src else torch.empty(0, dtype=torch.uint8, device=self.device)
         )
         size = torch.tensor([payload.numel()], dtype=torch.int64, device=self.device)
-        dist.broadcast(size, src=src, group=self.group)
-        if self.rank != src:
-            payload = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
-        dist.broadcast(payload, src=src, group=self.group)
+        with self._collective(tag):
+            dist.broadcast(size, src=src, group=self.group)
+            if self.rank != src:
+                payload = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
+            dist.broadcast(payload, src=src, group=self.group)
         result = obj if self.rank == src else self._from_bytes(payload)
         nbytes = int(size.item()) + size.element_size()
         is_src = self.rank == src
@@ -349,13 +402,14 @@ class Communicator:
         payload = self._to_bytes(obj)
         mine = torch.tensor([payload.numel()], dtype=torch.int64, device=self.device)
         all_sizes = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(all_sizes, mine, group=self.group)
-        sizes = [int(s.item()) for s in all_sizes]
-        # gather needs equal shapes: pad every payload to the largest one.
-        padded = torch.zeros(max(sizes), dtype=torch.uint8, device=self.device)
-        padded[: payload.numel()] = payload
-        buckets = [torch.empty_like(padded) for _ in sizes] if self.rank == dst else None
-        dist.gather(padded, gather_list=buckets, dst=dst, group=self.group)
+        with self._collective(tag):
+            dist.all_gather(all_sizes, mine, group=self.group)
+            sizes = [int(s.item()) for s in all_sizes]
+            # gather needs equal shapes: pad every payload to the largest one.
+            padded = torch.zeros(max(sizes), dtype=torch.uint8, device=self.device)
+            padded[: payload.numel()] = payload
+            buckets = [torch.empty_like(padded) for _ in sizes] if self.rank == dst else None
+            dist.gather(padded, gather_list=buckets, dst=dst, group=self.group)
         others = self.world_size - 1
         sent, received = 8, 8 * others
         if self.rank == dst:
@@ -400,6 +454,20 @@ class Communicator:
         return future.then(finish)
 
 
+def _set_group_timeout(group: Any, seconds: float) -> None:
+    """Bound every later operation of ``group`` by ``seconds`` (torch's private ``_set_pg_timeout``, the only
+    way to shorten a group's timeout after its rendezvous; warns where it is missing)."""
+    setter = getattr(c10d, "_set_pg_timeout", None)
+    if setter is None:
+        warnings.warn(
+            "This torch has no _set_pg_timeout: collectives keep the process group's timeout "
+            "(set it with the strategy's `timeout`).",
+            stacklevel=3,
+        )
+        return
+    setter(timedelta(seconds=seconds), group)
+
+
 def shutdown_process_group() -> None:
     """End a run's process group in order: every rank waits for the others (one uncounted barrier), then
     destroys the group. Scripts that keep collectives running after ``fit`` (gathering results,
@@ -428,7 +496,8 @@ class _PendingRound:
             return self.buffer
         start = time.perf_counter()
         self.done = True
-        nbytes, collectives, kind = self._complete()
+        with self.communicator._collective(self.tag):
+            nbytes, collectives, kind = self._complete()
         seconds = self.communicator._finish(self.buffer, start)
         self.communicator.ledger.record(
             self.tag, sent=nbytes, received=nbytes, seconds=seconds, collectives=collectives, kind=kind

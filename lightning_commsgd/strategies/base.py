@@ -14,11 +14,14 @@ Hook order (Trainer -> strategy -> algorithm -> communicator):
 - ``on_validation_start``/``end`` during fit, ``eval_on="consensus"``: validation runs on the average
   model, then every rank gets its own replica back (costs one round when replicas differ).
 - ``on_train_end``: a final round, so the model after ``fit`` is the consensus model.
+- ``on_exception``/``teardown``: a rank that fails posts why for the others; the failure watchdog stops
+  (see :mod:`lightning_commsgd.watchdog` and ``sync_timeout``).
 - ``save_checkpoint``/``load_checkpoint``: per-rank states, see :mod:`.checkpointing`.
 """
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
@@ -32,6 +35,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -45,12 +49,24 @@ from lightning_commsgd.comm import Communicator
 from lightning_commsgd.flat import FlatBuffer
 from lightning_commsgd.replica_check import check_replicas_equal
 from lightning_commsgd.strategies.checkpointing import CHECKPOINT_FORMAT, CHECKPOINT_KEY, consensus_state_dict
+from lightning_commsgd.strategies.launcher import ReportingScriptLauncher
 from lightning_commsgd.strategies.lightning_patches import remove_per_step_collectives
 from lightning_commsgd.strategies.redundancy import RedundancyConfig
+from lightning_commsgd.watchdog import FailureWatchdog, RankFailureError
 
 __all__ = ["CommunicationStrategy", "SyncAlgorithm"]
 
 EVAL_MODES = ("consensus", "local")
+DEFAULT_SYNC_TIMEOUT = 600.0
+
+
+def validate_sync_timeout(value: Any) -> float:
+    """``sync_timeout`` as a float of seconds in (0, inf), else a TypeError / ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Arg `sync_timeout` must be a number of seconds, got {value!r}.")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"Arg `sync_timeout` must be a finite number of seconds > 0, got {value!r}.")
+    return float(value)
 
 
 def _reduce_kind(reduce_op: Any) -> str | None:
@@ -108,6 +124,15 @@ class CommunicationStrategy(DDPStrategy):
             ``ReplicasDivergedError`` (:mod:`lightning_commsgd.replica_check`) naming the differing ranks
             and the step.
             Off by default (it hashes the whole model at every round).
+        sync_timeout: seconds any collective of the run may wait for the other ranks (default 600) before
+            the job is declared failed. Set on the process group after its rendezvous (which keeps
+            Lightning's ``timeout``) and on every group the strategy creates. When a collective fails
+            (a rank crashed, was killed, or is stuck longer than this), every rank raises a
+            :class:`~lightning_commsgd.watchdog.RankFailureError` naming the failed rank and its step, and a
+            watchdog thread ends any rank that does not stop by itself (a stuck one) a few seconds later,
+            so that no process is left behind; see :mod:`lightning_commsgd.watchdog`. Choose it above the
+            longest time one rank may legitimately spend while the others wait: a round over the slowest
+            link, rank 0 writing a checkpoint, an uneven validation.
         batch_sizes: heterogeneous mini-batches: one b per rank (``batch_sizes[rank]`` replaces the training
             DataLoader's batch_size on that rank; every rank still takes the same number of batches per
             epoch, see :class:`~lightning_commsgd.samplers.RedundantBatchSampler`). Pair it with
@@ -128,6 +153,7 @@ class CommunicationStrategy(DDPStrategy):
         min_coverage: float = 1.0,
         batch_sizes: Sequence[int] | None = None,
         check_replicas: bool = False,
+        sync_timeout: float = DEFAULT_SYNC_TIMEOUT,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -140,6 +166,7 @@ class CommunicationStrategy(DDPStrategy):
         check_choice(eval_on, "eval_on", EVAL_MODES)
         if not isinstance(check_replicas, bool):
             raise TypeError(f"Arg `check_replicas` must be a bool, got {check_replicas!r}.")
+        self.sync_timeout = validate_sync_timeout(sync_timeout)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -166,6 +193,7 @@ class CommunicationStrategy(DDPStrategy):
         self._eval_stash: dict[str, Tensor] | None = None
         self._train_batches: Any = None  # the RI-SGD batch sampler, when there is one
         self._pending_sampler_state: dict[str, Any] | None = None
+        self._watchdog: FailureWatchdog | None = None
 
     # -- what subclasses provide --------------------------------------------------------------------
     @abstractmethod
@@ -231,6 +259,10 @@ class CommunicationStrategy(DDPStrategy):
                 "instead (average_buffers=True)."
             )
         super()._configure_launcher()
+        if type(self._launcher) is _SubprocessScriptLauncher:  # popen: report a dead child rank
+            self._launcher = ReportingScriptLauncher(
+                self.cluster_environment, self.num_processes, self.num_nodes, watchdog=lambda: self._watchdog
+            )
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -238,7 +270,12 @@ class CommunicationStrategy(DDPStrategy):
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        self._communicator = Communicator(device=self.root_device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._watchdog = FailureWatchdog.for_process_group(store_grace=self.sync_timeout)
+            self._watchdog.start()
+        self._communicator = Communicator(
+            device=self.root_device, timeout=self.sync_timeout, monitor=self._watchdog
+        )
         self._broadcast_module_state()
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
@@ -284,6 +321,8 @@ class CommunicationStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._watchdog is not None:  # Lightning counts this step once optimizer_step returns
+            self._watchdog.step = self.lightning_module.trainer.global_step + 1
         if self._algorithm is not None:
             ran_round = self._algorithm.after_optimizer_step()
             if ran_round and self.check_replicas and self._algorithm.in_sync:
@@ -298,6 +337,8 @@ class CommunicationStrategy(DDPStrategy):
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._watchdog is not None:
+            self._watchdog.step = self.lightning_module.trainer.global_step
         output = super().training_step(*args, **kwargs)
         if self._algorithm is not None:
             loss = output.get("loss") if isinstance(output, Mapping) else output
@@ -311,6 +352,22 @@ class CommunicationStrategy(DDPStrategy):
             self._algorithm.finalize()
             if self.check_replicas:
                 self._check_replicas()
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        watchdog = self._watchdog
+        if watchdog is not None and not isinstance(exception, RankFailureError):
+            # This rank failed by itself: tell the others why, before its process ends.
+            what = f"{type(exception).__name__}: {exception}".strip().splitlines()[0]
+            watchdog.abort(f"rank {watchdog.rank} failed at step {watchdog.step}: {what}")
+
+    @override
+    def teardown(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+        super().teardown()
 
     @override
     def on_validation_start(self) -> None:

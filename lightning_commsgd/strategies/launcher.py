@@ -1,0 +1,126 @@
+"""Lightning's popen launcher, with a child observer that says which rank died and at which step.
+
+Lightning's ``_SubprocessScriptLauncher`` (``python train.py`` with ``devices=N``) starts ranks 1..N-1 as
+children of rank 0 and watches them from a thread that, every 5 seconds, SIGKILLs every process as soon as
+one child has exited with an error. That ends the job, but a child killed by the OOM killer is then only
+"terminated with code -9", and the other ranks are usually killed before they can say more. This launcher
+starts the same children and watches them every half second instead; when one exits with an error it
+
+1. prints which rank it was, its exit code or signal, and the step its failure watchdog last reported;
+2. posts that as the job's abort notice (:mod:`lightning_commsgd.watchdog`), so every other rank's error
+   names it too;
+3. gives the other processes ``grace`` seconds to raise and exit by themselves, then SIGKILLs whatever is
+   left, rank 0 included, as Lightning does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from typing_extensions import override
+
+from lightning_commsgd.watchdog import FailureWatchdog
+
+__all__ = ["ReportingScriptLauncher"]
+
+
+class ReportingScriptLauncher(_SubprocessScriptLauncher):
+    """``_SubprocessScriptLauncher`` whose child observer reports a dead rank (see the module docstring).
+
+    Args:
+        watchdog: returns this process's failure watchdog once the strategy has set it up (``None``
+            before), for the dead rank's last step and the abort notice.
+        grace: seconds the surviving processes get to end by themselves after a child failed.
+        cluster_environment, num_processes, num_nodes: as for Lightning's launcher.
+    """
+
+    def __init__(
+        self,
+        cluster_environment: Any,
+        num_processes: int,
+        num_nodes: int,
+        *,
+        watchdog: Callable[[], FailureWatchdog | None],
+        grace: float = 5.0,
+    ) -> None:
+        super().__init__(cluster_environment, num_processes, num_nodes)
+        self._watchdog, self._grace = watchdog, grace
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        # Lightning's launch, with this module's observer instead of _launch_process_observer.
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            first_rank = self.cluster_environment.node_rank() * self.num_processes + 1
+            _ChildObserver(self.procs, first_rank, self._watchdog, self._grace).start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
+
+
+class _ChildObserver(threading.Thread):
+    """Watches the children (global ranks ``first_rank``, ``first_rank + 1``, ...) of this rank-0 process."""
+
+    def __init__(
+        self,
+        procs: list[subprocess.Popen],
+        first_rank: int,
+        watchdog: Callable[[], FailureWatchdog | None],
+        grace: float,
+        poll: float = 0.5,
+    ) -> None:
+        super().__init__(daemon=True, name="commsgd-child-observer")  # ends with the main process
+        self._procs, self._first_rank, self._watchdog = procs, first_rank, watchdog
+        self._grace, self._poll = grace, poll
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self._poll)
+            codes = [proc.poll() for proc in self._procs]
+            if all(code == 0 for code in codes):
+                return
+            failed = [(self._first_rank + i, code) for i, code in enumerate(codes) if code not in (None, 0)]
+            if failed:
+                self._report(failed)
+                self._end_all()
+                return
+
+    def _report(self, failed: list[tuple[int, int]]) -> None:
+        watchdog = self._watchdog()
+        parts = []
+        for rank, code in failed:
+            how = (
+                f"exited with {code}" if code > 0 else f"was killed by signal {-code} ({_signal_name(-code)})"
+            )
+            beat = watchdog.last_heartbeat(rank) if watchdog is not None else None
+            seen = f"; last heard of at step {beat.step}" if beat is not None else ""
+            parts.append(f"rank {rank}'s process {how}{seen}")
+        notice = "; ".join(parts)
+        print(f"[lightning_commsgd] {notice}. Ending the job.", file=sys.stderr, flush=True)
+        if watchdog is not None:
+            watchdog.post_notice(notice)
+
+    def _end_all(self) -> None:
+        deadline = time.monotonic() + self._grace
+        while time.monotonic() < deadline and any(proc.poll() is None for proc in self._procs):
+            time.sleep(0.1)
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"

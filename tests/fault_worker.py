@@ -1,0 +1,121 @@
+"""A 3-rank Lightning fit that injects one fault, chosen by the environment variable ``FAULT``.
+
+``FAULT=rank:step:kind:where``:
+
+- ``kind``: ``crash`` (an exception), ``kill`` (SIGKILL, as the OOM killer sends), ``hang`` (the rank stays
+  alive and does nothing);
+- ``where``: ``step`` (in ``training_step`` once ``step`` optimizer steps are done: mid-period) or ``round``
+  (inside the first collective after ``step`` steps: the averaging round, when tau divides ``step``).
+
+Launched by ``tests/test_faults.py`` as ``python tests/fault_worker.py --out DIR [--sync-timeout S]``; the
+popen launcher re-runs it for ranks 1 and 2. Each rank writes ``DIR/pid<rank>`` at the start of fit; the
+faulty rank writes ``DIR/fault.json`` (time, rank, step, kind, where) just before the fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lightning as L  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from lightning_commsgd import LocalSGDStrategy  # noqa: E402
+
+ARMED = {"round": False}
+
+
+def parse_fault() -> dict | None:
+    spec = os.environ.get("FAULT")
+    if not spec:
+        return None
+    rank, step, kind, where = spec.split(":")
+    if kind not in ("crash", "kill", "hang") or where not in ("step", "round"):
+        raise SystemExit(f"bad FAULT {spec!r}")
+    return {"rank": int(rank), "step": int(step), "kind": kind, "where": where}
+
+
+def inject(fault: dict, out: str) -> None:
+    record = {**fault, "time": time.time()}
+    with open(os.path.join(out, "fault.json"), "w") as f:
+        json.dump(record, f)
+    if fault["kind"] == "crash":
+        raise RuntimeError(f"injected crash on rank {fault['rank']} at step {fault['step']}")
+    if fault["kind"] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    while True:  # hang: alive, doing nothing
+        time.sleep(3600)
+
+
+class Net(L.LightningModule):
+    def __init__(self, fault: dict | None, out: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        self.fault, self.out = fault, out
+
+    def on_fit_start(self) -> None:
+        with open(os.path.join(self.out, f"pid{self.global_rank}"), "w") as f:
+            f.write(str(os.getpid()))
+
+    def training_step(self, batch, batch_idx):
+        fault = self.fault
+        if fault is not None and fault["rank"] == self.global_rank:
+            if fault["where"] == "step" and self.global_step == fault["step"]:
+                inject(fault, self.out)
+            if fault["where"] == "round" and self.global_step == fault["step"] - 1:
+                ARMED["round"] = True  # the next collective is the round that ends this step
+        time.sleep(0.02)  # a step takes time, as real ones do (heartbeats are sampled)
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--sync-timeout", type=float, default=5.0)
+    parser.add_argument("--max-steps", type=int, default=16)
+    args = parser.parse_args()
+    fault = parse_fault()
+
+    original_all_reduce = dist.all_reduce
+
+    def all_reduce(*a, **kw):  # the averaging round's collective; the fault fires inside it
+        if ARMED["round"]:
+            ARMED["round"] = False
+            inject(fault, args.out)
+        return original_all_reduce(*a, **kw)
+
+    dist.all_reduce = all_reduce
+
+    data = TensorDataset(torch.randn(256, 8), torch.randn(256, 1))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=3,
+        strategy=LocalSGDStrategy(tau=4, sync_timeout=args.sync_timeout),
+        max_steps=args.max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Net(fault, args.out), DataLoader(data, batch_size=8))
+    if trainer.global_rank == 0:
+        print("FIT DONE", flush=True)
+
+
+if __name__ == "__main__":
+    main()
