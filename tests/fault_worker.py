@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--sync-timeout", type=float, default=5.0)
     parser.add_argument("--max-steps", type=int, default=16)
+    parser.add_argument("--resume", default=None, help="ckpt_path for fit")
     args = parser.parse_args()
     fault = parse_fault()
 
@@ -112,7 +113,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(Net(fault, args.out), DataLoader(data, batch_size=8))
+    trainer.fit(Net(fault, args.out), DataLoader(data, batch_size=8), ckpt_path=args.resume)
     if trainer.global_rank == 0:
         print("FIT DONE", flush=True)
 

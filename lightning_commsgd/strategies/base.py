@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_commsgd.algorithms.base import check_choice
+from lightning_commsgd.checkpoint_io import AtomicCheckpointIO, verify_checkpoint
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.flat import FlatBuffer
 from lightning_commsgd.replica_check import check_replicas_equal
@@ -137,7 +138,11 @@ class CommunicationStrategy(DDPStrategy):
             DataLoader's batch_size on that rank; every rank still takes the same number of batches per
             epoch, see :class:`~lightning_commsgd.samplers.RedundantBatchSampler`). Pair it with
             ``LocalSGDStrategy(weights="samples")`` to weight each replica by its samples at a round.
-        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+        checkpoint_io: how checkpoint files are written and read; default
+            :class:`~lightning_commsgd.checkpoint_io.AtomicCheckpointIO` (atomic local saves, files verified
+            before loading). A ``ckpt_path`` given to the Trainer is verified on every rank at setup, before
+            the first collective, whatever the checkpoint_io.
+        accelerator, parallel_devices, cluster_environment, precision_plugin,
         process_group_backend, timeout, start_method: as for Lightning's ``DDPStrategy`` (set by the
             Trainer from ``accelerator``/``devices``/``num_nodes`` when left out).
     """
@@ -171,7 +176,7 @@ class CommunicationStrategy(DDPStrategy):
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
+            checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
             timeout=timeout,
@@ -267,6 +272,8 @@ class CommunicationStrategy(DDPStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
+        if trainer.ckpt_path is not None and "://" not in str(trainer.ckpt_path):
+            verify_checkpoint(trainer.ckpt_path)  # every rank, before the first collective
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
