@@ -337,6 +337,12 @@ class Communicator:
         self.ledger.record(tag, sent=nbytes * len(to), received=nbytes * len(recv_from), seconds=seconds)
         return received
 
+    def global_rank(self, group_rank: int) -> int:
+        """The global rank of ``group_rank`` of this communicator's group (itself for the world group)."""
+        if self.group is None or self.group is dist.group.WORLD:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)
+
     def _global_rank(self, group_rank: int, group: Any = None) -> int:
         """The global rank of ``group_rank`` in ``group`` (default: this communicator's; the background
         group has the same members in the same order)."""

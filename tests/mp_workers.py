@@ -246,3 +246,37 @@ def averager_worker(
             "ledger_after_final": comm.ledger.as_dict(),
         }
     return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite replicas (on_nonfinite)
+# --------------------------------------------------------------------------------------------------
+
+
+def nonfinite_worker(rank: int, world_size: int, policy: str, momentum: str, poison: str) -> dict[str, Any]:
+    """Three ranks, one SGD-momentum step each, then a round; rank 1's parameters or (local) momentum
+    buffer is poisoned with Inf before the round. Returns what the round did."""
+    torch.manual_seed(rank)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).square().sum().backward()
+    optimizer.step()
+    if rank == 1:
+        with torch.no_grad():
+            target = model.weight if poison == "params" else optimizer.state[model.weight]["momentum_buffer"]
+            target[0, 0] = float("inf")
+    averager = PeriodicAverager(
+        model, [optimizer], Communicator(), tau=1, momentum=momentum, on_nonfinite=policy
+    )
+    before = flat_params(model)
+    try:
+        averager.after_optimizer_step()
+    except FloatingPointError as error:
+        return {"error": f"{type(error).__name__}: {error}", "before": before}
+    return {
+        "error": None,
+        "before": before,
+        "after": flat_params(model),
+        "momentum": [optimizer.state[p].get("momentum_buffer") for p in model.parameters()],
+        "ledger": averager.communicator.ledger.as_dict(),
+    }

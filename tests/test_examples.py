@@ -20,8 +20,8 @@ def test_train_digits_reports_local_sgd_traffic(tmp_path):
     assert result["strategy"] == "local_sgd" and result["tau"] == 4 and result["steps"] == 8
     by_tag = result["ledger"]["by_tag"]
     assert by_tag["average"]["rounds"] == 2  # steps 4 and 8
-    # params + momentum of the MLP in fp32, per round
-    assert by_tag["average"]["bytes_sent"] == 2 * 2 * result["num_params"] * 4
+    # params + momentum of the MLP in fp32, and one finite flag per rank, per round
+    assert by_tag["average"]["bytes_sent"] == 2 * (2 * result["num_params"] + result["devices"]) * 4
     assert 0.0 <= result["final_val_acc"] <= 1.0
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TESTS_DIR
 
 SYNC_TIMEOUT = 5.0
@@ -167,3 +168,102 @@ def test_fault_ends_every_rank_with_a_named_error(tmp_path, rank, step, kind, wh
 def test_fault_matrix(tmp_path, rank, step, kind, where):
     result = run_fault(tmp_path, rank, step, kind, where)
     check_fault_handled(result, rank, step, kind, where)
+
+
+def run_nan(tmp_path: Path, policy: str) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(TESTS_DIR / "fault_worker.py"),
+            "--out",
+            str(out),
+            "--on-nonfinite",
+            policy,
+            "--record",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "FAULT": "1:6:nan:step", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
+    return proc, out
+
+
+@pytest.mark.multiprocess
+def test_nan_on_one_rank_stops_every_rank_in_that_round(tmp_path):
+    """Rank 1's parameters turn NaN at step 6: the flags riding in the round at step 8 tell every rank, and
+    every rank raises the same error naming rank 1 and step 8; no collective runs after it."""
+    proc, _ = run_nan(tmp_path, "raise")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "FIT DONE" not in output
+    expected = (
+        "NonFiniteReplicaError: NaN or Inf in the parameters, optimizer state or buffers of rank(s) [1] "
+        "before the round at step 8"
+    )
+    for rank in range(WORLD_SIZE):
+        assert f"[rank{rank}]: lightning_commsgd.algorithms.finite.{expected}" in output, output[-3000:]
+    assert "RankFailureError" not in output  # every rank stopped in the round itself
+
+
+@pytest.mark.multiprocess
+def test_nan_on_one_rank_is_skipped_on_request(tmp_path):
+    """on_nonfinite="skip": the round at step 8 averages ranks 0 and 2 only, rank 1 continues from that
+    average, and the run ends with every replica finite and equal."""
+    proc, out = run_nan(tmp_path, "skip")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    records = [torch.load(out / f"rounds{r}.pt") for r in range(WORLD_SIZE)]
+    round8 = [next(x for x in rec["rounds"] if x["step"] == 8) for rec in records]
+    assert not torch.isfinite(round8[1]["before"]).all()  # rank 1 was poisoned before the round
+    expected = (round8[0]["before"] + round8[2]["before"]) / 2
+    for r in range(WORLD_SIZE):
+        assert torch.allclose(round8[r]["after"], expected, atol=1e-6, rtol=0)
+        assert torch.isfinite(records[r]["final"]).all()
+        assert torch.equal(records[r]["final"], records[0]["final"])
+    # the round at step 4 (all finite) was the plain mean of three
+    round4 = [next(x for x in rec["rounds"] if x["step"] == 4) for rec in records]
+    mean3 = sum(x["before"] for x in round4) / 3
+    assert torch.allclose(round4[0]["after"], mean3, atol=1e-6, rtol=0)
+
+
+def torchrun(tmp_path: Path, name: str, fault: str | None) -> tuple[subprocess.CompletedProcess, Path]:
+    """The fault worker under ``torchrun --max-restarts=1`` on 3 processes: 96 samples, so an epoch is 4
+    steps (a round); a checkpoint every 4 steps and last.ckpt; a restarted attempt resumes from last.ckpt."""
+    out = tmp_path / name
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("FAULT", None)
+    if fault:
+        env["FAULT"] = fault
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
+        "--max-restarts=1",
+        "--monitor-interval=0.5", str(TESTS_DIR / "fault_worker.py"), "--out", str(out), "--samples", "96",
+        "--ckpt-every", "4", "--auto-resume", "--record", "--sync-timeout", str(SYNC_TIMEOUT),
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return proc, out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.fault_matrix
+def test_torchrun_restart_resumes_from_the_last_checkpoint_to_the_same_final_state(tmp_path):
+    """Rank 1 is SIGKILLed at step 10 of the first attempt; torchrun restarts every rank, which resume from
+    the step-8 checkpoint; the job exits 0 with the final replicas of an uninterrupted run, bitwise."""
+    clean, clean_out = torchrun(tmp_path, "clean", None)
+    assert clean.returncode == 0, (clean.stdout + clean.stderr)[-3000:]
+    faulty, faulty_out = torchrun(tmp_path, "faulty", "1:10:kill:step")
+    output = faulty.stdout + faulty.stderr
+    assert faulty.returncode == 0, output[-3000:]
+    assert (faulty_out / "fault.json").exists()  # the first attempt did fail
+    assert output.count("RESUMING from") == 3  # every rank of the second attempt resumed
+    assert str(faulty_out / "ckpt" / "last.ckpt") in output
+    for rank in range(WORLD_SIZE):
+        expected = torch.load(clean_out / f"rounds{rank}.pt")
+        resumed = torch.load(faulty_out / f"rounds{rank}.pt")
+        assert torch.equal(expected["final"], resumed["final"]), rank
+        # the resumed attempt ran the rounds after the checkpoint, each equal to the uninterrupted run's
+        assert [r["step"] for r in resumed["rounds"]] == [12, 16]
+        for a, b in zip(expected["rounds"][-2:], resumed["rounds"]):
+            assert torch.equal(a["after"], b["after"])

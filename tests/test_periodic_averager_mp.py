@@ -190,7 +190,7 @@ def _expected_elements(case: dict[str, Any]) -> int:
 def test_bytes_and_no_off_round_traffic(world: list[dict[str, Any]], case_id: str) -> None:
     case = CASE_BY_ID[case_id]
     rounds = _round_steps(case["tau"])
-    nbytes = _expected_elements(case) * 4  # float32
+    nbytes = (_expected_elements(case) + len(world)) * 4  # float32, and one finite flag per rank
     for res in world:
         r = res[case_id]
         average = r["ledger"]["by_tag"]["average"]

@@ -14,6 +14,13 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_commsgd.algorithms.finite import (
+    NonFiniteReplicaError,
+    all_finite,
+    finite_flags,
+    flagged_ranks,
+    nonfinite_message,
+)
 from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.flat import FlatBuffer
@@ -56,6 +63,8 @@ class PeriodicAlgorithm(ABC):
 
     Attributes:
         step: optimizer steps seen. last_round_step: the step the latest round ended. rounds: rounds run.
+        on_nonfinite: what a round does when a replica holds NaN or Inf (``"raise"`` or ``"skip"``, see
+            :mod:`lightning_commsgd.algorithms.finite`); checked in every exact-mean round.
         consensus_every: measure the consensus distance ``(1/p) sum_i ||x_i - x_bar||^2`` every this many
             rounds (just before the round changes x_i); ``None`` never.
         last_consensus: ``(step, distance)`` of the latest measurement, or ``None``.
@@ -71,6 +80,7 @@ class PeriodicAlgorithm(ABC):
         self.consensus_every: int | None = None
         self.last_consensus: tuple[int, float] | None = None
         self._flat: FlatBuffer | None = None
+        self.on_nonfinite = "raise"  # see lightning_commsgd.algorithms.finite
         self._loss_sum = 0.0
         self._loss_count = 0
 
@@ -158,13 +168,46 @@ class PeriodicAlgorithm(ABC):
         self, tensors: Sequence[Tensor], tag: str, communicator: Communicator | None = None
     ) -> Tensor:
         """Replace ``tensors`` by their mean over the ranks of ``communicator`` (default: all; one
-        all-reduce); returns the packed mean."""
+        all-reduce), the finite flags riding in the same buffer (see :mod:`.finite`); returns the packed
+        mean. Under ``on_nonfinite="skip"`` the mean is over the finite replicas."""
         comm = communicator or self.communicator
-        buffer = self._pack(tensors)
-        if comm.is_distributed:
-            comm.all_reduce_(buffer, "mean", tag=tag)
-            self._unpack(tensors, buffer)
-        return buffer
+        if not comm.is_distributed:
+            return self._pack(tensors)
+        p = comm.world_size
+        finite = self._replica_finite(tensors)
+        flags = finite_flags(finite, comm.rank, p, tensors[0].device)
+        buffer = self._pack([*tensors, flags])
+        body = buffer[:-p]
+        if not finite:
+            body.zero_()  # a poisoned replica contributes nothing (and NaN never reaches the network sum)
+        comm.all_reduce_(buffer, "sum", tag=tag)
+        poisoned = self._check_flags(buffer[-p:], comm)
+        body.div_(p - len(poisoned))
+        self._unpack([*tensors, flags], buffer)
+        self._after_skipped_replica(finite)
+        return body
+
+    def _replica_finite(self, packed: Sequence[Tensor]) -> bool:
+        """This rank's replica before a round: the tensors the round sends and every floating-point tensor
+        of its optimizers' state (local momentum too)."""
+        state = [t for opt in self.replica.optimizers for st in opt.state.values() for t in st.values()]
+        return all_finite([*packed, *(t for t in state if isinstance(t, Tensor))])
+
+    def _check_flags(self, summed_flags: Tensor, comm: Communicator) -> list[int]:
+        """The group ranks whose replica was not finite; raises per ``on_nonfinite`` (the same on every rank:
+        every rank holds the same summed flags)."""
+        poisoned = flagged_ranks(summed_flags)
+        if poisoned and (self.on_nonfinite == "raise" or len(poisoned) == comm.world_size):
+            ranks = [comm.global_rank(r) for r in poisoned]
+            message = nonfinite_message(ranks, self.step, self.on_nonfinite, comm.world_size)
+            raise NonFiniteReplicaError(message)
+        return poisoned
+
+    def _after_skipped_replica(self, finite: bool) -> None:
+        """A skipped (poisoned) replica now holds the finite average; optimizer state the round did not
+        replace is reset, so that no NaN survives in it."""
+        if not finite and self.replica.momentum == "local":
+            self.replica.reset_optimizer_state()
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

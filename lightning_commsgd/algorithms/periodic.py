@@ -32,6 +32,12 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_commsgd.algorithms.base import PeriodicAlgorithm, as_schedule, check_choice, validate_period
+from lightning_commsgd.algorithms.finite import (
+    NONFINITE_POLICIES,
+    NonFiniteReplicaError,
+    finite_flags,
+    nonfinite_message,
+)
 from lightning_commsgd.algorithms.replica import MOMENTUM_MODES, MomentumMode, ReplicaState
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.payload import validate_payload_dtype
@@ -83,6 +89,13 @@ class PeriodicAverager(PeriodicAlgorithm):
             divide the world size. ``None`` (default): flat averaging.
         global_every: H, every H-th round averages over all ranks; the others average within the block
             of ``group_size`` ranks (tag ``"average_local"``). 1 (default): every round is global.
+        on_nonfinite: a replica with NaN or Inf before a round: ``"raise"`` (default; every rank raises
+            :class:`~lightning_commsgd.algorithms.finite.NonFiniteReplicaError` in that round, naming the
+            ranks and the step) or ``"skip"`` (the round averages the finite replicas only and the poisoned
+            ones continue from that average); the flags ride in the round's buffer, 4 p bytes more. With a
+            ``payload_dtype`` the flags cannot ride in the rounded payload: a poisoned rank raises before
+            sending (the others then stop at that round with a ``RankFailureError`` naming it), and
+            ``"skip"`` is refused.
 
     The consensus distance (see :class:`PeriodicAlgorithm`) costs one scalar all-reduce here: the mean
     is the round's own result.
@@ -101,8 +114,10 @@ class PeriodicAverager(PeriodicAlgorithm):
         payload_dtype: str | None = None,
         group_size: int | None = None,
         global_every: int = 1,
+        on_nonfinite: str = "raise",
     ) -> None:
         self.momentum = validate_momentum_mode(momentum)
+        nonfinite = check_choice(on_nonfinite, "on_nonfinite", NONFINITE_POLICIES)
         self.global_every = validate_period(global_every, "global_every")
         if group_size is not None:
             validate_period(group_size, "group_size")
@@ -113,8 +128,14 @@ class PeriodicAverager(PeriodicAlgorithm):
         self.payload_dtype = validate_payload_dtype(payload_dtype)
         if self.payload_dtype is not None and self.weights != "uniform":
             raise ValueError('Arg `payload_dtype` works with weights="uniform" only.')
+        if self.payload_dtype is not None and nonfinite == "skip":
+            raise ValueError(
+                'Arg `on_nonfinite="skip"` needs exact rounds: the finite flags cannot ride in a '
+                f"payload_dtype={self.payload_dtype!r} payload; use on_nonfinite='raise'."
+            )
         self.samples_since_round = 0
         super().__init__(ReplicaState(module, optimizers, self.momentum, average_buffers), communicator, tau)
+        self.on_nonfinite = nonfinite
         # payload_dtype: the consensus before the first round is x_0 (equal on every rank), zero optimizer
         # state and the initial buffers; kept only in that mode (a copy of the model)
         self._initial = (
@@ -186,13 +207,23 @@ class PeriodicAverager(PeriodicAlgorithm):
             self.replica.reset_optimizer_state()
 
     def _weighted_mean_(self, tensors: list[torch.Tensor], tag: str, comm: Communicator) -> torch.Tensor:
-        """``tensors`` <- sum_j n_j t_j / sum_j n_j over ranks, n_j riding in the buffer's last element."""
-        weight = torch.tensor(float(self.samples_since_round), dtype=torch.float32, device=tensors[0].device)
-        buffer = self._pack([*tensors, weight])
-        body = buffer[:-1]
-        body.mul_(buffer[-1])
+        """``tensors`` <- sum_j n_j t_j / sum_j n_j over ranks, n_j riding in the buffer after the data and
+        the finite flags after n_j (a skipped poisoned replica sends n_j = 0)."""
+        p = comm.world_size
+        device = tensors[0].device
+        finite = self._replica_finite(tensors)
+        samples = float(self.samples_since_round) if finite else 0.0
+        weight = torch.tensor(samples, dtype=torch.float32, device=device)
+        flags = finite_flags(finite, comm.rank, p, device)
+        buffer = self._pack([*tensors, weight, flags])
+        body = buffer[: -p - 1]
+        if finite:
+            body.mul_(buffer[-p - 1])
+        else:
+            body.zero_()
         comm.all_reduce_(buffer, "sum", tag=tag)
-        total = float(buffer[-1])
+        self._check_flags(buffer[-p:], comm)
+        total = float(buffer[-p - 1])
         if total <= 0:
             # every rank sees the same total, so every rank raises; the replicas are still untouched
             raise RuntimeError(
@@ -200,11 +231,14 @@ class PeriodicAverager(PeriodicAlgorithm):
                 "record_samples(n) for every batch (the Lightning strategies do)."
             )
         body.div_(total)
-        self._unpack([*tensors, weight], buffer)
+        self._unpack([*tensors, weight, flags], buffer)
+        self._after_skipped_replica(finite)
         return body
 
     def _low_precision_mean_(self, tensors: list[torch.Tensor], tag: str) -> torch.Tensor:
         """x <- x_anchor + mean_i(x_i - x_anchor), the changes sent in ``payload_dtype``, summed in fp32."""
+        if not self._replica_finite(tensors):  # see on_nonfinite: stop before anything is sent
+            raise NonFiniteReplicaError(nonfinite_message([self.communicator.rank], self.step, "raise", 2))
         buffer = self._pack(tensors)
         if self.anchor is None or self.anchor.numel() != buffer.numel():
             self.anchor = self._initial_anchor(buffer)

@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_commsgd.algorithms.base import check_choice, validate_period
+from lightning_commsgd.algorithms.finite import NONFINITE_POLICIES
 from lightning_commsgd.algorithms.periodic import (
     WEIGHT_MODES,
     PeriodicAverager,
@@ -58,6 +59,11 @@ class LocalSGDStrategy(CommunicationStrategy):
             over all ranks, the others only within a block of ``group_size`` ranks; 1 (default) is flat.
         group_size: ranks per block (consecutive global ranks); default: the devices per node, so the
             frequent rounds stay on a node's fast links. Must divide the world size.
+        on_nonfinite: NaN or Inf in any rank's parameters, optimizer state or buffers before a round:
+            ``"raise"`` (default: every rank raises ``NonFiniteReplicaError`` in that round, naming the ranks
+            and the step) or ``"skip"`` (average the finite replicas only; the poisoned ones continue from
+            that average). The flags ride in the round's buffer (4 bytes per rank more, no extra round);
+            see :mod:`lightning_commsgd.algorithms.finite`.
         **kwargs: see :class:`~lightning_commsgd.strategies.base.CommunicationStrategy` (``eval_on``,
             ``start_method``, ``timeout``, ...).
 
@@ -78,6 +84,7 @@ class LocalSGDStrategy(CommunicationStrategy):
         payload_dtype: str | None = None,
         global_every: int = 1,
         group_size: int | None = None,
+        on_nonfinite: str = "raise",
         **kwargs: Any,
     ) -> None:
         self.tau = tau if isinstance(tau, PeriodSchedule) else as_schedule(tau).tau
@@ -93,6 +100,9 @@ class LocalSGDStrategy(CommunicationStrategy):
             raise ValueError(
                 "Arg `payload_dtype` does not combine with hierarchical averaging (global_every > 1)."
             )
+        self.on_nonfinite = check_choice(on_nonfinite, "on_nonfinite", NONFINITE_POLICIES)
+        if self.payload_dtype is not None and self.on_nonfinite == "skip":
+            raise ValueError('Arg `on_nonfinite="skip"` needs exact rounds (payload_dtype=None).')
         super().__init__(**kwargs)
 
     @override
@@ -122,6 +132,7 @@ class LocalSGDStrategy(CommunicationStrategy):
             payload_dtype=self.payload_dtype,
             group_size=self._block_size() if self.global_every > 1 else None,
             global_every=self.global_every,
+            on_nonfinite=self.on_nonfinite,
         )
 
     @override

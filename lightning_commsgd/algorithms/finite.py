@@ -1,0 +1,63 @@
+"""Non-finite replicas seen in the round itself: a finite flag per rank travels with the averaged data.
+
+A NaN or Inf in one worker's parameters, optimizer state or buffers would, after one averaging round, be
+in every worker's model. Before an exact round each rank checks its replica (one pass over the packed
+buffer and over its optimizer state), and the packed buffer carries p more float32 values: rank r writes
+1 at position r when its replica is not finite. The all-reduce sums them, so every rank learns in the same
+collective which ranks were poisoned: no extra round, 4 p more bytes per round. Then, by policy:
+
+- ``"raise"`` (default): every rank raises the same :class:`NonFiniteReplicaError`, naming the ranks and
+  the step, before any replica is changed.
+- ``"skip"``: the poisoned replicas are skipped: they send zeros, the round averages the finite replicas
+  only (sum / number of finite ranks), and every rank, the poisoned ones included, continues from that
+  average; a poisoned rank whose optimizer state is not averaged (``momentum="local"``) resets it. When
+  every replica is poisoned, every rank raises.
+
+No rank ever continues with a poisoned model after such a round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["NONFINITE_POLICIES", "NonFiniteReplicaError", "finite_flags", "flagged_ranks"]
+
+NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip")
+
+
+class NonFiniteReplicaError(FloatingPointError):
+    """NaN or Inf in the replica of one or more ranks before a round; every rank raises it in that round."""
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """True when every floating-point element of ``tensors`` is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if torch.is_floating_point(t))
+
+
+def finite_flags(finite: bool, rank: int, world_size: int, device: torch.device) -> Tensor:
+    """The p flags this rank contributes: 1.0 at ``rank`` when its replica is not ``finite``, else zeros."""
+    flags = torch.zeros(world_size, dtype=torch.float32, device=device)
+    if not finite:
+        flags[rank] = 1.0
+    return flags
+
+
+def flagged_ranks(summed_flags: Tensor) -> list[int]:
+    """The ranks (positions) whose flag is set in the all-reduced flags."""
+    return [int(r) for r in torch.nonzero(summed_flags > 0.5).flatten().tolist()]
+
+
+def nonfinite_message(ranks: Sequence[int], step: int, policy: str, world_size: int) -> str:
+    """The error every rank raises (same text on every rank)."""
+    hint = (
+        "every replica is poisoned, nothing finite is left to average"
+        if policy == "skip" and len(ranks) == world_size
+        else "on_nonfinite='skip' would average the finite replicas and continue"
+    )
+    return (
+        f"NaN or Inf in the parameters, optimizer state or buffers of rank(s) {list(ranks)} before the round "
+        f"at step {step}; every rank stops in this round, no replica was changed ({hint})."
+    )

@@ -1,0 +1,39 @@
+"""Finite flags in the round (issue 9, item 4), on 3 gloo processes with the plain-PyTorch averager: a
+poisoned replica is seen by every rank in the same round, and "skip" averages the finite replicas only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mp import run_workers
+from mp_workers import nonfinite_worker
+
+N_PARAMS = 3 * 2 + 2
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("poison", ["params", "momentum"])
+def test_every_rank_raises_in_the_same_round_naming_the_rank(tmp_path, poison):
+    results = run_workers(nonfinite_worker, 3, tmp_path, "raise", "local", poison)
+    for result in results:
+        assert result["error"] is not None and result["error"].startswith("NonFiniteReplicaError")
+        assert "rank(s) [1] before the round at step 1" in result["error"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("momentum", "poison"), [("average", "params"), ("local", "momentum")])
+def test_skip_averages_the_finite_replicas_and_heals_the_poisoned_one(tmp_path, momentum, poison):
+    results = run_workers(nonfinite_worker, 3, tmp_path, "skip", momentum, poison)
+    expected = (results[0]["before"] + results[2]["before"]) / 2
+    for rank, result in enumerate(results):
+        assert result["error"] is None
+        assert torch.allclose(result["after"], expected, atol=1e-7, rtol=0), rank
+        assert all(m is None or torch.isfinite(m).all() for m in result["momentum"])
+    if momentum == "local":  # rank 1's local state was not replaced by the round: it was reset
+        assert all(m is None for m in results[1]["momentum"])
+        assert all(m is not None for m in results[0]["momentum"])
+    # the flags ride in the round: one all-reduce of the data plus 3 flags, nothing else
+    state = N_PARAMS if momentum == "average" else 0
+    for result in results:
+        average = result["ledger"]["by_tag"]["average"]
+        assert average["collectives"] == 1 and average["bytes_sent"] == (N_PARAMS + state + 3) * 4
