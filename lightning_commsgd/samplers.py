@@ -323,6 +323,11 @@ class RedundantBatchSampler(Sampler[list[int]]):
         self.sampler.set_epoch(epoch)
 
     @property
+    def epoch(self) -> int:
+        """The current epoch (the placement sampler's)."""
+        return self.sampler.epoch
+
+    @property
     def samples_per_batch(self) -> int:
         """This rank's batch size: b (1 + floor(mu p)) + int(b r) stratified, b in union mode."""
         if self.sampling == "union":

@@ -49,6 +49,7 @@ from lightning_commsgd.checkpoint_io import AtomicCheckpointIO, verify_checkpoin
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.flat import FlatBuffer
 from lightning_commsgd.replica_check import check_replicas_equal
+from lightning_commsgd.resumable import resumable_loader
 from lightning_commsgd.strategies.checkpointing import CHECKPOINT_FORMAT, CHECKPOINT_KEY, consensus_state_dict
 from lightning_commsgd.strategies.launcher import ReportingScriptLauncher
 from lightning_commsgd.strategies.lightning_patches import remove_per_step_collectives
@@ -196,7 +197,9 @@ class CommunicationStrategy(DDPStrategy):
         self._algorithm: SyncAlgorithm | None = None
         self._pending_algorithm_state: dict[str, Any] | None = None
         self._eval_stash: dict[str, Tensor] | None = None
-        self._train_batches: Any = None  # the RI-SGD batch sampler, when there is one
+        # the training loader's batch sampler, RI-SGD's or a ResumableBatchSampler: its epoch position is
+        # checkpointed, so a resumed run continues at the next batch
+        self._train_batches: Any = None
         self._pending_sampler_state: dict[str, Any] | None = None
         self._watchdog: FailureWatchdog | None = None
 
@@ -238,19 +241,21 @@ class CommunicationStrategy(DDPStrategy):
     @override
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if (
-            self.redundancy.active
-            and trainer is not None
-            and trainer.training  # the training loader only; validation keeps Lightning's sampler
-            and isinstance(dataloader, DataLoader)
-        ):
-            loader = self.redundancy.dataloader(dataloader, self.world_size, self.global_rank)
-            self._train_batches = loader.batch_sampler
+        # the training loader only; validation keeps Lightning's sampler
+        training = trainer is not None and trainer.training and isinstance(dataloader, DataLoader)
+        if training and self.redundancy.active:
+            loader = self.redundancy.dataloader(dataloader, self.world_size, self.global_rank)  # type: ignore[arg-type]
+        else:
+            loader = super().process_dataloader(dataloader)
+            if training:  # resumes mid-epoch at the next batch (see lightning_commsgd.resumable)
+                loader = resumable_loader(loader) or loader  # type: ignore[arg-type]
+        batches = getattr(loader, "batch_sampler", None)
+        if training and callable(getattr(batches, "load_state_dict", None)):
+            self._train_batches = batches
             if self._pending_sampler_state is not None:
-                self._train_batches.load_state_dict(self._pending_sampler_state)
+                batches.load_state_dict(self._pending_sampler_state)
             self._pending_sampler_state = None
-            return loader
-        return super().process_dataloader(dataloader)
+        return loader
 
     @override
     def _configure_launcher(self) -> None:
@@ -478,7 +483,7 @@ class CommunicationStrategy(DDPStrategy):
             # Batches the loop consumed in this epoch: the fetcher reads ahead, so the sampler's own
             # position can be one batch further than what training has seen.
             progress = self.lightning_module.trainer.fit_loop.epoch_loop.batch_progress.current
-            local["sampler"] = {"epoch": self._train_batches.sampler.epoch, "position": progress.ready}
+            local["sampler"] = {"epoch": self._train_batches.epoch, "position": progress.ready}
         return local
 
     def _resized_algorithm_state(self, state: dict[str, Any]) -> dict[str, Any]:
