@@ -280,3 +280,36 @@ def nonfinite_worker(rank: int, world_size: int, policy: str, momentum: str, poi
         "momentum": [optimizer.state[p].get("momentum_buffer") for p in model.parameters()],
         "ledger": averager.communicator.ledger.as_dict(),
     }
+
+
+def nonfinite_round_worker(rank: int, world_size: int, kind: str) -> dict[str, Any]:
+    """Rank 1's parameters turn Inf after its second step; EASGD's round (tau=1) or Overlap Local-SGD's
+    round then sends, and every rank must stop with the error naming rank 1: at once for EASGD's sum, when
+    the average arrives (the next round) for overlap. (Not in the first round: with a rounded payload,
+    rank 1 would stop before the others' first round creates the background group, and without the
+    strategies' watchdog they would wait for it.)"""
+    from lightning_commsgd.algorithms import OverlapLocalSGD
+    from lightning_commsgd.algorithms.elastic import ElasticAverager
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    comm = Communicator()
+    if kind == "elastic":
+        algorithm = ElasticAverager(model, [optimizer], comm, tau=1)
+    else:
+        algorithm = OverlapLocalSGD(model, [optimizer], comm, tau=1, alpha=0.5, payload_dtype=kind or None)
+    rounds_ok = 0
+    for step in range(4):
+        model(torch.randn(4, 3) + rank).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if rank == 1 and step == 1:
+            with torch.no_grad():
+                model.weight[0, 0] = float("inf")
+        try:
+            algorithm.after_optimizer_step()
+        except Exception as error:
+            return {"error": f"{type(error).__name__}: {error}", "rounds_ok": rounds_ok}
+        rounds_ok += 1
+    return {"error": None, "rounds_ok": rounds_ok}

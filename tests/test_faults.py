@@ -232,7 +232,13 @@ def torchrun(tmp_path: Path, name: str, fault: str | None) -> tuple[subprocess.C
     steps (a round); a checkpoint every 4 steps and last.ckpt; a restarted attempt resumes from last.ckpt."""
     out = tmp_path / name
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # a restarted attempt must not share the failed attempt's rendezvous store (pytorch#135712)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    }
     env.pop("FAULT", None)
     if fault:
         env["FAULT"] = fault

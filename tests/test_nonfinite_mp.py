@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from mp import run_workers
-from mp_workers import nonfinite_worker
+from mp_workers import nonfinite_round_worker, nonfinite_worker
 
 N_PARAMS = 3 * 2 + 2
 
@@ -37,3 +37,21 @@ def test_skip_averages_the_finite_replicas_and_heals_the_poisoned_one(tmp_path, 
     for result in results:
         average = result["ledger"]["by_tag"]["average"]
         assert average["collectives"] == 1 and average["bytes_sent"] == (N_PARAMS + state + 3) * 4
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("kind", ["elastic", "overlap_fp32", "overlap_bf16"])
+def test_elastic_and_overlap_rounds_carry_the_flags_too(tmp_path, kind):
+    payload = {"elastic": "elastic", "overlap_fp32": "", "overlap_bf16": "bf16"}[kind]
+    results = run_workers(nonfinite_round_worker, 3, tmp_path, payload)
+    if kind == "overlap_bf16":  # a rounded payload: rank 1 stops before sending; the others' next round fails
+        assert results[1]["error"].startswith("NonFiniteReplicaError") and results[1]["rounds_ok"] == 1
+        assert "rank(s) [1] before the round at step 2" in results[1]["error"]
+        for rank in (0, 2):
+            assert results[rank]["error"] is not None and "NonFinite" not in results[rank]["error"]
+        return
+    # EASGD's sum stops every rank in the first round; overlap's average stops them when it arrives
+    expected_rounds = 1 if kind == "elastic" else 2
+    for result in results:
+        assert result["error"] is not None and result["error"].startswith("NonFiniteReplicaError"), result
+        assert "rank(s) [1]" in result["error"] and result["rounds_ok"] == expected_rounds

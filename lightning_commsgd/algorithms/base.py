@@ -19,6 +19,7 @@ from lightning_commsgd.algorithms.finite import (
     all_finite,
     finite_flags,
     flagged_ranks,
+    local_nonfinite_message,
     nonfinite_message,
 )
 from lightning_commsgd.algorithms.replica import ReplicaState
@@ -173,6 +174,20 @@ class PeriodicAlgorithm(ABC):
         comm = communicator or self.communicator
         if not comm.is_distributed:
             return self._pack(tensors)
+        body, poisoned, finite = self._flagged_sum_(tensors, tag, comm)
+        body.div_(comm.world_size - len(poisoned))
+        assert self._flat is not None
+        self._unpack(tensors, self._flat.buffer)  # the flags' slot, after the tensors, is left out
+        self._after_skipped_replica(finite)
+        return body
+
+    def _flagged_sum_(
+        self, tensors: Sequence[Tensor], tag: str, comm: Communicator
+    ) -> tuple[Tensor, list[int], bool]:
+        """One all-reduce of the sum of ``tensors`` over the ranks of ``comm`` with the finite flags riding
+        behind them (see :mod:`.finite`): (the packed sum, the poisoned group ranks, whether this rank's
+        replica was finite). A poisoned replica sends zeros; raises per ``on_nonfinite``. ``tensors`` are
+        not changed."""
         p = comm.world_size
         finite = self._replica_finite(tensors)
         flags = finite_flags(finite, comm.rank, p, tensors[0].device)
@@ -181,11 +196,7 @@ class PeriodicAlgorithm(ABC):
         if not finite:
             body.zero_()  # a poisoned replica contributes nothing (and NaN never reaches the network sum)
         comm.all_reduce_(buffer, "sum", tag=tag)
-        poisoned = self._check_flags(buffer[-p:], comm)
-        body.div_(p - len(poisoned))
-        self._unpack([*tensors, flags], buffer)
-        self._after_skipped_replica(finite)
-        return body
+        return body, self._check_flags(buffer[-p:], comm), finite
 
     def _replica_finite(self, packed: Sequence[Tensor]) -> bool:
         """This rank's replica before a round: the tensors the round sends and every floating-point tensor
@@ -202,6 +213,12 @@ class PeriodicAlgorithm(ABC):
             message = nonfinite_message(ranks, self.step, self.on_nonfinite, comm.world_size)
             raise NonFiniteReplicaError(message)
         return poisoned
+
+    def _refuse_nonfinite(self, tensors: Sequence[Tensor]) -> None:
+        """For rounds whose payload has no room for the flags (rounded payloads): a poisoned rank raises
+        before sending anything."""
+        if not self._replica_finite(tensors):
+            raise NonFiniteReplicaError(local_nonfinite_message(self.communicator.rank, self.step))
 
     def _after_skipped_replica(self, finite: bool) -> None:
         """A skipped (poisoned) replica now holds the finite average; optimizer state the round did not

@@ -96,10 +96,10 @@ class ElasticAverager(PeriodicAlgorithm):
 
     def communicate(self, tag: str) -> None:
         tensors = self.replica.averaged_tensors()
-        local = self._pack(tensors)
-        total = local.clone()
-        self.communicator.all_reduce_(total, "sum", tag="elastic")
         m = self.communicator.world_size
+        # sum_i x_i, with the finite flags riding behind it (a poisoned replica raises on every rank here)
+        total = self._flagged_sum_(tensors, "elastic", self.communicator)[0].clone()
+        local = self._pack(tensors)
         if self._consensus_due():
             head = self.replica.param_numel
             self._record_consensus(local[:head], total[:head] / m)

@@ -14,6 +14,14 @@ collective which ranks were poisoned: no extra round, 4 p more bytes per round. 
   every replica is poisoned, every rank raises.
 
 No rank ever continues with a poisoned model after such a round.
+
+Where the flags ride: every exact-mean round of ``PeriodicAverager`` (uniform, sample-weighted,
+hierarchical) and the final round of every periodic algorithm; EASGD's sum of the replicas (raise only);
+Overlap Local-SGD's fp32 average (raise only; seen when that average arrives, at the next round). Rounds
+with a rounded payload (``payload_dtype``) have no room for them: a poisoned rank raises before sending and
+the others stop in that round with the watchdog's ``RankFailureError`` naming it. The compressed strategies
+carry their own status byte (:mod:`lightning_commsgd.algorithms.compressed`). Gossip messages reach only
+the neighbours, so a gossip round checks nothing; the final exact average does.
 """
 
 from __future__ import annotations
@@ -23,7 +31,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["NONFINITE_POLICIES", "NonFiniteReplicaError", "finite_flags", "flagged_ranks"]
+__all__ = [
+    "NONFINITE_POLICIES",
+    "NonFiniteReplicaError",
+    "finite_flags",
+    "flagged_ranks",
+    "nonfinite_message",
+]
 
 NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip")
 
@@ -60,4 +74,13 @@ def nonfinite_message(ranks: Sequence[int], step: int, policy: str, world_size: 
     return (
         f"NaN or Inf in the parameters, optimizer state or buffers of rank(s) {list(ranks)} before the round "
         f"at step {step}; every rank stops in this round, no replica was changed ({hint})."
+    )
+
+
+def local_nonfinite_message(rank: int, step: int) -> str:
+    """The error of a poisoned rank whose round cannot carry the flags (a rounded payload)."""
+    return (
+        f"NaN or Inf in the parameters, optimizer state or buffers of rank(s) [{rank}] before the round at "
+        f"step {step}; a rounded payload has no room for the finite flags, so this rank stops before sending "
+        "and the others stop in this round with a RankFailureError naming it."
     )

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_commsgd.algorithms.base import PeriodicAlgorithm
+from lightning_commsgd.algorithms.finite import finite_flags
 from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator, PendingLowpMean, PendingMean
 from lightning_commsgd.payload import validate_payload_dtype
@@ -134,9 +135,15 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         if self._pending is None:
             return False
         arrived = self._pending.wait()
-        # 16-bit payloads carry the mean change since the anchor, fp32 ones the mean itself
-        self.anchor = self.anchor + arrived if self.payload_dtype else arrived
         self._pending = None
+        # 16-bit payloads carry the mean change since the anchor, fp32 ones the mean itself and the finite
+        # flags (divided by p with it): a replica that was poisoned when it sent raises on every rank here
+        if self.payload_dtype:
+            self.anchor = self.anchor + arrived
+        else:
+            p = self.communicator.world_size
+            self._check_flags(arrived[-p:] * p, self.communicator)
+            self.anchor = arrived[:-p]
         return True
 
     def _apply_arrival(self, x: Tensor) -> None:
@@ -163,12 +170,17 @@ class OverlapLocalSGD(PeriodicAlgorithm):
             outgoing = x.clone()
         self._unpack(tensors, x)
         if self.payload_dtype:
+            self._refuse_nonfinite([x])
             outgoing -= self.anchor
             self._pending = self.communicator.all_reduce_mean_lowp_async(
                 outgoing, self.payload_dtype, tag="overlap_average", seed=self.step
             )
         else:
-            self._pending = self.communicator.all_reduce_mean_async(outgoing, tag="overlap_average")
+            comm = self.communicator
+            finite = self._replica_finite([x])
+            flags = finite_flags(finite, comm.rank, comm.world_size, outgoing.device)
+            outgoing = torch.cat([outgoing if finite else torch.zeros_like(outgoing), flags])
+            self._pending = comm.all_reduce_mean_async(outgoing, tag="overlap_average")
 
     def finalize(self) -> None:
         """The average in flight lands, then one exact (blocking) average of the replicas as they are: every

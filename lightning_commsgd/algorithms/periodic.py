@@ -32,12 +32,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_commsgd.algorithms.base import PeriodicAlgorithm, as_schedule, check_choice, validate_period
-from lightning_commsgd.algorithms.finite import (
-    NONFINITE_POLICIES,
-    NonFiniteReplicaError,
-    finite_flags,
-    nonfinite_message,
-)
+from lightning_commsgd.algorithms.finite import NONFINITE_POLICIES, finite_flags
 from lightning_commsgd.algorithms.replica import MOMENTUM_MODES, MomentumMode, ReplicaState
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.payload import validate_payload_dtype
@@ -237,8 +232,7 @@ class PeriodicAverager(PeriodicAlgorithm):
 
     def _low_precision_mean_(self, tensors: list[torch.Tensor], tag: str) -> torch.Tensor:
         """x <- x_anchor + mean_i(x_i - x_anchor), the changes sent in ``payload_dtype``, summed in fp32."""
-        if not self._replica_finite(tensors):  # see on_nonfinite: stop before anything is sent
-            raise NonFiniteReplicaError(nonfinite_message([self.communicator.rank], self.step, "raise", 2))
+        self._refuse_nonfinite(tensors)  # see on_nonfinite: the flags cannot ride in a rounded payload
         buffer = self._pack(tensors)
         if self.anchor is None or self.anchor.numel() != buffer.numel():
             self.anchor = self._initial_anchor(buffer)

@@ -22,6 +22,7 @@ Hook order (Trainer -> strategy -> algorithm -> communicator):
 from __future__ import annotations
 
 import math
+import os
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
@@ -83,6 +84,19 @@ def _reduce_kind(reduce_op: Any) -> str | None:
 def _is_world(group: Any) -> bool:
     """Lightning passes the default group as ``None`` or as ``dist.group.WORLD``."""
     return group is None or group is dist.group.WORLD
+
+
+def _warn_if_torchrun_restarts_share_the_store() -> None:
+    """torchrun (torch >= 2.5) shares its rendezvous store with the workers' process group, and a restarted
+    attempt can read the failed attempt's addresses from it and fail to connect (pytorch#135712; seen
+    here with torch 2.13 and gloo). Its own switch turns the sharing off."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        rank_zero_warn(
+            "torchrun --max-restarts > 0 with the rendezvous store shared by the workers: a restarted "
+            "attempt can connect to the failed attempt's addresses and fail (pytorch#135712). Set "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment."
+        )
 
 
 class SyncAlgorithm(Protocol):
@@ -268,6 +282,7 @@ class CommunicationStrategy(DDPStrategy):
                 f"{type(self).__name__} exists to avoid; BatchNorm buffers are averaged at each round "
                 "instead (average_buffers=True)."
             )
+        _warn_if_torchrun_restarts_share_the_store()
         super()._configure_launcher()
         if type(self._launcher) is _SubprocessScriptLauncher:  # popen: report a dead child rank
             self._launcher = ReportingScriptLauncher(
