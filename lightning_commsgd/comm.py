@@ -464,14 +464,16 @@ def _set_group_timeout(group: Any, seconds: float) -> None:
     """Bound every later operation of ``group`` by ``seconds`` (torch's private ``_set_pg_timeout``, the only
     way to shorten a group's timeout after its rendezvous; warns where it is missing)."""
     setter = getattr(c10d, "_set_pg_timeout", None)
-    if setter is None:
+    try:
+        if setter is None:
+            raise AttributeError("torch.distributed has no _set_pg_timeout")
+        setter(timedelta(seconds=seconds), group)
+    except (AttributeError, RuntimeError, ValueError) as error:  # an older torch, or a backend without it
         warnings.warn(
-            "This torch has no _set_pg_timeout: collectives keep the process group's timeout "
-            "(set it with the strategy's `timeout`).",
+            f"The collective timeout of {seconds:g} s could not be set ({error}): collectives keep the "
+            "process group's own timeout (the strategy's `timeout`).",
             stacklevel=3,
         )
-        return
-    setter(timedelta(seconds=seconds), group)
 
 
 def shutdown_process_group() -> None:

@@ -204,3 +204,16 @@ def test_sync_timeout_is_checked_before_any_process_starts(value, error):
 def test_sync_timeout_default_and_value():
     assert LocalSGDStrategy().sync_timeout == 600.0
     assert LocalSGDStrategy(sync_timeout=30).sync_timeout == 30.0
+
+
+def test_a_group_whose_timeout_cannot_be_set_keeps_its_own_with_a_warning(monkeypatch):
+    import torch.distributed.distributed_c10d as c10d
+
+    from lightning_commsgd.comm import _set_group_timeout
+
+    def refuse(timeout, group=None):
+        raise RuntimeError("this backend has no settable timeout")
+
+    monkeypatch.setattr(c10d, "_set_pg_timeout", refuse)
+    with pytest.warns(UserWarning, match="collective timeout of 30 s could not be set"):
+        _set_group_timeout(None, 30.0)
