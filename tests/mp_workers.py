@@ -313,3 +313,29 @@ def nonfinite_round_worker(rank: int, world_size: int, kind: str) -> dict[str, A
             return {"error": f"{type(error).__name__}: {error}", "rounds_ok": rounds_ok}
         rounds_ok += 1
     return {"error": None, "rounds_ok": rounds_ok}
+
+
+def nonfinite_gossip_worker(rank: int, world_size: int) -> dict[str, Any]:
+    """4 ranks on a ring (tau=1); rank 1's parameters turn NaN after its first step. Its neighbours (0 and
+    2) and itself must stop in that gossip round without mixing; rank 3, not its neighbour, mixes."""
+    from lightning_commsgd.algorithms.gossip import GossipMixer
+    from lightning_commsgd.topology import make_topology
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mixer = GossipMixer(model, [optimizer], Communicator(), make_topology("ring", world_size), tau=1)
+    model(torch.randn(4, 3) + rank).square().sum().backward()
+    optimizer.step()
+    if rank == 1:
+        with torch.no_grad():
+            model.weight[0, 0] = float("nan")
+    before = flat_params(model)
+    try:
+        mixer.after_optimizer_step()
+    except FloatingPointError as error:
+        return {
+            "error": f"{type(error).__name__}: {error}",
+            "changed": not torch.allclose(before, flat_params(model), rtol=0, atol=0, equal_nan=True),
+        }
+    return {"error": None, "finite": bool(torch.isfinite(flat_params(model)).all())}

@@ -51,8 +51,8 @@ def test_train_digits_gossip_reports_its_traffic(tmp_path):
     result = json.loads(out.read_text())
     assert result["topology"] == "ring" and result["round_tag"] == "gossip" and result["in_sync_after_fit"]
     gossip = result["ledger"]["by_tag"]["gossip"]
-    # 2 processes: one neighbour; params + momentum per round, 3 rounds
-    assert gossip["rounds"] == 3 and gossip["bytes_sent"] == 3 * 2 * result["num_params"] * 4
+    # 2 processes: one neighbour; params + momentum and the finite flag per round, 3 rounds
+    assert gossip["rounds"] == 3 and gossip["bytes_sent"] == 3 * (2 * result["num_params"] + 1) * 4
     assert result["final_bytes_sent_per_rank"] == result["ledger"]["by_tag"]["final"]["bytes_sent"] > 0
 
 

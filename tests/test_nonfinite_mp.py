@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from mp import run_workers
-from mp_workers import nonfinite_round_worker, nonfinite_worker
+from mp_workers import nonfinite_gossip_worker, nonfinite_round_worker, nonfinite_worker
 
 N_PARAMS = 3 * 2 + 2
 
@@ -55,3 +55,15 @@ def test_elastic_and_overlap_rounds_carry_the_flags_too(tmp_path, kind):
     for result in results:
         assert result["error"] is not None and result["error"].startswith("NonFiniteReplicaError"), result
         assert "rank(s) [1]" in result["error"] and result["rounds_ok"] == expected_rounds
+
+
+@pytest.mark.multiprocess
+def test_a_poisoned_gossip_message_stops_its_neighbours_before_they_mix(tmp_path):
+    results = run_workers(nonfinite_gossip_worker, 4, tmp_path)
+    for rank in (0, 1, 2):  # rank 1 and its ring neighbours
+        assert results[rank]["error"] is not None and results[rank]["error"].startswith(
+            "NonFiniteReplicaError"
+        )
+        assert "rank(s) [1] before the gossip round at step 1" in results[rank]["error"]
+        assert not results[rank]["changed"]  # nothing was mixed
+    assert results[3]["error"] is None and results[3]["finite"]  # not reached by rank 1's message

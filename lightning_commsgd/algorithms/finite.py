@@ -20,8 +20,9 @@ hierarchical) and the final round of every periodic algorithm; EASGD's sum of th
 Overlap Local-SGD's fp32 average (raise only; seen when that average arrives, at the next round). Rounds
 with a rounded payload (``payload_dtype``) have no room for them: a poisoned rank raises before sending and
 the others stop in that round with the watchdog's ``RankFailureError`` naming it. The compressed strategies
-carry their own status byte (:mod:`lightning_commsgd.algorithms.compressed`). Gossip messages reach only
-the neighbours, so a gossip round checks nothing; the final exact average does.
+carry their own status byte (:mod:`lightning_commsgd.algorithms.compressed`). A gossip message carries
+its sender's flag (4 bytes): the poisoned rank and its neighbours stop before mixing, and the other ranks,
+which that round does not reach, stop at their next collective with the watchdog's ``RankFailureError``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,15 @@ def nonfinite_message(ranks: Sequence[int], step: int, policy: str, world_size: 
     return (
         f"NaN or Inf in the parameters, optimizer state or buffers of rank(s) {list(ranks)} before the round "
         f"at step {step}; every rank stops in this round, no replica was changed ({hint})."
+    )
+
+
+def gossip_nonfinite_message(ranks: Sequence[int], step: int) -> str:
+    """The error of a rank whose gossip round met a poisoned replica (its own or a neighbour's flag)."""
+    return (
+        f"NaN or Inf in the parameters, optimizer state or buffers of rank(s) {list(ranks)} before the "
+        f"gossip round at step {step}, seen by the rank and its neighbours (the flags ride in the messages): "
+        "they stop before mixing; the other ranks stop at their next collective with a RankFailureError."
     )
 
 

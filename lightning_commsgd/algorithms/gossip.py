@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from lightning_commsgd.algorithms.base import PeriodicAlgorithm, check_choice
+from lightning_commsgd.algorithms.finite import NonFiniteReplicaError, gossip_nonfinite_message
 from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.schedules import PeriodSchedule
@@ -87,14 +89,23 @@ class GossipMixer(PeriodicAlgorithm):
         rank, phase = self.communicator.rank, self.mix_rounds % self.topology.num_phases
         if self._consensus_due():
             self._measure_consensus(tensors)
-        own = self._pack(tensors)
+        # the message ends with this rank's finite flag (4 bytes); a poisoned replica sends zeros and the flag
+        finite = self._replica_finite(tensors)
+        flag = torch.tensor([0.0 if finite else 1.0], dtype=torch.float32, device=tensors[0].device)
+        own = self._pack([*tensors, flag])
+        if not finite:
+            own[:-1].zero_()
         incoming = self.topology.in_neighbours(rank, phase)
         receivers, senders = self.topology.out_neighbours(rank, phase), [j for j, _ in incoming]
         received = self.communicator.exchange(own, receivers, senders, tag="gossip")
+        poisoned = ([] if finite else [rank]) + [j for j, m in zip(senders, received) if float(m[-1]) > 0.5]
+        if poisoned:  # neither this replica nor its neighbours' reach a mix
+            ranks = sorted(self.communicator.global_rank(r) for r in poisoned)
+            raise NonFiniteReplicaError(gossip_nonfinite_message(ranks, self.step))
         mixed = own * self.topology.self_weight(rank, phase)
         for (_, weight), message in zip(incoming, received):
             mixed.add_(message, alpha=weight)
-        self._unpack(tensors, mixed)
+        self._unpack(tensors, mixed)  # the flag's slot, after the tensors, is left out
         self.mix_rounds += 1
 
     def _measure_consensus(self, tensors: Sequence[Any]) -> None:
