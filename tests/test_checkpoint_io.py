@@ -102,44 +102,66 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, monkey
 
 
 SAVER = """
-import sys, torch
+import io, sys, time, torch
 sys.path.insert(0, {tests!r})
 from test_checkpoint_io import sample_checkpoint
 from lightning_commsgd.checkpoint_io import AtomicCheckpointIO
-io = AtomicCheckpointIO()
+
+real_save = torch.save
+
+
+def slow_save(obj, stream, *args, **kwargs):  # a slow disk: 1 MB every 10 ms, so a kill lands mid-write
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    data = buffer.getvalue()
+    for i in range(0, len(data), 1 << 20):
+        stream.write(data[i : i + (1 << 20)])
+        stream.flush()
+        time.sleep(0.01)
+
+
+torch.save = slow_save
+io_ = AtomicCheckpointIO()
 version = 0
 while True:
     version += 1
-    io.save_checkpoint(sample_checkpoint(version, size=4_000_000), {path!r})  # 16 MB each
-    print(version, flush=True)
+    checkpoint = sample_checkpoint(version, size=4_000_000)  # 16 MB
+    print("saving", version, flush=True)
+    io_.save_checkpoint(checkpoint, {path!r})
+    print("saved", version, flush=True)
 """
 
 
-def test_sigkill_during_saves_never_damages_the_checkpoint(tmp_path):
-    """A process saves 16 MB checkpoints over the same file in a loop and is SIGKILLed at random moments
-    (mostly mid-write): the file is always a whole checkpoint, and the next save removes the dead process's
-    temporary file."""
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path):
+    """A process saves 16 MB checkpoints over the same file, 1 MB every 10 ms, and is SIGKILLed in the
+    middle of a save (after one or more whole saves): the file is always the previous whole checkpoint,
+    and the next save removes the dead process's temporary file."""
     path = tmp_path / "last.ckpt"
     script = SAVER.format(tests=str(TESTS_DIR), path=str(path))
     rng = random.Random(1)
-    killed_mid_write = 0
-    for trial in range(4):
+    for trial in range(3):
         proc = subprocess.Popen(
             [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT
         )
         assert proc.stdout is not None
-        proc.stdout.readline()  # one whole save done: there is a previous checkpoint
-        time.sleep(rng.uniform(0.0, 0.3))
+        whole_saves = 1 + trial
+        last_saved = 0
+        while True:
+            word, version = proc.stdout.readline().split()
+            if word == "saved":
+                last_saved = int(version)
+            elif last_saved >= whole_saves:
+                break  # a save of version last_saved + 1 has begun: it takes at least 160 ms
+        time.sleep(rng.uniform(0.02, 0.12))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        killed_mid_write += any(p.name.startswith(".last.ckpt.tmp-") for p in tmp_path.iterdir())
+        assert any(p.name.startswith(".last.ckpt.tmp-") for p in tmp_path.iterdir())  # killed mid-write
         verify_checkpoint(path)
         loaded = torch.load(path, weights_only=False)
-        assert same(loaded, sample_checkpoint(loaded["global_step"], size=4_000_000)), trial
-    assert killed_mid_write >= 2  # most kills hit a save in progress (a temporary file was left)
-    leftovers = [p for p in tmp_path.iterdir() if p.name != "last.ckpt"]
+        assert loaded["global_step"] == last_saved  # the previous checkpoint, whole
+        assert same(loaded, sample_checkpoint(last_saved, size=4_000_000)), trial
     AtomicCheckpointIO().save_checkpoint(sample_checkpoint(0), path)
-    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], leftovers
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 @pytest.mark.multiprocess
