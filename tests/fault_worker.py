@@ -12,12 +12,15 @@ popen launcher re-runs it for ranks 1 and 2. Under ``torchrun`` the fault hits t
 ``--auto-resume`` resumes a restarted attempt from ``DIR/ckpt/last.ckpt``. Each rank writes
 ``DIR/pid<rank>`` at the start of fit; the faulty rank writes ``DIR/fault.json`` (time, rank, step, kind,
 where) just before the fault. With ``--record`` each rank also writes ``DIR/rounds<rank>.pt``: its flat
-parameters just before and just after every averaging round, and after fit.
+parameters just before and just after every averaging round, and after fit. At exit, after the
+strategy's own exit handler, each rank writes ``DIR/group_at_exit<rank>``: whether its process group was
+still initialised.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import signal
@@ -117,6 +120,12 @@ class Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
+def report_group_at_exit(out: str) -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    with open(os.path.join(out, f"group_at_exit{rank}"), "w") as f:
+        f.write("initialized" if dist.is_initialized() else "destroyed")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -130,6 +139,8 @@ def main() -> None:
     parser.add_argument("--auto-resume", action="store_true", help="resume from OUT/ckpt/last.ckpt if there")
     args = parser.parse_args()
     fault = parse_fault()
+    # Registered before fit, so it runs after the handler the strategy registers (atexit is LIFO).
+    atexit.register(report_group_at_exit, args.out)
 
     original_all_reduce = dist.all_reduce
 

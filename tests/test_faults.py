@@ -225,6 +225,10 @@ def test_nan_on_one_rank_is_skipped_on_request(tmp_path):
     round4 = [next(x for x in rec["rounds"] if x["step"] == 4) for rec in records]
     mean3 = sum(x["before"] for x in round4) / 3
     assert torch.allclose(round4[0]["after"], mean3, atol=1e-6, rtol=0)
+    # a run that ended normally released its process group at exit (no SIGABRT from gloo's threads
+    # in interpreter finalization)
+    for r in range(WORLD_SIZE):
+        assert (out / f"group_at_exit{r}").read_text() == "destroyed"
 
 
 def torchrun(tmp_path: Path, name: str, fault: str | None) -> tuple[subprocess.CompletedProcess, Path]:

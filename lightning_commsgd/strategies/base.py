@@ -47,7 +47,11 @@ from typing_extensions import override
 
 from lightning_commsgd.algorithms.base import check_choice
 from lightning_commsgd.checkpoint_io import AtomicCheckpointIO, verify_checkpoint
-from lightning_commsgd.comm import Communicator
+from lightning_commsgd.comm import (
+    Communicator,
+    destroy_process_group_at_exit,
+    skip_group_destruction_at_exit,
+)
 from lightning_commsgd.flat import FlatBuffer
 from lightning_commsgd.replica_check import check_replicas_equal
 from lightning_commsgd.resumable import resumable_loader
@@ -290,6 +294,11 @@ class CommunicationStrategy(DDPStrategy):
             )
 
     @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        destroy_process_group_at_exit()
+
+    @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
         if trainer.ckpt_path is not None and "://" not in str(trainer.ckpt_path):
@@ -383,6 +392,7 @@ class CommunicationStrategy(DDPStrategy):
     @override
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
+        skip_group_destruction_at_exit()
         watchdog = self._watchdog
         if watchdog is not None and not isinstance(exception, RankFailureError):
             # This rank failed by itself: tell the others why, before its process ends.
