@@ -87,6 +87,8 @@ class Communicator:
         self._background_group: Any = None
         self.monitor = monitor
         self.timeout = timeout
+        # point-to-point messages are sent and received from several threads (the parameter server's)
+        self._ledger_lock = threading.Lock()
         if timeout is not None and self.is_distributed:
             _set_group_timeout(self.group, timeout)
 
@@ -337,6 +339,44 @@ class Communicator:
         # one torch.distributed call (batch_isend_irecv) carrying every message
         self.ledger.record(tag, sent=nbytes * len(to), received=nbytes * len(recv_from), seconds=seconds)
         return received
+
+    # -- point-to-point messages (the parameter server's) ---------------------------------------------
+    def new_group(self, timeout: float | None = None) -> Any:
+        """A process group over this communicator's ranks with its own ``timeout`` in seconds (``None``:
+        the communicator's). Collective: every rank creates its groups in the same order."""
+        if not self.is_distributed:
+            return None
+        ranks = None if self.group is dist.group.WORLD else dist.get_process_group_ranks(self.group)
+        seconds = self.timeout if timeout is None else timeout
+        kwargs = {} if seconds is None else {"timeout": timedelta(seconds=seconds)}
+        return dist.new_group(ranks=ranks, **kwargs)
+
+    def send(self, tensor: Tensor, dst: int, *, tag: str, group: Any = None, msg_tag: int = 0) -> None:
+        """Send ``tensor`` to global rank ``dst`` (blocking until it is taken) over ``group`` (default:
+        the communicator's); ``msg_tag`` tells messages between the same pair apart. Thread-safe."""
+        self.isend(tensor, dst, tag=tag, group=group, msg_tag=msg_tag).wait()
+
+    def isend(self, tensor: Tensor, dst: int, *, tag: str, group: Any = None, msg_tag: int = 0) -> Any:
+        """Post a send of ``tensor`` to global rank ``dst`` and return its handle (``wait()`` it before
+        touching ``tensor``). Counted as sent when posted. Thread-safe."""
+        tensor = tensor.contiguous()
+        work = dist.isend(tensor, dst, group=group or self.group, tag=msg_tag)
+        with self._ledger_lock:
+            self.ledger.record(tag, sent=tensor.numel() * tensor.element_size(), received=0, seconds=0.0)
+        return work
+
+    def recv_(
+        self, tensor: Tensor, src: int, *, tag: str, group: Any = None, msg_tag: int = 0, timed: bool = True
+    ) -> Tensor:
+        """Receive into ``tensor`` from global rank ``src`` over ``group`` (blocking). ``timed=False`` keeps
+        the wait out of the ledger's seconds (a thread that waits for the next message is idle, not
+        communicating). Thread-safe."""
+        start = time.perf_counter()
+        dist.recv(tensor, src, group=group or self.group, tag=msg_tag)
+        seconds = self._finish(tensor, start) if timed else 0.0
+        with self._ledger_lock:
+            self.ledger.record(tag, sent=0, received=tensor.numel() * tensor.element_size(), seconds=seconds)
+        return tensor
 
     def global_rank(self, group_rank: int) -> int:
         """The global rank of ``group_rank`` of this communicator's group (itself for the world group)."""
