@@ -7,6 +7,7 @@ Importing the package registers the strategy names with Lightning's ``StrategyRe
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_commsgd.algorithms import PeriodicAverager
+from lightning_commsgd.algorithms.parameter_server import StalenessAwareLR
 from lightning_commsgd.callbacks import CommunicationMonitor
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.compression import (
@@ -27,20 +28,24 @@ from lightning_commsgd.schedules import (
     PostLocalSGD,
 )
 from lightning_commsgd.strategies import (
+    AsyncSGDStrategy,
     CommunicationStrategy,
     CompressedSGDStrategy,
     DecentralizedSGDStrategy,
     DianaStrategy,
     DoubleResidualStrategy,
     ElasticAveragingStrategy,
+    KSyncSGDStrategy,
     LocalSGDStrategy,
     OverlapLocalSGDStrategy,
+    ParameterServerStrategy,
 )
 from lightning_commsgd.topology import Topology, make_topology
 
 __all__ = [
     "QSGD",
     "AdaComm",
+    "AsyncSGDStrategy",
     "CommLedger",
     "CommunicationMonitor",
     "CommunicationStrategy",
@@ -54,14 +59,17 @@ __all__ = [
     "ElasticAveragingStrategy",
     "Identity",
     "IncreasingPeriod",
+    "KSyncSGDStrategy",
     "LocalSGDStrategy",
     "OverlapLocalSGDStrategy",
     "PNormQuantizer",
+    "ParameterServerStrategy",
     "PeriodSchedule",
     "PeriodicAverager",
     "PostLocalSGD",
     "RandomK",
     "ScaledSign",
+    "StalenessAwareLR",
     "TopK",
     "Topology",
     "make_topology",
@@ -112,6 +120,12 @@ def register_strategies() -> None:
             },
         ),
     }
+    entries["sync_sgd_ps"] = (KSyncSGDStrategy, "Synchronous SGD through a parameter server on rank 0", {})
+    entries["async_sgd"] = (
+        AsyncSGDStrategy,
+        "Asynchronous SGD (k=1) through a parameter server on rank 0",
+        {},
+    )
     for topology in ("ring", "torus", "exponential", "one_peer_exponential", "complete", "star"):
         entries[f"gossip_{topology}"] = (
             DecentralizedSGDStrategy,

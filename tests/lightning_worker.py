@@ -29,12 +29,14 @@ from toy_problem import BATCH_SIZE, make_dataset, make_net, mse  # noqa: E402
 from lightning_commsgd import (  # noqa: E402
     QSGD,
     AdaComm,
+    AsyncSGDStrategy,
     CommunicationMonitor,
     CompressedSGDStrategy,
     DecentralizedSGDStrategy,
     DianaStrategy,
     DoubleResidualStrategy,
     ElasticAveragingStrategy,
+    KSyncSGDStrategy,
     LocalSGDStrategy,
     OverlapLocalSGDStrategy,
     PNormQuantizer,
@@ -201,6 +203,8 @@ def main() -> None:
             "mem_sgd",
             "double_squeeze",
             "overlap",
+            "ksync",
+            "async",
         ],
     )
     ap.add_argument("--server", default="rank0")
@@ -218,6 +222,8 @@ def main() -> None:
     ap.add_argument("--original-world-size", type=int, default=None)
     ap.add_argument("--failed-workers", type=int, nargs="*", default=[])
     ap.add_argument("--tau", type=int, default=3)
+    ap.add_argument("--k", type=int, default=None, help="K of the parameter-server strategies")
+    ap.add_argument("--variant", default="k-async")
     ap.add_argument("--momentum", default="average")
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "sgd_plain", "adam", "rmsprop"])
     ap.add_argument("--batch-norm", action="store_true")
@@ -250,6 +256,10 @@ def main() -> None:
     }
     if args.strategy == "ddp":
         strategy = DDPStrategy(start_method=args.start_method)
+    elif args.strategy == "ksync":
+        strategy = KSyncSGDStrategy(k=args.k, start_method=args.start_method)
+    elif args.strategy == "async":
+        strategy = AsyncSGDStrategy(k=args.k or 1, variant=args.variant, start_method=args.start_method)
     elif args.strategy == "gossip":
         strategy = DecentralizedSGDStrategy(
             topology=args.topology, tau=args.tau, momentum=args.momentum, **ours

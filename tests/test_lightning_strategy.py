@@ -519,5 +519,3 @@ def test_overlap_cocod_correction_matches_simulation(run_worker, tmp_path, world
     pull = simulate_overlap_local_sgd(make_net(100), _sgd, batches, mse, tau=tau, alpha=0.5)
     assert _max_diff(records, pull) > 1e-3
     assert all(torch.equal(rec["final_params"], records[0]["final_params"]) for rec in records)
-
-

@@ -71,7 +71,10 @@ def run_with_a_dead_worker(tmp_path, mode: str, k: int) -> list[dict]:
     procs = [
         subprocess.Popen(
             [sys.executable, script, mode, str(k), "2", str(tmp_path), str(rank), str(WORLD)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         for rank in range(WORLD)
     ]

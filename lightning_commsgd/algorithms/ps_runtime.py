@@ -412,13 +412,15 @@ def connect(
     max_updates: int | None = None,
     schedulers: tuple[Any, ...] = (),
     timeout: float = 600.0,
+    start: bool = True,
 ) -> tuple[ServerRuntime | None, WorkerClient | None]:
     """Set up a parameter-server job from a plain PyTorch loop. Collective: every rank calls it at the
     same point, with its model's ``params`` (the optimizer's parameters, group after group) equal on
     every rank (the server starts from them).
 
     Returns ``(runtime, client)``: ``runtime`` on the server rank (already serving in a background thread
-    when ``server_trains``; call ``runtime.run()`` otherwise), ``client`` on every rank that trains.
+    when ``server_trains`` and ``start``; call ``runtime.start()`` or, for a server that does not train,
+    ``runtime.run()`` otherwise), ``client`` on every rank that trains.
     """
     ranks = list(range(comm.world_size))
     workers = [r for r in ranks if server_trains or r != server_rank]
@@ -442,7 +444,8 @@ def connect(
         runtime = ServerRuntime(server, comm, groups, server_rank, remote, timeout=timeout)
         if server_trains:
             client = WorkerClient(runtime.local_link(server_rank), mode, timeout)
-            runtime.start()
+            if start:
+                runtime.start()
     elif comm.rank in workers:
         assert groups is not None
         client = WorkerClient(Link.remote(comm, groups, comm.rank, server_rank, numel), mode, timeout)

@@ -9,14 +9,22 @@ from lightning_commsgd.strategies.compressed import (
 from lightning_commsgd.strategies.decentralized import DecentralizedSGDStrategy, ElasticAveragingStrategy
 from lightning_commsgd.strategies.local_sgd import LocalSGDStrategy
 from lightning_commsgd.strategies.overlap import OverlapLocalSGDStrategy
+from lightning_commsgd.strategies.parameter_server import (
+    AsyncSGDStrategy,
+    KSyncSGDStrategy,
+    ParameterServerStrategy,
+)
 
 __all__ = [
+    "AsyncSGDStrategy",
     "CommunicationStrategy",
     "CompressedSGDStrategy",
     "DianaStrategy",
     "DoubleResidualStrategy",
     "DecentralizedSGDStrategy",
     "ElasticAveragingStrategy",
+    "KSyncSGDStrategy",
     "LocalSGDStrategy",
     "OverlapLocalSGDStrategy",
+    "ParameterServerStrategy",
 ]

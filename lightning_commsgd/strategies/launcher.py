@@ -40,6 +40,8 @@ class ReportingScriptLauncher(_SubprocessScriptLauncher):
         watchdog: returns this process's failure watchdog once the strategy has set it up (``None``
             before), for the dead rank's last step and the abort notice.
         grace: seconds the surviving processes get to end by themselves after a child failed.
+        end_job: whether a failed child ends the job (default); ``False`` only reports it, for strategies
+            that survive a lost worker (the parameter-server family decides by itself).
         cluster_environment, num_processes, num_nodes: as for Lightning's launcher.
     """
 
@@ -51,9 +53,10 @@ class ReportingScriptLauncher(_SubprocessScriptLauncher):
         *,
         watchdog: Callable[[], FailureWatchdog | None],
         grace: float = 5.0,
+        end_job: bool = True,
     ) -> None:
         super().__init__(cluster_environment, num_processes, num_nodes)
-        self._watchdog, self._grace = watchdog, grace
+        self._watchdog, self._grace, self._end_job = watchdog, grace, end_job
 
     @override
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
@@ -62,7 +65,7 @@ class ReportingScriptLauncher(_SubprocessScriptLauncher):
         if not self.cluster_environment.creates_processes_externally:
             self._call_children_scripts()
             first_rank = self.cluster_environment.node_rank() * self.num_processes + 1
-            _ChildObserver(self.procs, first_rank, self._watchdog, self._grace).start()
+            _ChildObserver(self.procs, first_rank, self._watchdog, self._grace, self._end_job).start()
         _set_num_threads_if_needed(num_processes=self.num_processes)
         return function(*args, **kwargs)
 
@@ -76,11 +79,13 @@ class _ChildObserver(threading.Thread):
         first_rank: int,
         watchdog: Callable[[], FailureWatchdog | None],
         grace: float,
+        end_job: bool = True,
         poll: float = 0.5,
     ) -> None:
         super().__init__(daemon=True, name="commsgd-child-observer")  # ends with the main process
         self._procs, self._first_rank, self._watchdog = procs, first_rank, watchdog
-        self._grace, self._poll = grace, poll
+        self._grace, self._poll, self._end_job = grace, poll, end_job
+        self._reported: set[int] = set()
 
     def run(self) -> None:
         while True:
@@ -89,6 +94,18 @@ class _ChildObserver(threading.Thread):
             if all(code == 0 for code in codes):
                 return
             failed = [(self._first_rank + i, code) for i, code in enumerate(codes) if code not in (None, 0)]
+            if not self._end_job:  # report each failed child once; the job decides by itself
+                for rank, code in failed:
+                    if rank not in self._reported:
+                        self._reported.add(rank)
+                        print(
+                            f"[lightning_commsgd] rank {rank}'s process ended with {code}.",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                if all(code is not None for code in codes):
+                    return
+                continue
             if failed:
                 self._report(failed)
                 self._end_all()
