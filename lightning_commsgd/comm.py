@@ -341,14 +341,17 @@ class Communicator:
         return received
 
     # -- point-to-point messages (the parameter server's) ---------------------------------------------
-    def new_group(self, timeout: float | None = None) -> Any:
+    def new_group(self, timeout: float | None = None, backend: str | None = None) -> Any:
         """A process group over this communicator's ranks with its own ``timeout`` in seconds (``None``:
-        the communicator's). Collective: every rank creates its groups in the same order."""
+        the communicator's) and ``backend`` (``None``: the default group's; ``"gloo"`` for CPU messages
+        beside an NCCL job). Collective: every rank creates its groups in the same order."""
         if not self.is_distributed:
             return None
         ranks = None if self.group is dist.group.WORLD else dist.get_process_group_ranks(self.group)
         seconds = self.timeout if timeout is None else timeout
-        kwargs = {} if seconds is None else {"timeout": timedelta(seconds=seconds)}
+        kwargs: dict[str, Any] = {} if seconds is None else {"timeout": timedelta(seconds=seconds)}
+        if backend is not None:
+            kwargs["backend"] = backend
         return dist.new_group(ranks=ranks, **kwargs)
 
     def send(self, tensor: Tensor, dst: int, *, tag: str, group: Any = None, msg_tag: int = 0) -> None:

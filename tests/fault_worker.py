@@ -37,7 +37,7 @@ import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lightning_commsgd import LocalSGDStrategy  # noqa: E402
+from lightning_commsgd import AsyncSGDStrategy, KSyncSGDStrategy, LocalSGDStrategy  # noqa: E402
 
 ARMED = {"round": False}
 
@@ -77,6 +77,7 @@ class Net(L.LightningModule):
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
         self.fault, self.out = fault, out
+        self.fired = False
 
     def on_fit_start(self) -> None:
         with open(os.path.join(self.out, f"pid{self.global_rank}"), "w") as f:
@@ -85,7 +86,9 @@ class Net(L.LightningModule):
     def training_step(self, batch, batch_idx):
         fault = self.fault
         if fault is not None and fault["rank"] == self.global_rank:
-            if fault["where"] == "step" and self.global_step == fault["step"]:
+            # ">=" once: under the parameter-server strategies the global step (the server's) can jump
+            if fault["where"] == "step" and self.global_step >= fault["step"] and not self.fired:
+                self.fired = True
                 inject(fault, self.out)
                 if fault["kind"] == "nan":
                     with torch.no_grad():
@@ -120,6 +123,14 @@ class Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
+def make_strategy(args: argparse.Namespace):
+    if args.strategy == "async":
+        return AsyncSGDStrategy(k=args.k or 1, sync_timeout=args.sync_timeout)
+    if args.strategy == "ksync":
+        return KSyncSGDStrategy(k=args.k, sync_timeout=args.sync_timeout)
+    return LocalSGDStrategy(tau=4, sync_timeout=args.sync_timeout, on_nonfinite=args.on_nonfinite)
+
+
 def report_group_at_exit(out: str) -> None:
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     with open(os.path.join(out, f"group_at_exit{rank}"), "w") as f:
@@ -137,6 +148,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256, help="dataset size (96: 4 steps per epoch)")
     parser.add_argument("--ckpt-every", type=int, default=0, help="ModelCheckpoint every N steps + last.ckpt")
     parser.add_argument("--auto-resume", action="store_true", help="resume from OUT/ckpt/last.ckpt if there")
+    parser.add_argument("--strategy", default="local_sgd", choices=["local_sgd", "async", "ksync"])
+    parser.add_argument("--k", type=int, default=None)
     args = parser.parse_args()
     fault = parse_fault()
     # Registered before fit, so it runs after the handler the strategy registers (atexit is LIFO).
@@ -171,7 +184,7 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=3,
-        strategy=LocalSGDStrategy(tau=4, sync_timeout=args.sync_timeout, on_nonfinite=args.on_nonfinite),
+        strategy=make_strategy(args),
         max_steps=args.max_steps,
         logger=False,
         enable_checkpointing=bool(args.ckpt_every),

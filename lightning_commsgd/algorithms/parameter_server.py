@@ -188,6 +188,7 @@ class ParameterServer:
             raise ValueError(f"worker {worker} pushed {grad.numel()} values; the model has {self.numel}.")
         if self.stopping:
             return self._send({worker}, updated=False)
+        grad = grad.to(self.params[0].device, torch.float32)  # from the wire (CPU) to the server's device
         if self.mode == "sync" and version < self.version:
             self.dropped += 1  # cancelled: w_{version+1} was already sent to this worker
             return ServerReply(version=self.version)

@@ -23,6 +23,7 @@ receiver thread puts every model it gets into a mailbox, which the training thre
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -76,11 +77,13 @@ class ModelMessage:
 
 
 class Groups:
-    """The two process groups of a parameter-server job (collective to create: every rank, same order)."""
+    """The two process groups of a parameter-server job (collective to create: every rank, same order).
+    Gloo groups whatever the job's backend: messages are CPU tensors (a GPU worker copies its gradient
+    to the host once per push), and NCCL has no receive that waits for the next message indefinitely."""
 
     def __init__(self, comm: Communicator) -> None:
-        self.up = comm.new_group(timeout=LONG_TIMEOUT)
-        self.down = comm.new_group(timeout=LONG_TIMEOUT)
+        self.up = comm.new_group(timeout=LONG_TIMEOUT, backend="gloo")
+        self.down = comm.new_group(timeout=LONG_TIMEOUT, backend="gloo")
 
 
 class ServerRuntime:
@@ -201,6 +204,14 @@ class ServerRuntime:
                 elif event.kind == "leave":
                     reply = self.server.leave(event.worker)
                 else:
+                    if was_active:
+                        print(
+                            f"[lightning_commsgd] parameter server: lost worker {event.worker} at update "
+                            f"{self.server.version} ({event.reason}); workers left: "
+                            f"{sorted(self.server.active - {event.worker})}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                     reply = self.server.lose(event.worker, event.reason)
                 self.events.append(Event(event.kind, event.worker, event.version, None, event.reason))
                 if reply.updated and self.on_update is not None:
@@ -214,6 +225,7 @@ class ServerRuntime:
 
     def _deliver(self, workers: list[int], message: ModelMessage) -> None:
         works = []
+        wire = message.model.cpu() if message.model is not None else None
         for worker in workers:
             if worker in self._local:
                 assert message.model is not None
@@ -227,7 +239,7 @@ class ServerRuntime:
                 works.append(
                     (
                         worker,
-                        self.comm.isend(message.model, worker, tag=TAG, group=self.groups.down, msg_tag=1),
+                        self.comm.isend(wire, worker, tag=TAG, group=self.groups.down, msg_tag=1),
                     )
                 )
             except RuntimeError as error:
@@ -291,7 +303,9 @@ class Link:
         def push(worker: int, version: int, grad: Tensor) -> None:
             header = torch.tensor([PUSH, version, 0, 0], dtype=torch.int64)
             comm.send(header, server_rank, tag=TAG, group=groups.up, msg_tag=0)
-            comm.send(grad.detach().float().contiguous(), server_rank, tag=TAG, group=groups.up, msg_tag=1)
+            comm.send(
+                grad.detach().float().cpu().contiguous(), server_rank, tag=TAG, group=groups.up, msg_tag=1
+            )
 
         def leave(worker: int) -> None:
             header = torch.tensor([LEAVE, 0, 0, 0], dtype=torch.int64)

@@ -59,8 +59,11 @@ __all__ = ["PS_CHECKPOINT_KEY", "AsyncSGDStrategy", "KSyncSGDStrategy", "Paramet
 
 PS_CHECKPOINT_KEY = "lightning_commsgd_ps"
 SERVER_RANK = 0
-_UNSUPPORTED = ("eval_on", "redundancy", "sampling", "original_world_size", "failed_workers", "batch_sizes",
-                "check_replicas", "min_coverage")  # fmt: skip
+# the base strategy's options that make no sense with a server model, with their (accepted) defaults
+_UNSUPPORTED: dict[str, Any] = {
+    "eval_on": "consensus", "redundancy": 0.0, "sampling": "stratified", "original_world_size": None,
+    "failed_workers": [], "min_coverage": 1.0, "batch_sizes": None, "check_replicas": False,
+}  # fmt: skip
 
 
 class _ServerJob:
@@ -137,7 +140,12 @@ class ParameterServerStrategy(CommunicationStrategy):
         straggler_seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        bad = sorted(set(kwargs) & set(_UNSUPPORTED))
+        bad = sorted(
+            name
+            for name, default in _UNSUPPORTED.items()
+            if name in kwargs
+            and (list(kwargs[name]) if name == "failed_workers" else kwargs[name]) != default
+        )
         if bad:
             raise ValueError(
                 f"{type(self).__name__} does not support {bad}: the server's model is the model."
