@@ -224,6 +224,8 @@ def main() -> None:
     ap.add_argument("--tau", type=int, default=3)
     ap.add_argument("--k", type=int, default=None, help="K of the parameter-server strategies")
     ap.add_argument("--variant", default="k-async")
+    ap.add_argument("--ps-server", default="colocated", help="colocated | dedicated")
+    ap.add_argument("--straggler-mu", type=float, default=None)
     ap.add_argument("--momentum", default="average")
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "sgd_plain", "adam", "rmsprop"])
     ap.add_argument("--batch-norm", action="store_true")
@@ -257,9 +259,14 @@ def main() -> None:
     if args.strategy == "ddp":
         strategy = DDPStrategy(start_method=args.start_method)
     elif args.strategy == "ksync":
-        strategy = KSyncSGDStrategy(k=args.k, start_method=args.start_method)
+        strategy = KSyncSGDStrategy(k=args.k, server=args.ps_server, start_method=args.start_method)
     elif args.strategy == "async":
-        strategy = AsyncSGDStrategy(k=args.k or 1, variant=args.variant, start_method=args.start_method)
+        strategy = AsyncSGDStrategy(
+            k=args.k or 1,
+            variant=args.variant,
+            straggler_mu=args.straggler_mu,
+            start_method=args.start_method,
+        )
     elif args.strategy == "gossip":
         strategy = DecentralizedSGDStrategy(
             topology=args.topology, tau=args.tau, momentum=args.momentum, **ours

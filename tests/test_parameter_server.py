@@ -156,3 +156,26 @@ def test_clone_optimizer_keeps_groups_and_hyperparameters_and_the_scheduler_foll
     assert [g["lr"] for g in opt.param_groups] == [0.2, 0.5]  # the original is untouched
     with pytest.raises(ValueError, match="match the optimizer's parameters"):
         clone_optimizer(opt, copies[:1])
+
+
+def test_exponential_delays_have_mean_one_over_mu_and_a_stream_per_rank():
+    """Y ~ Exp(mu): the sample mean of 4000 draws is within 4 standard errors of 1/mu (sd = 1/mu), the
+    fraction above the median ln2/mu is about 1/2, the same seed and rank repeat the stream and ranks
+    differ."""
+    import math
+
+    from lightning_commsgd.algorithms.straggler import ExponentialDelay
+
+    mu, n = 20.0, 4000
+    delay = ExponentialDelay(mu, seed=3, rank=1)
+    draws = [delay.next() for _ in range(n)]
+    assert abs(sum(draws) / n - 1 / mu) < 4 * (1 / mu) / math.sqrt(n)
+    above = sum(d > math.log(2) / mu for d in draws) / n
+    assert abs(above - 0.5) < 4 * 0.5 / math.sqrt(n)
+    assert min(draws) > 0
+    again = ExponentialDelay(mu, seed=3, rank=1)
+    assert [again.next() for _ in range(5)] == draws[:5]
+    other = ExponentialDelay(mu, seed=3, rank=2)
+    assert [other.next() for _ in range(5)] != draws[:5]
+    with pytest.raises(ValueError, match="mu must be"):
+        ExponentialDelay(0.0)

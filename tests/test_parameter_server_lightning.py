@@ -37,15 +37,36 @@ def test_ksync_with_k_equal_p_follows_ddp_with_momentum_sgd(run_worker, tmp_path
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(("k", "variant"), [(1, "k-async"), (2, "k-batch")])
+def test_a_dedicated_server_with_two_workers_follows_ddp_on_two_processes(run_worker, tmp_path):
+    """server="dedicated" on 3 processes: rank 0 only serves, workers 1 and 2 read the shards DDP's ranks 0
+    and 1 read; sync SGD then follows 2-process DDP step by step, and rank 0's loop steps with the
+    server's updates and ends holding the final model."""
+    common = ["--max-steps", "6", "--scheduler"]
+    ps = run_worker(
+        "--strategy", "ksync", "--ps-server", "dedicated", "--devices", "3", *common, out=tmp_path / "ps"
+    )
+    ddp = run_worker("--strategy", "ddp", "--devices", "2", *common, out=tmp_path / "ddp")
+    for worker, rec_ddp in zip(ps[1:], ddp):
+        assert worker["steps"] == rec_ddp["steps"] == list(range(1, 7))
+        for a, b in zip(worker["params"], rec_ddp["params"]):
+            assert float((a - b).abs().max()) <= 1e-6
+    assert ps[0]["steps"][-1] == 6
+    assert float((ps[0]["final_params"] - ddp[0]["final_params"]).abs().max()) <= 1e-6
+    assert ps[0]["batch_sizes"] and "ps" in ps[0]["ledger"]["by_tag"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("k", "variant", "mu"), [(1, "k-async", None), (2, "k-batch", 200.0)])
 def test_async_variants_stop_every_rank_at_max_steps_with_rank0_holding_the_server_model(
-    run_worker, tmp_path, k, variant
+    run_worker, tmp_path, k, variant, mu
 ):
     """The server's update count is the global step: with max_steps=12 every rank stops, and each worker's
-    global_step is the version of the last model it received (12 for those told to stop at the end)."""
+    global_step is the version of the last model it received (12 for those told to stop at the end).
+    The K-batch run also emulates stragglers (Exp(200/s) delays)."""
+    straggler = ["--straggler-mu", str(mu)] if mu else []
     records = run_worker(
         "--strategy", "async", "--k", str(k), "--variant", variant, "--max-steps", "12", "--devices", "3",
-        out=tmp_path / variant,
+        *straggler, out=tmp_path / variant,
     )  # fmt: skip
     # after update 12 every push is answered with "stop" and the model of version 12
     assert [rec["steps"][-1] for rec in records] == [12, 12, 12]

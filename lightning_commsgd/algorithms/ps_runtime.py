@@ -120,6 +120,7 @@ class ServerRuntime:
         self._local: dict[int, queue.Queue[ModelMessage]] = {}
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
+        self._progress = threading.Condition()  # notified after every event (see wait_for_version)
 
     # -- local workers (same process) -----------------------------------------------------------------------
     def local_link(self, worker: int) -> Link:
@@ -164,7 +165,15 @@ class ServerRuntime:
 
     @property
     def done(self) -> bool:
+        """The server has finished (every worker stopped) or failed."""
         return self._done.is_set()
+
+    def wait_for_version(self, after: int, timeout: float) -> int:
+        """Block until the server's version exceeds ``after`` or the server is done (or ``timeout``
+        seconds pass); returns the version."""
+        with self._progress:
+            self._progress.wait_for(lambda: self.server.version > after or self.done, timeout=timeout)
+        return self.server.version
 
     # -- the server thread --------------------------------------------------------------------------------
     def _serve_safely(self) -> None:
@@ -182,6 +191,8 @@ class ServerRuntime:
                 mailbox.put(ModelMessage(self.server.version, True, None, self.failure))
         finally:
             self._done.set()
+            with self._progress:
+                self._progress.notify_all()
 
     def _serve(self) -> None:
         # until every worker has said its last word (leave) or is gone: pushes that crossed a stop message
@@ -222,6 +233,9 @@ class ServerRuntime:
                 # the leaver's receiver waits for one last message: tell it to stop
                 self._deliver([event.worker], ModelMessage(reply.version, True, model))
             self._deliver(targets, ModelMessage(reply.version, reply.stop, model))
+            if reply.updated:
+                with self._progress:
+                    self._progress.notify_all()
 
     def _deliver(self, workers: list[int], message: ModelMessage) -> None:
         works = []

@@ -2,11 +2,12 @@
 
 The server runs on rank 0 in a background thread while rank 0 also trains (its pushes and pulls are
 in-process and cost no bytes; the thread and rank 0's training share rank 0's CPU/GPU, so rank 0 is a
-little slower than the others). Every rank is a worker: after Lightning's closure has computed the
-gradient, the worker pushes it to the server instead of stepping its optimizer, and continues from the
-model the server sends back (:mod:`lightning_commsgd.algorithms.ps_runtime`). The user's optimizer, its
-momentum, weight decay and ``interval="step"`` schedulers run on the server; ``interval="epoch"``
-schedulers are stepped at rank 0's epoch ends.
+little slower than the others), or, with ``server="dedicated"``, rank 0 only serves. Every other rank
+is a worker: after Lightning's closure has computed the gradient, the worker pushes it to the server
+instead of stepping its optimizer, and continues from the model the server sends back
+(:mod:`lightning_commsgd.algorithms.ps_runtime`). The user's optimizer, its momentum, weight decay and
+``interval="step"`` schedulers run on the server; ``interval="epoch"`` schedulers are stepped at rank 0's
+epoch ends.
 
 Ranks run at different speeds, so the usual Trainer notions mean:
 
@@ -59,6 +60,7 @@ __all__ = ["PS_CHECKPOINT_KEY", "AsyncSGDStrategy", "KSyncSGDStrategy", "Paramet
 
 PS_CHECKPOINT_KEY = "lightning_commsgd_ps"
 SERVER_RANK = 0
+SERVER_PLACEMENTS = ("colocated", "dedicated")
 # the base strategy's options that make no sense with a server model, with their (accepted) defaults
 _UNSUPPORTED: dict[str, Any] = {
     "eval_on": "consensus", "redundancy": 0.0, "sampling": "stratified", "original_world_size": None,
@@ -124,6 +126,10 @@ class ParameterServerStrategy(CommunicationStrategy):
             seconds (mean 1/mu), the runtime model of the paper; ``None`` (default) adds nothing. A K-sync
             worker stops waiting when a newer model arrives (its computation is cancelled).
         straggler_seed: seed of the delays (each rank draws from its own stream).
+        server: ``"colocated"`` (default): the server is a background thread on rank 0, which also trains
+            (P = world size); ``"dedicated"``: rank 0 only serves (P = world size - 1; the workers split the
+            data P ways). Its Lightning loop then takes one "step" per server update, so its checkpoints,
+            validation (of the server's model) and logs follow the global step.
         sync_timeout: seconds a worker waits for its model, and the server for any push, before the job
             fails (default 600).
         **kwargs: Lightning's process plumbing (``accelerator``, ``cluster_environment``, ``checkpoint_io``,
@@ -138,8 +144,11 @@ class ParameterServerStrategy(CommunicationStrategy):
         staleness_lr: StalenessAwareLR | None = None,
         straggler_mu: float | None = None,
         straggler_seed: int = 0,
+        server: Literal["colocated", "dedicated"] = "colocated",
         **kwargs: Any,
     ) -> None:
+        if server not in SERVER_PLACEMENTS:
+            raise ValueError(f"Arg `server` must be one of {list(SERVER_PLACEMENTS)}, got {server!r}.")
         bad = sorted(
             name
             for name, default in _UNSUPPORTED.items()
@@ -167,6 +176,7 @@ class ParameterServerStrategy(CommunicationStrategy):
         super().__init__(**kwargs)
         self.k, self.mode, self.staleness_lr = k, mode, staleness_lr
         self.straggler_mu, self.straggler_seed = straggler_mu, straggler_seed
+        self.server = server
         self._job: _ServerJob | None = None
         self._delay: ExponentialDelay | None = None
         self._training = False  # between on_train_start and the end of training: no Lightning collectives
@@ -176,14 +186,34 @@ class ParameterServerStrategy(CommunicationStrategy):
         self._val_stash: list[Tensor] | None = None
 
     @property
+    def num_workers(self) -> int:
+        """P: every rank, or every rank but the server's with ``server="dedicated"``."""
+        return self.world_size - 1 if self.dedicated else self.world_size
+
+    @property
+    def dedicated(self) -> bool:
+        return self.server == "dedicated"
+
+    @property
     def effective_k(self) -> int:
         """K with ``None`` resolved to the number of workers."""
-        return self.world_size if self.k is None else self.k
+        return self.num_workers if self.k is None else self.k
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        if not self.dedicated:
+            return super().distributed_sampler_kwargs
+        # P - 1 workers share the data; the server rank's loader (whose batches it only counts) reads
+        # worker 1's shard
+        return {"num_replicas": self.num_workers, "rank": max(self.global_rank - 1, 0)}
 
     # -- before any process group --------------------------------------------------------------------
     @override
     def _configure_launcher(self) -> None:
-        check_variant(self.effective_k, self.mode, self.world_size)
+        if self.dedicated and self.world_size < 2:
+            raise ValueError('server="dedicated" needs at least 2 processes (a server and a worker).')
+        check_variant(self.effective_k, self.mode, self.num_workers)
         super()._configure_launcher()
         if isinstance(self._launcher, ReportingScriptLauncher):  # a lost worker is the server's business
             self._launcher._end_job = False
@@ -208,7 +238,7 @@ class ParameterServerStrategy(CommunicationStrategy):
         max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
         runtime, client = connect(
             communicator, params, optimizer, k=self.effective_k, mode=self.mode, server_rank=SERVER_RANK,
-            server_trains=True, staleness_lr=self.staleness_lr, max_updates=max_steps,
+            server_trains=not self.dedicated, staleness_lr=self.staleness_lr, max_updates=max_steps,
             schedulers=tuple(step_schedulers), timeout=self.sync_timeout, start=False,
         )  # fmt: skip
         if runtime is not None:
@@ -251,8 +281,10 @@ class ParameterServerStrategy(CommunicationStrategy):
         **kwargs: Any,
     ) -> Any:
         job = self._job
-        if job is None or job.client is None:
+        if job is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
+        if job.client is None:  # the dedicated server rank: this "step" waited for the next update
+            return self._server_rank_step(job, closure)
         # forward, backward, the on_before_optimizer_step hooks and gradient clipping, as Lightning's
         # precision plugin runs them before a step; the step itself runs on the server
         loss = self.precision_plugin._wrap_closure(self.lightning_module, optimizer, closure)
@@ -270,6 +302,35 @@ class ParameterServerStrategy(CommunicationStrategy):
         if client.stopped:
             trainer.should_stop = True
         return loss
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        job = self._job
+        if job is not None and job.client is None and job.runtime is not None and self._training:
+            # the dedicated server rank trains nothing: each of its steps is the server's next update
+            # (its loop then checkpoints, validates and logs at the server's global steps)
+            version = self.lightning_module.trainer.global_step
+            while (
+                not job.runtime.done and job.runtime.wait_for_version(version, self.sync_timeout) <= version
+            ):
+                pass
+            # Lightning refuses a skipped step (None) in distributed runs: a constant loss, no parameters
+            return torch.zeros((), device=self.root_device, requires_grad=True)
+        return super().training_step(*args, **kwargs)
+
+    def _server_rank_step(self, job: _ServerJob, closure: Callable[[], Any]) -> Any:
+        assert job.runtime is not None
+        closure()  # runs training_step above: waits for the next update
+        trainer = self.lightning_module.trainer
+        if job.runtime.failure is not None:
+            raise job.runtime.failure
+        self._step_epoch_schedulers(trainer.current_epoch)
+        _follow_server_version(trainer, job.runtime.server.version)
+        if self._watchdog is not None:
+            self._watchdog.step = job.runtime.server.version
+        if job.runtime.done:
+            trainer.should_stop = True
+        return None
 
     # -- the end of training ----------------------------------------------------------------------------
     @override
