@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := lightning_commsgd tests examples benchmarks
 
-.PHONY: venv demo test test-faults lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-cluster clean distclean
+.PHONY: venv demo test test-faults lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-cluster bench-ps clean distclean
 
 venv: $(STAMP)
 
@@ -40,6 +40,9 @@ test-faults: venv
 
 bench: venv
 	$(VPY) benchmarks/bench_local_sgd.py $(BENCH_ARGS)
+
+bench-ps: venv
+	$(VPY) benchmarks/bench_parameter_server.py $(BENCH_ARGS)
 
 bench-adacomm: venv
 	$(VPY) benchmarks/bench_adacomm.py $(BENCH_ARGS)

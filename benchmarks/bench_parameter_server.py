@@ -24,6 +24,7 @@ variant stopped (equal wall-clock). Printed and written to
 
     python benchmarks/bench_parameter_server.py                      # P=4, 1/mu = 50 ms, ~8 s per variant
     python benchmarks/bench_parameter_server.py --workers 8 --mean-delay-ms 20 --seconds 15
+    python benchmarks/bench_parameter_server.py --lr 0.8 --staleness-c 0.05   # where staleness hurts
     python benchmarks/bench_parameter_server.py --quick              # a few seconds (the tests use it)
 """
 
@@ -90,8 +91,16 @@ def _model(seed: int) -> torch.nn.Module:
 
 
 def _run_variant(
-    rank: int, world: int, mode: str, k: int, updates: int, args: argparse.Namespace, delay_on: bool
+    rank: int,
+    world: int,
+    mode: str,
+    k: int,
+    updates: int,
+    args: argparse.Namespace,
+    delay_on: bool,
+    c: float | None,
 ):
+    from lightning_commsgd.algorithms.parameter_server import StalenessAwareLR
     from lightning_commsgd.algorithms.ps_runtime import connect
     from lightning_commsgd.algorithms.straggler import ExponentialDelay
     from lightning_commsgd.comm import Communicator
@@ -103,7 +112,7 @@ def _run_variant(
     comm = Communicator()
     runtime, client = connect(
         comm, params, optimizer, k=k, mode=mode, server_rank=0, server_trains=False, max_updates=updates,
-        timeout=120.0,
+        timeout=120.0, staleness_lr=StalenessAwareLR(C=c) if c is not None else None,
     )  # fmt: skip
     record: dict = {}
     if runtime is not None:
@@ -159,9 +168,9 @@ def _entry(rank: int, world: int, port: int, out: str, plan: list, args: argpars
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = []
-    for mode, k, updates, delay_on in plan:
+    for mode, k, updates, delay_on, c in plan:
         dist.barrier()  # every variant starts together
-        results.append(_run_variant(rank, world, mode, k, updates, args, delay_on))
+        results.append(_run_variant(rank, world, mode, k, updates, args, delay_on, c))
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -196,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="m, samples per gradient")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--staleness-c", type=float, default=None, help="also run async SGD with StalenessAwareLR(C=this)"
+    )
     parser.add_argument("--quick", action="store_true", help="2 workers, 1 s per variant, no file written")
     parser.add_argument("--no-plots", dest="plots", action="store_false")
     parser.add_argument("--out", type=Path, default=None, help="results file (default results/...md)")
@@ -210,15 +222,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     p, delay = args.workers, args.mean_delay_ms / 1000.0
-    variants = [("sync", p)] + [("sync", k) for k in args.ksync if k != p] + [("async", 1)]
+    variants: list[tuple[str, int, float | None]] = [("sync", p, None)]
+    variants += [("sync", k, None) for k in args.ksync if k != p] + [("async", 1, None)]
+    if args.staleness_c is not None:
+        variants.append(("async", 1, args.staleness_c))
     if not args.quick:
-        variants += [("async", max(2, p // 2)), ("batch", p)]
+        variants += [("async", max(2, p // 2), None), ("batch", p, None)]
     plan = []
-    for mode, k in variants:
+    for mode, k, c in variants:
         theory = expected_time_per_update(mode, k, p, delay)
         updates = max(5, math.ceil(args.seconds / theory))
-        plan.append((mode, k, updates, True))
-        plan.append((mode, k, updates, False))  # the overhead: the same updates with no delay
+        plan.append((mode, k, updates, True, c))
+        plan.append((mode, k, updates, False, c))  # the overhead: the same updates with no delay
     world = p + 1
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
@@ -228,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
 
     x, y = _data()
     rows, curves = [], {}
-    for index, (mode, k, _, _) in enumerate(plan[::2]):
+    for index, (mode, k, _, _, c) in enumerate(plan[::2]):
         timed, bare = per_rank[0][2 * index], per_rank[0][2 * index + 1]
-        name = variant_name(mode, k, p)
+        name = variant_name(mode, k, p) + (f" + staleness lr (C={c:g})" if c is not None else "")
         per_update = timed["seconds"] / timed["updates"]
         overhead = bare["seconds"] / bare["updates"]
         theory = expected_time_per_update(mode, k, p, delay)

@@ -137,6 +137,7 @@ def _fault_run(tmp_path, strategy: str, k: int, fault: str) -> subprocess.Comple
 
 
 @pytest.mark.multiprocess
+@pytest.mark.fault_matrix
 def test_a_killed_worker_does_not_stop_async_sgd(tmp_path):
     """Rank 2 is SIGKILLed at step 5: the launcher reports it, the server drops it and ranks 0 and 1
     finish the 30 updates; the job exits 0."""
@@ -148,6 +149,7 @@ def test_a_killed_worker_does_not_stop_async_sgd(tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.fault_matrix
 def test_ksync_with_too_few_workers_left_ends_every_rank_with_the_clear_error(tmp_path):
     """K-sync with k = 3 = P: rank 2's death leaves too few workers; rank 0 raises TooFewWorkersError
     naming rank 2, and the job ends (no rank waits for ever)."""
