@@ -119,10 +119,11 @@ class ToyModule(L.LightningModule):
             opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
         if not self.use_scheduler:
             return opt
-        return {
-            "optimizer": opt,
-            "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 3, 0.5), "interval": "step"},
-        }
+        if self.use_scheduler == "epoch":
+            scheduler = {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5), "interval": "epoch"}
+        else:
+            scheduler = {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 3, 0.5), "interval": "step"}
+        return {"optimizer": opt, "lr_scheduler": scheduler}
 
     def train_dataloader(self):
         return DataLoader(make_dataset(), batch_size=BATCH_SIZE, shuffle=True)
@@ -235,6 +236,7 @@ def main() -> None:
     ap.add_argument("--precision", default="32-true")
     ap.add_argument("--clip", type=float, default=None)
     ap.add_argument("--scheduler", action="store_true")
+    ap.add_argument("--epoch-scheduler", action="store_true", help="StepLR(1, 0.5) per epoch instead")
     ap.add_argument("--groups", action="store_true")
     ap.add_argument("--validate", action="store_true")
     ap.add_argument("--eval-on", default="consensus")
@@ -352,7 +354,11 @@ def main() -> None:
     )
     # Different x_0 per rank (popen children): the strategy must broadcast rank 0's.
     model = ToyModule(
-        args.optimizer, args.batch_norm, seed=100 + rank, scheduler=args.scheduler, groups=args.groups
+        args.optimizer,
+        args.batch_norm,
+        seed=100 + rank,
+        scheduler="epoch" if args.epoch_scheduler else args.scheduler,
+        groups=args.groups,
     )
     trainer.fit(model, ckpt_path=args.resume)
 

@@ -40,17 +40,18 @@ def test_ksync_with_k_equal_p_follows_ddp_with_momentum_sgd(run_worker, tmp_path
 def test_a_dedicated_server_with_two_workers_follows_ddp_on_two_processes(run_worker, tmp_path):
     """server="dedicated" on 3 processes: rank 0 only serves, workers 1 and 2 read the shards DDP's ranks 0
     and 1 read; sync SGD then follows 2-process DDP step by step, and rank 0's loop steps with the
-    server's updates and ends holding the final model."""
-    common = ["--max-steps", "6", "--scheduler"]
+    server's updates and ends holding the final model. An epoch scheduler (lr halved after each 12-batch
+    epoch) steps on the server where DDP steps it."""
+    common = ["--max-steps", "16", "--epoch-scheduler"]
     ps = run_worker(
         "--strategy", "ksync", "--ps-server", "dedicated", "--devices", "3", *common, out=tmp_path / "ps"
     )
     ddp = run_worker("--strategy", "ddp", "--devices", "2", *common, out=tmp_path / "ddp")
     for worker, rec_ddp in zip(ps[1:], ddp):
-        assert worker["steps"] == rec_ddp["steps"] == list(range(1, 7))
+        assert worker["steps"] == rec_ddp["steps"] == list(range(1, 17))
         for a, b in zip(worker["params"], rec_ddp["params"]):
             assert float((a - b).abs().max()) <= 1e-6
-    assert ps[0]["steps"][-1] == 6
+    assert ps[0]["steps"][-1] == 16
     assert float((ps[0]["final_params"] - ddp[0]["final_params"]).abs().max()) <= 1e-6
     assert ps[0]["batch_sizes"] and "ps" in ps[0]["ledger"]["by_tag"]
 

@@ -6,8 +6,8 @@ little slower than the others), or, with ``server="dedicated"``, rank 0 only ser
 is a worker: after Lightning's closure has computed the gradient, the worker pushes it to the server
 instead of stepping its optimizer, and continues from the model the server sends back
 (:mod:`lightning_commsgd.algorithms.ps_runtime`). The user's optimizer, its momentum, weight decay and
-``interval="step"`` schedulers run on the server; ``interval="epoch"`` schedulers are stepped at rank 0's
-epoch ends.
+schedulers run on the server: ``interval="step"`` ones after every update, ``interval="epoch"`` ones after
+every N updates, N the batches of one worker's epoch (where DDP steps them in sync SGD).
 
 Ranks run at different speeds, so the usual Trainer notions mean:
 
@@ -182,7 +182,6 @@ class ParameterServerStrategy(CommunicationStrategy):
         self._training = False  # between on_train_start and the end of training: no Lightning collectives
         self._pending_server_state: dict[str, Any] | None = None
         self._epoch_schedulers: list[Any] = []
-        self._scheduler_epoch = 0
         self._val_stash: list[Tensor] | None = None
 
     @property
@@ -232,6 +231,10 @@ class ParameterServerStrategy(CommunicationStrategy):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         step_schedulers, epoch_schedulers = [], []
         for config in trainer.lr_scheduler_configs:
+            if config.frequency != 1:
+                raise ValueError(
+                    f"{type(self).__name__} steps schedulers every update or epoch: frequency must be 1."
+                )
             if config.reduce_on_plateau:
                 raise ValueError(f"{type(self).__name__} cannot run ReduceLROnPlateau on the server.")
             (step_schedulers if config.interval == "step" else epoch_schedulers).append(config.scheduler)
@@ -263,13 +266,30 @@ class ParameterServerStrategy(CommunicationStrategy):
                 job.runtime.server.load_state_dict(state["server"])
                 for scheduler, sched_state in zip(self._epoch_schedulers, state.get("epoch_schedulers", [])):
                     scheduler.load_state_dict(sched_state)
-                self._scheduler_epoch = int(state.get("scheduler_epoch", 0))
             if job.client is not None:
                 job.client.version = int(state["server"]["version"])
             self._pending_server_state = None
         self._training = True
         if job.runtime is not None:
+            job.runtime.on_update = self._server_epoch_end_hook()
             job.runtime.start()
+
+    def _server_epoch_end_hook(self) -> Callable[[Any], None] | None:
+        """``interval="epoch"`` schedulers step on the server after every N updates, N the batches of
+        rank 0's epoch (one worker's shard): where DDP steps them in sync SGD. Called under the server's
+        lock, before the next gradient is applied."""
+        if not self._epoch_schedulers:
+            return None
+        per_epoch = self.lightning_module.trainer.num_training_batches
+        if not isinstance(per_epoch, int) or per_epoch < 1:  # an infinite loader: no epochs to count
+            return None
+
+        def step_at_epoch_end(reply: Any) -> None:
+            if reply.version % per_epoch == 0:
+                for scheduler in self._epoch_schedulers:
+                    scheduler.step()
+
+        return step_at_epoch_end
 
     # -- a worker's step -------------------------------------------------------------------------------------
     @override
@@ -290,7 +310,6 @@ class ParameterServerStrategy(CommunicationStrategy):
         loss = self.precision_plugin._wrap_closure(self.lightning_module, optimizer, closure)
         client = job.client
         trainer = self.lightning_module.trainer
-        self._step_epoch_schedulers(trainer.current_epoch)
         if loss is not None and not client.stopped:
             delay = self._delay.next() if self._delay is not None else 0.0
             client.step(job.flat_grad(), job.load_model, delay=delay)
@@ -324,7 +343,6 @@ class ParameterServerStrategy(CommunicationStrategy):
         trainer = self.lightning_module.trainer
         if job.runtime.failure is not None:
             raise job.runtime.failure
-        self._step_epoch_schedulers(trainer.current_epoch)
         _follow_server_version(trainer, job.runtime.server.version)
         if self._watchdog is not None:
             self._watchdog.step = job.runtime.server.version
@@ -347,17 +365,6 @@ class ParameterServerStrategy(CommunicationStrategy):
                 raise RuntimeError(f"the parameter server did not finish within {self.sync_timeout:g} s")
             job.load_model(job.runtime.server.flat_model())  # rank 0 ends with the server's model
         self._training = False
-
-    def _step_epoch_schedulers(self, epoch: int) -> None:
-        """``interval="epoch"`` schedulers follow rank 0's epochs (stepped at its first step of each)."""
-        job = self._job
-        if job is None or job.runtime is None or not self._epoch_schedulers:
-            return
-        with job.runtime.lock:
-            while self._scheduler_epoch < epoch:
-                for scheduler in self._epoch_schedulers:
-                    scheduler.step()
-                self._scheduler_epoch += 1
 
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -436,7 +443,6 @@ class ParameterServerStrategy(CommunicationStrategy):
             checkpoint[PS_CHECKPOINT_KEY] = {
                 "server": state,
                 "epoch_schedulers": [s.state_dict() for s in self._epoch_schedulers],
-                "scheduler_epoch": self._scheduler_epoch,
                 "ledger": self.communicator.ledger.state_dict(),
                 "sampler": self._sampler_position(),
             }
