@@ -100,7 +100,7 @@ def _run_variant(
     delay_on: bool,
     c: float | None,
 ):
-    from lightning_commsgd.algorithms.parameter_server import StalenessAwareLR
+    from lightning_commsgd.algorithms.parameter_server import StalenessAwareLR, copy_flat_into
     from lightning_commsgd.algorithms.ps_runtime import connect
     from lightning_commsgd.algorithms.straggler import ExponentialDelay
     from lightning_commsgd.comm import Communicator
@@ -140,11 +140,7 @@ def _run_variant(
     delay = ExponentialDelay(1000.0 / args.mean_delay_ms, args.seed, rank) if delay_on else None
 
     def load(flat: torch.Tensor) -> None:
-        offset = 0
-        with torch.no_grad():
-            for p in params:
-                p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+        copy_flat_into(params, flat)
 
     while not client.stopped:
         index = torch.randint(len(x), (args.batch,), generator=generator)
@@ -177,12 +173,11 @@ def _entry(rank: int, world: int, port: int, out: str, plan: list, args: argpars
 
 
 def _evaluate(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    from lightning_commsgd.algorithms.parameter_server import copy_flat_into
+
     model = _model(0)
-    offset = 0
+    copy_flat_into(list(model.parameters()), flat)
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
         logits = model(x)
     return float(torch.nn.functional.cross_entropy(logits, y)), float((logits.argmax(1) != y).float().mean())
 

@@ -5,6 +5,11 @@ from lightning_commsgd.algorithms.compressed import CompressedAlgorithm, NonFini
 from lightning_commsgd.algorithms.compressed_sgd import CompressedGradientSGD
 from lightning_commsgd.algorithms.dore import DoubleResidualCompression
 from lightning_commsgd.algorithms.overlap import OverlapLocalSGD
+from lightning_commsgd.algorithms.parameter_server import (
+    ParameterServer,
+    StalenessAwareLR,
+    TooFewWorkersError,
+)
 from lightning_commsgd.algorithms.periodic import PeriodicAverager
 from lightning_commsgd.algorithms.replica import MOMENTUM_MODES, ReplicaState
 
@@ -15,7 +20,10 @@ __all__ = [
     "DoubleResidualCompression",
     "NonFiniteError",
     "OverlapLocalSGD",
+    "ParameterServer",
     "PeriodicAlgorithm",
     "PeriodicAverager",
     "ReplicaState",
+    "StalenessAwareLR",
+    "TooFewWorkersError",
 ]

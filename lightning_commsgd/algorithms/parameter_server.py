@@ -46,6 +46,7 @@ __all__ = [
     "UpdateRecord",
     "clone_optimizer",
     "clone_scheduler",
+    "copy_flat_into",
 ]
 
 Mode = Literal["sync", "async", "batch"]
@@ -332,13 +333,7 @@ class ParameterServer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; every worker is then held at the restored version."""
-        model = state["model"]
-        offset = 0
-        with torch.no_grad():
-            for p in self.params:
-                n = p.numel()
-                p.copy_(model[offset : offset + n].view_as(p))
-                offset += n
+        copy_flat_into(self.params, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         for scheduler, sched_state in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(sched_state)
@@ -348,6 +343,16 @@ class ParameterServer:
         self.stopping = self.max_updates is not None and self.version >= self.max_updates
         self._history = {}
         self._remember_current()
+
+
+def copy_flat_into(params: Sequence[Tensor], flat: Tensor) -> None:
+    """Copy the flat vector ``flat`` (the layout of :meth:`ParameterServer.flat_model`) into ``params``."""
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            p.copy_(flat[offset : offset + n].view_as(p))
+            offset += n
 
 
 def check_variant(k: Any, mode: Any, workers: int) -> None:

@@ -49,6 +49,7 @@ from lightning_commsgd.algorithms.parameter_server import (
     StalenessAwareLR,
     check_variant,
     clone_scheduler,
+    copy_flat_into,
 )
 from lightning_commsgd.algorithms.ps_runtime import ServerRuntime, WorkerClient, connect
 from lightning_commsgd.algorithms.straggler import ExponentialDelay
@@ -96,12 +97,7 @@ class _ServerJob:
         return None
 
     def load_model(self, flat: Tensor) -> None:
-        offset = 0
-        with torch.no_grad():
-            for p in self.params:
-                n = p.numel()
-                p.copy_(flat[offset : offset + n].view_as(p))
-                offset += n
+        copy_flat_into(self.params, flat)
 
     def flat_grad(self) -> Tensor:
         return torch.cat(
@@ -360,9 +356,11 @@ class ParameterServerStrategy(CommunicationStrategy):
         if job.client is not None:
             job.client.leave()
         if job.runtime is not None:
-            job.runtime.join(timeout=self.sync_timeout)
-            if not job.runtime.done:
-                raise RuntimeError(f"the parameter server did not finish within {self.sync_timeout:g} s")
+            # the other workers may still have data: serve until every one has left (the server fails by
+            # itself when no worker is heard of for sync_timeout seconds)
+            while not job.runtime.done:
+                job.runtime.join(timeout=self.sync_timeout)
+            job.runtime.join()  # raises the server's failure, if any
             job.load_model(job.runtime.server.flat_model())  # rank 0 ends with the server's model
         self._training = False
 
