@@ -34,7 +34,7 @@ test: venv
 	$(VPY) -m pytest -x -q -m "not fault_matrix" tests
 
 # The rest of the fault-injection matrix (every rank x crash/kill/hang x mid-period/in a round, every kind of
-# damaged checkpoint under Lightning); make test runs its core.
+# damaged checkpoint under Lightning) and the parameter-server worker deaths; make test runs the core.
 test-faults: venv
 	$(VPY) -m pytest -x -q -m fault_matrix tests
 

@@ -85,6 +85,7 @@ def run_with_a_dead_worker(tmp_path, mode: str, k: int) -> list[dict]:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.fault_matrix
 def test_a_dead_worker_does_not_stop_async_sgd(tmp_path):
     """K-async with k = 2 of 3 workers: worker 2 dies, workers 1 and 3 carry the run to its 15 updates."""
     server, one, _, three = run_with_a_dead_worker(tmp_path, "async", 2)
@@ -94,6 +95,7 @@ def test_a_dead_worker_does_not_stop_async_sgd(tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.fault_matrix
 def test_ksync_with_fewer_live_workers_than_k_fails_with_a_clear_error(tmp_path):
     """K-sync with k = 3 of 3: worker 2's death leaves 2 < k; the server fails naming it, and the other
     workers stop with the server's loss instead of waiting for ever."""
