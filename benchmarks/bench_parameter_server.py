@@ -100,9 +100,8 @@ def _run_variant(
     delay_on: bool,
     c: float | None,
 ):
-    from lightning_commsgd.algorithms.parameter_server import StalenessAwareLR, copy_flat_into
+    from lightning_commsgd.algorithms.parameter_server import StalenessAwareLR
     from lightning_commsgd.algorithms.ps_runtime import connect
-    from lightning_commsgd.algorithms.straggler import ExponentialDelay
     from lightning_commsgd.comm import Communicator
 
     x, y = _data()
@@ -110,9 +109,10 @@ def _run_variant(
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     params = list(model.parameters())
     comm = Communicator()
+    colocated = args.server == "colocated"
     runtime, client = connect(
-        comm, params, optimizer, k=k, mode=mode, server_rank=0, server_trains=False, max_updates=updates,
-        timeout=120.0, staleness_lr=StalenessAwareLR(C=c) if c is not None else None,
+        comm, params, optimizer, k=k, mode=mode, server_rank=0, server_trains=colocated, max_updates=updates,
+        timeout=120.0, staleness_lr=StalenessAwareLR(C=c) if c is not None else None, start=False,
     )  # fmt: skip
     record: dict = {}
     if runtime is not None:
@@ -126,15 +126,29 @@ def _run_variant(
                 snapshots.append((time.perf_counter() - start, reply.version, runtime.server.flat_model()))
 
         runtime.on_update = keep
-        runtime.run()
-        record = {
-            "seconds": snapshots[-1][0],
-            "updates": runtime.server.version,
-            "snapshots": snapshots,
-            "dropped": runtime.server.dropped,
-            "staleness": [s for u in runtime.server.log for s in u.staleness],
-        }
+        if colocated:  # rank 0 serves from a thread and trains
+            runtime.start()
+            record.update(_train(rank, client, model, params, x, y, args, delay_on))
+            runtime.join()
+        else:
+            runtime.run()
+        record.update(
+            seconds=snapshots[-1][0],
+            updates=runtime.server.version,
+            snapshots=snapshots,
+            dropped=runtime.server.dropped,
+            busy=runtime.busy_seconds,
+            staleness=[s for u in runtime.server.log for s in u.staleness],
+        )
         return record
+    return _train(rank, client, model, params, x, y, args, delay_on)
+
+
+def _train(rank, client, model, params, x, y, args: argparse.Namespace, delay_on: bool) -> dict:
+    """A worker's loop: random mini-batches of the training set, an Exp delay after each gradient."""
+    from lightning_commsgd.algorithms.parameter_server import copy_flat_into
+    from lightning_commsgd.algorithms.straggler import ExponentialDelay
+
     assert client is not None
     generator = torch.Generator().manual_seed(1000 * args.seed + rank)
     delay = ExponentialDelay(1000.0 / args.mean_delay_ms, args.seed, rank) if delay_on else None
@@ -201,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--server", choices=["dedicated", "colocated"], default="dedicated",
+        help="a server process beside the P workers, or a thread on worker 0",
+    )  # fmt: skip
+    parser.add_argument(
         "--staleness-c", type=float, default=None, help="also run async SGD with StalenessAwareLR(C=this)"
     )
     parser.add_argument("--quick", action="store_true", help="2 workers, 1 s per variant, no file written")
@@ -229,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         updates = max(5, math.ceil(args.seconds / theory))
         plan.append((mode, k, updates, True, c))
         plan.append((mode, k, updates, False, c))  # the overhead: the same updates with no delay
-    world = p + 1
+    world = p + 1 if args.server == "dedicated" else p
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         torch_mp.spawn(_entry, args=(world, free_port(), out, plan, args), nprocs=world, join=True)
@@ -247,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         curve = [(t, _evaluate(flat, x, y)[0]) for t, _, flat in timed["snapshots"]]
         curves[name] = curve
         final_loss, final_error = _evaluate(timed["snapshots"][-1][2], x, y)
-        cancelled = sum(per_rank[r][2 * index]["cancelled"] for r in range(1, world))
+        cancelled = sum(per_rank[r][2 * index].get("cancelled", 0) for r in range(world))
         staleness = timed["staleness"]
         rows.append(
             {
@@ -256,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 "overhead_ms": 1000 * overhead,
                 "final_loss": final_loss, "final_error": final_error, "cancelled": cancelled,
                 "dropped": timed["dropped"], "mean_staleness": sum(staleness) / max(1, len(staleness)),
+                "server_busy_ms": 1000 * timed["busy"] / timed["updates"],
             }
         )  # fmt: skip
     horizon = min(row["seconds"] for row in rows)
@@ -265,19 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(
         ["variant", "updates", "time per update (ms)", "theory + overhead (ms)", "theory (ms)",
          "overhead (ms)", f"train loss at {horizon:.1f} s", "final train loss", "final train error",
-         "cancelled / dropped", "mean staleness"],
+         "cancelled / dropped", "mean staleness", "server busy per update (ms)"],
         [
             [r["name"], r["updates"], f"{r['per_update_ms']:.1f}", f"{r['theory_ms'] + r['overhead_ms']:.1f}",
              f"{r['theory_ms']:.1f}", f"{r['overhead_ms']:.2f}", f"{r['loss_at_horizon']:.3f}",
              f"{r['final_loss']:.3f}", f"{100 * r['final_error']:.1f}%", f"{r['cancelled']} / {r['dropped']}",
-             f"{r['mean_staleness']:.2f}"]
+             f"{r['mean_staleness']:.2f}", f"{r['server_busy_ms']:.2f}"]
             for r in rows
         ],
     )  # fmt: skip
     order_time = [r["name"] for r in sorted(rows, key=lambda r: r["per_update_ms"])]
     order_loss = [r["name"] for r in sorted(rows, key=lambda r: r["loss_at_horizon"])]
     lines = [
-        f"# Parameter-server family, P = {p} workers + 1 server, Exp(mu) delays with 1/mu = "
+        f"# Parameter-server family, P = {p} workers, {args.server} server, Exp(mu) delays with 1/mu = "
         f"{args.mean_delay_ms:g} ms ({datetime.date.today()})",
         "",
         f"Machine: {machine_description()}. Digits MLP ({HIDDEN} hidden), plain SGD lr {args.lr}, "

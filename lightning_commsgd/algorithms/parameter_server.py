@@ -270,7 +270,10 @@ class ParameterServer:
         self._buffer = []
         factors = [self._lr_factors(version) for _, version, _ in grads]
         mean = torch.zeros(self.numel, dtype=torch.float32, device=self.params[0].device)
-        for (_, _, grad), per_group in zip(grads, factors):
+        # summed in worker order, not arrival order: the same contributors give the same bits whatever
+        # the network did (sync SGD is then bitwise reproducible); the log keeps the arrival order
+        by_worker = sorted(zip(grads, factors), key=lambda item: item[0][0])
+        for (_, _, grad), per_group in by_worker:
             if self.staleness_lr is None:
                 mean.add_(grad)
             else:

@@ -116,6 +116,9 @@ class ServerRuntime:
         self.lock = threading.Lock()  # held while the server's state changes (snapshots take it too)
         self.events: list[Event] = []  # applied, in order (gradients dropped from the record: see replay)
         self.failure: BaseException | None = None
+        # the server thread's time handling events (applying gradients, sending models), not waiting for
+        # them: what a co-located server takes from rank 0's training
+        self.busy_seconds = 0.0
         self._queue: queue.Queue[Event] = queue.Queue()
         self._local: dict[int, queue.Queue[ModelMessage]] = {}
         self._thread: threading.Thread | None = None
@@ -208,6 +211,7 @@ class ServerRuntime:
                 ) from None
             if event.kind != "push":
                 gone.add(event.worker)
+            busy_from = time.perf_counter()
             with self.lock:
                 was_active = event.worker in self.server.active
                 if event.kind == "push":
@@ -233,6 +237,7 @@ class ServerRuntime:
                 # the leaver's receiver waits for one last message: tell it to stop
                 self._deliver([event.worker], ModelMessage(reply.version, True, model))
             self._deliver(targets, ModelMessage(reply.version, reply.stop, model))
+            self.busy_seconds += time.perf_counter() - busy_from
             if reply.updated:
                 with self._progress:
                     self._progress.notify_all()
