@@ -319,16 +319,25 @@ class Link:
         """The link of a worker in another process than the server: a receiver thread fills the mailbox."""
         mailbox: queue.Queue[ModelMessage] = queue.Queue()
 
+        def lost(error: RuntimeError) -> ServerLostError:
+            why = _first_line(error)
+            return ServerLostError(f"worker {worker} lost the parameter server (rank {server_rank}): {why}")
+
         def push(worker: int, version: int, grad: Tensor) -> None:
             header = torch.tensor([PUSH, version, 0, 0], dtype=torch.int64)
-            comm.send(header, server_rank, tag=TAG, group=groups.up, msg_tag=0)
-            comm.send(
-                grad.detach().float().cpu().contiguous(), server_rank, tag=TAG, group=groups.up, msg_tag=1
-            )
+            payload = grad.detach().float().cpu().contiguous()
+            try:
+                comm.send(header, server_rank, tag=TAG, group=groups.up, msg_tag=0)
+                comm.send(payload, server_rank, tag=TAG, group=groups.up, msg_tag=1)
+            except RuntimeError as error:  # the server's process is gone (connection closed or reset)
+                raise lost(error) from error
 
         def leave(worker: int) -> None:
             header = torch.tensor([LEAVE, 0, 0, 0], dtype=torch.int64)
-            comm.send(header, server_rank, tag=TAG, group=groups.up, msg_tag=0)
+            try:
+                comm.send(header, server_rank, tag=TAG, group=groups.up, msg_tag=0)
+            except RuntimeError as error:
+                raise lost(error) from error
 
         def receive() -> None:
             header = torch.empty(HEADER, dtype=torch.int64)
@@ -338,11 +347,7 @@ class Link:
                     model = torch.empty(numel, dtype=torch.float32)
                     comm.recv_(model, server_rank, tag=TAG, group=groups.down, msg_tag=1)
                 except RuntimeError as error:
-                    why = _first_line(error)
-                    lost = ServerLostError(
-                        f"worker {worker} lost the parameter server (rank {server_rank}): {why}"
-                    )
-                    mailbox.put(ModelMessage(-1, True, None, lost))
+                    mailbox.put(ModelMessage(-1, True, None, lost(error)))
                     return
                 stop = bool(header[2])
                 mailbox.put(ModelMessage(int(header[1]), stop, model))
