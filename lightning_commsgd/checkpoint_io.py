@@ -14,8 +14,8 @@ word. Here:
 - :func:`verify_checkpoint` checks a file before anything is read from it: empty, not a zip archive
   (torch's format since 1.6), truncated (no central directory), or a record whose CRC-32 does not match
   its bytes (one flipped bit in tensor data is caught) raise :class:`DamagedCheckpointError` naming the file.
-  The strategies call it on every rank at setup, before the first collective, when the Trainer was given a
-  ``ckpt_path``.
+  The strategies call it on every rank before the process group is created, when the Trainer was given a
+  ``ckpt_path`` (with the popen launcher; spawn/fork runs refuse the file when it is loaded).
 
 Remote paths (``s3://...``) are passed to Lightning's own implementation unchanged.
 """

@@ -159,8 +159,9 @@ class CommunicationStrategy(DDPStrategy):
             ``LocalSGDStrategy(weights="samples")`` to weight each replica by its samples at a round.
         checkpoint_io: how checkpoint files are written and read; default
             :class:`~lightning_commsgd.checkpoint_io.AtomicCheckpointIO` (atomic local saves, files verified
-            before loading). A ``ckpt_path`` given to the Trainer is verified on every rank at setup, before
-            the first collective, whatever the checkpoint_io.
+            before loading). A ``ckpt_path`` given to the Trainer is verified on every rank before the process
+            group is created, whatever the checkpoint_io (popen launcher, which Lightning also uses under
+            torchrun and SLURM; with ``start_method="spawn"``/``"fork"`` it is refused when loaded).
         accelerator, parallel_devices, cluster_environment, precision_plugin,
         process_group_backend, timeout, start_method: as for Lightning's ``DDPStrategy`` (set by the
             Trainer from ``accelerator``/``devices``/``num_nodes`` when left out).
@@ -220,6 +221,7 @@ class CommunicationStrategy(DDPStrategy):
         self._train_batches: Any = None
         self._pending_sampler_state: dict[str, Any] | None = None
         self._watchdog: FailureWatchdog | None = None
+        self._ckpt_path_to_verify: Any = None  # the checkpoint the Trainer will load (set by the launcher)
 
     # -- what subclasses provide --------------------------------------------------------------------
     @abstractmethod
@@ -290,19 +292,30 @@ class CommunicationStrategy(DDPStrategy):
         super()._configure_launcher()
         if type(self._launcher) is _SubprocessScriptLauncher:  # popen: report a dead child rank
             self._launcher = ReportingScriptLauncher(
-                self.cluster_environment, self.num_processes, self.num_nodes, watchdog=lambda: self._watchdog
+                self.cluster_environment,
+                self.num_processes,
+                self.num_nodes,
+                watchdog=lambda: self._watchdog,
+                on_ckpt_path=self._remember_ckpt_path,
             )
+
+    def _remember_ckpt_path(self, path: Any) -> None:
+        self._ckpt_path_to_verify = path
 
     @override
     def setup_distributed(self) -> None:
+        # A damaged checkpoint is refused by every rank before the process group exists (the popen
+        # launcher, used by Lightning's own, torchrun and SLURM runs, tells the path); spawn/fork runs
+        # refuse it when it is loaded.
+        path = self._ckpt_path_to_verify
+        if path is not None and "://" not in str(path):
+            verify_checkpoint(path)
         super().setup_distributed()
         destroy_process_group_at_exit()
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
-        if trainer.ckpt_path is not None and "://" not in str(trainer.ckpt_path):
-            verify_checkpoint(trainer.ckpt_path)  # every rank, before the first collective
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()

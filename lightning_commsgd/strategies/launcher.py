@@ -42,6 +42,9 @@ class ReportingScriptLauncher(_SubprocessScriptLauncher):
         grace: seconds the surviving processes get to end by themselves after a child failed.
         end_job: whether a failed child ends the job (default); ``False`` only reports it, for strategies
             that survive a lost worker (the parameter-server family decides by itself).
+        on_ckpt_path: called with the checkpoint path the Trainer resolves for this run (``None`` when it
+            starts fresh), before any process group exists: Lightning keeps that path to itself until it
+            loads the checkpoint, after the strategy's setup and its first collectives.
         cluster_environment, num_processes, num_nodes: as for Lightning's launcher.
     """
 
@@ -54,12 +57,16 @@ class ReportingScriptLauncher(_SubprocessScriptLauncher):
         watchdog: Callable[[], FailureWatchdog | None],
         grace: float = 5.0,
         end_job: bool = True,
+        on_ckpt_path: Callable[[Any], None] | None = None,
     ) -> None:
         super().__init__(cluster_environment, num_processes, num_nodes)
         self._watchdog, self._grace, self._end_job = watchdog, grace, end_job
+        self._on_ckpt_path = on_ckpt_path
 
     @override
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        if trainer is not None and self._on_ckpt_path is not None:
+            _report_selected_ckpt_path(trainer, self._on_ckpt_path)
         # Lightning's launch, with this module's observer instead of _launch_process_observer.
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
@@ -134,6 +141,23 @@ class _ChildObserver(threading.Thread):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _report_selected_ckpt_path(trainer: Any, report: Callable[[Any], None]) -> None:
+    """Have ``trainer`` report the checkpoint path it resolves (``fit(ckpt_path="last")`` included) as
+    soon as it does, once per Trainer."""
+    connector = trainer._checkpoint_connector
+    select = connector._select_ckpt_path
+    if getattr(select, "_reports_to_commsgd", False):
+        return
+
+    def select_and_report(*args: Any, **kwargs: Any) -> Any:
+        path = select(*args, **kwargs)
+        report(path)
+        return path
+
+    select_and_report._reports_to_commsgd = True  # type: ignore[attr-defined]
+    connector._select_ckpt_path = select_and_report
 
 
 def _signal_name(number: int) -> str:
