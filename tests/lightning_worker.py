@@ -100,7 +100,7 @@ class ToyModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        if batch_idx == 0:  # Lightning's all_gather, routed through the communicator
+        if batch_idx == 0 and not NO_GATHER:  # Lightning's all_gather, routed through the communicator
             GATHERED.append(self.all_gather(torch.tensor([float(self.global_rank)])).tolist())
         self.log("val_loss", mse(self.net, batch), sync_dist=True)
 
@@ -175,6 +175,7 @@ class Recorder(Callback):
 
 LOGGED: dict[str, list[float]] = {}
 GATHERED: list = []
+NO_GATHER = "--no-gather" in sys.argv  # the parameter-server strategies refuse all_gather while training
 
 
 class MetricTap(Callback):
@@ -227,6 +228,7 @@ def main() -> None:
     ap.add_argument("--variant", default="k-async")
     ap.add_argument("--ps-server", default="colocated", help="colocated | dedicated")
     ap.add_argument("--straggler-mu", type=float, default=None)
+    ap.add_argument("--no-gather", action="store_true", help="no all_gather in validation_step")
     ap.add_argument("--momentum", default="average")
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "sgd_plain", "adam", "rmsprop"])
     ap.add_argument("--batch-norm", action="store_true")

@@ -216,33 +216,22 @@ def test_resume_mid_period_equals_uninterrupted(run_worker, tmp_path):
     )
 
 
-def test_adacomm_resume_continues_the_same_tau_sequence(run_worker, tmp_path):
-    """AdaComm in step mode under Lightning: the losses training_step returns drive tau; a run resumed
-    from step 12 (mid-interval of 5, mid-period) logs the same tau, F and parameters as the full run."""
+def test_adacomm_under_lightning_shrinks_tau_alike_on_every_rank(run_worker, tmp_path):
+    """AdaComm in step mode under Lightning: the losses training_step returns drive tau, every rank logs
+    the same tau sequence and F. (Resuming it mid-interval, bitwise: tests/test_resume_matrix.py.)"""
     args = ["--tau", "6", "--adacomm-interval", "5", "--max-steps", "30", "--optimizer", "sgd_plain"]
-    full = run_worker(*args, "--ckpt-every", "12", out=tmp_path / "full")
+    full = run_worker(*args, out=tmp_path / "full")
     taus = full[0]["logged"]["comm/tau"]
     assert taus[0] == 6 and len(set(taus)) > 1  # the loss fell, tau shrank
     assert full[0]["logged"]["comm/tau"] == full[1]["logged"]["comm/tau"]
     assert "comm/adacomm_F" in full[0]["logged"] and "comm/adacomm_F0" in full[0]["logged"]
-    resumed = run_worker(
-        *args, "--resume", str(tmp_path / "full" / "ckpt" / "step=12.ckpt"), out=tmp_path / "res"
-    )
-    for rec_full, rec_resumed in zip(full, resumed):
-        assert rec_resumed["logged"]["comm/tau"] == rec_full["logged"]["comm/tau"][12:]
-        resumed_f = rec_resumed["logged"]["comm/adacomm_F"]  # logged every step once F exists
-        assert len(resumed_f) == 30 - 12
-        assert resumed_f == rec_full["logged"]["comm/adacomm_F"][-len(resumed_f) :]
-        for a, b in zip(rec_full["params"][12:], rec_resumed["params"]):
-            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("world_size", [3])
-def test_gossip_strategy_one_peer_resume_keeps_the_graph_phase(run_worker, tmp_path, world_size):
+def test_gossip_strategy_one_peer_checkpoints_the_graph_phase(run_worker, tmp_path, world_size):
     """DecentralizedSGDStrategy under Lightning on a time-varying graph (one-peer exponential, m=3, two
-    phases): gossip rounds only, one exact average at the end, consensus distance logged; a run resumed
-    from step 16 (an epoch end: 96 samples / 3 ranks / batch 4 = 8 batches an epoch, mid-period and
-    mid-cycle) continues with the right graph phase, bitwise."""
+    phases): gossip rounds only, one exact average at the end, consensus distance logged, the graph phase
+    in the checkpoint. (Resuming from it, bitwise: tests/test_resume_matrix.py.)"""
     args = ["--strategy", "gossip", "--topology", "one_peer_exponential", "--tau", "3", "--momentum", "mix"]
     args += ["--devices", str(world_size), "--max-steps", "22", "--consensus-every", "1"]
     full = run_worker(*args, "--ckpt-every", "16", out=tmp_path / "full")
@@ -255,16 +244,11 @@ def test_gossip_strategy_one_peer_resume_keeps_the_graph_phase(run_worker, tmp_p
     assert all(torch.equal(finals[0], f) for f in finals[1:])
     saved = torch.load(tmp_path / "full" / "ckpt" / "step=16.ckpt", weights_only=False)
     assert saved["lightning_commsgd"]["ranks"][0]["algorithm"]["mix_rounds"] == 16 // 3
-    resumed = run_worker(
-        *args, "--resume", str(tmp_path / "full" / "ckpt" / "step=16.ckpt"), out=tmp_path / "res"
-    )
-    for rec_full, rec_resumed in zip(full, resumed):
-        for a, b in zip(rec_full["params"][16:], rec_resumed["params"]):
-            assert torch.equal(a, b)
-        assert torch.equal(rec_full["final_params"], rec_resumed["final_params"])
 
 
-def test_elastic_strategy_resume_keeps_the_centre_variable(run_worker, tmp_path):
+def test_elastic_strategy_checkpoints_one_centre_variable(run_worker, tmp_path):
+    """EASGD under Lightning: z is replicated (no final traffic), every rank's copy in the checkpoint is
+    bitwise the same. (Resuming from it, bitwise: tests/test_resume_matrix.py.)"""
     args = ["--strategy", "elastic", "--tau", "3", "--momentum", "local", "--max-steps", "16", "--batch-norm"]
     full = run_worker(*args, "--ckpt-every", "12", out=tmp_path / "full")
     by_tag = full[0]["ledger"]["by_tag"]
@@ -275,13 +259,6 @@ def test_elastic_strategy_resume_keeps_the_centre_variable(run_worker, tmp_path)
     saved = torch.load(tmp_path / "full" / "ckpt" / "step=12.ckpt", weights_only=False)
     centres = [r["algorithm"]["center"] for r in saved["lightning_commsgd"]["ranks"]]
     assert torch.equal(centres[0], centres[1])  # every rank's copy of z is bitwise the same
-    resumed = run_worker(
-        *args, "--resume", str(tmp_path / "full" / "ckpt" / "step=12.ckpt"), out=tmp_path / "res"
-    )
-    for rec_full, rec_resumed in zip(full, resumed):
-        for a, b in zip(rec_full["params"][12:], rec_resumed["params"]):
-            assert torch.equal(a, b)
-        assert torch.equal(rec_full["final_params"], rec_resumed["final_params"])
 
 
 @pytest.mark.parametrize(("redundancy", "sampling"), [(0.5, "stratified"), (0.25, "union")])

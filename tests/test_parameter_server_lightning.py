@@ -74,6 +74,25 @@ def test_a_dedicated_server_with_two_workers_follows_ddp_on_two_processes(run_wo
 
 
 @pytest.mark.multiprocess
+def test_validation_inside_fit_is_rank_local_and_leaves_training_undisturbed(run_worker, tmp_path):
+    """Validation every 5 steps under sync SGD: no collective (sync_dist logs each rank's own value), the
+    trajectory stays DDP's, and the mean of the ranks' validation losses is DDP's synchronised one (every
+    rank validated the server's model of that step)."""
+    common = ["--max-steps", "10", "--validate", "--no-gather"]
+    ps = run_worker("--strategy", "ksync", *common, out=tmp_path / "ps")
+    ddp = run_worker("--strategy", "ddp", *common, out=tmp_path / "ddp")
+    for rec_ps, rec_ddp in zip(ps, ddp):
+        for a, b in zip(rec_ps["params"], rec_ddp["params"]):
+            assert float((a - b).abs().max()) <= 1e-6
+    ranks_mean = (ps[0]["metrics"]["val_loss"] + ps[1]["metrics"]["val_loss"]) / 2
+    assert ranks_mean == pytest.approx(ddp[0]["metrics"]["val_loss"], abs=1e-6)
+    assert ps[0]["metrics"]["val_loss"] != ps[1]["metrics"]["val_loss"]  # rank-local values
+    # once training started (step >= 0), sync_dist reduced nothing: no all-reduce at all
+    assert not [c for r in ps for c in r["calls"] if c["fn"] == "all_reduce" and c["step"] >= 0]
+    assert [c for r in ddp for c in r["calls"] if c["fn"] == "all_reduce" and c["step"] >= 0]  # DDP's do
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("k", "variant", "mu"), [(2, "k-batch", 200.0)])
 def test_async_variants_stop_every_rank_at_max_steps_with_rank0_holding_the_server_model(
     run_worker, tmp_path, k, variant, mu
