@@ -358,18 +358,24 @@ def copy_flat_into(params: Sequence[Tensor], flat: Tensor) -> None:
             offset += n
 
 
-def check_variant(k: Any, mode: Any, workers: int) -> None:
-    """Raise ``ValueError``/``TypeError`` for a k or mode the variant cannot run with ``workers`` workers."""
+def check_variant(k: Any, mode: Any, workers: int | None) -> None:
+    """Raise ``ValueError``/``TypeError`` for a k or mode the variant cannot run with ``workers`` workers
+    (``None``: not known yet; only k >= 1 is checked)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}.")
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an integer, got {type(k).__name__}.")
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ValueError("a parameter server needs at least one worker.")
     if mode == "batch":
         if k < 1:
             raise ValueError(f"k must be >= 1 for K-batch-async SGD, got {k}.")
-    elif not 1 <= k <= workers:
+        return
+    if workers is None:
+        if k < 1:
+            raise ValueError(f"k must be in [1, P] (P: the number of workers) for this variant, got {k}.")
+        return
+    if not 1 <= k <= workers:
         raise ValueError(f"k must be in [1, {workers}] (the number of workers) for this variant, got {k}.")
 
 

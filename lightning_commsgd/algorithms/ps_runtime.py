@@ -130,7 +130,7 @@ class ServerRuntime:
         """The link of a worker that lives in this process: pushes go straight onto the event queue."""
         mailbox: queue.Queue[ModelMessage] = queue.Queue()
         self._local[worker] = mailbox
-        return Link(worker, mailbox, push=self._push_local, leave=self._leave_local, runtime=self)
+        return Link(worker, mailbox, push=self._push_local, leave=self._leave_local)
 
     def _push_local(self, worker: int, version: int, grad: Tensor) -> None:
         self._queue.put(Event("push", worker, version, grad.detach().clone()))
@@ -304,15 +304,8 @@ class Link:
         *,
         push: Callable[[int, int, Tensor], None],
         leave: Callable[[int], None],
-        runtime: ServerRuntime | None = None,
     ) -> None:
-        self.worker, self.mailbox, self._push, self._leave, self.runtime = (
-            worker,
-            mailbox,
-            push,
-            leave,
-            runtime,
-        )
+        self.worker, self.mailbox, self._push, self._leave = worker, mailbox, push, leave
 
     @classmethod
     def remote(cls, comm: Communicator, groups: Groups, worker: int, server_rank: int, numel: int) -> Link:

@@ -28,9 +28,3 @@ class ExponentialDelay:
         """The next delay in seconds: -ln(U) / mu with U uniform in (0, 1]."""
         u = 1.0 - float(torch.rand((), generator=self.generator))  # in (0, 1]
         return -math.log(u) / self.mu
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])

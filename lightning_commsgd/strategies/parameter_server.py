@@ -155,10 +155,8 @@ class ParameterServerStrategy(CommunicationStrategy):
             raise ValueError(
                 f"{type(self).__name__} does not support {bad}: the server's model is the model."
             )
-        if k is not None:
-            check_variant(k, mode, max(k, 1))  # k's type and lower bound now; k <= P once P is known
-        elif mode not in ("sync", "async", "batch"):
-            check_variant(1, mode, 1)
+        # k's type and lower bound now; k <= P when the Trainer is built and P is known
+        check_variant(1 if k is None else k, mode, workers=None)
         if staleness_lr is not None and not isinstance(staleness_lr, StalenessAwareLR):
             raise TypeError(f"Arg `staleness_lr` must be a StalenessAwareLR or None, got {staleness_lr!r}.")
         if straggler_mu is not None and (
