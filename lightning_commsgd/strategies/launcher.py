@@ -15,6 +15,7 @@ starts the same children and watches them every half second instead; when one ex
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -72,7 +73,12 @@ class ReportingScriptLauncher(_SubprocessScriptLauncher):
         if not self.cluster_environment.creates_processes_externally:
             self._call_children_scripts()
             first_rank = self.cluster_environment.node_rank() * self.num_processes + 1
-            _ChildObserver(self.procs, first_rank, self._watchdog, self._grace, self._end_job).start()
+            observer = _ChildObserver(self.procs, first_rank, self._watchdog, self._grace, self._end_job)
+            observer.start()
+            if not self._end_job:
+                # The observer polls every half second and dies with rank 0: a child that died after its
+                # last poll (a short run) would go unreported without this last look.
+                atexit.register(observer.report_failed_children)
         _set_num_threads_if_needed(num_processes=self.num_processes)
         return function(*args, **kwargs)
 
@@ -93,6 +99,20 @@ class _ChildObserver(threading.Thread):
         self._procs, self._first_rank, self._watchdog = procs, first_rank, watchdog
         self._grace, self._poll, self._end_job = grace, poll, end_job
         self._reported: set[int] = set()
+        self._report_lock = threading.Lock()  # the atexit look and the thread may report at once
+
+    def report_failed_children(self) -> None:
+        """Report-only mode: print each child that ended with an error, once."""
+        with self._report_lock:
+            for i, proc in enumerate(self._procs):
+                code, rank = proc.poll(), self._first_rank + i
+                if code not in (None, 0) and rank not in self._reported:
+                    self._reported.add(rank)
+                    print(
+                        f"[lightning_commsgd] rank {rank}'s process ended with {code}.",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
     def run(self) -> None:
         while True:
@@ -102,14 +122,7 @@ class _ChildObserver(threading.Thread):
                 return
             failed = [(self._first_rank + i, code) for i, code in enumerate(codes) if code not in (None, 0)]
             if not self._end_job:  # report each failed child once; the job decides by itself
-                for rank, code in failed:
-                    if rank not in self._reported:
-                        self._reported.add(rank)
-                        print(
-                            f"[lightning_commsgd] rank {rank}'s process ended with {code}.",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                self.report_failed_children()
                 if all(code is not None for code in codes):
                     return
                 continue
