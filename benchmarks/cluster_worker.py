@@ -51,6 +51,7 @@ from lightning_commsgd import (  # noqa: E402
 )
 from lightning_commsgd.data import DigitsDataModule  # noqa: E402
 from lightning_commsgd.models import MLPClassifier  # noqa: E402
+from lightning_commsgd.payload import PAYLOAD_DTYPES  # noqa: E402
 
 __all__ = ["CONFIGS", "build_strategy", "main"]
 
@@ -62,6 +63,7 @@ CONFIGS: dict[str, str] = {
     "local_sgd_params": 'LocalSGDStrategy(tau, momentum="local"): params only, fp32, blocking',
     "local_sgd_bf16": 'LocalSGDStrategy(tau, payload_dtype="bf16"): params + momentum, bf16, blocking',
     "local_sgd_int8": 'LocalSGDStrategy(tau, payload_dtype="int8"): params + momentum, 8-bit, blocking',
+    "local_sgd_int4": 'LocalSGDStrategy(tau, payload_dtype="int4"): params + momentum, 4-bit, blocking',
     "hierarchical": "LocalSGDStrategy(tau, global_every=4): rounds within a node, every 4th over all",
     "overlap": "OverlapLocalSGDStrategy(tau, alpha=0.5): params, fp32, in the background",
     "overlap_bf16": 'OverlapLocalSGDStrategy(tau, alpha=0.5, payload_dtype="bf16"): in the background',
@@ -72,6 +74,10 @@ CONFIGS: dict[str, str] = {
     "overlap_int8": 'OverlapLocalSGDStrategy(tau, alpha=0.5, payload_dtype="int8"): in the background',
     "overlap_momentum_int8": (
         'OverlapLocalSGDStrategy(tau, alpha=0.3, anchor_momentum=0.9, payload_dtype="int8"): 8-bit changes'
+    ),
+    "overlap_int4": 'OverlapLocalSGDStrategy(tau, alpha=0.5, payload_dtype="int4"): in the background',
+    "overlap_momentum_int4": (
+        'OverlapLocalSGDStrategy(tau, alpha=0.3, anchor_momentum=0.9, payload_dtype="int4"): 4-bit changes'
     ),
     "overlap_cocod": 'OverlapLocalSGDStrategy(tau, correction="cocod"): params, fp32, in the background',
     "overlap_cocod_bf16": 'OverlapLocalSGDStrategy(tau, correction="cocod", payload_dtype="bf16")',
@@ -104,31 +110,26 @@ def build_strategy(name: str, tau: int) -> Strategy:
             ddp_comm_hook=post_localSGD_hook,
             model_averaging_period=tau,
         )
-    if name == "local_sgd_params":
+    if name not in CONFIGS:
+        raise ValueError(f"Arg `config` must be one of {sorted(CONFIGS)}, got {name!r}.")
+    # "<family>_<payload>": the payload_dtype is the name's suffix
+    family, _, suffix = name.rpartition("_")
+    payload = suffix if suffix in PAYLOAD_DTYPES else None
+    family = family if payload else name
+    if family == "local_sgd_params":
         return LocalSGDStrategy(tau=tau, momentum="local")
-    if name == "local_sgd_bf16":
-        return LocalSGDStrategy(tau=tau, payload_dtype="bf16")
-    if name == "local_sgd_int8":
-        return LocalSGDStrategy(tau=tau, payload_dtype="int8")
-    if name == "hierarchical":
+    if family == "local_sgd" and payload:
+        return LocalSGDStrategy(tau=tau, payload_dtype=payload)
+    if family == "hierarchical":
         return LocalSGDStrategy(tau=tau, global_every=4)
-    if name == "overlap":
-        return OverlapLocalSGDStrategy(tau=tau)
-    if name == "overlap_bf16":
-        return OverlapLocalSGDStrategy(tau=tau, payload_dtype="bf16")
-    if name == "overlap_momentum_bf16":
-        return OverlapLocalSGDStrategy(tau=tau, alpha=0.3, anchor_momentum=0.9, payload_dtype="bf16")
-    if name == "overlap_int8":
-        return OverlapLocalSGDStrategy(tau=tau, payload_dtype="int8")
-    if name == "overlap_momentum_int8":
-        return OverlapLocalSGDStrategy(tau=tau, alpha=0.3, anchor_momentum=0.9, payload_dtype="int8")
-    if name == "overlap_cocod":
-        return OverlapLocalSGDStrategy(tau=tau, correction="cocod")
-    if name == "overlap_cocod_bf16":
-        return OverlapLocalSGDStrategy(tau=tau, correction="cocod", payload_dtype="bf16")
-    if name in CONFIGS:  # local_sgd, gossip, elastic and the compressed ones: as train_digits builds them
-        return build_digits_strategy(name, tau)
-    raise ValueError(f"Arg `config` must be one of {sorted(CONFIGS)}, got {name!r}.")
+    if family == "overlap":
+        return OverlapLocalSGDStrategy(tau=tau, payload_dtype=payload)
+    if family == "overlap_momentum":
+        return OverlapLocalSGDStrategy(tau=tau, alpha=0.3, anchor_momentum=0.9, payload_dtype=payload)
+    if family == "overlap_cocod":
+        return OverlapLocalSGDStrategy(tau=tau, correction="cocod", payload_dtype=payload)
+    # local_sgd, gossip, elastic and the compressed ones: as train_digits builds them
+    return build_digits_strategy(name, tau)
 
 
 class StepTrace(Callback):

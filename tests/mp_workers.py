@@ -96,7 +96,7 @@ def comm_worker(rank: int, world_size: int) -> dict[str, Any]:
 
 
 LOWP_NUMEL = 300_007  # > SEGMENT_BYTES in every message, not divisible by 2, 3 or 4
-LOWP_SEED = 12  # the int8 mean's rounding seed (a round's step)
+LOWP_SEED = 12  # the int8 and int4 means' rounding seed (a round's step)
 
 
 def lowp_input(rank: int) -> torch.Tensor:
@@ -106,13 +106,15 @@ def lowp_input(rank: int) -> torch.Tensor:
 
 
 def lowp_worker(rank: int, world_size: int) -> dict[str, Any]:
-    """16-bit means (blocking and in the background), a blocking int8 mean and a ring exchange of a large
-    tensor: the segmented point-to-point paths of the communicator."""
+    """16-bit means (blocking and in the background), blocking int8 and int4 means and a ring exchange of a
+    large tensor: the segmented point-to-point paths of the communicator."""
     comm = Communicator()
     blocking = lowp_input(rank)
     comm.all_reduce_mean_lowp_(blocking, torch.bfloat16, tag="lowp")
     int8 = lowp_input(rank)
     comm.all_reduce_mean_lowp_(int8, "int8", tag="lowp_int8", seed=LOWP_SEED)
+    int4 = lowp_input(rank)
+    comm.all_reduce_mean_lowp_(int4, "int4", tag="lowp_int4", seed=LOWP_SEED)
     background = lowp_input(rank)
     pending = comm.all_reduce_mean_lowp_async(background, torch.float16, tag="lowp_async")
     ring = comm.exchange(
@@ -122,6 +124,7 @@ def lowp_worker(rank: int, world_size: int) -> dict[str, Any]:
     return {
         "blocking": blocking,
         "int8": int8,
+        "int4": int4,
         "background": background,
         "ring": ring[0],
         "ledger": comm.ledger.as_dict(),

@@ -56,6 +56,7 @@ CONFIGS = {
     # before the first round (2), tau-1 (3), tau (4), tau+1 and an epoch end (5), mid-period and mid-epoch (7)
     "local_sgd": (lambda: LocalSGDStrategy(tau=4), [2, 3, 4, 5, 7]),
     "local_sgd_int8": (lambda: LocalSGDStrategy(tau=4, payload_dtype="int8"), [3, 4, 6]),
+    "local_sgd_int4": (lambda: LocalSGDStrategy(tau=4, payload_dtype="int4"), [6]),
     # hierarchical rounds (blocks of 1 rank, every 2nd round global) and sample-weighted rounds
     "hierarchical": (lambda: LocalSGDStrategy(tau=2, global_every=2, group_size=1), [3, 5]),
     "weighted": (lambda: LocalSGDStrategy(tau=4, weights="samples"), [3, 6]),

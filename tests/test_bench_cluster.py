@@ -102,11 +102,11 @@ def test_every_configuration_builds_its_strategy(name):
         assert (strategy._model_averaging_period == 8) == (name == "post_local_sgd")
     if name.startswith("overlap"):
         assert isinstance(strategy, OverlapLocalSGDStrategy)
-        assert strategy.payload_dtype == next((d for d in ("bf16", "int8") if name.endswith(d)), None)
+        assert strategy.payload_dtype == next((d for d in ("bf16", "int8", "int4") if name.endswith(d)), None)
         assert strategy.correction == ("cocod" if "cocod" in name else "pull")
     if name.startswith("local_sgd") or name == "hierarchical":
         assert isinstance(strategy, LocalSGDStrategy) and strategy.tau == 8
-        assert strategy.payload_dtype == next((d for d in ("bf16", "int8") if name.endswith(d)), None)
+        assert strategy.payload_dtype == next((d for d in ("bf16", "int8", "int4") if name.endswith(d)), None)
 
 
 def test_unknown_configuration():

@@ -204,23 +204,28 @@ def _lowp_reference(p: int, wire: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("p", [2, 3])
 def test_low_precision_mean_and_exchange_in_segments(tmp_path, p):
     """Messages larger than SEGMENT_BYTES travel in segments: the 16-bit mean (blocking, bf16; in the
-    background, fp16, overlapping a ring exchange on the training thread) and the int8 mean (stochastic
-    rounding, seeded) equal their definitions on every rank, the exchange delivers the neighbour's tensor
-    bit for bit, and the ledger counts the payload."""
+    background, fp16, overlapping a ring exchange on the training thread) and the int8 and int4 means
+    (stochastic rounding, seeded) equal their definitions on every rank, the exchange delivers the neighbour's
+    tensor bit for bit, and the ledger counts the payload."""
     results = run_workers(lowp_worker, p, tmp_path)
     chunk = -(-LOWP_NUMEL // p)
     int8_reference = lowp_mean_reference([lowp_input(r) for r in range(p)], "int8", LOWP_SEED)
     exact = torch.stack([lowp_input(r) for r in range(p)]).mean(0)
     # unbiased rounding within 1/127 of a 256-block's largest value, twice: close to the exact mean
     assert (int8_reference - exact).abs().max() <= 2 * exact.abs().max() / 127
+    int4_reference = lowp_mean_reference([lowp_input(r) for r in range(p)], "int4", LOWP_SEED)
+    assert (int4_reference - exact).abs().max() <= 2 * exact.abs().max() / 7
+    assert not torch.equal(int4_reference, int8_reference)
     for rank, res in enumerate(results):
         assert torch.equal(res["blocking"], _lowp_reference(p, torch.bfloat16))
         assert torch.equal(res["background"], _lowp_reference(p, torch.float16))
         assert torch.equal(res["int8"], int8_reference)
+        assert torch.equal(res["int4"], int4_reference)
         assert torch.equal(res["ring"], lowp_input((rank - 1) % p))
         by_tag = res["ledger"]["by_tag"]
         assert by_tag["lowp"]["bytes_sent"] == by_tag["lowp_async"]["bytes_sent"] == 2 * (p - 1) * chunk * 2
         assert by_tag["lowp_int8"]["bytes_sent"] == 2 * (p - 1) * (4 * -(-chunk // 256) + chunk)
+        assert by_tag["lowp_int4"]["bytes_sent"] == 2 * (p - 1) * (4 * -(-chunk // 64) + -(-chunk // 2))
         assert by_tag["ring"]["bytes_sent"] == by_tag["ring"]["bytes_received"] == LOWP_NUMEL * 4
 
 

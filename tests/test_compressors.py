@@ -8,7 +8,16 @@ import math
 import pytest
 import torch
 
-from lightning_commsgd.compression import QSGD, BlockInt8, Identity, PNormQuantizer, RandomK, ScaledSign, TopK
+from lightning_commsgd.compression import (
+    QSGD,
+    BlockInt4,
+    BlockInt8,
+    Identity,
+    PNormQuantizer,
+    RandomK,
+    ScaledSign,
+    TopK,
+)
 from lightning_commsgd.compression.bitpack import pack_bits, unpack_bits
 
 UNBIASED = [
@@ -19,6 +28,8 @@ UNBIASED = [
     QSGD(levels=8, bucket_size=512),
     BlockInt8(16),
     BlockInt8(256),
+    BlockInt4(5),
+    BlockInt4(64),
     RandomK(0.25),
     Identity(),
 ]
@@ -50,6 +61,7 @@ def test_payload_sizes_equal_the_analytic_formulas(numel):
         QSGD(levels=4, bucket_size=128): 4 * math.ceil(numel / 128) + math.ceil(numel * 4 / 8),  # 1+3 bits
         QSGD(levels=1, bucket_size=512): 4 * math.ceil(numel / 512) + math.ceil(numel * 2 / 8),
         BlockInt8(256): 4 * math.ceil(numel / 256) + numel,
+        BlockInt4(64): 4 * math.ceil(numel / 64) + math.ceil(numel / 2),
         RandomK(0.01): 8 * max(1, math.ceil(0.01 * numel)),
         TopK(0.5): 8 * math.ceil(0.5 * numel),
         ScaledSign(): 4 + math.ceil(numel / 8),
@@ -83,15 +95,30 @@ def test_round_trip_is_exact_for_representable_values():
     assert torch.equal(ScaledSign().compress(signs), signs)
     on_grid = torch.tensor([127.0, -3.0, 0.0, 64.0, -127.0, 1.0]) * 0.25  # multiples of the scale max/127
     assert torch.equal(BlockInt8(6).compress(on_grid), on_grid)
+    on_grid4 = torch.tensor([7.0, -3.0, 0.0, 6.0, -7.0, 1.0, -1.0]) * 0.5  # multiples of max/7, odd length
+    assert torch.equal(BlockInt4(7).compress(on_grid4), on_grid4)
 
 
-def test_block_int8_is_a_quarter_of_fp32_and_keeps_each_error_below_the_scale():
-    quantizer = BlockInt8(256)
-    assert quantizer.payload_nbytes(1_000_000) / (4 * 1_000_000) < 0.26
-    x = torch.randn(4096) * torch.logspace(-4, 1, 4096)  # blocks of very different magnitudes
-    error = (quantizer.compress(x, torch.Generator().manual_seed(0)) - x).abs().view(16, 256)
-    scale = x.abs().view(16, 256).amax(1, keepdim=True) / 127
+@pytest.mark.parametrize(("quantizer", "ratio"), [(BlockInt8(256), 0.26), (BlockInt4(64), 0.141)], ids=repr)
+def test_block_int_quantizers_shrink_fp32_and_keep_each_error_below_the_scale(quantizer, ratio):
+    """int8 is about a quarter of fp32, int4 a seventh; every value lands within one step of the block's
+    scale max|x| / L, also across blocks of very different magnitudes."""
+    assert quantizer.payload_nbytes(1_000_000) / (4 * 1_000_000) < ratio
+    b = quantizer.block_size
+    x = torch.randn(64 * b) * torch.logspace(-4, 1, 64 * b)
+    error = (quantizer.compress(x, torch.Generator().manual_seed(0)) - x).abs().view(64, b)
+    scale = x.abs().view(64, b).amax(1, keepdim=True) / quantizer.LEVELS
     assert bool((error < scale).all())
+
+
+def test_block_int4_codes_use_every_nibble_value_and_pack_two_per_byte():
+    """The 15 codes -7..7 map to nibbles 0..14, the even-indexed value in the low nibble."""
+    x = torch.arange(-7.0, 8.0)  # scale 1: every code once, deterministic (on the grid)
+    payload = BlockInt4(15).encode(x)
+    codes = payload[4:]
+    assert codes.numel() == 8
+    assert [int(c) & 0x0F for c in codes] == list(range(0, 15, 2))  # even-indexed values: -7, -5, ..., 7
+    assert [int(c) >> 4 for c in codes] == [*range(1, 15, 2), 0]  # odd-indexed ones, then the zero pad
 
 
 @pytest.mark.parametrize("compressor", UNBIASED, ids=repr)
@@ -132,12 +159,20 @@ def test_the_unbiasedness_check_catches_a_missing_scale():
 
 def test_variance_bound_is_nearly_attained_by_the_worst_case_vector():
     """C is the paper's constant, not a loose number: the inf-norm quantizer's worst case x reaches it,
-    and so does BlockInt8's (one value at the scale's 127 steps, the others half-way between two steps)."""
+    and so do BlockInt8's and BlockInt4's (one value at the scale's L steps, the others f* of a step from
+    0, f* = L (sqrt(L^2 + b - 1) - L) / (b - 1): 0.5 for int8, 0.4 for int4 at b = 64)."""
     b = 64
     g = torch.Generator().manual_seed(0)
-    int8_worst = torch.full((b,), 0.5)
-    int8_worst[0] = 127.0
-    for quantizer, x in [(PNormQuantizer(float("inf"), b), _vectors(b)["spike"]), (BlockInt8(b), int8_worst)]:
+    worst = {}
+    for levels in (127, 7):
+        worst[levels] = torch.full((b,), levels * (math.sqrt(levels**2 + b - 1) - levels) / (b - 1))
+        worst[levels][0] = float(levels)
+    cases = [
+        (PNormQuantizer(float("inf"), b), _vectors(b)["spike"]),
+        (BlockInt8(b), worst[127]),
+        (BlockInt4(b), worst[7]),
+    ]
+    for quantizer, x in cases:
         samples = torch.stack([quantizer.compress(x, g) for _ in range(4000)])
         ratio = float((samples - x).square().sum(1).mean() / x.square().sum())
         assert ratio == pytest.approx(quantizer.variance_bound(b), rel=0.05), quantizer

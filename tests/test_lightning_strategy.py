@@ -361,11 +361,15 @@ def test_decentralized_strategies_take_the_redundant_sampler(run_worker, tmp_pat
 
 def _payload_bytes(payload_dtype: str, chunk: int) -> int:
     """Bytes of one encoded chunk of ``chunk`` values."""
-    return 4 * -(-chunk // 256) + chunk if payload_dtype == "int8" else 2 * chunk
+    if payload_dtype == "int8":
+        return 4 * -(-chunk // 256) + chunk  # an fp32 scale per 256 values, a byte per value
+    if payload_dtype == "int4":
+        return 4 * -(-chunk // 64) + -(-chunk // 2)  # an fp32 scale per 64 values, two values per byte
+    return 2 * chunk
 
 
 # how far a run may drift from the exact average (the rounding of the change over a few rounds)
-_PAYLOAD_GAP = {"bf16": 2e-2, "fp16": 3e-3, "int8": 5e-2}
+_PAYLOAD_GAP = {"bf16": 2e-2, "fp16": 3e-3, "int8": 5e-2, "int4": 5e-2}
 
 
 @pytest.mark.parametrize(("payload_dtype", "world_size"), [("bf16", 2), ("int8", 4)])
@@ -442,14 +446,14 @@ def test_overlap_local_sgd_matches_simulation(run_worker, tmp_path, world_size, 
     assert records[0]["ledger"]["by_tag"]["overlap_average"]["rounds"] == steps // tau
 
 
-@pytest.mark.parametrize(("payload_dtype", "world_size", "beta"), [("int8", 2, 0.0), ("fp16", 3, 0.5)])
+@pytest.mark.parametrize(("payload_dtype", "world_size", "beta"), [("int4", 2, 0.0), ("fp16", 3, 0.5)])
 def test_overlap_low_precision_payload_matches_its_simulation(
     run_worker, tmp_path, payload_dtype, world_size, beta
 ):
-    """Overlap with payload_dtype: the change since the anchor travels in 8 or 16 bits (reduce-scatter +
+    """Overlap with payload_dtype: the change since the anchor travels in 4 or 16 bits (reduce-scatter +
     all-gather, fp32 accumulation) on the helper thread; the run equals the simulation of exactly that
-    rounding, stays within it of the fp32 overlap run, sends a quarter or half the bytes, and no collective
-    of a round runs on the training thread."""
+    rounding, stays within it of the fp32 overlap run, sends a seventh or half the bytes, and no collective
+    of a round runs on the training thread. (int8 shares int4's code path; the resume matrix runs it.)"""
     steps, tau = 13, 3
     records = run_worker(
         "--strategy", "overlap", "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps),

@@ -22,13 +22,13 @@ one-round-old anchor (with beta = 0 it discards alpha of each round's progress);
 the mean model exactly where the local steps took it, so it converges like blocking local SGD while the
 average travels in the background. alpha and beta do not apply to it.
 
-With ``payload_dtype="bf16"``/``"fp16"``/``"int8"`` each worker sends its change since the anchor,
+With ``payload_dtype="bf16"``/``"fp16"``/``"int8"``/``"int4"`` each worker sends its change since the anchor,
 d_i = sent_i - z, in that format (reduce-scatter + all-gather with fp32 accumulation, on a helper thread over
 a second process group; :mod:`lightning_commsgd.payload`) and the next anchor is z + mean_i(d_i): half (16
-bits) or about a quarter (int8) of the bytes, so the average hides behind fewer local steps. Only the
-change is rounded (relative error about 2^-8 of ||d|| for bf16, 2^-11 for fp16; int8 rounds
-stochastically, unbiased, within 1/127 of each block's largest change), and every rank decodes the same
-messages, so the anchors stay equal across ranks.
+bits), about a quarter (int8) or a seventh (int4) of the bytes, so the average hides behind fewer local
+steps. Only the change is rounded (relative error about 2^-8 of ||d|| for bf16, 2^-11 for fp16; int8 and
+int4 round stochastically, unbiased, within 1/127 resp. 1/7 of each block's largest change), and every
+rank decodes the same messages, so the anchors stay equal across ranks.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         alpha: pull strength alpha in (0, 1) (1 would send the anchor back unchanged: no progress).
         beta: anchor momentum beta in [0, 1) (the paper's momentum variant; 0: plain).
         average_buffers: treat floating buffers (BatchNorm statistics) like parameters.
-        payload_dtype: ``None`` (fp32 average), ``"bf16"`` / ``"fp16"`` or ``"int8"``: the change since the
-            anchor travels in that format, accumulated in fp32 (see the module docstring).
+        payload_dtype: ``None`` (fp32 average), ``"bf16"`` / ``"fp16"``, ``"int8"`` or ``"int4"``: the
+            change since the anchor travels in that format, accumulated in fp32 (see the module docstring).
         correction: how the arrived average is applied: ``"pull"`` (the paper's x <- (1-alpha) x + alpha z)
             or ``"cocod"`` (x <- x + z - x^(k): swap the sent model for the average, keep the progress since).
     """

@@ -72,14 +72,14 @@ class PeriodicAverager(PeriodicAlgorithm):
             weighted by the samples n_j it processed since the latest round, for per-worker batch sizes
             B_j: sum_j n_j x_j / sum_j n_j; report them with :meth:`record_samples`). The weight travels
             in fp32 with the payload, so a bf16/fp16 model's round is sent in fp32 in this mode.
-        payload_dtype: ``None`` (default: the buffer's own dtype, exact mean), ``"bf16"`` / ``"fp16"`` or
-            ``"int8"`` (see :mod:`lightning_commsgd.payload`): each rank sends its change since the latest
-            consensus, d_i = x_i - x_anchor, in that format; the mean of the d_i is accumulated in fp32
-            (:meth:`Communicator.all_reduce_mean_lowp_`) and x <- x_anchor + mean (so only the *change*,
-            not x itself, is rounded: a relative error of about 2^-8 (bf16) or 2^-11 (fp16) of the change
-            per round; int8 rounds stochastically, unbiased, within 1/127 of each block's largest change).
-            Half (16 bits) or about a quarter (int8) of the bytes of an fp32 all-reduce; costs one fp32
-            copy of the averaged tensors (the anchor, checkpointed).
+        payload_dtype: ``None`` (default: the buffer's own dtype, exact mean), ``"bf16"`` / ``"fp16"``,
+            ``"int8"`` or ``"int4"`` (see :mod:`lightning_commsgd.payload`): each rank sends its change since
+            the latest consensus, d_i = x_i - x_anchor, in that format; the mean of the d_i is accumulated in
+            fp32 (:meth:`Communicator.all_reduce_mean_lowp_`) and x <- x_anchor + mean (so only the *change*,
+            not x itself, is rounded: a relative error of about 2^-8 (bf16) or 2^-11 (fp16) of the change per
+            round; int8 / int4 round stochastically, unbiased, within 1/127 / 1/7 of each block's largest
+            change). Half (16 bits), about a quarter (int8) or a seventh (int4) of the bytes of an fp32
+            all-reduce; costs one fp32 copy of the averaged tensors (the anchor, checkpointed).
         group_size: g, ranks per block for hierarchical averaging (consecutive ranks, e.g. one node); must
             divide the world size. ``None`` (default): flat averaging.
         global_every: H, every H-th round averages over all ranks; the others average within the block

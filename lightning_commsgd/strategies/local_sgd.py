@@ -50,11 +50,11 @@ class LocalSGDStrategy(CommunicationStrategy):
             ``batch_sizes``). n_j is the batch size Lightning infers from each training batch. Costs no
             extra round: the count rides in the averaged buffer (4 more bytes). Validation's consensus
             model (``eval_on="consensus"``) stays the plain mean.
-        payload_dtype: ``None`` (exact fp32 mean), ``"bf16"`` / ``"fp16"`` or ``"int8"``: each rank sends its
-            change since the latest round in that format, accumulated in fp32 (half the bytes of a round in
-            16 bits, about a quarter in int8, which rounds stochastically and without bias; the change, not
-            the model, is rounded; see :class:`~lightning_commsgd.algorithms.PeriodicAverager` and
-            :mod:`lightning_commsgd.payload`).
+        payload_dtype: ``None`` (exact fp32 mean), ``"bf16"`` / ``"fp16"``, ``"int8"`` or ``"int4"``: each
+            rank sends its change since the latest round in that format, accumulated in fp32 (half the bytes
+            of a round in 16 bits, about a quarter in int8 and a seventh in int4, which round stochastically
+            and without bias; the change, not the model, is rounded; see
+            :class:`~lightning_commsgd.algorithms.PeriodicAverager` and :mod:`lightning_commsgd.payload`).
         global_every: hierarchical local SGD (Lin et al. 2020): every ``global_every``-th round averages
             over all ranks, the others only within a block of ``group_size`` ranks; 1 (default) is flat.
         group_size: ranks per block (consecutive global ranks); default: the devices per node, so the

@@ -32,9 +32,10 @@ class OverlapLocalSGDStrategy(CommunicationStrategy):
         anchor_momentum: beta in [0, 1), the paper's momentum variant on the anchor; 0 (default) averages
             the pulled models.
         average_buffers: BatchNorm statistics ride with the parameters.
-        payload_dtype: ``None`` (default, fp32), ``"bf16"`` / ``"fp16"`` or ``"int8"``: each rank's change
-            since the anchor travels in that format, summed in fp32 (half the bytes in 16 bits, about a
-            quarter in int8, which rounds stochastically and without bias; only the change is rounded, and
+        payload_dtype: ``None`` (default, fp32), ``"bf16"`` / ``"fp16"``, ``"int8"`` or ``"int4"``: each
+            rank's change since the anchor travels in that format, summed in fp32 (half the bytes in 16 bits,
+            about a quarter in int8 and a seventh in int4, which round stochastically and without bias; only
+            the change is rounded, and
             every rank decodes the same messages; see :mod:`lightning_commsgd.payload`). The two collectives
             run on a helper thread over a second process group, so they hide behind the next ``tau`` local
             steps as the fp32 all-reduce does.
