@@ -31,7 +31,7 @@ lint: venv
 
 test: venv
 	$(VPY) -m ruff check $(LINT_PATHS)
-	$(VPY) -m pytest -x -q --durations=25 -m "not fault_matrix" tests
+	$(VPY) -m pytest -x -q --durations=50 -m "not fault_matrix" tests
 
 # The rest of the fault-injection matrix (every rank x crash/kill/hang x mid-period/in a round, every kind of
 # damaged checkpoint under Lightning) and the parameter-server worker deaths; make test runs the core.
