@@ -54,7 +54,11 @@ def _assert_rounds_only(records, tau, steps, round_bytes):
 
 @pytest.mark.parametrize(
     ("start_method", "momentum", "batch_norm"),
-    [("popen", "average", True), ("spawn", "local", False), ("fork", "zero", True)],
+    [
+        ("popen", "average", True),
+        pytest.param("spawn", "local", False, marks=pytest.mark.extended),
+        ("fork", "zero", True),
+    ],
 )
 def test_trajectory_matches_simulation_two_ranks(run_worker, start_method, momentum, batch_norm):
     steps, tau = 10, 3
@@ -348,7 +352,7 @@ def test_losing_an_unreplicated_worker_refuses_to_start(run_worker, tmp_path):
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("strategy", ["gossip", "elastic"])
+@pytest.mark.parametrize("strategy", ["gossip", pytest.param("elastic", marks=pytest.mark.extended)])
 def test_decentralized_strategies_take_the_redundant_sampler(run_worker, tmp_path, strategy):
     """The RI-SGD sampler is the strategy base's: gossip and EASGD get stratified batches of
     b (1 + mu p) = 8 samples (Lightning's sampler would give 4)."""

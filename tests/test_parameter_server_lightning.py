@@ -74,6 +74,7 @@ def test_a_dedicated_server_with_two_workers_follows_ddp_on_two_processes(run_wo
 
 
 @pytest.mark.multiprocess
+@pytest.mark.extended  # sync SGD against DDP runs in make test (above); this adds validation to it
 def test_validation_inside_fit_is_rank_local_and_leaves_training_undisturbed(run_worker, tmp_path):
     """Validation every 5 steps under sync SGD: no collective (sync_dist logs each rank's own value), the
     trajectory stays DDP's, and the mean of the ranks' validation losses is DDP's synchronised one (every

@@ -193,7 +193,7 @@ def test_adacomm_lr_aware_needs_an_optimizer():
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [pytest.param(2, marks=pytest.mark.extended), 4])
 @pytest.mark.parametrize("mode", ["steps", "seconds"])
 def test_every_rank_computes_the_same_tau(tmp_path, world_size, mode):
     steps = 60
