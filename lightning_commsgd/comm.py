@@ -197,12 +197,17 @@ class Communicator:
         incoming = [outgoing[r] if r == me else codec.empty(chunk, device) for r in range(p)]
         peers = [r for r in range(p) if r != me]
         self._p2p_batch([(r, outgoing[r]) for r in peers], [(r, incoming[r]) for r in peers], group)
-        rows = torch.stack([codec.decode(row, chunk) for row in incoming])
-        mean = rows.sum(dim=0) / p
-        mine = codec.encode(mean, rounding_generator(codec, seed, me, 1, device))
+        total = codec.decode(incoming[0], chunk).clone()  # summed in rank order, in place
+        for row in incoming[1:]:
+            total += codec.decode(row, chunk)
+        mine = codec.encode(total.div_(p), rounding_generator(codec, seed, me, 1, device))
         gathered = [mine if r == me else codec.empty(chunk, device) for r in range(p)]
         self._p2p_batch([(r, mine) for r in peers], [(r, gathered[r]) for r in peers], group)
-        buffer.reshape(-1).copy_(torch.cat([codec.decode(part, chunk) for part in gathered])[:n])
+        flat = buffer.view(-1)  # the strategies' packed buffers are contiguous (view raises otherwise)
+        for j, part in enumerate(gathered):  # each chunk decoded straight into its place
+            start, stop = j * chunk, min((j + 1) * chunk, n)
+            if start < stop:
+                flat[start:stop] = codec.decode(part, chunk)[: stop - start]
         return (p - 1) * (codec.nbytes(outgoing[me]) + codec.nbytes(mine))
 
     # gloo moves one message per pair at a time: when two ranks exchange large messages, each side's

@@ -363,6 +363,14 @@ def main() -> None:
         groups=args.groups,
     )
     trainer.fit(model, ckpt_path=args.resume)
+    if args.strategy == "ddp":
+        # Lightning's DDPStrategy, the reference, leaves a gloo group to interpreter finalization, which now
+        # and then aborts a finished process ("terminate called without an active exception",
+        # pytorch/pytorch#190489; seen once in CI). Our strategies destroy their group at exit
+        # (comm.destroy_process_group_at_exit); the reference gets the same treatment here.
+        from lightning_commsgd.comm import destroy_process_group_at_exit
+
+        destroy_process_group_at_exit()
 
 
 if __name__ == "__main__":

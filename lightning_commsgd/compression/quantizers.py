@@ -172,13 +172,19 @@ class BlockInt8(Compressor):
         # against v + u landing on L + 1 through fp32 rounding
         codes = (blocks / safe).add_(uniform(tuple(blocks.shape), blocks, generator)).floor_()
         codes = codes.clamp_(-self.LEVELS, self.LEVELS).reshape(-1)[:numel]
-        return torch.cat([float32_to_bytes(scales), self._pack(codes)])
+        # written in place: a low-precision round encodes every value it sends, so copies count
+        nb = scales.numel()
+        payload = torch.empty(4 * nb + self._codes_nbytes(numel), dtype=torch.uint8, device=x.device)
+        payload[: 4 * nb] = float32_to_bytes(scales)
+        self._pack_into(codes, payload[4 * nb :])
+        return payload
 
     def decode(self, payload: Tensor, numel: int) -> Tensor:
         nb = num_blocks(numel, self.block_size)
         scales = bytes_to_float32(payload[: 4 * nb])
-        values = torch.zeros(nb * self.block_size, dtype=torch.float32, device=payload.device)
-        values[:numel] = self._unpack(payload[4 * nb : 4 * nb + self._codes_nbytes(numel)], numel)
+        values = torch.empty(nb * self.block_size, dtype=torch.float32, device=payload.device)
+        values[numel:].zero_()
+        self._unpack_into(payload[4 * nb : 4 * nb + self._codes_nbytes(numel)], values[:numel])
         # a broadcast multiply per block: repeat_interleave of the scales costs twice as much
         return values.view(nb, self.block_size).mul_(scales.unsqueeze(1)).view(-1)[:numel]
 
@@ -190,11 +196,13 @@ class BlockInt8(Compressor):
     def _codes_nbytes(self, numel: int) -> int:
         return numel
 
-    def _pack(self, codes: Tensor) -> Tensor:
-        return codes.to(torch.int8).view(torch.uint8)
+    def _pack_into(self, codes: Tensor, out: Tensor) -> None:
+        """Write the integer-valued float ``codes`` into the byte tensor ``out``."""
+        out.view(torch.int8).copy_(codes)
 
-    def _unpack(self, data: Tensor, numel: int) -> Tensor:
-        return data.view(torch.int8).to(torch.float32)
+    def _unpack_into(self, data: Tensor, out: Tensor) -> None:
+        """Write the codes in the bytes ``data`` into the float tensor ``out`` (one per value)."""
+        out.copy_(data.view(torch.int8))
 
 
 class BlockInt4(BlockInt8):
@@ -220,15 +228,16 @@ class BlockInt4(BlockInt8):
     def _codes_nbytes(self, numel: int) -> int:
         return (numel + 1) // 2
 
-    def _pack(self, codes: Tensor) -> Tensor:
-        nibbles = torch.zeros(2 * self._codes_nbytes(codes.numel()), dtype=torch.uint8, device=codes.device)
-        nibbles[: codes.numel()] = codes.add_(self.LEVELS)  # 0..14; the odd tail's pad nibble stays 0
+    def _pack_into(self, codes: Tensor, out: Tensor) -> None:
+        nibbles = torch.empty(2 * out.numel(), dtype=torch.uint8, device=codes.device)
+        nibbles[codes.numel() :] = 0  # the odd tail's pad nibble
+        nibbles[: codes.numel()] = codes.add_(self.LEVELS)  # 0..14
         pairs = nibbles.view(-1, 2)
-        return pairs[:, 1].bitwise_left_shift(4).bitwise_or_(pairs[:, 0])
+        torch.bitwise_left_shift(pairs[:, 1], 4, out=out)
+        out.bitwise_or_(pairs[:, 0])
 
-    def _unpack(self, data: Tensor, numel: int) -> Tensor:
-        nibbles = torch.empty(2 * data.numel(), dtype=torch.float32, device=data.device)
-        pairs = nibbles.view(-1, 2)
-        pairs[:, 0] = data & 0x0F
-        pairs[:, 1] = data >> 4
-        return nibbles[:numel].sub_(self.LEVELS)
+    def _unpack_into(self, data: Tensor, out: Tensor) -> None:
+        numel = out.numel()
+        out[0::2] = data & 0x0F  # ceil(numel / 2) even-indexed values
+        out[1::2] = data[: numel // 2] >> 4
+        out.sub_(self.LEVELS)
