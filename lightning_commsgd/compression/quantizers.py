@@ -197,7 +197,8 @@ class BlockInt8(Compressor):
         return numel
 
     def _pack_into(self, codes: Tensor, out: Tensor) -> None:
-        """Write the integer-valued float ``codes`` into the byte tensor ``out``."""
+        """Write the integer-valued float ``codes`` into the byte tensor ``out`` (``codes`` is scratch: a
+        subclass may change it in place)."""
         out.view(torch.int8).copy_(codes)
 
     def _unpack_into(self, data: Tensor, out: Tensor) -> None:
@@ -209,7 +210,7 @@ class BlockInt4(BlockInt8):
     """:class:`BlockInt8` with L = 7 levels each side: 4 bits per value, two values per byte.
 
     Wire format: one fp32 scale per block, then the codes q + 7 in [0, 14], the even-indexed value in a
-    byte's low nibble: ``4 ceil(d / b) + ceil(d / 2)`` bytes (6.4x smaller than fp32 for b = 64, the
+    byte's low nibble: ``4 ceil(d / b) + ceil(d / 2)`` bytes (7.1x smaller than fp32 for b = 64, the
     ``payload_dtype="int4"`` block size).
 
     Variance constant C = (sqrt(49 + b - 1) - 7) / 14 (0.26 for b = 64; see :class:`BlockInt8`): a worst
