@@ -61,6 +61,12 @@ CONFIGS: dict[str, str] = {
     "post_local_sgd": "Lightning DDPStrategy(model_averaging_period=tau) with PostLocalSGDState",
     "local_sgd": "LocalSGDStrategy(tau): params + momentum, fp32, blocking",
     "local_sgd_params": 'LocalSGDStrategy(tau, momentum="local"): params only, fp32, blocking',
+    "local_sgd_params_int8": (
+        'LocalSGDStrategy(tau, momentum="local", payload_dtype="int8"): params only, 8-bit, blocking'
+    ),
+    "local_sgd_params_int4": (
+        'LocalSGDStrategy(tau, momentum="local", payload_dtype="int4"): params only, 4-bit, blocking'
+    ),
     "local_sgd_bf16": 'LocalSGDStrategy(tau, payload_dtype="bf16"): params + momentum, bf16, blocking',
     "local_sgd_int8": 'LocalSGDStrategy(tau, payload_dtype="int8"): params + momentum, 8-bit, blocking',
     "local_sgd_int4": 'LocalSGDStrategy(tau, payload_dtype="int4"): params + momentum, 4-bit, blocking',
@@ -117,7 +123,7 @@ def build_strategy(name: str, tau: int) -> Strategy:
     payload = suffix if suffix in PAYLOAD_DTYPES else None
     family = family if payload else name
     if family == "local_sgd_params":
-        return LocalSGDStrategy(tau=tau, momentum="local")
+        return LocalSGDStrategy(tau=tau, momentum="local", payload_dtype=payload)
     if family == "local_sgd" and payload:
         return LocalSGDStrategy(tau=tau, payload_dtype=payload)
     if family == "hierarchical":

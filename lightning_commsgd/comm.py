@@ -165,29 +165,94 @@ class Communicator:
     ) -> Tensor:
         """Replace the float ``buffer`` by its mean over ranks, sending ``payload``-encoded values (a
         ``payload_dtype`` name of :mod:`lightning_commsgd.payload`: bf16, fp16, int8 or int4; or a torch
-        dtype) and accumulating in fp32: a reduce-scatter (each rank encodes chunk j of its values and sends
-        it to rank j; each rank decodes its chunk from every rank, sums in fp32 in rank order and divides by
-        p) and an all-gather of the encoded chunk means. Every rank decodes the same messages, so the result
-        is identical on every rank. Stochastic rounding (int8, int4) draws from generators seeded by ``seed``,
-        the rank and the phase (:func:`~lightning_commsgd.payload.rounding_seed`).
+        dtype) and accumulating in fp32. Every rank decodes the same messages and sums them in rank order,
+        so the result is identical on every rank. Stochastic rounding (int8, int4) draws from generators
+        seeded by ``seed``, the rank and the phase (:func:`~lightning_commsgd.payload.rounding_seed`).
 
-        One round of two batches of point-to-point messages (see :meth:`_p2p_batch` for why not gloo's
-        ``all_to_all``); each rank sends and receives 2 (p-1) payloads of ceil(n/p) values: half the bytes
+        - Two ranks: an *all-gather* of the encoded values (each rank encodes its whole buffer once and
+          sends it to the other; the mean is (decode(x_0) + decode(x_1)) / 2). One batch of messages, each
+          value rounded once. On CPU the buffer is encoded piece by piece and each piece sent as soon as it
+          is encoded, the pieces received decoded while later ones travel: the encoding and decoding hide
+          behind the link.
+        - Three or more ranks: a *reduce-scatter* (rank r encodes chunk j of its values and sends it to rank
+          j; each rank decodes its chunk from every rank, sums in fp32 in rank order and divides by p), then
+          an *all-gather* of the encoded chunk means: two batches of messages, each value rounded twice.
+
+        Each rank sends and receives (p - 1) payloads of n values (p = 2) or 2 (p - 1) payloads of ceil(n/p)
+        values (p >= 3): the fewer bytes of the two forms, which are equal at p = 2. That is half the bytes
         of an fp32 ring all-reduce in 16 bits, about a quarter in int8, about a seventh in int4.
+        Point-to-point messages throughout (see :meth:`_p2p_batch` for why not gloo's collectives).
         """
         if not self.is_distributed:
             return buffer
         start = time.perf_counter()
         with self._collective(tag):
-            nbytes = self._lowp_mean_(buffer, payload_codec(payload), self.group, seed)
+            nbytes, collectives = self._lowp_mean_(buffer, payload_codec(payload), self.group, seed)
         self.ledger.record(
-            tag, sent=nbytes, received=nbytes, seconds=self._finish(buffer, start), collectives=2
+            tag, sent=nbytes, received=nbytes, seconds=self._finish(buffer, start), collectives=collectives
         )
         return buffer
 
-    def _lowp_mean_(self, buffer: Tensor, codec: PayloadCodec, group: Any, seed: int) -> int:
-        """The two message batches of :meth:`all_reduce_mean_lowp_` over ``group``; returns the payload
-        bytes sent (= received) by this rank."""
+    def _lowp_mean_(self, buffer: Tensor, codec: PayloadCodec, group: Any, seed: int) -> tuple[int, int]:
+        """The messages of :meth:`all_reduce_mean_lowp_` over ``group``; returns the payload bytes sent (=
+        received) by this rank and the ``torch.distributed`` calls made (batches, or single messages)."""
+        if self.world_size == 2:
+            return self._gathered_mean_(buffer, codec, group, seed)
+        return self._scattered_mean_(buffer, codec, group, seed), 2
+
+    def _gathered_mean_(self, buffer: Tensor, codec: PayloadCodec, group: Any, seed: int) -> tuple[int, int]:
+        """All-gather form: every rank's values encoded once (generator of (seed, rank, phase 0)), decoded
+        by every rank and summed in rank order, / p. The mean is written over ``buffer`` piece by piece.
+        Returns the payload bytes sent and the ``torch.distributed`` calls made."""
+        p, me, flat = self.world_size, self.rank, buffer.view(-1)  # the strategies' buffers are contiguous
+        peers = [r for r in range(p) if r != me]  # group ranks, in rank order
+        generator = rounding_generator(codec, seed, me, 0, flat.device)
+        pieces = self._pieces(codec, flat.numel(), flat.is_cuda)
+        incoming = [[codec.empty(stop - start, flat.device) for start, stop in pieces] for _ in peers]
+        own: list[Tensor] = []
+        if len(pieces) == 1:  # one batch (CUDA: NCCL runs point-to-point operations in the order posted)
+            own.append(codec.encode(flat, generator))
+            receives = [(r, rows[0]) for r, rows in zip(peers, incoming)]
+            self._p2p_batch([(r, own[0]) for r in peers], receives, group)
+            waits: list[list[Any]] = [[]]
+            calls = 1
+        else:
+            globals_ = [self._global_rank(r, group) for r in peers]
+            # every receive posted before any send, so that neither side's sends wait behind the other's
+            waits = [
+                [dist.irecv(rows[i], peer, group, tag=i) for peer, rows in zip(globals_, incoming)]
+                for i in range(len(pieces))
+            ]
+            for i, (start, stop) in enumerate(pieces):
+                own.append(codec.encode(flat[start:stop], generator))
+                # waited for before the piece's values are overwritten by the mean
+                waits[i] += [dist.isend(own[i], peer, group, tag=i) for peer in globals_]
+            calls = sum(len(works) for works in waits)
+        for i, (start, stop) in enumerate(pieces):
+            for work in waits[i]:
+                work.wait()
+            rows = [received[i] for received in incoming]
+            rows.insert(me, own[i])  # rank order
+            out, numel = flat[start:stop], stop - start
+            torch.add(codec.decode(rows[0], numel), codec.decode(rows[1], numel), out=out)
+            for row in rows[2:]:
+                out += codec.decode(row, numel)
+            out.div_(p)
+        return (p - 1) * sum(codec.nbytes(payload) for payload in own), calls
+
+    def _pieces(self, codec: PayloadCodec, n: int, is_cuda: bool) -> list[tuple[int, int]]:
+        """``(start, stop)`` of the pieces :meth:`_gathered_mean_` encodes and sends one at a time: about
+        :attr:`SEGMENT_BYTES` of payload each, a multiple of the codec's ``segment_align`` values; one piece
+        on CUDA or for a codec that encodes the whole vector at once (its message is still cut into segments:
+        :meth:`_p2p_batch`)."""
+        align = codec.segment_align
+        if is_cuda or align is None:
+            return [(0, n)]
+        per_piece = max(align, self.SEGMENT_BYTES * align // codec.payload_nbytes(align) // align * align)
+        return [(start, min(start + per_piece, n)) for start in range(0, max(n, 1), per_piece)]
+
+    def _scattered_mean_(self, buffer: Tensor, codec: PayloadCodec, group: Any, seed: int) -> int:
+        """Reduce-scatter, then all-gather of the chunk means (see :meth:`all_reduce_mean_lowp_`)."""
         p, n, me, device = self.world_size, buffer.numel(), self.rank, buffer.device
         chunk = -(-n // p)
         padded = torch.zeros(p, chunk, dtype=torch.float32, device=device)
@@ -620,7 +685,7 @@ class PendingLowpMean(_PendingRound):
         self, communicator: Communicator, buffer: Tensor, codec: PayloadCodec, tag: str, seed: int
     ) -> None:
         super().__init__(communicator, buffer, tag)
-        self._nbytes = 0
+        self._nbytes = self._collectives = 0
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if not self.done:
@@ -632,7 +697,7 @@ class PendingLowpMean(_PendingRound):
     def _run(self, codec: PayloadCodec, seed: int) -> None:
         try:
             group = self.communicator._background_group
-            self._nbytes = self.communicator._lowp_mean_(self.buffer, codec, group, seed)
+            self._nbytes, self._collectives = self.communicator._lowp_mean_(self.buffer, codec, group, seed)
         except BaseException as error:  # re-raised on the training thread by wait()
             self._error = error
 
@@ -643,4 +708,4 @@ class PendingLowpMean(_PendingRound):
             raise RuntimeError(
                 f"The background average (tag {self.tag!r}) failed: {self._error}"
             ) from self._error
-        return self._nbytes, 2, ""
+        return self._nbytes, self._collectives, ""

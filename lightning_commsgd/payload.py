@@ -54,6 +54,10 @@ class PayloadCodec(ABC):
     """fp32 values -> the tensor that travels -> fp32 values (the receiver's view)."""
 
     stochastic: bool = False
+    #: values per unit the codec encodes on its own: pieces whose lengths are multiples of it, encoded in
+    #: order with one generator, decode to exactly the values of the whole vector encoded at once (so a
+    #: round may encode and send piece by piece); ``None``: the encoding looks at the whole vector.
+    segment_align: int | None = None
 
     @abstractmethod
     def encode(self, values: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -67,6 +71,10 @@ class PayloadCodec(ABC):
     def empty(self, numel: int, device: torch.device) -> Tensor:
         """A receive buffer for the payload of ``numel`` values."""
 
+    @abstractmethod
+    def payload_nbytes(self, numel: int) -> int:
+        """Bytes that travel for ``numel`` values."""
+
     @staticmethod
     def nbytes(payload: Tensor) -> int:
         return payload.numel() * payload.element_size()
@@ -75,8 +83,13 @@ class PayloadCodec(ABC):
 class CastPayload(PayloadCodec):
     """Each value cast to ``dtype`` (round to nearest)."""
 
+    segment_align = 1
+
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
+
+    def payload_nbytes(self, numel: int) -> int:
+        return numel * torch.empty((), dtype=self.dtype).element_size()
 
     def encode(self, values: Tensor, generator: torch.Generator | None) -> Tensor:
         return values.to(self.dtype)
@@ -94,6 +107,11 @@ class CompressedPayload(PayloadCodec):
     def __init__(self, compressor: Compressor) -> None:
         self.compressor = compressor
         self.stochastic = compressor.unbiased
+        # block quantizers encode block by block, drawing one uniform per value in order
+        self.segment_align = compressor.block_size if isinstance(compressor, BlockInt8) else None
+
+    def payload_nbytes(self, numel: int) -> int:
+        return self.compressor.payload_nbytes(numel)
 
     def encode(self, values: Tensor, generator: torch.Generator | None) -> Tensor:
         return self.compressor.encode(values, generator)
@@ -102,7 +120,7 @@ class CompressedPayload(PayloadCodec):
         return self.compressor.decode(payload, numel)
 
     def empty(self, numel: int, device: torch.device) -> Tensor:
-        return torch.empty(self.compressor.payload_nbytes(numel), dtype=torch.uint8, device=device)
+        return torch.empty(self.payload_nbytes(numel), dtype=torch.uint8, device=device)
 
 
 def payload_codec(payload: str | torch.dtype | PayloadCodec) -> PayloadCodec:
@@ -124,9 +142,9 @@ def payload_codec(payload: str | torch.dtype | PayloadCodec) -> PayloadCodec:
 
 
 def rounding_seed(seed: int, rank: int, phase: int) -> int:
-    """The generator seed of rank ``rank``'s messages in ``phase`` (0: its chunks for every rank, 1: its
-    chunk's mean) of the round with ``seed`` (the strategies use the optimizer step of the round): distinct
-    for every (seed, rank < 2^20, phase)."""
+    """The generator seed of rank ``rank``'s messages in ``phase`` (0: its values, whole on 2 ranks or its
+    chunks for every rank on more; 1: its chunk's mean) of the round with ``seed`` (the strategies use the
+    optimizer step of the round): distinct for every (seed, rank < 2^20, phase)."""
     return ((int(seed) << 21) | (int(rank) << 1) | int(phase)) & ((1 << 63) - 1)
 
 

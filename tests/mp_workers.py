@@ -107,8 +107,10 @@ def lowp_input(rank: int) -> torch.Tensor:
 
 def lowp_worker(rank: int, world_size: int) -> dict[str, Any]:
     """16-bit means (blocking and in the background), blocking int8 and int4 means and a ring exchange of a
-    large tensor: the segmented point-to-point paths of the communicator."""
+    large tensor: the segmented point-to-point paths of the communicator, with segments (and two ranks'
+    pieces) of 32 KiB so that every payload travels in several."""
     comm = Communicator()
+    comm.SEGMENT_BYTES = 32 * 1024
     blocking = lowp_input(rank)
     comm.all_reduce_mean_lowp_(blocking, torch.bfloat16, tag="lowp")
     int8 = lowp_input(rank)

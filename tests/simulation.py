@@ -28,16 +28,26 @@ def flat_params(module: nn.Module) -> Tensor:
 
 def lowp_mean_reference(rows: Sequence[Tensor], payload: str, seed: int) -> Tensor:
     """The mean of the flat fp32 ``rows`` (one per rank) as ``Communicator.all_reduce_mean_lowp_`` defines
-    it: the vector cut into p chunks of ceil(n/p) values (zero-padded); rank r encodes its chunks 0..p-1
-    in order with the generator of (seed, r, phase 0); chunk j's mean is the sum in rank order of the
-    decoded chunks, / p, encoded by rank j with the generator of (seed, j, phase 1) and decoded."""
+    it. Two ranks: rank r encodes its whole row with the generator of (seed, r, phase 0); the mean is the
+    sum of the decoded rows in rank order, / p (the communicator encodes and sends piece by piece; this
+    encodes at once, so a difference would show). Three or more: the vector cut into p chunks of ceil(n/p)
+    values (zero-padded); rank r encodes its chunks 0..p-1 in order with the generator of (seed, r, phase
+    0); chunk j's mean is the sum in rank order of the decoded chunks, / p, encoded by rank j with the
+    generator of (seed, j, phase 1) and decoded."""
     codec = payload_codec(payload)
     p, n = len(rows), rows[0].numel()
+    cpu = torch.device("cpu")
+    if p == 2:
+        decoded = [
+            codec.decode(codec.encode(row.float(), rounding_generator(codec, seed, r, 0, cpu)), n)
+            for r, row in enumerate(rows)
+        ]
+        return (decoded[0] + decoded[1]) / p
     chunk = -(-n // p)
     padded = [torch.cat([row.float(), row.new_zeros(p * chunk - n, dtype=torch.float32)]) for row in rows]
     decoded = []
     for r in range(p):
-        gen = rounding_generator(codec, seed, r, 0, torch.device("cpu"))
+        gen = rounding_generator(codec, seed, r, 0, cpu)
         parts = [codec.encode(padded[r][j * chunk : (j + 1) * chunk], gen) for j in range(p)]
         decoded.append([codec.decode(part, chunk) for part in parts])
     means = []
@@ -45,7 +55,7 @@ def lowp_mean_reference(rows: Sequence[Tensor], payload: str, seed: int) -> Tens
         total = decoded[0][j].clone()
         for r in range(1, p):
             total += decoded[r][j]
-        gen = rounding_generator(codec, seed, j, 1, torch.device("cpu"))
+        gen = rounding_generator(codec, seed, j, 1, cpu)
         means.append(codec.decode(codec.encode(total / p, gen), chunk))
     return torch.cat(means)[:n]
 

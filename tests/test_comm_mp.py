@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,6 +21,8 @@ from mp_workers import (
 )
 from simulation import lowp_mean_reference
 
+from lightning_commsgd.comm import Communicator
+from lightning_commsgd.payload import payload_codec
 from lightning_commsgd.replica_check import replica_digest
 
 pytestmark = pytest.mark.multiprocess
@@ -192,30 +195,47 @@ def test_totals_match_counted_calls(world: list[dict[str, Any]]) -> None:
 
 
 def _lowp_reference(p: int, wire: torch.dtype) -> torch.Tensor:
-    """The mean as all_reduce_mean_lowp_ defines it: 16-bit values summed in fp32 in rank order, / p,
-    rounded to 16 bits."""
+    """The mean as all_reduce_mean_lowp_ defines it: 16-bit values summed in fp32 in rank order, / p
+    (two ranks: the all-gather form), then rounded to 16 bits again (three or more: the chunk means of the
+    reduce-scatter travel too)."""
     rows = torch.stack([lowp_input(r).to(wire) for r in range(p)]).to(torch.float32)
     total = rows[0].clone()
     for row in rows[1:]:
         total += row
-    return (total / p).to(wire).to(torch.float32)
+    return total / p if p == 2 else (total / p).to(wire).to(torch.float32)
+
+
+def _lowp_bytes(p: int, payload_nbytes: Callable[[int], int]) -> int:
+    """Payload bytes each rank sends in one low-precision mean of LOWP_NUMEL values: (p - 1) payloads of
+    all of them (two ranks; the pieces are whole blocks, so their payloads add up to the whole's), else
+    2 (p - 1) payloads of a chunk of ceil(n / p)."""
+    if p == 2:
+        return payload_nbytes(LOWP_NUMEL)
+    return 2 * (p - 1) * payload_nbytes(-(-LOWP_NUMEL // p))
 
 
 @pytest.mark.parametrize("p", [2, 3])
 def test_low_precision_mean_and_exchange_in_segments(tmp_path, p):
-    """Messages larger than SEGMENT_BYTES travel in segments: the 16-bit mean (blocking, bf16; in the
-    background, fp16, overlapping a ring exchange on the training thread) and the int8 and int4 means
-    (stochastic rounding, seeded) equal their definitions on every rank, the exchange delivers the neighbour's
-    tensor bit for bit, and the ledger counts the payload."""
+    """Messages larger than SEGMENT_BYTES (set to 32 KiB by the worker) travel in segments, and with two
+    ranks the buffer is encoded and sent in pieces: the 16-bit mean (blocking, bf16; in the background,
+    fp16, overlapping a ring exchange on the training thread) and the int8 and int4 means (stochastic
+    rounding, seeded) equal their definitions on every rank, the exchange delivers the neighbour's tensor
+    bit for bit, and the ledger counts the payload and the batches of messages."""
     results = run_workers(lowp_worker, p, tmp_path)
-    chunk = -(-LOWP_NUMEL // p)
     int8_reference = lowp_mean_reference([lowp_input(r) for r in range(p)], "int8", LOWP_SEED)
     exact = torch.stack([lowp_input(r) for r in range(p)]).mean(0)
-    # unbiased rounding within 1/127 of a 256-block's largest value, twice: close to the exact mean
+    # unbiased rounding within 1/127 of a 256-block's largest value, at most twice: close to the exact mean
     assert (int8_reference - exact).abs().max() <= 2 * exact.abs().max() / 127
     int4_reference = lowp_mean_reference([lowp_input(r) for r in range(p)], "int4", LOWP_SEED)
     assert (int4_reference - exact).abs().max() <= 2 * exact.abs().max() / 7
     assert not torch.equal(int4_reference, int8_reference)
+    pieces = Communicator()
+    pieces.SEGMENT_BYTES = 32 * 1024  # as the worker sets it
+
+    def calls(payload: str | torch.dtype) -> int:
+        """Two ranks: one receive and one send per piece; more: two batches of messages."""
+        return 2 * len(pieces._pieces(payload_codec(payload), LOWP_NUMEL, False)) if p == 2 else 2
+
     for rank, res in enumerate(results):
         assert torch.equal(res["blocking"], _lowp_reference(p, torch.bfloat16))
         assert torch.equal(res["background"], _lowp_reference(p, torch.float16))
@@ -223,9 +243,21 @@ def test_low_precision_mean_and_exchange_in_segments(tmp_path, p):
         assert torch.equal(res["int4"], int4_reference)
         assert torch.equal(res["ring"], lowp_input((rank - 1) % p))
         by_tag = res["ledger"]["by_tag"]
-        assert by_tag["lowp"]["bytes_sent"] == by_tag["lowp_async"]["bytes_sent"] == 2 * (p - 1) * chunk * 2
-        assert by_tag["lowp_int8"]["bytes_sent"] == 2 * (p - 1) * (4 * -(-chunk // 256) + chunk)
-        assert by_tag["lowp_int4"]["bytes_sent"] == 2 * (p - 1) * (4 * -(-chunk // 64) + -(-chunk // 2))
+        assert (
+            by_tag["lowp"]["bytes_sent"]
+            == by_tag["lowp_async"]["bytes_sent"]
+            == _lowp_bytes(p, lambda n: 2 * n)
+        )
+        assert by_tag["lowp_int8"]["bytes_sent"] == _lowp_bytes(p, lambda n: 4 * -(-n // 256) + n)
+        assert by_tag["lowp_int4"]["bytes_sent"] == _lowp_bytes(p, lambda n: 4 * -(-n // 64) + -(-n // 2))
+        payloads = {
+            "lowp": torch.bfloat16,
+            "lowp_async": torch.float16,
+            "lowp_int8": "int8",
+            "lowp_int4": "int4",
+        }
+        for tag, payload in payloads.items():
+            assert by_tag[tag]["collectives"] == calls(payload), (tag, by_tag[tag])
         assert by_tag["ring"]["bytes_sent"] == by_tag["ring"]["bytes_received"] == LOWP_NUMEL * 4
 
 

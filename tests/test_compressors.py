@@ -19,6 +19,7 @@ from lightning_commsgd.compression import (
     TopK,
 )
 from lightning_commsgd.compression.bitpack import pack_bits, unpack_bits
+from lightning_commsgd.payload import CompressedPayload, payload_codec, rounding_generator
 
 UNBIASED = [
     PNormQuantizer(float("inf"), 64),
@@ -244,3 +245,24 @@ def test_cuda_matches_the_format_and_round_trips(compressor):
     payload = compressor.encode(x, torch.Generator(device="cuda").manual_seed(0))
     assert payload.is_cuda and payload.numel() == compressor.payload_nbytes(1000)
     assert compressor.decode(payload, 1000).is_cuda
+
+
+@pytest.mark.parametrize("payload", ["int8", "int4", "bf16"])
+def test_payload_encoded_in_aligned_pieces_decodes_like_the_whole(payload):
+    """Two ranks' low-precision mean encodes and sends the buffer piece by piece (pieces a multiple of the
+    codec's segment_align values, one generator in order): the decoded pieces equal the whole vector encoded
+    at once, bit for bit, and the pieces' payloads add up to the whole's bytes. A compressor that encodes the
+    whole vector at once (QSGD's norm) has no alignment and is never cut."""
+    codec = payload_codec(payload)
+    align = codec.segment_align
+    assert align == {"int8": 256, "int4": 64, "bf16": 1}[payload]
+    values = torch.randn(10 * 256 + 77) * torch.logspace(-2, 2, 10 * 256 + 77)
+    whole_gen = rounding_generator(codec, 5, 1, 0, torch.device("cpu"))
+    whole = codec.decode(codec.encode(values, whole_gen), values.numel())
+    piece_gen = rounding_generator(codec, 5, 1, 0, torch.device("cpu"))
+    cuts = [0, 3 * 256, 4 * 256, 9 * 256, values.numel()]
+    payloads = [codec.encode(values[a:b], piece_gen) for a, b in zip(cuts, cuts[1:])]
+    pieces = [codec.decode(pay, b - a) for pay, (a, b) in zip(payloads, zip(cuts, cuts[1:]))]
+    assert torch.equal(torch.cat(pieces), whole)
+    assert sum(codec.nbytes(pay) for pay in payloads) == codec.payload_nbytes(values.numel())
+    assert CompressedPayload(QSGD(levels=4)).segment_align is None

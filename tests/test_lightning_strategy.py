@@ -372,6 +372,15 @@ def _payload_bytes(payload_dtype: str, chunk: int) -> int:
     return 2 * chunk
 
 
+def _lowp_round(payload_dtype: str, numel: int, world_size: int) -> tuple[int, int]:
+    """Message batches and payload bytes each rank sends in one low-precision mean of ``numel`` values:
+    two ranks all-gather the encoded values (one batch: the toy model fits in one piece); more ranks
+    reduce-scatter encoded chunks of ceil(numel / p) values and all-gather their means (two batches)."""
+    if world_size == 2:
+        return 1, _payload_bytes(payload_dtype, numel)
+    return 2, 2 * (world_size - 1) * _payload_bytes(payload_dtype, -(-numel // world_size))
+
+
 # how far a run may drift from the exact average (the rounding of the change over a few rounds)
 _PAYLOAD_GAP = {"bf16": 2e-2, "fp16": 3e-3, "int8": 5e-2, "int4": 5e-2}
 
@@ -381,7 +390,8 @@ def test_low_precision_payload_matches_its_simulation(run_worker, tmp_path, payl
     """payload_dtype: each rank's change since the latest consensus travels in 16 or 8 bits and is summed
     in fp32; the run equals the simulation of exactly that (int8: the same seeded stochastic rounding),
     stays within the rounding of the change from the exact average, and sends half (16 bits) or about a
-    quarter (int8) of the bytes (reduce-scatter + all-gather of encoded chunks)."""
+    quarter (int8) of the bytes (2 ranks: an all-gather of the encoded change, one batch of messages as the
+    toy model fits in one piece; 4 ranks: reduce-scatter + all-gather of encoded chunks, two batches)."""
     steps, tau = 9, 3
     records = run_worker(
         "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps),
@@ -396,15 +406,13 @@ def test_low_precision_payload_matches_its_simulation(run_worker, tmp_path, payl
     gap = _max_diff(records, exact)
     assert 0 < gap <= _PAYLOAD_GAP[payload_dtype]
     numel = 2 * sum(p.numel() for p in make_net(100).parameters())  # parameters and momentum
-    chunk = -(-numel // world_size)
+    batches, per_round = _lowp_round(payload_dtype, numel, world_size)
     for rec in records:
         in_batch = [c for c in rec["calls"] if c["in_batch"]]
-        # each round: the two message batches, then the replica check's all-gather
-        expected = ["batch_isend_irecv", "batch_isend_irecv", "all_gather"] * (steps // tau)
+        # each round: the message batches, then the replica check's all-gather
+        expected = (["batch_isend_irecv"] * batches + ["all_gather"]) * (steps // tau)
         assert [c["fn"] for c in in_batch] == expected
-        assert rec["ledger"]["by_tag"]["average"]["bytes_sent"] == (steps // tau) * 2 * (
-            world_size - 1
-        ) * _payload_bytes(payload_dtype, chunk)
+        assert rec["ledger"]["by_tag"]["average"]["bytes_sent"] == (steps // tau) * per_round
 
 
 def test_hierarchical_averaging_matches_simulation(run_worker, tmp_path):
@@ -454,10 +462,11 @@ def test_overlap_local_sgd_matches_simulation(run_worker, tmp_path, world_size, 
 def test_overlap_low_precision_payload_matches_its_simulation(
     run_worker, tmp_path, payload_dtype, world_size, beta
 ):
-    """Overlap with payload_dtype: the change since the anchor travels in 4 or 16 bits (reduce-scatter +
-    all-gather, fp32 accumulation) on the helper thread; the run equals the simulation of exactly that
-    rounding, stays within it of the fp32 overlap run, sends a seventh or half the bytes, and no collective
-    of a round runs on the training thread. (int8 shares int4's code path; the resume matrix runs it.)"""
+    """Overlap with payload_dtype: the change since the anchor travels in 4 or 16 bits (2 ranks: all-gather;
+    3: reduce-scatter + all-gather; fp32 accumulation) on the helper thread; the run equals the simulation
+    of exactly that rounding, stays within it of the fp32 overlap run, sends a seventh or half the bytes
+    (fit's last average too), and no collective of a round runs on the training thread. (int8 shares
+    int4's code path; the resume matrix runs it.)"""
     steps, tau = 13, 3
     records = run_worker(
         "--strategy", "overlap", "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps),
@@ -474,15 +483,21 @@ def test_overlap_low_precision_payload_matches_its_simulation(
     assert 0 < _max_diff(records, exact) <= _PAYLOAD_GAP[payload_dtype]
     rounds = steps // tau
     numel = sum(p.numel() for p in make_net(100).parameters())  # parameters only: momentum stays local
-    chunk = -(-numel // world_size)
+    batches, per_round = _lowp_round(payload_dtype, numel, world_size)
     for rec in records:
         background = [c["fn"] for c in rec["calls"] if c["thread"] == "commsgd-overlap_average"]
-        assert background == ["batch_isend_irecv", "batch_isend_irecv"] * rounds
+        assert background == ["batch_isend_irecv"] * batches * rounds
         assert not [c for c in rec["calls"] if c["in_batch"] and c["thread"] == "MainThread"]
         stats = rec["ledger"]["by_tag"]["overlap_average"]
         assert stats["rounds"] == rounds
-        assert stats["bytes_sent"] == rounds * 2 * (world_size - 1) * _payload_bytes(payload_dtype, chunk)
+        assert stats["bytes_sent"] == rounds * per_round
         assert torch.equal(rec["final_params"], records[0]["final_params"])
+        # step 13 is local: fit's last average sends the changes since the anchor in the same format
+        assert rec["ledger"]["by_tag"]["final"]["bytes_sent"] == per_round
+    # ... and lands within that format's rounding of the replicas' exact mean, but not on it
+    exact_final = torch.stack([low[r][-1] for r in range(world_size)]).mean(0)
+    final_gap = float((records[0]["final_params"] - exact_final).abs().max())
+    assert 0 < final_gap <= _PAYLOAD_GAP[payload_dtype]
 
 
 @pytest.mark.parametrize(("world_size", "payload_dtype"), [(2, None), (3, "bf16")])

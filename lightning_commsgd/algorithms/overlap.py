@@ -23,12 +23,13 @@ the mean model exactly where the local steps took it, so it converges like block
 average travels in the background. alpha and beta do not apply to it.
 
 With ``payload_dtype="bf16"``/``"fp16"``/``"int8"``/``"int4"`` each worker sends its change since the anchor,
-d_i = sent_i - z, in that format (reduce-scatter + all-gather with fp32 accumulation, on a helper thread over
-a second process group; :mod:`lightning_commsgd.payload`) and the next anchor is z + mean_i(d_i): half (16
-bits), about a quarter (int8) or a seventh (int4) of the bytes, so the average hides behind fewer local
-steps. Only the change is rounded (relative error about 2^-8 of ||d|| for bf16, 2^-11 for fp16; int8 and
-int4 round stochastically, unbiased, within 1/127 resp. 1/7 of each block's largest change), and every
-rank decodes the same messages, so the anchors stay equal across ranks.
+d_i = sent_i - z, in that format (:meth:`Communicator.all_reduce_mean_lowp_`, fp32 accumulation, on a helper
+thread over a second process group; :mod:`lightning_commsgd.payload`) and the next anchor is z + mean_i(d_i):
+half (16 bits), about a quarter (int8) or a seventh (int4) of the bytes, so the average hides behind fewer
+local steps. Only the change is rounded (relative error about 2^-8 of ||d|| for bf16, 2^-11 for fp16; int8 and
+int4 round stochastically, unbiased, within 1/127 resp. 1/7 of each block's largest change), and every rank
+decodes the same messages, so the anchors stay equal across ranks. Fit's last average sends the changes since
+the anchor in the same format.
 """
 
 from __future__ import annotations
@@ -182,14 +183,29 @@ class OverlapLocalSGD(PeriodicAlgorithm):
             outgoing = torch.cat([outgoing if finite else torch.zeros_like(outgoing), flags])
             self._pending = comm.all_reduce_mean_async(outgoing, tag="overlap_average")
 
+    # the final average's stochastic rounding: a stream no round uses (rounds are seeded by their step)
+    FINAL_SEED_OFFSET = 1 << 40
+
     def finalize(self) -> None:
-        """The average in flight lands, then one exact (blocking) average of the replicas as they are: every
-        replica equal. (Neither correction is applied first: the exact mean follows anyway, and cocod's
-        correction has mean zero.)"""
+        """The average in flight lands, then one blocking average of the replicas as they are: every
+        replica equal. (Neither correction is applied first: the mean follows anyway, and cocod's correction
+        has mean zero.) Exact in fp32; with ``payload_dtype``, each replica's change since the anchor travels
+        in that format like a round's, so the last average costs what a round does."""
         self._arrived_anchor()
-        if not self.in_sync:
-            self._exact_mean_(self.replica.averaged_tensors(), tag="final")
-            self.synced_at_step = self.step
+        if self.in_sync:
+            return
+        tensors = self.replica.averaged_tensors()
+        if self.payload_dtype:
+            self._refuse_nonfinite(tensors)
+            packed = self._pack(tensors)
+            delta = packed.to(torch.float32) - self.anchor
+            seed = self.step + self.FINAL_SEED_OFFSET
+            self.communicator.all_reduce_mean_lowp_(delta, self.payload_dtype, tag="final", seed=seed)
+            packed.copy_(delta.add_(self.anchor))
+            self._unpack(tensors, packed)
+        else:
+            self._exact_mean_(tensors, tag="final")
+        self.synced_at_step = self.step
 
     def extra_state(self) -> dict[str, Any]:
         # a checkpoint waits for the average in flight: its value is part of the trajectory

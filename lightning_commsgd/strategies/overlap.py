@@ -35,10 +35,10 @@ class OverlapLocalSGDStrategy(CommunicationStrategy):
         payload_dtype: ``None`` (default, fp32), ``"bf16"`` / ``"fp16"``, ``"int8"`` or ``"int4"``: each
             rank's change since the anchor travels in that format, summed in fp32 (half the bytes in 16 bits,
             about a quarter in int8 and a seventh in int4, which round stochastically and without bias; only
-            the change is rounded, and
-            every rank decodes the same messages; see :mod:`lightning_commsgd.payload`). The two collectives
-            run on a helper thread over a second process group, so they hide behind the next ``tau`` local
-            steps as the fp32 all-reduce does.
+            the change is rounded, and every rank decodes the same messages; see
+            :mod:`lightning_commsgd.payload`). The messages run on a helper thread over a second process
+            group, so they hide behind the next ``tau`` local steps as the fp32 all-reduce does. Fit's last
+            average uses the same format.
         correction: ``"pull"`` (default, the paper) or ``"cocod"``: apply the arrived average as CoCoD-SGD
             does, x <- x + (z_k - x^(k)) (swap the model sent at round k for the average, keep the local
             progress since), which leaves the mean model where the local steps took it; alpha and
