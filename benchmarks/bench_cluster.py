@@ -71,6 +71,7 @@ DEFAULT_CONFIGS = [
     "local_sgd_bf16",
     "local_sgd_int8",
     "local_sgd_int4",
+    "local_sgd_params_int4",
     "overlap",
     "overlap_bf16",
     "overlap_int8",

@@ -29,7 +29,11 @@ from typing import Any
 
 import torch
 
-# one intra-op thread per process: the emulated nodes share this machine's cores
+# One intra-op thread per process: the emulated nodes share this machine's cores. The environment
+# variable too: Lightning's DDP setup (which our strategies inherit) otherwise sets torch's threads to
+# cores / processes per node = 2 when OMP_NUM_THREADS is unset, so every configuration with a process group
+# would run its steps on two oversubscribed threads while the compute floor (no process group) ran on one.
+os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 # the repository (benchmarks.harness) and examples/ (train_digits' strategy builder), also when run directly

@@ -320,7 +320,8 @@ def main() -> None:
         )
     callbacks = [
         Recorder(args.out),
-        CommunicationMonitor(consensus_every_n_rounds=args.consensus_every, prog_bar=args.prog_bar),
+        # every step: the tests read each step's ledger values from the logged metrics
+        CommunicationMonitor(1, consensus_every_n_rounds=args.consensus_every, prog_bar=args.prog_bar),
         MetricTap(),
     ]
     if args.ckpt_every:

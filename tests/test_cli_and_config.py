@@ -11,6 +11,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_commsgd import CommunicationMonitor, LocalSGDStrategy, OverlapLocalSGDStrategy
+from lightning_commsgd.data import DigitsDataModule
+from lightning_commsgd.models import MLPClassifier
 
 CONFIG = REPO_ROOT / "configs" / "local_sgd.yaml"
 
@@ -102,6 +104,32 @@ def test_bad_strategy_arguments_fail_at_construction(kwargs, error, match):
 def test_bad_monitor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CommunicationMonitor(**kwargs)
+
+
+class _LogCounter(MLPClassifier):
+    """Records the global step of every ``log_dict`` call (the monitor's)."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=8, depth=1)
+        self.logged_at: list[int] = []
+
+    def log_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        self.logged_at.append(self.trainer.global_step)
+        return super().log_dict(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("interval", "expected"), [(None, [3, 6]), (2, [2, 4, 6])])
+def test_monitor_logs_at_the_trainers_interval_by_default(interval, expected):
+    """Each logged metric costs Lightning about a millisecond: by default the monitor logs every
+    log_every_n_steps optimizer steps (3 here), as the Trainer's loggers write; an explicit interval wins."""
+    model = _LogCounter()
+    trainer = Trainer(
+        accelerator="cpu", max_steps=7, log_every_n_steps=3, callbacks=[CommunicationMonitor(interval)],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
+    assert model.logged_at == expected
 
 
 def test_sync_batchnorm_refused_when_the_trainer_is_built():
