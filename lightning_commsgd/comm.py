@@ -26,7 +26,7 @@ import torch.distributed.distributed_c10d as c10d
 from torch import Tensor
 
 from lightning_commsgd.ledger import CommLedger
-from lightning_commsgd.payload import PayloadCodec, payload_codec, rounding_generator
+from lightning_commsgd.payload import NONNEGATIVE_PAYLOAD, PayloadCodec, payload_codec, rounding_generator
 
 if TYPE_CHECKING:
     from lightning_commsgd.watchdog import FailureWatchdog
@@ -161,7 +161,13 @@ class Communicator:
         return buffer
 
     def all_reduce_mean_lowp_(
-        self, buffer: Tensor, payload: str | torch.dtype | PayloadCodec, *, tag: str, seed: int = 0
+        self,
+        buffer: Tensor,
+        payload: str | torch.dtype | PayloadCodec,
+        *,
+        tag: str,
+        seed: int = 0,
+        nonnegative: int = 0,
     ) -> Tensor:
         """Replace the float ``buffer`` by its mean over ranks, sending ``payload``-encoded values (a
         ``payload_dtype`` name of :mod:`lightning_commsgd.payload`: bf16, fp16, int8 or int4; or a torch
@@ -182,20 +188,37 @@ class Communicator:
         values (p >= 3): the fewer bytes of the two forms, which are equal at p = 2. That is half the bytes
         of an fp32 ring all-reduce in 16 bits, about a quarter in int8, about a seventh in int4.
         Point-to-point messages throughout (see :meth:`_p2p_batch` for why not gloo's collectives).
+
+        The last ``nonnegative`` values of ``buffer`` (non-negative quantities such as second moments) travel
+        in :data:`~lightning_commsgd.payload.NONNEGATIVE_PAYLOAD` instead, by the same messages' scheme, in
+        the same round (one ledger entry).
         """
         if not self.is_distributed:
             return buffer
         start = time.perf_counter()
         with self._collective(tag):
-            nbytes, collectives = self._lowp_mean_(buffer, payload_codec(payload), self.group, seed)
+            codec = payload_codec(payload)
+            nbytes, collectives = self._lowp_mean_(buffer, codec, self.group, seed, nonnegative)
         self.ledger.record(
             tag, sent=nbytes, received=nbytes, seconds=self._finish(buffer, start), collectives=collectives
         )
         return buffer
 
-    def _lowp_mean_(self, buffer: Tensor, codec: PayloadCodec, group: Any, seed: int) -> tuple[int, int]:
+    def _lowp_mean_(
+        self, buffer: Tensor, codec: PayloadCodec, group: Any, seed: int, nonnegative: int = 0
+    ) -> tuple[int, int]:
         """The messages of :meth:`all_reduce_mean_lowp_` over ``group``; returns the payload bytes sent (=
         received) by this rank and the ``torch.distributed`` calls made (batches, or single messages)."""
+        if nonnegative:
+            flat = buffer.view(-1)  # the strategies' packed buffers are contiguous
+            split = flat.numel() - nonnegative
+            sections = [(flat[:split], codec), (flat[split:], payload_codec(NONNEGATIVE_PAYLOAD))]
+            nbytes = calls = 0
+            for part, part_codec in sections:
+                if part.numel():
+                    sent, made = self._lowp_mean_(part, part_codec, group, seed)
+                    nbytes, calls = nbytes + sent, calls + made
+            return nbytes, calls
         if self.world_size == 2:
             return self._gathered_mean_(buffer, codec, group, seed)
         return self._scattered_mean_(buffer, codec, group, seed), 2
@@ -314,7 +337,13 @@ class Communicator:
         return [op for segment in itertools.zip_longest(*per_peer) for op in segment if op is not None]
 
     def all_reduce_mean_lowp_async(
-        self, buffer: Tensor, payload: str | torch.dtype | PayloadCodec, *, tag: str, seed: int = 0
+        self,
+        buffer: Tensor,
+        payload: str | torch.dtype | PayloadCodec,
+        *,
+        tag: str,
+        seed: int = 0,
+        nonnegative: int = 0,
     ) -> PendingLowpMean:
         """:meth:`all_reduce_mean_lowp_` in the background: a helper thread sends its two batches of
         messages over a second process group with the same ranks (created at the first call, which every
@@ -324,7 +353,7 @@ class Communicator:
         if self.is_distributed and self._background_group is None:
             ranks = None if self.group is dist.group.WORLD else dist.get_process_group_ranks(self.group)
             self._background_group = dist.new_group(ranks=ranks, **self._group_timeout())
-        return PendingLowpMean(self, buffer, payload_codec(payload), tag, seed)
+        return PendingLowpMean(self, buffer, payload_codec(payload), tag, seed, nonnegative)
 
     def all_reduce_mean_async(self, buffer: Tensor, *, tag: str) -> PendingMean:
         """Start the mean over ranks of ``buffer`` in the background (one collective) and return a handle
@@ -682,7 +711,13 @@ class PendingLowpMean(_PendingRound):
     :meth:`Communicator.all_reduce_mean_lowp_async`). A failure on the thread is raised by :meth:`wait`."""
 
     def __init__(
-        self, communicator: Communicator, buffer: Tensor, codec: PayloadCodec, tag: str, seed: int
+        self,
+        communicator: Communicator,
+        buffer: Tensor,
+        codec: PayloadCodec,
+        tag: str,
+        seed: int,
+        nonnegative: int = 0,
     ) -> None:
         super().__init__(communicator, buffer, tag)
         self._nbytes = self._collectives = 0
@@ -690,14 +725,16 @@ class PendingLowpMean(_PendingRound):
         self._thread: threading.Thread | None = None
         if not self.done:
             self._thread = threading.Thread(
-                target=self._run, args=(codec, seed), name=f"commsgd-{tag}", daemon=True
+                target=self._run, args=(codec, seed, nonnegative), name=f"commsgd-{tag}", daemon=True
             )
             self._thread.start()
 
-    def _run(self, codec: PayloadCodec, seed: int) -> None:
+    def _run(self, codec: PayloadCodec, seed: int, nonnegative: int) -> None:
         try:
             group = self.communicator._background_group
-            self._nbytes, self._collectives = self.communicator._lowp_mean_(self.buffer, codec, group, seed)
+            self._nbytes, self._collectives = self.communicator._lowp_mean_(
+                self.buffer, codec, group, seed, nonnegative
+            )
         except BaseException as error:  # re-raised on the training thread by wait()
             self._error = error
 

@@ -19,6 +19,15 @@ from lightning_commsgd.payload import payload_codec, rounding_generator
 __all__ = ["flat_params", "lowp_mean_reference", "simulate_local_sgd", "simulate_overlap_local_sgd"]
 
 _MOMENT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_SIGNED_MOMENTS = ("momentum_buffer", "exp_avg")
+_NONNEGATIVE_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
+
+
+def _split_buffers(module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """``(signed, nonnegative)`` floating buffers: BatchNorm's running_var is the non-negative kind."""
+    variances = {id(m.running_var) for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
+    floating = [b for b in module.buffers() if torch.is_floating_point(b)]
+    return [b for b in floating if id(b) not in variances], [b for b in floating if id(b) in variances]
 
 
 def flat_params(module: nn.Module) -> Tensor:
@@ -60,12 +69,19 @@ def lowp_mean_reference(rows: Sequence[Tensor], payload: str, seed: int) -> Tens
     return torch.cat(means)[:n]
 
 
-def _flat_lowp_mean_(per_rank: Sequence[Sequence[Tensor]], anchor: Tensor, payload: str, seed: int) -> Tensor:
+def _flat_lowp_mean_(
+    per_rank: Sequence[Sequence[Tensor]], anchor: Tensor, payload: str, seed: int, nonnegative: int = 0
+) -> Tensor:
     """``per_rank[r]``: rank r's tensors in the package's pack order. Each rank's change since the flat
     ``anchor`` is averaged by :func:`lowp_mean_reference`; every tensor is set to anchor + mean, which is
-    returned (the next anchor)."""
+    returned (the next anchor). The last ``nonnegative`` values (second moments, running variances) are
+    averaged as values sent in bf16 instead, whatever ``payload``."""
     rows = [torch.cat([t.detach().reshape(-1).float() for t in tensors]) - anchor for tensors in per_rank]
-    consensus = anchor + lowp_mean_reference(rows, payload, seed)
+    split = anchor.numel() - nonnegative  # the anchor's non-negative tail is 0: those rows are the values
+    mean = lowp_mean_reference([row[:split] for row in rows], payload, seed)
+    if nonnegative:
+        mean = torch.cat([mean, lowp_mean_reference([row[split:] for row in rows], "bf16", seed)])
+    consensus = anchor + mean
     with torch.no_grad():
         for tensors in per_rank:
             offset = 0
@@ -112,9 +128,11 @@ def simulate_local_sgd(
         weights: ``"uniform"`` or ``"samples"`` (each replica weighted by the samples of its batches since
             the latest round, the first dimension of a batch's first tensor).
         payload_dtype: ``"bf16"``/``"fp16"``/``"int8"``: average as the package's ``payload_dtype`` states
-            it: each replica's change since the latest consensus (parameters, then the averaged optimizer
-            state, then buffers, in one flat vector) averaged by :func:`lowp_mean_reference` with the
-            round's step as seed and added to the consensus (the anchor).
+            it: each replica's change since the latest consensus (parameters, then the averaged signed
+            optimizer state, then the signed buffers, in one flat vector) averaged by
+            :func:`lowp_mean_reference` with the round's step as seed and added to the consensus (the
+            anchor); the non-negative values (Adam's second moments, then BatchNorm's running variances)
+            averaged as values sent in bf16.
         group_size: hierarchical averaging: rounds average within consecutive blocks of this many
             replicas, except every ``global_every``-th round, over all.
         global_every: see ``group_size``.
@@ -130,19 +148,23 @@ def simulate_local_sgd(
 
     # payload_dtype: the consensus before any round is x_0, the initial buffers and zero optimizer state
     initial = [prm.detach().clone() for prm in replicas[0].parameters()]
-    initial_buffers = [b.detach().clone() for b in replicas[0].buffers() if torch.is_floating_point(b)]
+    initial_buffers = [b.detach().clone() for b in _split_buffers(replicas[0])[0]]
     anchor: Tensor | None = None
 
-    def packed(r: int) -> list[Tensor]:
-        """Replica r's averaged tensors in the package's order: parameters, optimizer state, buffers."""
+    def packed(r: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Replica r's averaged tensors in the package's order: (parameters, signed optimizer state, signed
+        buffers), (non-negative optimizer state, running variances)."""
         params = list(replicas[r].parameters())
-        state = []
+        signed, nonnegative = [], []
         if momentum == "average":
             for prm in params:
                 moments = optimizers[r].state[prm]
-                state.extend(moments[k] for k in _MOMENT_KEYS if k in moments)
-        buffers = [b for b in replicas[r].buffers() if torch.is_floating_point(b)] if average_buffers else []
-        return [*params, *state, *buffers]
+                signed.extend(moments[k] for k in _SIGNED_MOMENTS if k in moments)
+            for prm in params:
+                moments = optimizers[r].state[prm]
+                nonnegative.extend(moments[k] for k in _NONNEGATIVE_MOMENTS if k in moments)
+        buffers, variances = _split_buffers(replicas[r]) if average_buffers else ([], [])
+        return [*params, *signed, *buffers], [*nonnegative, *variances]
 
     rounds_done = 0
     for t in range(len(batches[0])):
@@ -178,19 +200,24 @@ def simulate_local_sgd(
             w = list(samples) if weights == "samples" else None
             samples = [0.0] * p
             if payload_dtype is not None:
-                per_rank = [packed(r) for r in range(p)]
+                sections = [packed(r) for r in range(p)]
+                per_rank = [signed + nonnegative for signed, nonnegative in sections]
+                nonnegative_numel = sum(t.numel() for t in sections[0][1])
                 if anchor is None:
-                    state_numel = sum(t.numel() for t in per_rank[0]) - sum(
-                        t.numel() for t in [*initial, *(initial_buffers if average_buffers else [])]
+                    start_buffers = initial_buffers if average_buffers else []
+                    state_numel = sum(t.numel() for t in sections[0][0]) - sum(
+                        t.numel() for t in [*initial, *start_buffers]
                     )
                     anchor = torch.cat(
                         [
                             *(t.reshape(-1).float() for t in initial),
                             torch.zeros(state_numel),
-                            *(b.reshape(-1).float() for b in (initial_buffers if average_buffers else [])),
+                            *(b.reshape(-1).float() for b in start_buffers),
+                            torch.zeros(nonnegative_numel),
                         ]
                     )
-                anchor = _flat_lowp_mean_(per_rank, anchor, payload_dtype, seed=t + 1)
+                anchor = _flat_lowp_mean_(per_rank, anchor, payload_dtype, t + 1, nonnegative_numel)
+                anchor[anchor.numel() - nonnegative_numel :] = 0  # those travel as values
             else:
                 for params in zip(*(m.parameters() for m in replicas)):
                     _mean_(params, w)

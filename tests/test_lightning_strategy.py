@@ -415,6 +415,34 @@ def test_low_precision_payload_matches_its_simulation(run_worker, tmp_path, payl
         assert rec["ledger"]["by_tag"]["average"]["bytes_sent"] == (steps // tau) * per_round
 
 
+@pytest.mark.parametrize(("payload_dtype", "world_size"), [("int4", 2), ("int8", 3)])
+def test_adam_low_precision_payload_keeps_second_moments_positive(
+    run_worker, tmp_path, payload_dtype, world_size
+):
+    """Adam + BatchNorm under a block-quantized payload: the signed values (parameters, exp_avg) travel as
+    rounded changes, the non-negative ones (exp_avg_sq, running_var) as bf16 values; the run equals the
+    simulation of exactly that rule (which keeps every second moment and variance positive), and the bytes
+    are what the two sections cost."""
+    steps, tau = 9, 3
+    records = run_worker(
+        "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps), "--optimizer", "adam",
+        "--batch-norm", "--payload-dtype", payload_dtype, out=tmp_path / "run",
+    )  # fmt: skip
+    batches = [[step[0] for step in rank] for rank in lightning_batches(world_size, steps)]
+    net = make_net(100, batch_norm=True)
+    low = simulate_local_sgd(net, _adam, batches, mse, tau=tau, payload_dtype=payload_dtype)
+    assert _max_diff(records, low) <= 1e-6
+    n_params = sum(p.numel() for p in net.parameters())
+    n_var = sum(m.running_var.numel() for m in net.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    signed = 2 * n_params + (sum(b.numel() for b in net.buffers() if b.is_floating_point()) - n_var)
+    nonnegative = n_params + n_var  # exp_avg_sq and running_var
+    _, signed_bytes = _lowp_round(payload_dtype, signed, world_size)
+    _, value_bytes = _lowp_round("bf16", nonnegative, world_size)
+    per_round = signed_bytes + value_bytes
+    for rec in records:
+        assert rec["ledger"]["by_tag"]["average"]["bytes_sent"] == (steps // tau) * per_round
+
+
 def test_hierarchical_averaging_matches_simulation(run_worker, tmp_path):
     """4 ranks in blocks of 2, tau=2, global every 3rd round: rounds 1, 2 average within {0,1} and {2,3}
     (tag average_local), round 3 over all; the run equals the simulation, and after fit all agree."""

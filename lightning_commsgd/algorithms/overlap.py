@@ -29,7 +29,14 @@ half (16 bits), about a quarter (int8) or a seventh (int4) of the bytes, so the 
 local steps. Only the change is rounded (relative error about 2^-8 of ||d|| for bf16, 2^-11 for fp16; int8 and
 int4 round stochastically, unbiased, within 1/127 resp. 1/7 of each block's largest change), and every rank
 decodes the same messages, so the anchors stay equal across ranks. Fit's last average sends the changes since
-the anchor in the same format.
+the anchor in the same format. Non-negative buffers (BatchNorm's ``running_var``) travel as their values in
+bf16 instead (see :mod:`lightning_commsgd.payload`), so a rounded change can never make a variance negative.
+
+The optimizer's state stays local (``momentum="local"``, the paper) or is reset after every round
+(``momentum="zero"``). Averaging it (PR-SGD-Momentum's ``"average"``) is refused: the average arrives one
+round late and is folded into a replica that has moved on, by the pull or by CoCoD's correction; for Adam's
+second moments the correction x + (z_k - x^(k)) can turn negative, and no paper defines the rule. Use
+:class:`~lightning_commsgd.algorithms.PeriodicAverager` (blocking) for averaged optimizer state.
 """
 
 from __future__ import annotations
@@ -49,9 +56,32 @@ from lightning_commsgd.comm import Communicator, PendingLowpMean, PendingMean
 from lightning_commsgd.payload import validate_payload_dtype
 from lightning_commsgd.schedules import PeriodSchedule
 
-__all__ = ["CORRECTIONS", "OverlapLocalSGD", "validate_correction", "validate_pull"]
+__all__ = [
+    "CORRECTIONS",
+    "OVERLAP_MOMENTUM_MODES",
+    "OverlapLocalSGD",
+    "validate_correction",
+    "validate_overlap_momentum",
+    "validate_pull",
+]
 
 CORRECTIONS: tuple[str, ...] = ("pull", "cocod")
+#: what happens to the optimizer state at a round (see the module docstring for why not "average")
+OVERLAP_MOMENTUM_MODES: tuple[str, ...] = ("local", "zero")
+
+
+def validate_overlap_momentum(momentum: Any) -> str:
+    """``momentum`` if it is one of :data:`OVERLAP_MOMENTUM_MODES`, else a ValueError saying why."""
+    if momentum == "average":
+        raise ValueError(
+            "Arg `momentum` of Overlap Local-SGD must be 'local' (default, the paper) or 'zero', got "
+            "'average': its average arrives one round late and is folded into a replica that has moved on, "
+            "which gives optimizer state no defined meaning (Adam's second moments could turn negative). "
+            "Use LocalSGDStrategy(momentum='average') for PR-SGD-Momentum."
+        )
+    if momentum not in OVERLAP_MOMENTUM_MODES:
+        raise ValueError(f"Arg `momentum` must be one of {OVERLAP_MOMENTUM_MODES}, got {momentum!r}.")
+    return str(momentum)
 
 
 def validate_correction(correction: Any, beta: float) -> str:
@@ -63,22 +93,30 @@ def validate_correction(correction: Any, beta: float) -> str:
     return str(correction)
 
 
-def validate_pull(alpha: Any, beta: Any) -> tuple[float, float]:
-    """alpha (pull strength) in (0, 1), beta (anchor momentum) in [0, 1); ValueError naming the argument.
+def validate_pull(
+    alpha: Any, beta: Any, names: tuple[str, str] = ("alpha", "beta")
+) -> tuple[float, float]:
+    """alpha (pull strength) in (0, 1), beta (anchor momentum) in [0, 1); ValueError naming the argument as
+    the caller calls it (``names``: the algorithm's ``alpha``/``beta``, the strategy's ``alpha``/
+    ``anchor_momentum``).
 
-    alpha = 1 is refused: every worker would be set to the anchor and send it back (with or without anchor
-    momentum, whose velocity then stays 0), so each round's local progress would be discarded and the
-    model would never change (the reference implementation behaves the same)."""
-    for name, value in (("overlap_alpha", alpha), ("anchor_momentum", beta)):
+    Both ends of alpha's range are refused: at alpha = 0 the arrived average never reaches a replica, so
+    the replicas never synchronise (independent training, every round's bytes wasted); at alpha = 1 every
+    worker would be set to the anchor and send it back (with or without anchor momentum, whose velocity then
+    stays 0), so each round's local progress would be discarded and the model would never change (the
+    reference implementation behaves the same)."""
+    alpha_name, beta_name = names
+    for name, value in ((alpha_name, alpha), (beta_name, beta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"Arg `{name}` must be a finite number, got {value!r}.")
     if not 0 < alpha < 1:
         raise ValueError(
-            f"Arg `overlap_alpha` (the pull towards the anchor) must lie in (0, 1), got {alpha} (1 would"
-            " discard every round's local progress)."
+            f"Arg `{alpha_name}` (the pull towards the arrived average: x <- (1 - {alpha_name}) x + "
+            f"{alpha_name} z) must lie strictly between 0 and 1, got {alpha}: at 0 the replicas would never "
+            "synchronise, at 1 every round's local progress would be discarded."
         )
     if not 0 <= beta < 1:
-        raise ValueError(f"Arg `anchor_momentum` must lie in [0, 1), got {beta}.")
+        raise ValueError(f"Arg `{beta_name}` (the anchor momentum) must lie in [0, 1), got {beta}.")
     return float(alpha), float(beta)
 
 
@@ -97,6 +135,8 @@ class OverlapLocalSGD(PeriodicAlgorithm):
             change since the anchor travels in that format, accumulated in fp32 (see the module docstring).
         correction: how the arrived average is applied: ``"pull"`` (the paper's x <- (1-alpha) x + alpha z)
             or ``"cocod"`` (x <- x + z - x^(k): swap the sent model for the average, keep the progress since).
+        momentum: the optimizer state at a round: ``"local"`` (default, the paper: never touched) or
+            ``"zero"`` (reset after every round); ``"average"`` is refused (see the module docstring).
     """
 
     def __init__(
@@ -111,12 +151,16 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         average_buffers: bool = True,
         payload_dtype: str | None = None,
         correction: str = "pull",
+        momentum: str = "local",
     ) -> None:
         self.alpha, self.beta = validate_pull(alpha, beta)
         self.correction = validate_correction(correction, self.beta)
         self.payload_dtype = validate_payload_dtype(payload_dtype)
-        super().__init__(ReplicaState(module, optimizers, "local", average_buffers), communicator, tau)
+        self.momentum = validate_overlap_momentum(momentum)
+        super().__init__(ReplicaState(module, optimizers, self.momentum, average_buffers), communicator, tau)
         tensors = self.replica.averaged_tensors()
+        # running variances: the packed tail, sent as values (not changes) in a rounded payload
+        self._nonnegative = sum(t.numel() for t in self.replica.averaged_sections()[1])
         self.anchor: Tensor = self._pack(tensors).to(torch.float32).clone()  # z_0 = x_0
         self.velocity: Tensor | None = torch.zeros_like(self.anchor) if self.beta else None
         self._pending: PendingMean | PendingLowpMean | _Arrived | None = None
@@ -140,7 +184,8 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         # 16-bit payloads carry the mean change since the anchor, fp32 ones the mean itself and the finite
         # flags (divided by p with it): a replica that was poisoned when it sent raises on every rank here
         if self.payload_dtype:
-            self.anchor = self.anchor + arrived
+            split = arrived.numel() - self._nonnegative  # the non-negative tail arrives as values
+            self.anchor = torch.cat([self.anchor[:split] + arrived[:split], arrived[split:]])
         else:
             p = self.communicator.world_size
             self._check_flags(arrived[-p:] * p, self.communicator)
@@ -172,9 +217,14 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         self._unpack(tensors, x)
         if self.payload_dtype:
             self._refuse_nonfinite([x])
-            outgoing -= self.anchor
+            split = outgoing.numel() - self._nonnegative
+            outgoing[:split] -= self.anchor[:split]
             self._pending = self.communicator.all_reduce_mean_lowp_async(
-                outgoing, self.payload_dtype, tag="overlap_average", seed=self.step
+                outgoing,
+                self.payload_dtype,
+                tag="overlap_average",
+                seed=self.step,
+                nonnegative=self._nonnegative,
             )
         else:
             comm = self.communicator
@@ -182,6 +232,8 @@ class OverlapLocalSGD(PeriodicAlgorithm):
             flags = finite_flags(finite, comm.rank, comm.world_size, outgoing.device)
             outgoing = torch.cat([outgoing if finite else torch.zeros_like(outgoing), flags])
             self._pending = comm.all_reduce_mean_async(outgoing, tag="overlap_average")
+        if self.momentum == "zero":
+            self.replica.reset_optimizer_state()
 
     # the final average's stochastic rounding: a stream no round uses (rounds are seeded by their step)
     FINAL_SEED_OFFSET = 1 << 40
@@ -198,10 +250,15 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         if self.payload_dtype:
             self._refuse_nonfinite(tensors)
             packed = self._pack(tensors)
-            delta = packed.to(torch.float32) - self.anchor
+            split = packed.numel() - self._nonnegative
+            delta = packed.to(torch.float32)
+            delta[:split] -= self.anchor[:split]
             seed = self.step + self.FINAL_SEED_OFFSET
-            self.communicator.all_reduce_mean_lowp_(delta, self.payload_dtype, tag="final", seed=seed)
-            packed.copy_(delta.add_(self.anchor))
+            self.communicator.all_reduce_mean_lowp_(
+                delta, self.payload_dtype, tag="final", seed=seed, nonnegative=self._nonnegative
+            )
+            delta[:split] += self.anchor[:split]
+            packed.copy_(delta)
             self._unpack(tensors, packed)
         else:
             self._exact_mean_(tensors, tag="final")

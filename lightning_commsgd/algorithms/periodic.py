@@ -79,7 +79,11 @@ class PeriodicAverager(PeriodicAlgorithm):
             not x itself, is rounded: a relative error of about 2^-8 (bf16) or 2^-11 (fp16) of the change per
             round; int8 / int4 round stochastically, unbiased, within 1/127 / 1/7 of each block's largest
             change). Half (16 bits), about a quarter (int8) or a seventh (int4) of the bytes of an fp32
-            all-reduce; costs one fp32 copy of the averaged tensors (the anchor, checkpointed).
+            all-reduce; costs one fp32 copy of the averaged tensors (the anchor, checkpointed). Non-negative
+            state (Adam's ``exp_avg_sq`` / ``max_exp_avg_sq``, BatchNorm's ``running_var``) travels as its
+            values in bf16 instead, which keeps it positive with relative precision (a block-quantized
+            change rounds small second moments to 0 and Adam then divides by its eps; see
+            :mod:`lightning_commsgd.payload`).
         group_size: g, ranks per block for hierarchical averaging (consecutive ranks, e.g. one node); must
             divide the world size. ``None`` (default): flat averaging.
         global_every: H, every H-th round averages over all ranks; the others average within the block
@@ -132,7 +136,7 @@ class PeriodicAverager(PeriodicAlgorithm):
         super().__init__(ReplicaState(module, optimizers, self.momentum, average_buffers), communicator, tau)
         self.on_nonfinite = nonfinite
         # payload_dtype: the consensus before the first round is x_0 (equal on every rank), zero optimizer
-        # state and the initial buffers; kept only in that mode (a copy of the model)
+        # state and the initial signed buffers; kept only in that mode (a copy of the model)
         self._initial = (
             (
                 [t.detach().clone() for t in self.replica.params],
@@ -231,26 +235,37 @@ class PeriodicAverager(PeriodicAlgorithm):
         return body
 
     def _low_precision_mean_(self, tensors: list[torch.Tensor], tag: str) -> torch.Tensor:
-        """x <- x_anchor + mean_i(x_i - x_anchor), the changes sent in ``payload_dtype``, summed in fp32."""
+        """Signed values: x <- x_anchor + mean_i(x_i - x_anchor), the changes sent in ``payload_dtype``;
+        non-negative ones (second moments, running variances: the tail of ``tensors``): v <- mean_i(v_i),
+        the values sent in bf16 (:data:`~lightning_commsgd.payload.NONNEGATIVE_PAYLOAD`). Summed in fp32."""
         self._refuse_nonfinite(tensors)  # see on_nonfinite: the flags cannot ride in a rounded payload
+        nonnegative = sum(t.numel() for t in self.replica.averaged_sections()[1])
         buffer = self._pack(tensors)
         if self.anchor is None or self.anchor.numel() != buffer.numel():
-            self.anchor = self._initial_anchor(buffer)
+            self.anchor = self._initial_anchor(buffer, nonnegative)
+        # the anchor's non-negative section is kept at 0, so those values travel as they are
         delta = buffer.to(torch.float32) - self.anchor
-        self.communicator.all_reduce_mean_lowp_(delta, self.payload_dtype, tag=tag, seed=self.step)
+        self.communicator.all_reduce_mean_lowp_(
+            delta, self.payload_dtype, tag=tag, seed=self.step, nonnegative=nonnegative
+        )
         self.anchor += delta
         buffer.copy_(self.anchor)
+        self.anchor[self.anchor.numel() - nonnegative :].zero_()
         self._unpack(tensors, buffer)
         return buffer
 
-    def _initial_anchor(self, buffer: torch.Tensor) -> torch.Tensor:
-        """The consensus before any round, in the buffer's layout: x_0, zero optimizer state, buffers."""
+    def _initial_anchor(self, buffer: torch.Tensor, nonnegative: int) -> torch.Tensor:
+        """The consensus before any round, in the buffer's layout: x_0, zero signed optimizer state, the
+        signed buffers, then zeros for the non-negative section (sent as values, not changes)."""
         params, buffers = self._initial
         flat = [t.reshape(-1).float() for t in params]
         head = sum(t.numel() for t in flat)
         tail = sum(b.numel() for b in buffers)
-        zeros = torch.zeros(buffer.numel() - head - tail, dtype=torch.float32, device=buffer.device)
-        return torch.cat([*flat, zeros, *(b.reshape(-1).float() for b in buffers)]).to(buffer.device)
+        zeros = torch.zeros(buffer.numel() - nonnegative - head - tail, dtype=torch.float32)
+        return torch.cat(
+            [*flat, zeros.to(buffer.device), *(b.reshape(-1).float() for b in buffers)]
+            + [torch.zeros(nonnegative, dtype=torch.float32, device=buffer.device)]
+        ).to(buffer.device)
 
     def extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {

@@ -4,6 +4,12 @@ The list is built in a rank-independent order (optimizer param groups, then modu
 rank packs the same layout and issues the same collective. Optimizer state is *materialised* before a
 round where a parameter has none yet (a parameter that got no gradient on this rank): PR-SGD-Momentum
 starts every u_i at zero, and a layout that differed between ranks would hang the collective.
+
+The tensors fall in two sections, packed in this order: *signed* ones (parameters, first moments and
+momentum buffers, other floating buffers), then *non-negative* ones (Adam's second moments ``exp_avg_sq`` /
+``max_exp_avg_sq``, normalisation layers' ``running_var``). A rounded payload treats the two differently
+(:mod:`lightning_commsgd.payload`): a non-negative quantity must stay positive with relative precision,
+or Adam divides by its eps and BatchNorm by a negative variance.
 """
 
 from __future__ import annotations
@@ -15,10 +21,30 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-__all__ = ["MOMENTUM_MODES", "MomentumMode", "ReplicaState", "averaged_state_keys"]
+__all__ = [
+    "MOMENTUM_MODES",
+    "NONNEGATIVE_STATE_KEYS",
+    "MomentumMode",
+    "ReplicaState",
+    "averaged_state_keys",
+    "nonnegative_buffers",
+]
 
 MomentumMode = Literal["average", "local", "zero"]
 MOMENTUM_MODES: tuple[str, ...] = ("average", "local", "zero")
+#: optimizer-state entries that are non-negative by construction (running means of squared gradients)
+NONNEGATIVE_STATE_KEYS: tuple[str, ...] = ("exp_avg_sq", "max_exp_avg_sq")
+
+
+def nonnegative_buffers(module: nn.Module) -> list[Tensor]:
+    """The floating buffers of ``module`` that are non-negative by construction: the running variance of
+    every normalisation layer that tracks running statistics (BatchNorm, InstanceNorm, SyncBatchNorm)."""
+    out = []
+    for sub in module.modules():
+        running_var = getattr(sub, "running_var", None)
+        if isinstance(sub, nn.modules.batchnorm._NormBase) and isinstance(running_var, Tensor):
+            out.append(running_var)
+    return out
 
 
 def averaged_state_keys(optimizer: Optimizer, group: dict) -> tuple[str, ...]:
@@ -37,9 +63,17 @@ def averaged_state_keys(optimizer: Optimizer, group: dict) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ())
     raise TypeError(
         f"momentum='average' knows how to average the state of torch.optim.SGD, Adam and AdamW, not "
-        f"{type(optimizer).__name__}. Use momentum='local' (state stays per worker) or momentum='zero' "
-        f"(state is reset at every round)."
+        f"{type(optimizer).__name__}. Use momentum='local' (its state stays per worker) or momentum='zero' "
+        f"(its state is reset at every round)."
     )
+
+
+def check_averageable(optimizers: Sequence[Optimizer]) -> None:
+    """Raise the TypeError of :func:`averaged_state_keys` for the first optimizer whose state
+    ``momentum="average"`` cannot average (before any collective: the strategies call it first)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            averaged_state_keys(opt, group)
 
 
 def _materialise(optimizer: Optimizer, group: dict, param: Tensor, keys: tuple[str, ...]) -> None:
@@ -84,29 +118,43 @@ class ReplicaState:
             if id(param) not in seen:
                 seen.add(id(param))
                 self.params.append(param)
-        self.buffers = [b for b in module.buffers() if torch.is_floating_point(b)] if average_buffers else []
+        floating = [b for b in module.buffers() if torch.is_floating_point(b)] if average_buffers else []
+        positive = {id(b) for b in nonnegative_buffers(module)}
+        self.buffers = [b for b in floating if id(b) not in positive]  # signed floating buffers
+        self.nonnegative_buffers = [b for b in floating if id(b) in positive]
         if momentum == "average":
-            for opt in self.optimizers:  # fail now, not at the first round
-                for group in opt.param_groups:
-                    averaged_state_keys(opt, group)
+            check_averageable(self.optimizers)  # fail now, not at the first round
 
-    def optimizer_tensors(self) -> list[Tensor]:
-        """u_i: the optimizer-state tensors averaged in ``"average"`` mode, materialised where missing."""
+    def _state_tensors(self, nonnegative: bool) -> list[Tensor]:
+        """The averaged optimizer-state tensors of one section, materialised where missing."""
         if self.momentum != "average":
             return []
         out: list[Tensor] = []
         for opt in self.optimizers:
             for group in opt.param_groups:
                 keys = averaged_state_keys(opt, group)
+                wanted = tuple(k for k in keys if (k in NONNEGATIVE_STATE_KEYS) == nonnegative)
                 for param in group["params"]:
                     if keys:
                         _materialise(opt, group, param, keys)
-                        out.extend(opt.state[param][k] for k in keys)
+                        out.extend(opt.state[param][k] for k in wanted)
         return out
 
+    def optimizer_tensors(self) -> list[Tensor]:
+        """u_i: every optimizer-state tensor averaged in ``"average"`` mode (signed, then non-negative)."""
+        return [*self._state_tensors(False), *self._state_tensors(True)]
+
+    def averaged_sections(self) -> tuple[list[Tensor], list[Tensor]]:
+        """``(signed, nonnegative)``: parameters first (consensus distance reads them from the buffer's
+        head), then signed optimizer state (momentum buffers, first moments) and signed buffers; then the
+        non-negative optimizer state (second moments) and buffers (running variances)."""
+        signed = [*self.params, *self._state_tensors(False), *self.buffers]
+        return signed, [*self._state_tensors(True), *self.nonnegative_buffers]
+
     def averaged_tensors(self) -> list[Tensor]:
-        """Parameters first (consensus distance reads them from the buffer's head), then u_i, buffers."""
-        return [*self.params, *self.optimizer_tensors(), *self.buffers]
+        """Both sections of :meth:`averaged_sections` in one list, signed first."""
+        signed, nonnegative = self.averaged_sections()
+        return [*signed, *nonnegative]
 
     def reset_optimizer_state(self) -> None:
         """``momentum="zero"``: forget the optimizer state of every averaged parameter, as if the

@@ -18,7 +18,7 @@ from lightning_commsgd.algorithms.periodic import (
     as_schedule,
     validate_momentum_mode,
 )
-from lightning_commsgd.algorithms.replica import MomentumMode
+from lightning_commsgd.algorithms.replica import MomentumMode, check_averageable
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.payload import validate_payload_dtype
 from lightning_commsgd.schedules import PeriodSchedule
@@ -68,8 +68,9 @@ class LocalSGDStrategy(CommunicationStrategy):
             ``start_method``, ``timeout``, ...).
 
     Raises:
-        TypeError: ``tau`` not an int; at setup, ``momentum="average"`` with an optimizer whose state
-            layout is unknown (anything but SGD, Adam, AdamW).
+        TypeError: ``tau`` not an int; at setup, right after ``configure_optimizers`` and before the first
+            collective, ``momentum="average"`` with an optimizer whose state layout is unknown (anything but
+            SGD, Adam, AdamW: e.g. RMSprop), naming it and the alternatives ``"local"`` and ``"zero"``.
         ValueError: ``tau < 1``; unknown ``momentum``.
     """
 
@@ -116,6 +117,11 @@ class LocalSGDStrategy(CommunicationStrategy):
     def _block_size(self) -> int:
         """Ranks per hierarchical block: ``group_size``, else the devices of one node."""
         return self.group_size or self.num_processes
+
+    @override
+    def check_optimizers(self, optimizers: list[Optimizer]) -> None:
+        if self.momentum == "average":
+            check_averageable(optimizers)  # e.g. RMSprop: TypeError naming it and the alternatives
 
     @override
     def build_algorithm(

@@ -10,7 +10,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_commsgd.algorithms.base import as_schedule
-from lightning_commsgd.algorithms.overlap import OverlapLocalSGD, validate_correction, validate_pull
+from lightning_commsgd.algorithms.overlap import (
+    OverlapLocalSGD,
+    validate_correction,
+    validate_overlap_momentum,
+    validate_pull,
+)
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.payload import validate_payload_dtype
 from lightning_commsgd.schedules import PeriodSchedule
@@ -43,11 +48,15 @@ class OverlapLocalSGDStrategy(CommunicationStrategy):
             does, x <- x + (z_k - x^(k)) (swap the model sent at round k for the average, keep the local
             progress since), which leaves the mean model where the local steps took it; alpha and
             anchor_momentum are then unused (anchor_momentum must be 0).
+        momentum: the optimizer state (momentum, Adam's moments) at a round: ``"local"`` (default, the
+            paper: never touched) or ``"zero"`` (reset after every round). ``"average"`` is refused at
+            construction: the average arrives a round late and is folded into a replica that moved on,
+            which gives optimizer state no defined meaning; use ``LocalSGDStrategy`` for PR-SGD-Momentum.
         **kwargs: see :class:`~lightning_commsgd.strategies.base.CommunicationStrategy`.
 
-    The optimizer state (momentum) stays local, as in the paper. The trajectory does not depend on timing
-    (the average started at round k is applied at round k+1); after fit one blocking average leaves every
-    rank with the same model.
+    The optimizer state (momentum) stays local by default, as in the paper. The trajectory does not depend
+    on timing (the average started at round k is applied at round k+1); after fit one blocking average
+    leaves every rank with the same model.
     """
 
     strategy_name = "overlap_local_sgd"
@@ -60,13 +69,17 @@ class OverlapLocalSGDStrategy(CommunicationStrategy):
         average_buffers: bool = True,
         payload_dtype: str | None = None,
         correction: str = "pull",
+        momentum: str = "local",
         **kwargs: Any,
     ) -> None:
         self.tau = tau if isinstance(tau, PeriodSchedule) else as_schedule(tau).tau
-        self.alpha, self.anchor_momentum = validate_pull(alpha, anchor_momentum)
+        self.alpha, self.anchor_momentum = validate_pull(
+            alpha, anchor_momentum, names=("alpha", "anchor_momentum")
+        )
         self.average_buffers = bool(average_buffers)
         self.payload_dtype = validate_payload_dtype(payload_dtype)
         self.correction = validate_correction(correction, self.anchor_momentum)
+        self.momentum = validate_overlap_momentum(momentum)
         super().__init__(**kwargs)
 
     @override
@@ -83,4 +96,5 @@ class OverlapLocalSGDStrategy(CommunicationStrategy):
             average_buffers=self.average_buffers,
             payload_dtype=self.payload_dtype,
             correction=self.correction,
+            momentum=self.momentum,
         )
