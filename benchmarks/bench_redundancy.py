@@ -144,11 +144,9 @@ def build_configs(
             )
         )
     if iid:
-        configs.append(
-            RunConfig(
-                "iid: mu=0", ("--redundancy", "0", "--batch-size", str(batch_size)), "iid", 0.0, batch_size
-            )
-        )
+        # no RI-SGD option at all: Lightning's globally reshuffled DistributedSampler (``--redundancy 0``
+        # would select the fixed strided shards, the placement of the mu sweep)
+        configs.append(RunConfig("iid: mu=0", ("--batch-size", str(batch_size)), "iid", 0.0, batch_size))
     return configs
 
 

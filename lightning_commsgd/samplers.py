@@ -4,7 +4,8 @@ Placement, as in the authors' reference code: the dataset is split into p *strid
 samples j, j + p, j + 2p, ...). With redundancy mu (a fraction of the WHOLE dataset added to each worker),
 q = mu p, worker i holds its own shard i, the full shards of workers (i + 1 .. i + floor(q)) mod p and,
 when r = q - floor(q) > 0, the strided part ``shard[::ceil(1/r)]`` of shard (i + floor(q) + 1) mod p.
-mu lies in [0, 1 - 1/p] (1 - 1/p = full replication); mu = 0 is the standard split.
+mu lies in [0, 1 - 1/p] (1 - 1/p = full replication); mu = 0 is the plain strided split (each worker only
+its own fixed shard, the same placement as every other mu: not DistributedSampler's global reshuffle).
 
 Multiplicity (tested): every sample is held by exactly ``1 + floor(mu p)`` workers, plus one more when
 r > 0 and its position inside its shard is a multiple of ``ceil(1/r)``.
@@ -16,6 +17,12 @@ Sampling modes:
   a worker's batch therefore has ``b (1 + floor(q)) + int(b r)`` samples, about ``b (1 + mu p)``.
   :class:`RedundantBatchSampler` produces those batches.
 - ``"union"``: the union of the held samples, shuffled each epoch and batched normally.
+
+In both modes every worker shuffles what it holds in its own order (seeded by ``(seed, epoch, worker)``,
+and by the shard in stratified mode), as in the authors' code, where each device reads each of its shards
+through its own unseeded ``tf.data`` shuffle: two holders of a shard draw different samples from it at the
+same step, and at mu = 1 - 1/p the p workers compute p different mini-batches of the whole dataset, not one
+batch p times.
 
 Fault tolerance: placement is fixed by the *original* number of workers (data locality). After losing
 workers (``failed_workers``, original ids), the survivors keep sampling what they hold; every shard is
@@ -300,7 +307,12 @@ class RedundantBatchSampler(Sampler[list[int]]):
             indices = placement.shard(j) if complete else placement.partial(j)
             per_batch = self.batch_size if complete else self.partial_size
             needed = self.num_batches * per_batch
-            streams.append((_fit_length(s._permute(indices, salt=1 + j), needed), per_batch))
+            # Each holder of shard j shuffles it in its own order (salt per (worker, shard)), as the authors'
+            # code does (one unseeded tf.data shuffle per device and shard): a salt per shard alone would
+            # make every holder draw the same samples at the same step, and at mu = 1 - 1/p all p workers
+            # would compute one replica p times.
+            salt = 1 + j + placement.p * s.worker
+            streams.append((_fit_length(s._permute(indices, salt=salt), needed), per_batch))
         return streams
 
     def __iter__(self) -> Iterator[list[int]]:

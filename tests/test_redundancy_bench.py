@@ -170,6 +170,18 @@ def test_build_strategy_passes_redundancy_to_every_strategy_of_ours(train_digits
         train_digits.build_strategy("ddp", 1, redundancy=0.5)
 
 
+def test_redundancy_zero_given_selects_the_strided_placement_of_the_sweep(train_digits, bench):
+    """``--redundancy 0`` is the mu = 0 point of the sweep's placement (fixed strided shards), not
+    Lightning's global reshuffle; only a run with no RI-SGD option (the bench's iid reference) keeps that."""
+    assert train_digits.build_strategy("local_sgd", 4, redundancy=0.0).redundancy.active
+    for mu in ("0", "0.25", "0.5"):
+        args = train_digits.parse_args(["--strategy", "local_sgd", "--devices", "4", "--redundancy", mu])
+        assert args.ri_sgd and args.redundancy == float(mu)
+    assert not train_digits.parse_args(["--strategy", "local_sgd", "--devices", "4"]).ri_sgd
+    iid = bench.build_configs([0.0, 0.5], 32, 4, "stratified", control=False, iid=True)[-1]
+    assert iid.kind == "iid" and not {"--redundancy", "--sampling", "--non-iid"} & set(iid.args)
+
+
 # -- bench_redundancy.py helpers ----------------------------------------------------------------------------
 def test_stratified_batch_size_follows_the_sampler(bench):
     assert [bench.stratified_batch_size(32, mu, 4) for mu in (0, 0.25, 0.5, 0.75)] == [32, 64, 96, 128]

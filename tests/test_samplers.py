@@ -242,3 +242,109 @@ def test_union_batch_sampler_resumes_mid_epoch():
     resumed.load_state_dict(interrupted.state_dict())
     resumed.set_epoch(1)
     assert first + list(resumed) == full
+
+
+# -- issue 18, item 2: one placement across a mu sweep, and each holder its own order ---------------------
+def _training_loader_of(strategy, loader):
+    """``strategy.process_dataloader`` for the training loader of rank 0 in a 4-process CPU Trainer (built,
+    never fitted: only the loader the strategy would hand to the fit loop)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch import Trainer
+
+    Trainer(strategy=strategy, accelerator="cpu", devices=4, logger=False)
+    strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(training=True))
+    return strategy.process_dataloader(loader)
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.25, 0.5])
+def test_a_mu_sweep_keeps_one_fixed_strided_placement(mu):
+    """redundancy=0.0 given is the mu = 0 point of the same placement as 0.25 and 0.5 (fixed strided shards,
+    not Lightning's globally reshuffled DistributedSampler): rank 0's own part of every batch comes from
+    shard 0, in every epoch."""
+    from torch.utils.data import DataLoader
+
+    from lightning_commsgd import LocalSGDStrategy
+
+    strategy = LocalSGDStrategy(tau=8, redundancy=mu)
+    loader = _training_loader_of(strategy, DataLoader(range(400), batch_size=10))
+    batches = loader.batch_sampler
+    assert isinstance(batches, RedundantBatchSampler) and batches.sampler.placement.mu == mu
+    for epoch in range(2):
+        batches.set_epoch(epoch)
+        seen = torch.tensor([x for batch in batches for x in batch])
+        own = seen[seen % 4 == 0]
+        assert sorted(own.tolist()) == list(range(0, 400, 4))  # shard 0, exactly once per epoch
+        held = {j for j, _ in batches.sampler.placement.holdings(0)}
+        assert set((seen % 4).tolist()) == held  # nothing outside the placement
+    assert batches.samples_per_batch == 10 * (1 + int(mu * 4))
+
+
+def test_lightning_sampler_only_when_no_ri_sgd_option_is_given():
+    from torch.utils.data import DataLoader
+
+    from lightning_commsgd import LocalSGDStrategy
+    from lightning_commsgd.strategies.redundancy import RedundancyConfig
+
+    plain = _training_loader_of(LocalSGDStrategy(tau=8), DataLoader(range(400), batch_size=8))
+    assert not isinstance(plain.batch_sampler, RedundantBatchSampler)
+    assert not RedundancyConfig().active
+    for given in ({"redundancy": 0.0}, {"sampling": "stratified"}, {"sampling": "union"}):
+        config = LocalSGDStrategy(tau=8, **given).redundancy
+        assert config.active and config.mu == 0.0, given
+    union = _training_loader_of(
+        LocalSGDStrategy(tau=8, sampling="union"), DataLoader(range(400), batch_size=8)
+    )
+    assert union.batch_sampler.sampling == "union"
+    assert set(union.batch_sampler.sampler) == set(range(0, 400, 4))  # mu = 0: rank 0's own shard
+    # a parameter server has no placement: redundancy=0.0 is an RI-SGD option too, refused by name
+    from lightning_commsgd import KSyncSGDStrategy
+
+    with pytest.raises(ValueError, match="redundancy"):
+        KSyncSGDStrategy(redundancy=0.0)
+
+
+@pytest.mark.parametrize(("p", "mu"), [(2, 0.5), (4, 0.75), (4, 0.5), (3, 0.5)])
+def test_holders_of_a_shard_draw_it_in_their_own_order(p, mu):
+    """Stratified mode: two workers holding shard j do not take the same samples of it at the same step
+    (the authors' code shuffles each device's copy of a shard independently). At mu = 1 - 1/p (full
+    replication) the p workers' batches are p different batches, not one batch computed p times."""
+    data = range(40 * p)
+    batches = [
+        list(RedundantBatchSampler(RedundantDistributedSampler(data, p, r, redundancy=mu), batch_size=4))
+        for r in range(p)
+    ]
+    placement = RedundantPlacement(len(data), p, mu)
+    for j in range(p):
+        holders = [w for w in range(p) if any(h == j for h, _ in placement.holdings(w))]
+        for t in range(len(batches[0])):
+            parts = [tuple(sorted(x for x in batches[w][t] if x % p == j)) for w in holders]
+            parts = [part for part in parts if part]
+            assert len(set(parts)) == len(parts), (j, t, parts)  # no two holders share a step's draw
+    if mu == 1 - 1 / p:
+        for t in range(len(batches[0])):
+            assert len({tuple(sorted(batches[r][t])) for r in range(p)}) == p
+    for r in range(p):  # each worker still sees each complete shard it holds exactly once per epoch
+        flat = [x for batch in batches[r] for x in batch]
+        for j, complete in placement.holdings(r):
+            if complete:
+                assert sorted(x for x in flat if x % p == j) == placement.shard(j).tolist()
+
+
+def test_redundant_order_resumes_mid_epoch_per_worker():
+    """The per-worker order is a function of (seed, epoch, original worker): a resumed rank continues it."""
+
+    def make(rank):
+        sampler = RedundantDistributedSampler(range(120), 4, rank, redundancy=0.75)
+        sampler.set_epoch(3)
+        return RedundantBatchSampler(sampler, batch_size=5)
+
+    for rank in range(4):
+        full = list(make(rank))
+        interrupted = make(rank)
+        iterator = iter(interrupted)
+        first = [next(iterator) for _ in range(2)]
+        resumed = make(rank)
+        resumed.load_state_dict(interrupted.state_dict())
+        resumed.set_epoch(3)
+        assert first + list(resumed) == full

@@ -5,7 +5,14 @@ Users change nothing in their DataModule: the strategy rebuilds the *training* D
 :class:`~lightning_commsgd.samplers.RedundantDistributedSampler`), in ``"stratified"`` mode (the DataLoader's
 ``batch_size`` being b, the per-shard share of a batch) or ``"union"`` mode (batches of b from the shuffled
 union). ``batch_sizes`` replaces b by one value per rank (heterogeneous mini-batches). Validation and test
-loaders keep Lightning's sampler. The shuffling seed is Lightning's (``PL_GLOBAL_SEED``, as for its
+loaders keep Lightning's sampler.
+
+Placement rule (explicit, the same across a sweep of mu): as soon as *any* RI-SGD option is given
+(``redundancy`` -- ``0.0`` included --, ``sampling``, ``batch_sizes``, ``original_world_size`` or
+``failed_workers``), the training data lives in the fixed strided shards of the placement; only a strategy
+given none of them keeps Lightning's ``DistributedSampler`` (a global reshuffle every epoch: iid shards).
+So ``redundancy=0.0`` is the mu = 0 point of the same placement as ``redundancy=0.25``, not a different
+data distribution. The shuffling seed is Lightning's (``PL_GLOBAL_SEED``, as for its
 DistributedSampler). The batch sampler's epoch and position go into each rank's checkpoint entry.
 """
 
@@ -31,8 +38,8 @@ SAMPLING_MODES: tuple[str, ...] = ("stratified", "union")
 class RedundancyConfig:
     """RI-SGD options of a strategy (see ``CommunicationStrategy``'s arguments)."""
 
-    redundancy: float = 0.0
-    sampling: Literal["stratified", "union"] = "stratified"
+    redundancy: float | None = None  # None: not given (mu = 0 if another RI-SGD option is)
+    sampling: Literal["stratified", "union"] | None = None  # None: not given ("stratified")
     original_world_size: int | None = None
     failed_workers: Sequence[int] = field(default_factory=tuple)
     min_coverage: float = 1.0
@@ -40,14 +47,15 @@ class RedundancyConfig:
 
     def __post_init__(self) -> None:
         mu = self.redundancy
-        if (
+        if mu is not None and (
             isinstance(mu, bool)
             or not isinstance(mu, (int, float))
             or not math.isfinite(mu)
             or not 0 <= mu < 1
         ):
             raise ValueError(f"Arg `redundancy` (mu) must be a finite number in [0, 1 - 1/p], got {mu!r}.")
-        check_choice(self.sampling, "sampling", SAMPLING_MODES)
+        if self.sampling is not None:
+            check_choice(self.sampling, "sampling", SAMPLING_MODES)
         if self.original_world_size is not None and (
             isinstance(self.original_world_size, bool)
             or not isinstance(self.original_world_size, int)
@@ -69,10 +77,22 @@ class RedundancyConfig:
                     )
 
     @property
+    def mu(self) -> float:
+        """mu of the placement: ``redundancy``, 0 when not given."""
+        return 0.0 if self.redundancy is None else float(self.redundancy)
+
+    @property
+    def mode(self) -> Literal["stratified", "union"]:
+        """The sampling mode: ``sampling``, ``"stratified"`` when not given."""
+        return self.sampling or "stratified"
+
+    @property
     def active(self) -> bool:
-        """False for the standard split (mu = 0, nobody lost): Lightning's own sampler stays."""
+        """True when any RI-SGD option is given (``redundancy=0.0`` included): the training data then lives
+        in the fixed strided shards, whatever mu. False only when none is: Lightning's sampler stays."""
         return (
-            self.redundancy > 0
+            self.redundancy is not None
+            or self.sampling is not None
             or bool(self.failed_workers)
             or self.original_world_size is not None
             or self.batch_sizes is not None
@@ -91,7 +111,7 @@ class RedundancyConfig:
 
         p = self.original_world_size or world_size
         # the dataset is not known yet: p samples are enough to check mu and the failed workers
-        placement = RedundantPlacement(p, p, self.redundancy, self.failed_workers)
+        placement = RedundantPlacement(p, p, self.mu, self.failed_workers)
         if len(placement.survivors) != world_size:
             raise ValueError(
                 f"original_world_size={p} minus failed_workers={list(self.failed_workers)} leaves "
@@ -105,7 +125,7 @@ class RedundancyConfig:
             dataset,
             world_size,
             rank,
-            redundancy=self.redundancy,
+            redundancy=self.mu,
             shuffle=True,
             seed=int(os.getenv("PL_GLOBAL_SEED", 0)),
             drop_last=drop_last,
@@ -123,7 +143,7 @@ class RedundancyConfig:
             )
         sampler = self.sampler(loader.dataset, world_size, rank, loader.drop_last)
         batch_size = list(self.batch_sizes) if self.batch_sizes is not None else loader.batch_size
-        batches = RedundantBatchSampler(sampler, batch_size, self.sampling)
+        batches = RedundantBatchSampler(sampler, batch_size, self.mode)
         return DataLoader(
             loader.dataset,
             batch_sampler=batches,
