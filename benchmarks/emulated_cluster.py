@@ -2,7 +2,9 @@
 bridge, and ``tc ... tbf`` rate limiting on both ends of every link, so gloo traffic between "nodes"
 crosses a link of the chosen bandwidth (measured here: ~11.4 MB/s of all-reduce payload at 100mbit).
 
-Needs root (``ip netns``, ``ip link``, ``tc``); :func:`check_available` says what is missing and why.
+Needs root (``ip netns``, ``ip link``, ``tc``); :func:`check_available` says what is missing and why. The two
+tools are looked up on ``PATH``, then in the standard sbin folders (:data:`SBIN_DIRS`): a root shell whose
+``PATH`` lacks them (``sudo`` without ``secure_path``, a minimal container) still finds them.
 Every namespace, link and bridge it creates is removed when the ``with`` block ends, when the process
 gets SIGINT/SIGTERM, or at interpreter exit, whichever comes first::
 
@@ -24,13 +26,38 @@ from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import Any
 
-__all__ = ["ClusterUnavailable", "EmulatedCluster", "check_available", "parse_proc_net_dev"]
+__all__ = [
+    "SBIN_DIRS",
+    "ClusterUnavailable",
+    "EmulatedCluster",
+    "check_available",
+    "find_tool",
+    "parse_proc_net_dev",
+]
+
+#: Where iproute2's ``ip`` and ``tc`` live when ``PATH`` does not list the folder.
+SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
 _LIVE: set[EmulatedCluster] = set()
 
 
 class ClusterUnavailable(RuntimeError):
     """The machine cannot emulate a cluster (no root, no ``ip``/``tc``, no network namespaces)."""
+
+
+def find_tool(name: str) -> str | None:
+    """The absolute path of ``name`` (``"ip"``, ``"tc"``): from ``PATH``, else from :data:`SBIN_DIRS`;
+    ``None`` when it is in neither."""
+    found = shutil.which(name)
+    if found is not None:
+        return os.path.abspath(found)
+    return shutil.which(name, path=os.pathsep.join(SBIN_DIRS))
+
+
+def _tool(name: str) -> str:
+    """``name``'s path for a command line (the bare name when it cannot be found: the command then fails
+    with the shell's own message)."""
+    return find_tool(name) or name
 
 
 def check_available() -> None:
@@ -41,13 +68,16 @@ def check_available() -> None:
             "Run the benchmark as root (e.g. in a container with CAP_NET_ADMIN)."
         )
     for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            raise ClusterUnavailable(f"`{tool}` (iproute2) is not installed; the emulated cluster needs it.")
+        if find_tool(tool) is None:
+            raise ClusterUnavailable(
+                f"`{tool}` (iproute2) is not installed: not on PATH nor in {', '.join(SBIN_DIRS)}; the "
+                "emulated cluster needs it (e.g. `apt-get install iproute2`)."
+            )
     probe = f"cprobe{uuid.uuid4().hex[:6]}"
-    result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    result = subprocess.run([_tool("ip"), "netns", "add", probe], capture_output=True, text=True)
     if result.returncode != 0:
         raise ClusterUnavailable(f"Cannot create a network namespace: {result.stderr.strip()}")
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    subprocess.run([_tool("ip"), "netns", "del", probe], capture_output=True)
 
 
 def parse_proc_net_dev(text: str, interface: str) -> tuple[int, int]:
@@ -61,6 +91,8 @@ def parse_proc_net_dev(text: str, interface: str) -> tuple[int, int]:
 
 
 def _run(*args: str) -> None:
+    """Run ``ip ...`` / ``tc ...`` (the tool found by :func:`find_tool`); raise with its stderr."""
+    args = (_tool(args[0]), *args[1:]) if args[0] in ("ip", "tc") else args
     result = subprocess.run(list(args), capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"`{' '.join(args)}` failed: {result.stderr.strip()}")
@@ -127,21 +159,22 @@ class EmulatedCluster:
                 # both directions: the node's egress, and the bridge's egress towards the node
                 shape = ["root", "tbf", "rate", self.rate, "burst", self.burst, "latency", self.latency]
                 _run("tc", "qdisc", "add", "dev", host, *shape)
-                _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", node, *shape)
+                _run("ip", "netns", "exec", ns, _tool("tc"), "qdisc", "add", "dev", node, *shape)
 
     def close(self) -> None:
         """Remove every namespace, link and the bridge (idempotent; errors ignored: best effort)."""
         if self._up:
+            ip = _tool("ip")
             for ns, host in zip(self.namespaces, self.host_links):
-                subprocess.run(["ip", "link", "del", host], capture_output=True)
-                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+                subprocess.run([ip, "link", "del", host], capture_output=True)
+                subprocess.run([ip, "netns", "del", ns], capture_output=True)
+            subprocess.run([ip, "link", "del", self.bridge], capture_output=True)
             self._up = False
         _LIVE.discard(self)
 
     def exists(self) -> bool:
         """Whether any of this cluster's namespaces still exists (for tests of the clean-up)."""
-        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        listed = subprocess.run([_tool("ip"), "netns", "list"], capture_output=True, text=True).stdout
         return any(ns in listed for ns in self.namespaces)
 
     # -- using it -------------------------------------------------------------------------------------
@@ -165,7 +198,7 @@ class EmulatedCluster:
 
     def command(self, node: int, argv: Sequence[str]) -> list[str]:
         """``argv`` wrapped to run inside ``node``'s namespace."""
-        return ["ip", "netns", "exec", self.namespaces[node], *argv]
+        return [_tool("ip"), "netns", "exec", self.namespaces[node], *argv]
 
     def popen(self, node: int, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
         """Start ``argv`` inside ``node``'s namespace (``subprocess.Popen`` keyword arguments pass on)."""

@@ -34,6 +34,9 @@ whole training set from its neighbours' strided shards; with ``--sampling strati
 ``--batch-size`` samples from each shard held, so a rank's batch grows to about ``b (1 + MU p)``.
 ``--non-iid`` sorts the training set by label into one contiguous block per rank's shard (see
 ``DigitsDataModule(label_skew_shards=...)``); the strided placement is then used even at ``MU = 0``.
+``--redundancy 0`` (like any RI-SGD option) also selects the fixed strided shards, so a sweep over ``MU``
+compares one placement; only without ``--redundancy``/``--sampling``/``--non-iid`` do the ranks get
+Lightning's globally reshuffled ``DistributedSampler``.
 
 Lightning's default launcher for ``devices > 1`` on CPU re-runs *this script* once per extra rank (with
 ``LOCAL_RANK`` etc. set), so everything at module level and in :func:`main` runs on every rank. Only
@@ -172,9 +175,10 @@ class CompressionOptions:
         qsgd_levels: QSGD's s.
         qsgd_bucket: QSGD's bucket size.
         topk_ratio: MEM-SGD's fraction of coordinates sent.
-        alpha: DORE/DIANA's h step (default 1/(2(C+1))).
-        beta: DORE's x_hat step (default 1/(C_m+1)).
+        alpha: DORE/DIANA's h step (default: DORE's from ``rates``, DIANA's 1/(2(C+1))).
+        beta: DORE's x_hat step (default: from ``rates``).
         eta: DORE's error-compensation weight (default 1).
+        rates: DORE's default alpha/beta: ``"paper"`` (0.1, 1) or ``"theory"`` (1/(2(C+1)), 1/(C_m+1)).
         seed: base of the compressors' random streams.
     """
 
@@ -186,6 +190,7 @@ class CompressionOptions:
     alpha: float | None = None
     beta: float | None = None
     eta: float | None = None
+    rates: str = "paper"
     seed: int = 0
 
     @classmethod
@@ -204,6 +209,7 @@ class CompressionOptions:
             alpha=args.dore_alpha,
             beta=args.dore_beta,
             eta=args.dore_eta,
+            rates=args.dore_rates or "paper",
             seed=args.seed,
         )
 
@@ -457,13 +463,15 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         "--dore-alpha",
         type=float,
         default=None,
-        help="step of the gradient shifts h (dore, diana; default 1/(2(C+1)) of the quantizer)",
+        help="step of the gradient shifts h (dore, diana; default: dore 0.1, or 1/(2(C+1)) of the quantizer"
+        " with --dore-rates theory; diana 1/(2(C+1)))",
     )
     compression.add_argument(
         "--dore-beta",
         type=float,
         default=None,
-        help="step of the model estimate x_hat (dore; default 1/(C+1) of the quantizer)",
+        help="step of the model estimate x_hat (dore; default 1, or 1/(C+1) of the quantizer with"
+        " --dore-rates theory)",
     )
     compression.add_argument(
         "--dore-eta",
@@ -471,19 +479,28 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="weight of the model-side error feedback (dore; default 1)",
     )
+    compression.add_argument(
+        "--dore-rates",
+        choices=("paper", "theory"),
+        default=None,
+        help="where dore's unset alpha/beta come from: paper (default; the paper's experiments, alpha 0.1,"
+        " beta 1) or theory (1/(2(C+1)), 1/(C+1): x_hat moves by beta of each step, slow)",
+    )
     parser.add_argument(
         "--redundancy",
         type=float,
-        default=0.0,
+        default=None,
         metavar="MU",
         help="RI-SGD: each rank also holds this fraction of the whole training set from its neighbours'"
-        " shards, in [0, 1 - 1/devices] (not with ddp; default 0)",
+        " shards, in [0, 1 - 1/devices] (not with ddp; default 0). Given at all (0 included), or with"
+        " --sampling/--non-iid, the data lives in fixed strided shards, the same for every MU; without"
+        " any of them Lightning's DistributedSampler reshuffles globally",
     )
     parser.add_argument(
         "--sampling",
         choices=SAMPLING_MODES,
-        default="stratified",
-        help="RI-SGD batches: stratified (--batch-size from every shard held) or union (batches of"
+        default=None,
+        help="RI-SGD batches: stratified (default; --batch-size from every shard held) or union (batches of"
         " --batch-size from the held samples)",
     )
     parser.add_argument(
@@ -565,6 +582,7 @@ def _check_strategy_options(parser: argparse.ArgumentParser, args: argparse.Name
         ("--dore-alpha", args.dore_alpha, ("dore", "diana")),
         ("--dore-beta", args.dore_beta, ("dore",)),
         ("--dore-eta", args.dore_eta, ("dore",)),
+        ("--dore-rates", args.dore_rates, ("dore",)),
     ):
         if value is not None and args.strategy not in owners:
             parser.error(f"{flag} applies to --strategy {'/'.join(owners)} only, not {args.strategy}")
@@ -594,7 +612,11 @@ def _check_strategy_options(parser: argparse.ArgumentParser, args: argparse.Name
 
 def _check_redundancy_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse RI-SGD options DDP cannot honour, and check mu against ``--devices`` with the sampler's
-    own rule, before any process is started."""
+    own rule, before any process is started. Sets ``args.ri_sgd`` (an RI-SGD option was given: the strided
+    placement, as the strategies' rule) and fills in the defaults mu = 0, ``"stratified"``."""
+    args.ri_sgd = args.redundancy is not None or args.sampling is not None or args.non_iid
+    args.redundancy = 0.0 if args.redundancy is None else args.redundancy
+    args.sampling = args.sampling or "stratified"
     if args.strategy == "ddp":
         # DDP keeps Lightning's DistributedSampler, which shuffles the whole set globally: neither the
         # redundant placement nor the label skew would reach the ranks.
@@ -635,8 +657,8 @@ def build_strategy(
     topology: str = DEFAULT_TOPOLOGY,
     gossip_momentum: str = DEFAULT_GOSSIP_MOMENTUM,
     alpha: float | None = None,
-    redundancy: float = 0.0,
-    sampling: str = "stratified",
+    redundancy: float | None = None,
+    sampling: str | None = None,
     strided_placement_for: int | None = None,
     compression: CompressionOptions | None = None,
 ) -> Strategy:
@@ -648,18 +670,21 @@ def build_strategy(
     ``CompressedSGDStrategy`` with QSGD (``qsgd``), top-k and error feedback (``mem_sgd``), or scaled
     sign with error feedback on both sides (``double_squeeze``).
 
-    Ours take RI-SGD's ``redundancy`` (mu) and ``sampling``. ``strided_placement_for=p`` makes them use
-    the strided placement of ``p`` workers even at mu = 0 (``original_world_size=p``), where Lightning's
-    globally shuffled ``DistributedSampler`` would otherwise undo a label skew of the shards.
+    Ours take RI-SGD's ``redundancy`` (mu) and ``sampling``, passed on only when given (not ``None``): any
+    of them, ``redundancy=0.0`` included, puts the data in the fixed strided shards (the strategies' rule),
+    none keeps Lightning's globally shuffled ``DistributedSampler``. ``strided_placement_for=p`` also sets
+    ``original_world_size=p`` (the strided placement of ``p`` workers, which a label skew of the shards
+    needs).
 
     Raises:
         ValueError: RI-SGD options with ``ddp``, or an unknown ``name``.
     """
     if name == "ddp":
-        if redundancy > 0 or strided_placement_for is not None:
+        if (redundancy or 0) > 0 or strided_placement_for is not None:
             raise ValueError("DDPStrategy takes no RI-SGD options (redundancy, strided placement)")
         return DDPStrategy()
-    ri_sgd: dict[str, Any] = {"redundancy": redundancy, "sampling": sampling}
+    given = {"redundancy": redundancy, "sampling": sampling}
+    ri_sgd: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
     if strided_placement_for is not None:
         ri_sgd["original_world_size"] = strided_placement_for
     if name == "local_sgd":
@@ -682,7 +707,9 @@ def _build_compressed(name: str, options: CompressionOptions, ri_sgd: dict[str, 
         if name == "diana":
             return DianaStrategy(quantizer, alpha=options.alpha, **common)
         eta = 1.0 if options.eta is None else options.eta
-        return DoubleResidualStrategy(quantizer, alpha=options.alpha, beta=options.beta, eta=eta, **common)
+        return DoubleResidualStrategy(
+            quantizer, alpha=options.alpha, beta=options.beta, eta=eta, rates=options.rates, **common
+        )
     if name == "qsgd":
         return CompressedSGDStrategy(QSGD(options.qsgd_levels, options.qsgd_bucket), **common)
     if name == "mem_sgd":
@@ -876,8 +903,8 @@ def run(args: argparse.Namespace, workload: Workload | None = None) -> dict[str,
             topology=args.topology or DEFAULT_TOPOLOGY,
             gossip_momentum=args.gossip_momentum or DEFAULT_GOSSIP_MOMENTUM,
             alpha=args.alpha,
-            redundancy=args.redundancy,
-            sampling=args.sampling,
+            redundancy=args.redundancy if args.ri_sgd else None,
+            sampling=args.sampling if args.ri_sgd else None,
             strided_placement_for=args.devices if args.non_iid else None,
             compression=CompressionOptions.from_args(args) if compressed else None,
         ),

@@ -91,7 +91,8 @@ def register_strategies() -> None:
         ),
         "dore": (
             DoubleResidualStrategy,
-            "DORE: inf-norm ternary quantization (blocks of 256) both ways, rank 0 as master",
+            "DORE: inf-norm ternary quantization (blocks of 256) both ways, rank 0 as master, the paper's "
+            "rates alpha=0.1, beta=1, eta=1 (rates='theory' for the theorems')",
             {"compressor": PNormQuantizer(float("inf"), 256)},
         ),
         "diana": (

@@ -1,4 +1,4 @@
-"""CommunicationMonitor: bytes, rounds, tau and consensus distance, logged like any metric."""
+"""CommunicationMonitor: bytes, rounds, tau and consensus distance, on the progress bar and in the logger."""
 
 from __future__ import annotations
 
@@ -13,22 +13,36 @@ from typing_extensions import override
 
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.ledger import CommLedger
+from lightning_commsgd.schedules import ConstantPeriod
 from lightning_commsgd.strategies.base import CommunicationStrategy
 
-__all__ = ["CommunicationMonitor"]
+__all__ = ["CommunicationMonitor", "progress_bar_figures"]
 
 
 class CommunicationMonitor(Callback):
-    """Log this rank's communication ledger to every attached logger (and optionally the progress bar).
+    """Show this rank's communication on the progress bar and log its whole ledger to every attached logger.
+
+    Progress bar (``prog_bar=True``, the default, when the Trainer has one; rank 0's values): ``MB_sent``
+    (payload megabytes sent, all collectives), ``rounds`` (the algorithm's rounds, as ``comm/rounds``),
+    ``tau`` when it varies (a schedule such as AdaComm) and ``skipped`` once a poisoned replica was skipped.
 
     Logged keys (rank 0's values, every ``logging_interval`` optimizer steps): ``comm/bytes_sent``,
-    ``comm/bytes_received``, ``comm/rounds``, ``comm/seconds``, ``comm/tau`` (when the strategy has a
-    period), the schedule's values (AdaComm: ``comm/adacomm_F0``, ``comm/adacomm_F``) and
+    ``comm/bytes_received``, ``comm/rounds`` (the algorithm's rounds only: averaging, gossip, compressed
+    exchanges, fit's final round), ``comm/framework_collectives`` and ``comm/framework_bytes_sent`` (the
+    other collectives, counted apart: Lightning's own ``sync_dist`` reductions, barriers and broadcasts, the
+    setup broadcast of x_0, checkpoint gathers, consensus validation, measurements; see
+    :data:`~lightning_commsgd.ledger.FRAMEWORK_TAGS`), ``comm/seconds``, ``comm/tau`` (when the strategy
+    has a period), the schedule's values (AdaComm: ``comm/adacomm_F0``, ``comm/adacomm_F``),
+    ``comm/skipped_replicas`` (under ``on_nonfinite="skip"``: poisoned replicas left out of rounds) and
     ``comm/consensus_distance`` = (1/p) sum_i ||x_i - x_bar||^2, measured just before a
     round replaces x_i, every ``consensus_every_n_rounds`` rounds (it costs one scalar all-reduce).
     ``comm/bytes_per_step`` is the bytes this rank sent per optimizer step since training started; with a
     compressing strategy, ``comm/compression_ratio`` divides it by what the same exchange would send
     uncompressed (4 bytes per parameter per step, the fp32 gradient or model an all-reduce would carry).
+
+    :attr:`ledger` is fit's ledger; it keeps fit's figures after a later ``trainer.test()`` or
+    ``trainer.validate()`` (which count into ledgers of their own, ``strategy.ledgers``), while Lightning
+    clears the logged ``comm/...`` values from ``trainer.callback_metrics`` when such a stage starts.
 
     With Lightning's own ``DDPStrategy`` the monitor registers a counting DDP communication hook that
     behaves like DDP's default (mean all-reduce per gradient bucket), so both can be compared side by
@@ -41,14 +55,15 @@ class CommunicationMonitor(Callback):
             value), so logging the 6 to 9 metrics at every step would add about 8 ms to every step
             (measured: an 8.8 ms step of the cluster benchmark's MLP took 11.9 ms).
         consensus_every_n_rounds: measure the consensus distance every this many rounds; ``None`` never.
-        prog_bar: also show bytes sent and rounds in the progress bar.
+        prog_bar: show the key figures on the Trainer's progress bar (updated every ``logging_interval``
+            steps, like the logger); ``False`` keeps them off it (they are logged either way).
     """
 
     def __init__(
         self,
         logging_interval: int | None = None,
         consensus_every_n_rounds: int | None = None,
-        prog_bar: bool = False,
+        prog_bar: bool = True,
     ) -> None:
         if logging_interval is not None and (
             isinstance(logging_interval, bool)
@@ -112,15 +127,18 @@ class CommunicationMonitor(Callback):
     ) -> None:
         if self._ledger is None or trainer.global_step % self._interval != 0:
             return
+        ledger = self._ledger
         metrics = {
-            "comm/bytes_sent": float(self._ledger.bytes_sent),
-            "comm/bytes_received": float(self._ledger.bytes_received),
-            "comm/rounds": float(self._ledger.rounds),
-            "comm/seconds": float(self._ledger.seconds),
+            "comm/bytes_sent": float(ledger.bytes_sent),
+            "comm/bytes_received": float(ledger.bytes_received),
+            "comm/rounds": float(ledger.algorithm_rounds),
+            "comm/framework_collectives": float(ledger.framework_collectives),
+            "comm/framework_bytes_sent": float(ledger.framework_bytes_sent),
+            "comm/seconds": float(ledger.seconds),
         }
         steps = trainer.global_step - self._start[0]
         if steps > 0:
-            metrics["comm/bytes_per_step"] = (self._ledger.bytes_sent - self._start[1]) / steps
+            metrics["comm/bytes_per_step"] = (ledger.bytes_sent - self._start[1]) / steps
         algorithm = getattr(trainer.strategy, "algorithm", None)
         uncompressed = getattr(algorithm, "uncompressed_bytes_per_step", None)
         if uncompressed and "comm/bytes_per_step" in metrics:
@@ -134,13 +152,26 @@ class CommunicationMonitor(Callback):
         if consensus is not None and consensus[0] != self._logged_consensus_step:
             self._logged_consensus_step = consensus[0]
             metrics["comm/consensus_distance"] = consensus[1]
+        if getattr(algorithm, "on_nonfinite", None) == "skip" or ledger.skipped_replicas:
+            metrics["comm/skipped_replicas"] = float(ledger.skipped_replicas)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
-        if self.prog_bar:
+        if self.prog_bar and trainer.progress_bar_callback is not None:
             pl_module.log_dict(
-                {"MB_sent": metrics["comm/bytes_sent"] / 1e6, "rounds": metrics["comm/rounds"]},
+                progress_bar_figures(metrics, schedule),
                 on_step=True,
                 on_epoch=False,
                 prog_bar=True,
                 logger=False,
                 rank_zero_only=True,
             )
+
+
+def progress_bar_figures(metrics: dict[str, float], schedule: Any = None) -> dict[str, float]:
+    """The few figures the progress bar shows, from the logged ``metrics``: megabytes sent, the algorithm's
+    rounds, tau when a schedule varies it, and skipped replicas once there are any."""
+    figures = {"MB_sent": metrics["comm/bytes_sent"] / 1e6, "rounds": metrics["comm/rounds"]}
+    if "comm/tau" in metrics and schedule is not None and not isinstance(schedule, ConstantPeriod):
+        figures["tau"] = metrics["comm/tau"]
+    if metrics.get("comm/skipped_replicas"):
+        figures["skipped"] = metrics["comm/skipped_replicas"]
+    return figures

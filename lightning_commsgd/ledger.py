@@ -5,7 +5,27 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["CommLedger", "TagStats"]
+__all__ = ["FRAMEWORK_TAGS", "CommLedger", "TagStats"]
+
+#: Tags of the collectives that are not the algorithm's exchanges: Lightning's own collectives
+#: (``self.log(..., sync_dist=True)``, ``self.all_gather``, barriers and broadcasts of its loops and
+#: callbacks), the strategy's broadcast of x_0 at setup and its checkpoint gathers, validation on the
+#: consensus model, and measurements and agreements (consensus distance, replica checks, a schedule's
+#: decisions). :attr:`CommLedger.algorithm_rounds` counts every other tag.
+FRAMEWORK_TAGS: frozenset[str] = frozenset(
+    {
+        "setup_broadcast",
+        "lightning_reduce",
+        "lightning_all_gather",
+        "lightning_barrier",
+        "lightning_broadcast",
+        "checkpoint",
+        "eval_consensus",
+        "consensus",
+        "replica_check",
+        "schedule",
+    }
+)
 
 
 @dataclass
@@ -39,10 +59,18 @@ class CommLedger:
     ``(p-1) n`` received by it (object gathers add 8 bytes per rank for the size exchange);
     all-gather counts ``n`` sent and ``(p-1) n`` received. What a ring all-reduce actually puts on the
     wire is ``2 (p-1)/p n``; :meth:`wire_bytes_estimate` reports that figure.
+
+    :attr:`rounds` counts every communicator call; :attr:`algorithm_rounds` only the algorithm's exchanges,
+    :attr:`framework_collectives` the rest (tags in :data:`FRAMEWORK_TAGS`).
+
+    Attributes:
+        skipped_replicas: poisoned replicas left out of this rank's rounds under ``on_nonfinite="skip"``
+            (one per poisoned rank per round; see :mod:`lightning_commsgd.algorithms.finite`).
     """
 
     world_size: int = 1
     by_tag: dict[str, TagStats] = field(default_factory=dict)
+    skipped_replicas: int = 0
 
     def record(
         self, tag: str, *, sent: int, received: int, seconds: float, collectives: int = 1, kind: str = ""
@@ -57,13 +85,40 @@ class CommLedger:
         if kind == "all_reduce":
             stats.allreduce_bytes += int(sent)
 
-    def _total(self, attr: str) -> Any:
-        return sum(getattr(stats, attr) for stats in self.by_tag.values())
+    def record_skipped(self, count: int) -> None:
+        """Count ``count`` poisoned replicas left out of a round (``on_nonfinite="skip"``)."""
+        self.skipped_replicas += int(count)
+
+    def _total(self, attr: str, framework: bool | None = None) -> Any:
+        """Sum of ``attr`` over all tags; over :data:`FRAMEWORK_TAGS` only (``framework=True``) or over the
+        others (``False``)."""
+        return sum(
+            getattr(stats, attr)
+            for tag, stats in self.by_tag.items()
+            if framework is None or (tag in FRAMEWORK_TAGS) == framework
+        )
 
     @property
     def rounds(self) -> int:
-        """Synchronisation points (communicator calls) over all tags."""
+        """Synchronisation points (communicator calls) over all tags, framework collectives included."""
         return self._total("rounds")
+
+    @property
+    def algorithm_rounds(self) -> int:
+        """The algorithm's rounds: communicator calls under every tag not in :data:`FRAMEWORK_TAGS`
+        (averaging, gossip, compressed exchanges, the final round of fit, ...)."""
+        return self._total("rounds", framework=False)
+
+    @property
+    def framework_collectives(self) -> int:
+        """Communicator calls under :data:`FRAMEWORK_TAGS`: Lightning's own collectives, the setup
+        broadcast, checkpoint gathers, consensus validation and measurements."""
+        return self._total("rounds", framework=True)
+
+    @property
+    def framework_bytes_sent(self) -> int:
+        """Payload bytes this rank sent in :attr:`framework_collectives`."""
+        return self._total("bytes_sent", framework=True)
 
     @property
     def collectives(self) -> int:
@@ -103,16 +158,25 @@ class CommLedger:
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "rounds": self.rounds,
+            "algorithm_rounds": self.algorithm_rounds,
+            "framework_collectives": self.framework_collectives,
+            "framework_bytes_sent": self.framework_bytes_sent,
             "collectives": self.collectives,
             "seconds": self.seconds,
             "wire_bytes_estimate": self.wire_bytes_estimate(),
+            "skipped_replicas": self.skipped_replicas,
             "by_tag": {name: asdict(stats) for name, stats in sorted(self.by_tag.items())},
         }
 
     def state_dict(self) -> dict[str, Any]:
         """Counters to store in a checkpoint, so a resumed run keeps counting from where it stopped."""
-        return {"by_tag": {name: asdict(stats) for name, stats in self.by_tag.items()}}
+        return {
+            "by_tag": {name: asdict(stats) for name, stats in self.by_tag.items()},
+            "skipped_replicas": self.skipped_replicas,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore counters written by :meth:`state_dict`."""
+        """Restore counters written by :meth:`state_dict` (checkpoints from before ``skipped_replicas``
+        existed restore it as 0)."""
         self.by_tag = {name: TagStats(**stats) for name, stats in state["by_tag"].items()}
+        self.skipped_replicas = int(state.get("skipped_replicas", 0))

@@ -29,16 +29,21 @@ from lightning_commsgd.comm import Communicator
 __all__ = ["AdaComm", "ConstantPeriod", "IncreasingPeriod", "PeriodSchedule", "PostLocalSGD", "RoundInfo"]
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
+_TAU = "the communication period: optimizer steps between rounds"
+
+
+def _check_int(value: Any, name: str, minimum: int, meaning: str) -> int:
+    """``value`` if it is an int >= ``minimum`` (bools refused), else an error naming the argument, what it
+    means and the allowed range."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Arg `{name}` must be an int >= {minimum}, got {value!r}.")
+        raise TypeError(f"Arg `{name}` must be an int >= {minimum} ({meaning}), got {value!r}.")
     if value < minimum:
-        raise ValueError(f"Arg `{name}` must be >= {minimum}, got {value}.")
+        raise ValueError(f"Arg `{name}` must be an int >= {minimum} ({meaning}), got {value}.")
     return value
 
 
-def _check_optional_int(value: Any, name: str, minimum: int) -> int | None:
-    return None if value is None else _check_int(value, name, minimum)
+def _check_optional_int(value: Any, name: str, minimum: int, meaning: str) -> int | None:
+    return None if value is None else _check_int(value, name, minimum, f"{meaning}; or None")
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ class PeriodSchedule(ABC):
     needs_loss: bool = False
 
     def __init__(self, tau: int) -> None:
-        self.tau = _check_int(tau, "tau", 1)
+        self.tau = _check_int(tau, "tau", 1, _TAU)
 
     def on_step(self, step: int, lr: float | None, loss_sum: float, loss_count: int) -> None:  # noqa: B027
         """Called after every optimizer step ``step`` (1-indexed) with the learning rate it used and the
@@ -119,8 +124,10 @@ class PostLocalSGD(PeriodSchedule):
     """
 
     def __init__(self, switch_step: int, tau: int) -> None:
-        self.switch_step = _check_int(switch_step, "switch_step", 0)
-        self.local_tau = _check_int(tau, "tau", 1)
+        self.switch_step = _check_int(
+            switch_step, "switch_step", 0, "optimizer steps before local SGD starts"
+        )
+        self.local_tau = _check_int(tau, "tau", 1, _TAU)
         super().__init__(1 if self.switch_step > 0 else self.local_tau)
 
     def after_round(self, info: RoundInfo) -> None:
@@ -150,14 +157,18 @@ class IncreasingPeriod(PeriodSchedule):
         factor: int = 2,
         max_tau: int | None = None,
     ) -> None:
-        super().__init__(_check_int(tau0, "tau0", 1))
+        super().__init__(_check_int(tau0, "tau0", 1, "the first communication period, in optimizer steps"))
         self.tau0 = tau0
-        self.every_rounds = _check_optional_int(every_rounds, "every_rounds", 1)
-        self.every_steps = _check_optional_int(every_steps, "every_steps", 1)
+        self.every_rounds = _check_optional_int(
+            every_rounds, "every_rounds", 1, "rounds at one period before it grows"
+        )
+        self.every_steps = _check_optional_int(
+            every_steps, "every_steps", 1, "optimizer steps between growths of the period"
+        )
         if (self.every_rounds is None) == (self.every_steps is None):
             raise ValueError("IncreasingPeriod needs exactly one of `every_rounds` and `every_steps`.")
-        self.factor = _check_int(factor, "factor", 2)
-        self.max_tau = _check_optional_int(max_tau, "max_tau", 1)
+        self.factor = _check_int(factor, "factor", 2, "the growth factor of the period")
+        self.max_tau = _check_optional_int(max_tau, "max_tau", 1, "the largest communication period")
         if self.max_tau is not None and self.max_tau < tau0:
             raise ValueError(f"Arg `max_tau` ({self.max_tau}) must be >= `tau0` ({tau0}).")
         self._rounds_at_tau = 0
@@ -223,7 +234,7 @@ class AdaComm(PeriodSchedule):
         min_tau: int = 1,
         max_tau: int | None = None,
     ) -> None:
-        super().__init__(_check_int(tau0, "tau0", 1))
+        super().__init__(_check_int(tau0, "tau0", 1, "the first communication period, in optimizer steps"))
         self.tau0 = tau0
         if (interval_s is None) == (interval_steps is None):
             raise ValueError("AdaComm needs exactly one of `interval_s` (seconds) and `interval_steps`.")
@@ -234,10 +245,12 @@ class AdaComm(PeriodSchedule):
         if interval_s is not None and not math.isfinite(interval_s):
             raise ValueError(f"Arg `interval_s` must be finite, got {interval_s!r}.")
         self.interval_s = None if interval_s is None else float(interval_s)
-        self.interval_steps = _check_optional_int(interval_steps, "interval_steps", 1)
+        self.interval_steps = _check_optional_int(
+            interval_steps, "interval_steps", 1, "optimizer steps per AdaComm interval T_0"
+        )
         self.lr_aware = bool(lr_aware)
-        self.min_tau = _check_int(min_tau, "min_tau", 1)
-        self.max_tau = _check_optional_int(max_tau, "max_tau", 1)
+        self.min_tau = _check_int(min_tau, "min_tau", 1, "the smallest communication period")
+        self.max_tau = _check_optional_int(max_tau, "max_tau", 1, "the largest communication period")
         if self.max_tau is not None and self.min_tau > self.max_tau:
             raise ValueError(f"Arg `min_tau` ({self.min_tau}) must be <= `max_tau` ({self.max_tau}).")
         self.tau = self._clamp(tau0)

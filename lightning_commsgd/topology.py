@@ -44,12 +44,12 @@ WEIGHT_RULES: tuple[str, ...] = ("metropolis", "uniform")
 _STOCHASTIC_ATOL = 1e-6
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
+def _check_int(value: Any, name: str, minimum: int, meaning: str) -> int:
     # bool is an int subclass, but True as a world size or rank is a bug, not a request.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"Arg `{name}` must be an int >= {minimum}, got {value!r}.")
+        raise TypeError(f"Arg `{name}` must be an int >= {minimum} ({meaning}), got {value!r}.")
     if value < minimum:
-        raise ValueError(f"Arg `{name}` must be >= {minimum}, got {value}.")
+        raise ValueError(f"Arg `{name}` must be an int >= {minimum} ({meaning}), got {value}.")
     return int(value)
 
 
@@ -224,7 +224,7 @@ class Topology:
         return _check_phase(phase) % self.num_phases
 
     def _rank(self, rank: Any) -> int:
-        rank = _check_int(rank, "rank", 0)
+        rank = _check_int(rank, "rank", 0, "a node of the graph")
         if rank >= self.world_size:
             raise ValueError(f"Arg `rank` must be in [0, {self.world_size - 1}], got {rank}.")
         return rank
@@ -335,8 +335,14 @@ def _ring(m: int) -> list[set[int]]:
 
 def _torus(m: int) -> list[set[int]]:
     side = math.isqrt(m)
-    if m < 4 or side * side != m:
-        raise ValueError(f"torus needs a square world size (4, 9, 16, ...), got {m}.")
+    if side * side != m:
+        below, above = side * side, (side + 1) ** 2
+        raise ValueError(
+            f"torus needs a square world size (1, 4, 9, 16, ...: a side x side grid), got {m}, which is not "
+            f"a square; run {below} or {above} ranks, or pick another topology (e.g. 'ring')."
+        )
+    if m == 1:
+        return [set()]  # a 1 x 1 torus is a single node, as the ring and the complete graph are at m = 1
     neighbours = []
     for i in range(m):
         r, c = divmod(i, side)
@@ -395,7 +401,7 @@ def make_topology(
 
     - ``"ring"``: ``i ~ i +- 1 mod m`` (``m = 2``: one neighbour; ``m = 1``: a single node).
     - ``"torus"``: 2-D torus on a ``sqrt(m) x sqrt(m)`` grid, 4 neighbours with wrap-around (2 on a
-      ``2 x 2`` grid, where they coincide); ``m`` must be a perfect square ``>= 4``.
+      ``2 x 2`` grid, where they coincide; ``m = 1``: a single node); ``m`` must be a perfect square.
     - ``"complete"``: everyone with everyone (Metropolis or uniform weights give ``W = 11^T/m``).
     - ``"star"``: node 0 is the hub.
     - ``"exponential"``: static exponential graph (Ying et al. 2021): node ``i`` sends to
@@ -433,7 +439,7 @@ def make_topology(
         ValueError: an unknown name, a topology not defined at ``world_size`` (torus), ``"uniform"`` on a
             non-regular graph, or an invalid matrix (the message names the failing property).
     """
-    m = _check_int(world_size, "world_size", 1)
+    m = _check_int(world_size, "world_size", 1, "the number of nodes m, one per rank")
     if not isinstance(weights, str):
         raise TypeError(f"Arg `weights` must be a str, one of {WEIGHT_RULES}, got {weights!r}.")
     if weights not in WEIGHT_RULES:

@@ -10,8 +10,10 @@ How it works:
 
 - Every rank's :class:`FailureWatchdog` thread writes a heartbeat ``hb/<rank>`` into the store every
   ``interval`` seconds: a beat counter, the optimizer step, the number of the collective the rank is in (or
-  last left) and whether it is computing, waiting in that collective, or has seen it fail. The training
-  thread only updates Python attributes (no per-step cost on the network).
+  last left) and whether it is computing (between collectives), waiting in that collective, or has seen it
+  fail, with the step that state began at and its age, so a message says what a rank was really doing
+  (:meth:`Heartbeat.describe`). The training thread only updates Python attributes (no per-step cost on the
+  network).
 - A collective that fails (a peer closed its connection, or ``sync_timeout`` expired) asks the watchdog
   for a diagnosis (:meth:`FailureWatchdog.failure`): the heartbeats are read twice, ``2 interval + 0.5``
   seconds apart. A rank whose beat counter did not move is gone (killed, or crashed without a word); a rank
@@ -22,9 +24,11 @@ How it works:
   (:meth:`FailureWatchdog.abort`), so the others report the real cause.
 - Every watchdog reads the notice at each beat. When another rank posted one, it prints it and, unless its
   own training thread has ended the run within ``grace`` seconds, ends its process with exit code 1. That
-  is what ends a rank that is stuck (alive, not in a collective): the others time out, post the notice,
-  and its watchdog ends it. A watchdog that cannot reach the store for ``store_grace`` seconds (the store
-  lives in rank 0's process or the launcher's agent) ends its rank the same way.
+  is what ends a rank that is stuck (alive, not progressing): the others time out, post the notice with the
+  ranks their diagnosis found stuck (key ``abort_stuck``), and a stuck rank's watchdog ends it at once
+  (its training thread will not raise, so a grace would only keep it alive after the others have gone).
+  A watchdog that cannot reach the store for ``store_grace`` seconds (the store lives in rank 0's process
+  or the launcher's agent) ends its rank the same way.
 
 The store client's operations are serialised by torch, so the thread and the training thread may share it.
 """
@@ -36,7 +40,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,23 +61,44 @@ class RankFailureError(RuntimeError):
 @dataclass(frozen=True)
 class Heartbeat:
     """One rank's published state. ``sequence``: number of collectives it entered (the same count on every
-    rank for the same point of the run); ``state``: computing, waiting (inside collective ``sequence``) or
-    failed (collective ``sequence`` failed there)."""
+    rank for the same point of the run); ``state``: computing (between collectives: collective ``sequence``,
+    the latest, is finished), waiting (inside collective ``sequence``) or failed (collective ``sequence``
+    failed there); ``tag``: that collective's tag; ``state_step``: the step at which the rank entered its
+    state (for computing: the step its latest collective finished at); ``age``: seconds in that state at
+    the beat."""
 
     beats: int
     step: int
     sequence: int
     state: str
     tag: str
+    state_step: int = 0
+    age: float = 0.0
 
     def encode(self) -> str:
-        return f"{self.beats} {self.step} {self.sequence} {self.state} {self.tag}"
+        head = f"{self.beats} {self.step} {self.sequence} {self.state} {self.state_step} {self.age:.3f}"
+        return f"{head} {self.tag}"  # the tag last: it may hold spaces
 
     @classmethod
     def decode(cls, text: bytes | str) -> Heartbeat:
         raw = text.decode() if isinstance(text, bytes) else text
-        beats, step, sequence, state, tag = (raw.split(" ", 4) + [""])[:5]
-        return cls(int(beats), int(step), int(sequence), state, tag)
+        beats, step, sequence, state, state_step, age, tag = (raw.split(" ", 6) + [""])[:7]
+        return cls(int(beats), int(step), int(sequence), state, tag, int(state_step), float(age))
+
+    def describe(self) -> str:
+        """What the rank was doing at this beat, for the messages: e.g. ``at step 40, computing (not in a
+        collective) for 3.2 s; its latest collective, #11 ('average'), finished at step 40``."""
+        last = f"#{self.sequence} ({self.tag!r})"
+        if self.state == COMPUTING:
+            if self.sequence == 0:
+                return f"at step {self.step}, computing (not in a collective; none yet) for {self.age:.1f} s"
+            return (
+                f"at step {self.step}, computing (not in a collective) for {self.age:.1f} s; its latest "
+                f"collective, {last}, finished at step {self.state_step}"
+            )
+        if self.state == WAITING:
+            return f"at step {self.step}, waiting in collective {last} for {self.age:.1f} s"
+        return f"at step {self.step}, failed in collective {last}"
 
 
 class FailureWatchdog:
@@ -114,9 +139,12 @@ class FailureWatchdog:
         self.sequence = 0
         self.state = COMPUTING
         self.tag = ""
+        self._state_step = 0  # the step at which the current state began
+        self._state_since = time.monotonic()
         self._beats = 0
         self._abort_notice: str | None = None  # the job's abort notice, once seen or posted
         self._posted = False  # this rank posted the notice (its training thread is raising)
+        self._stuck_ranks: list[int] = []  # the alive ranks this rank's diagnosis found stuck
         self._stop = threading.Event()
         self._wake = threading.Event()  # set on entering a collective: publish the new state soon
         self._thread: threading.Thread | None = None
@@ -156,12 +184,21 @@ class FailureWatchdog:
         """This rank enters its next collective (``tag``: the ledger tag, for the messages)."""
         self.sequence += 1
         self.tag = tag
-        self.state = WAITING
+        self._set_state(WAITING)
         self._wake.set()
 
     def leave(self) -> None:
         """The collective completed on this rank."""
-        self.state = COMPUTING
+        self._set_state(COMPUTING)
+
+    def _set_state(self, state: str) -> None:
+        self._state_step, self._state_since = self.step, time.monotonic()
+        self.state = state
+
+    def heartbeat(self) -> Heartbeat:
+        """This rank's state now, as published (without counting a beat)."""
+        age = time.monotonic() - self._state_since
+        return Heartbeat(self._beats, self.step, self.sequence, self.state, self.tag, self._state_step, age)
 
     def failure(self, error: BaseException) -> BaseException:
         """Post the abort notice for the current collective's ``error`` and return what to raise.
@@ -174,7 +211,7 @@ class FailureWatchdog:
         if not is_communication_error(error):
             self.abort(f"rank {self.rank} failed in {where}: {type(error).__name__}: {_first_line(error)}")
             return error
-        self.state = FAILED
+        self._set_state(FAILED)
         try:
             self._publish()
             cause = self._read_notice() or self._culprits()
@@ -199,18 +236,30 @@ class FailureWatchdog:
         self._posted = True
         if self._abort_notice is None:
             self._abort_notice = message
-        if self.post_notice(message):
+        if self.post_notice(message, stuck=self._stuck_ranks):
             time.sleep(self.interval + 0.25)
 
-    def post_notice(self, message: str) -> bool:
-        """Post ``message`` as the job's abort notice unless one was posted before (by any rank); False
-        when the store is unreachable."""
+    def post_notice(self, message: str, stuck: Sequence[int] = ()) -> bool:
+        """Post ``message`` as the job's abort notice unless one was posted before (by any rank), with the
+        ranks it found ``stuck`` (alive but not progressing: their watchdogs end them at once, not after
+        ``grace``); False when the store is unreachable."""
         try:
             if self.store.add("abort_claims", 1) == 1:
+                if stuck:
+                    self.store.set("abort_stuck", ",".join(str(r) for r in stuck))
                 self.store.set("abort", message)
             return True
         except Exception:
             return False  # nobody left to tell
+
+    def _read_stuck(self) -> list[int]:
+        """The ranks the job's abort notice found stuck (empty when it named none)."""
+        try:
+            if not self.store.check(["abort_stuck"]):
+                return []
+            return [int(r) for r in self.store.get("abort_stuck").decode().split(",") if r]
+        except Exception:
+            return []
 
     def last_heartbeat(self, rank: int) -> Heartbeat | None:
         """``rank``'s latest heartbeat, ``None`` if it never published one or the store is unreachable."""
@@ -223,8 +272,7 @@ class FailureWatchdog:
     # -- the watchdog thread ------------------------------------------------------------------------------
     def _publish(self) -> None:
         self._beats += 1
-        beat = Heartbeat(self._beats, self.step, self.sequence, self.state, self.tag)
-        self.store.set(f"hb/{self.rank}", beat.encode())
+        self.store.set(f"hb/{self.rank}", self.heartbeat().encode())
 
     def _read_notice(self) -> str | None:
         if self._abort_notice is None and self.store.check(["abort"]):
@@ -255,20 +303,22 @@ class FailureWatchdog:
                         f"({_first_line(error)}): rank 0 or the launcher is gone"
                     )
             if notice is not None:
-                self._end_rank(notice)
+                self._end_rank(notice, at_once=self.rank in self._read_stuck())
                 return
             self._stop.wait(self.interval / 10)
 
-    def _end_rank(self, notice: str) -> None:
+    def _end_rank(self, notice: str, at_once: bool = False) -> None:
         """End this process unless its training thread stops the watchdog first: after ``grace`` seconds
         when another rank aborted the job, after twice that when this rank did (its training thread is
-        already raising; this only covers a teardown that hangs)."""
-        grace = 2 * self.grace if self._posted else self.grace
+        already raising; this only covers a teardown that hangs), and at once when the notice found this
+        rank stuck (``at_once``: its training thread is not progressing, so waiting for it gains nothing)."""
+        grace = 2 * self.grace if self._posted else (0.0 if at_once else self.grace)
         if not self._posted:
+            when = "now: the other ranks found it stuck" if at_once else f"unless it stops within {grace:g} s"
             print(
                 f"[lightning_commsgd] rank {self.rank}: the job was aborted: {notice}\n"
-                f"[lightning_commsgd] rank {self.rank}: ending this rank (it was at step {self.step}, "
-                f"{self.state} in collective #{self.sequence}) unless it stops within {grace:g} s.",
+                f"[lightning_commsgd] rank {self.rank}: ending this rank (it is "
+                f"{self.heartbeat().describe()}) {when}.",
                 file=sys.stderr,
                 flush=True,
             )
@@ -292,7 +342,9 @@ class FailureWatchdog:
         if notice:
             return notice
         second = self._read_heartbeats()
-        gone, behind, stuck = [], [], []
+        gone: list[str] = []
+        behind: list[tuple[int, str]] = []  # alive, not in this collective yet
+        stuck: list[tuple[int, str]] = []  # alive, inside it, neither completed nor failed
         for rank in range(self.world_size):
             before, now = first[rank], second[rank]
             if rank == self.rank:
@@ -302,21 +354,20 @@ class FailureWatchdog:
             elif before is not None and before.beats == now.beats:
                 gone.append(
                     f"rank {rank} is gone: its heartbeat stopped (process killed or crashed without a word); "
-                    f"last heard of at step {now.step}, {now.state} in collective #{now.sequence}"
+                    f"last heard of {now.describe()}"
                 )
             elif now.sequence < self.sequence or (now.sequence == self.sequence and now.state == COMPUTING):
-                behind.append(
-                    f"rank {rank} is alive but has not reached this collective: it is at step {now.step}, "
-                    f"{now.state} in collective #{now.sequence} ({now.tag!r}) (stuck)"
-                )
+                text = f"rank {rank} is alive but has not reached this collective: it is {now.describe()}"
+                behind.append((rank, f"{text} (stuck)"))
             elif now.sequence == self.sequence and now.state == WAITING:
-                stuck.append(
-                    f"rank {rank} is alive but stuck inside this collective at step {now.step} "
-                    "(it neither completed nor failed it)"
-                )
-        named = gone or behind or stuck
-        if named:
-            return "; ".join(named)
+                text = f"rank {rank} is alive but stuck inside this collective at step {now.step}"
+                stuck.append((rank, f"{text} (it neither completed nor failed it)"))
+        if gone:
+            return "; ".join(gone)
+        alive = behind or stuck
+        if alive:  # ranks that keep the others waiting: the notice asks their watchdogs to end them at once
+            self._stuck_ranks = [rank for rank, _ in alive]
+            return "; ".join(text for _, text in alive)
         return "no other rank reports a problem (a network failure between the ranks?)"
 
 

@@ -34,6 +34,7 @@ def build(case: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.O
             alpha=case.get("alpha"),
             beta=case.get("beta"),
             eta=case.get("eta", 1.0),
+            rates=case.get("rates", "paper"),
             seed=case.get("seed", 0),
         )
     return CompressedGradientSGD(

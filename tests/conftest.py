@@ -14,9 +14,18 @@ TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 
 
+_RENDEZVOUS_VARIABLES = (
+    "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "GROUP_RANK",
+)  # fmt: skip
+
+
 def run_script(args: list[str], timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``python *args`` with one thread per process; raise with the output tail when it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # an in-process Trainer.fit earlier in the session leaves its rendezvous variables behind: a child that
+    # inherited them would try to bind the same port (address already in use) or join the wrong world
+    for name in _RENDEZVOUS_VARIABLES:
+        env.pop(name, None)
     proc = subprocess.run(
         [sys.executable, *args],
         capture_output=True,
@@ -30,6 +39,25 @@ def run_script(args: list[str], timeout: float = 240, cwd: Path | None = None) -
             f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_outlives_its_test():
+    """An in-process ``Trainer.fit`` (world size 1) that fails in setup leaves torch's default process group,
+    its bound store port and Lightning's rendezvous variables behind: the next single-process test would see
+    a group, and the next subprocess would try to bind the same port. Destroy the group and restore the
+    variables after every test."""
+    saved = {name: os.environ.get(name) for name in _RENDEZVOUS_VARIABLES}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

@@ -3,7 +3,9 @@
 ``FAULT=rank:step:kind:where``:
 
 - ``kind``: ``crash`` (an exception), ``kill`` (SIGKILL, as the OOM killer sends), ``hang`` (the rank stays
-  alive and does nothing), ``nan`` (NaN written into the rank's parameters; training goes on);
+  alive and does nothing), ``nan`` (NaN written into the rank's parameters; training goes on), ``term``
+  (SIGTERM to the rank's own process, as ``kill PID`` or a scheduler sends; training goes on until the
+  rank's signal handling stops it);
 - ``where``: ``step`` (in ``training_step`` once ``step`` optimizer steps are done: mid-period) or ``round``
   (inside the first collective after ``step`` steps: the averaging round, when tau divides ``step``).
 
@@ -47,7 +49,7 @@ def parse_fault() -> dict | None:
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return None  # under torchrun the fault hits the first attempt only
     rank, step, kind, where = spec.split(":")
-    if kind not in ("crash", "kill", "hang", "nan") or where not in ("step", "round"):
+    if kind not in ("crash", "kill", "hang", "nan", "term") or where not in ("step", "round"):
         raise SystemExit(f"bad FAULT {spec!r}")
     return {"rank": int(rank), "step": int(step), "kind": kind, "where": where}
 
@@ -60,6 +62,9 @@ def inject(fault: dict, out: str) -> None:
         raise RuntimeError(f"injected crash on rank {fault['rank']} at step {fault['step']}")
     if fault["kind"] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault["kind"] == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     if fault["kind"] == "nan":
         return
     while True:  # hang: alive, doing nothing

@@ -214,8 +214,9 @@ def main() -> None:
     ap.add_argument("--correction", default="pull")
     ap.add_argument("--anchor-momentum", type=float, default=0.0)
     ap.add_argument("--topology", default="ring")
-    ap.add_argument("--redundancy", type=float, default=0.0)
-    ap.add_argument("--sampling", default="stratified")
+    # None: not given, so Lightning's sampler (any RI-SGD option, 0.0 included, selects the strided shards)
+    ap.add_argument("--redundancy", type=float, default=None)
+    ap.add_argument("--sampling", default=None)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="one b per rank")
     ap.add_argument("--weights", default="uniform")
     ap.add_argument("--payload-dtype", default=None)
@@ -350,7 +351,7 @@ def main() -> None:
         num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=bool(args.ckpt_every or args.ckpt_on_val),
-        enable_progress_bar=False,
+        enable_progress_bar=args.prog_bar,  # the monitor puts its figures on the bar when there is one
         enable_model_summary=False,
         callbacks=callbacks,
         default_root_dir=args.out,

@@ -4,6 +4,7 @@ needs), plus the model / optimizer / data factories shared with the single-proce
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Any
 
 import torch
@@ -275,7 +276,9 @@ def nonfinite_worker(rank: int, world_size: int, policy: str, momentum: str, poi
     )
     before = flat_params(model)
     try:
-        averager.after_optimizer_step()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            averager.after_optimizer_step()
     except FloatingPointError as error:
         return {"error": f"{type(error).__name__}: {error}", "before": before}
     return {
@@ -284,6 +287,7 @@ def nonfinite_worker(rank: int, world_size: int, policy: str, momentum: str, poi
         "after": flat_params(model),
         "momentum": [optimizer.state[p].get("momentum_buffer") for p in model.parameters()],
         "ledger": averager.communicator.ledger.as_dict(),
+        "warnings": [str(w.message) for w in caught],
     }
 
 

@@ -47,8 +47,10 @@ def bench() -> ModuleType:
 # -- train_digits.py: the compressed strategies ---------------------------------------------------------
 def test_build_strategy_makes_every_compressed_strategy(train_digits):
     options = train_digits.CompressionOptions(block=64, topk_ratio=0.05, alpha=0.1, beta=1.0, seed=3)
+    dore = train_digits.build_strategy("dore", 1, compression=options)
+    theory = train_digits.CompressionOptions(beta=1.0, rates="theory")
     with pytest.warns(UserWarning, match="beta=1.0 exceeds"):  # the paper's beta is outside the theory
-        dore = train_digits.build_strategy("dore", 1, compression=options)
+        assert train_digits.build_strategy("dore", 1, compression=theory).rates == "theory"
     assert isinstance(dore, DoubleResidualStrategy) and dore.server == "rank0"
     assert dore.compressor.block_size == 64 and (dore.alpha, dore.beta, dore.eta, dore.seed) == (
         0.1,
@@ -83,6 +85,7 @@ def test_train_digits_fills_the_compression_defaults(train_digits):
         (["--strategy", "ddp", "--server", "rank0"], "--server applies"),
         (["--strategy", "qsgd", "--topk-ratio", "0.1"], "--topk-ratio applies to --strategy mem_sgd only"),
         (["--strategy", "diana", "--dore-beta", "0.5"], "--dore-beta applies to --strategy dore only"),
+        (["--strategy", "diana", "--dore-rates", "theory"], "--dore-rates applies to --strategy dore only"),
         (["--strategy", "mem_sgd", "--compressor-block", "64"], "--compressor-block applies"),
         (["--strategy", "local_sgd", "--qsgd-levels", "2"], "--qsgd-levels applies"),
         (["--strategy", "dore", "--dore-alpha", "2"], "alpha"),
@@ -164,6 +167,8 @@ def test_build_methods_keeps_the_order_and_the_baseline(bench):
     methods = bench.build_methods(["dore", "qsgd"], ["dore"])
     assert [m.key for m in methods] == ["sgd", "qsgd", "dore", "dore_paper"]
     assert methods[-1].args[-6:] == ("--dore-alpha", "0.1", "--dore-beta", "1", "--dore-eta", "1")
+    assert "--dore-rates" not in methods[-1].args  # the paper row: explicit rates, no theory warning
+    assert methods[-2].args[-2:] == ("--dore-rates", "theory")  # DORE's row keeps the theory's rates
     assert [m.key for m in bench.build_methods(list(bench.METHODS), [])] == list(bench.METHODS)
     with pytest.raises(ValueError, match="unknown"):
         bench.build_methods(["sgd", "nope"], [])

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import REPO_ROOT, TESTS_DIR, run_script
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_commsgd import CommunicationMonitor, LocalSGDStrategy, OverlapLocalSGDStrategy
@@ -164,6 +167,27 @@ def test_unaverageable_optimizer_state_fails_on_every_rank_without_hanging(tmp_p
     assert "RMSprop" in str(failure.value)
 
 
+def test_unaverageable_optimizer_is_refused_before_the_first_collective(monkeypatch, tmp_path):
+    """RMSprop with momentum='average': the TypeError comes right after configure_optimizers, before the
+    setup broadcast (the first collective), naming the optimizer and the two alternatives."""
+    from lightning_commsgd.strategies.base import CommunicationStrategy
+
+    broadcasts = []
+    monkeypatch.setattr(CommunicationStrategy, "_broadcast_module_state", lambda self: broadcasts.append(1))
+
+    class RMSpropModel(MLPClassifier):
+        def configure_optimizers(self):
+            return torch.optim.RMSprop(self.parameters(), lr=0.01)
+
+    trainer = Trainer(
+        strategy=LocalSGDStrategy(tau=2), accelerator="cpu", devices=1, max_steps=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(TypeError, match=r"RMSprop.*momentum='local'.*momentum='zero'"):
+        trainer.fit(RMSpropModel(), datamodule=DigitsDataModule(batch_size=32))
+    assert broadcasts == []
+
+
 def test_state_dict_checkpoint_helpers_average_floats_only():
     from lightning_commsgd.strategies.checkpointing import consensus_state_dict
 
@@ -196,16 +220,18 @@ def test_yaml_schedule_is_instantiated_with_overrides():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"alpha": 0.0}, "overlap_alpha"),
-        ({"alpha": 1.5}, "overlap_alpha"),
-        ({"alpha": 1.0}, "overlap_alpha"),
-        ({"alpha": float("nan")}, "overlap_alpha"),
+        ({"alpha": 0.0}, r"`alpha`.*at 0 the replicas would never synchronise"),
+        ({"alpha": 1.5}, r"`alpha`.*strictly between 0 and 1"),
+        ({"alpha": 1.0}, r"`alpha`.*at 1 every round's local progress would be discarded"),
+        ({"alpha": float("nan")}, "`alpha`"),
         ({"anchor_momentum": 1.0}, "anchor_momentum"),
         ({"anchor_momentum": -0.1}, "anchor_momentum"),
         ({"tau": 0}, "tau"),
         ({"payload_dtype": "int2"}, "payload_dtype"),
         ({"correction": "average"}, "correction"),
         ({"correction": "cocod", "anchor_momentum": 0.5}, "anchor_momentum"),
+        ({"momentum": "average"}, r"`momentum`.*'local'.*'zero'.*LocalSGDStrategy"),
+        ({"momentum": "nesterov"}, "`momentum`"),
     ],
 )
 def test_bad_overlap_arguments(kwargs, match):
@@ -216,3 +242,130 @@ def test_bad_overlap_arguments(kwargs, match):
 def test_overlap_registered_name():
     strategy = Trainer(strategy="overlap_local_sgd", accelerator="cpu", devices=2, logger=False).strategy
     assert isinstance(strategy, OverlapLocalSGDStrategy) and strategy.tau == 8 and strategy.alpha == 0.5
+
+
+# -- the CLI: where a run writes, and what a bad value prints ---------------------------------------------
+def _cli_subprocess(args: list[str], cwd) -> subprocess.CompletedProcess:  # noqa: ANN001
+    """``python -m lightning_commsgd.cli *args`` in ``cwd``, whatever its exit status; without the rendezvous
+    variables an in-process Trainer of an earlier test may have left in ``os.environ`` (its port in use)."""
+    launch = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in launch}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_commsgd.cli", *args],
+        capture_output=True, text=True, timeout=240, env=env, cwd=cwd,
+    )  # fmt: skip
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("extra", "log_dir"),
+    [([], "lightning_logs/local_sgd/version_0"), (["--trainer.logger=false"], "lightning_logs/version_0")],
+    ids=["config_logger", "no_logger"],
+)
+def test_cli_writes_config_yaml_to_the_log_dir_not_the_cwd(tmp_path, extra, log_dir):
+    """Lightning's SaveConfigCallback writes to trainer.log_dir, the cwd without a logger: with the shipped
+    config the run's folder holds metrics.csv (with the monitor's columns) and config.yaml; without a
+    logger config.yaml goes to lightning_logs/version_N, and nothing else lands in the cwd either way."""
+    proc = _cli_subprocess(
+        ["fit", "--config", str(CONFIG), "--trainer.max_steps=5", "--trainer.limit_val_batches=0",
+         "--trainer.enable_progress_bar=false", *extra],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["lightning_logs"]
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert f"{log_dir}/config.yaml" in written
+    assert "tau: 8" in (tmp_path / log_dir / "config.yaml").read_text()
+    if not extra:
+        rows = list(csv.DictReader((tmp_path / log_dir / "metrics.csv").open()))
+        assert any(r.get("comm/bytes_sent") for r in rows)  # logged every 5 steps by the config
+    else:
+        assert written == [f"{log_dir}/config.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("--trainer.strategy.tau=0", "LocalSGDStrategy: Arg `tau` must be an int >= 1"),
+        ("--trainer.strategy.payload_dtype=int3",
+         "LocalSGDStrategy: Arg `payload_dtype` must be None or one of ('bf16', 'fp16', 'int8', 'int4'), "
+         "got 'int3'."),
+    ],
+    ids=["tau", "payload_dtype"],
+)  # fmt: skip
+def test_cli_bad_value_prints_one_line_and_exits_2(tmp_path, override, expected):
+    proc = _cli_subprocess(["fit", "--config", str(CONFIG), override], cwd=tmp_path)
+    assert proc.returncode == 2
+    # Lightning's own "Seed set to 0" info line comes first (the seed is set before anything is built)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Seed set to" not in line]
+    assert len(lines) == 1 and lines[0].startswith("commsgd: error: ") and expected in lines[0], proc.stderr
+    assert len(proc.stderr.splitlines()) <= 2 and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
+
+
+@pytest.mark.parametrize(
+    ("config", "override", "expected"),
+    [
+        # nested: the compressor inside the strategy refuses; the message names the compressor
+        ("dore.yaml", "--trainer.strategy.compressor.init_args.block_size=0",
+         "PNormQuantizer: Arg `block_size` must be an int >= 1"),
+        # the model, built by Lightning's own instantiator
+        ("local_sgd.yaml", "--model.init_args.depth=-1", "depth must be >= 0, got -1"),
+        # the Trainer's check of the strategy against the world size
+        ("local_sgd.yaml", "--trainer.strategy.redundancy=0.75",
+         "Arg `redundancy` (mu) must lie in [0, 1 - 1/p]"),
+    ],
+)  # fmt: skip
+def test_cli_argument_errors_end_in_one_line(capsys, tmp_path, monkeypatch, config, override, expected):
+    from lightning_commsgd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["commsgd"])  # pytest's own arguments would make Lightning warn
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(REPO_ROOT / "configs" / config), override])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("commsgd: error: ") and expected in err, err
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("--trainer.strategy.momentum=nesterov",
+         "--trainer.strategy.momentum: Expected a typing.Literal['average', 'local', 'zero']. "
+         "Got value: nesterov"),
+        ("--trainer.max_epochs=abc", "--trainer.max_epochs: Expected a <class 'int'>. Got value: abc"),
+        ("--trainer.strategy.tauu=3", "--trainer.strategy: Option 'tauu' is not accepted"),
+    ],
+)  # fmt: skip
+def test_cli_parse_errors_end_in_a_usage_line_and_one_error_line(capsys, monkeypatch, override, expected):
+    """What the parser itself refuses (a type, a Literal choice, a key): jsonargparse would print its
+    60-line usage and a nested message."""
+    from lightning_commsgd.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["commsgd"])
+
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(CONFIG), override])
+    assert info.value.code == 2
+    usage, error = capsys.readouterr().err.splitlines()
+    assert usage.startswith("usage: ") and len(usage) < 120
+    assert error == f"commsgd: error: {expected}"
+
+
+class _BrokenCallback(Callback):
+    """A constructor bug (not a refused argument) while the CLI builds its objects."""
+
+    def __init__(self) -> None:
+        raise RuntimeError("a bug in a constructor")
+
+
+def test_cli_keeps_the_traceback_of_a_constructor_bug(monkeypatch, tmp_path):
+    from lightning_commsgd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["commsgd"])
+    with pytest.raises(ValueError) as info:  # jsonargparse's wrapping, unchanged: not a SystemExit
+        main(["fit", "--config", str(CONFIG), f"--trainer.callbacks+={__name__}._BrokenCallback"])
+    assert "a bug in a constructor" in str(info.value)

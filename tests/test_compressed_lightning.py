@@ -4,6 +4,7 @@ monitor's compression ratio, resume, registry names, YAML configs and bad input.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ from lightning_commsgd import (
     ScaledSign,
     TopK,
 )
+from lightning_commsgd.algorithms import DoubleResidualCompression
+from lightning_commsgd.comm import Communicator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUMEL = 6 * 16 + 16 + 16 + 1  # make_net without BatchNorm
@@ -58,7 +61,7 @@ def test_dore_and_diana_match_the_reference(run_worker, tmp_path, strategy, serv
     diana = strategy == "diana"
     reference = simulate_dore(
         make_net(100), _sgd, _batches(world_size, steps), mse, PNORM, Identity() if diana else PNORM,
-        alpha=1 / (2 * 2.5), beta=1.0 if diana else 1 / 2.5, eta=0.0 if diana else 1.0,
+        alpha=1 / (2 * 2.5) if diana else 0.1, beta=1.0, eta=0.0 if diana else 1.0,  # DORE: the paper's rates
     )  # fmt: skip
     assert _max_diff(records, reference) <= 1e-6
     payload, model_payload = (
@@ -123,6 +126,8 @@ def test_registered_names():
         ("dore.yaml", "--trainer.strategy.server=replicated",
          lambda s: isinstance(s, DoubleResidualStrategy) and s.server == "replicated"
          and isinstance(s.compressor, PNormQuantizer) and s.compressor.block_size == 256),
+        ("dore.yaml", "--trainer.strategy.rates=theory",
+         lambda s: isinstance(s, DoubleResidualStrategy) and s.rates == "theory" and s.alpha is None),
         ("diana.yaml", "--trainer.strategy.alpha=0.1",
          lambda s: isinstance(s, DianaStrategy) and s.alpha == 0.1
          and isinstance(s.model_compressor, Identity)),
@@ -153,7 +158,8 @@ def test_yaml_configs_instantiate(config, override, check):
         (lambda: DoubleResidualStrategy(PNORM, beta=0.0), ValueError, "beta"),
         (lambda: DoubleResidualStrategy(PNORM, beta=1.5), ValueError, "beta"),
         (lambda: DoubleResidualStrategy(PNORM, eta=-1.0), ValueError, "eta"),
-        (lambda: DoubleResidualStrategy(TopK(0.1)), ValueError, "biased"),
+        (lambda: DoubleResidualStrategy(TopK(0.1), rates="theory"), ValueError, "biased"),
+        (lambda: DoubleResidualStrategy(PNORM, rates="fast"), ValueError, "rates"),
         (lambda: DoubleResidualStrategy(PNORM, model_compressor=3), TypeError, "model_compressor"),
         (lambda: CompressedSGDStrategy(TopK(0.1), error_feedback="yes"), TypeError, "error_feedback"),
         (lambda: CompressedSGDStrategy(None), TypeError, "compressor"),
@@ -168,10 +174,39 @@ def test_bad_arguments_fail_at_construction(build, error, match):
 
 def test_rates_outside_the_theory_warn():
     with pytest.warns(UserWarning, match="alpha"):
-        DoubleResidualStrategy(PNORM, alpha=0.9)  # 1/(C+1) = 0.4 for blocks of 16
+        DoubleResidualStrategy(PNORM, alpha=0.9, rates="theory")  # 1/(C+1) = 0.4 for blocks of 16
     with pytest.warns(UserWarning, match="beta"):
-        DoubleResidualStrategy(PNORM, beta=1.0)
-    DoubleResidualStrategy(TopK(0.1), alpha=0.1, beta=0.5)  # biased: explicit rates accepted
+        DoubleResidualStrategy(PNORM, beta=1.0, rates="theory")
+    with warnings.catch_warnings():  # the paper's rates are outside the theorems by design: no warning
+        warnings.simplefilter("error")
+        DoubleResidualStrategy(PNORM)
+        DoubleResidualStrategy(PNORM, alpha=0.3, beta=1.0)
+        DoubleResidualStrategy(TopK(0.1), alpha=0.1, beta=0.5, rates="theory")  # biased: explicit rates
+        DoubleResidualStrategy(TopK(0.1))  # the paper's rates need no variance constant
+
+
+def _dore_algorithm(strategy: DoubleResidualStrategy) -> DoubleResidualCompression:
+    net = make_net(100)
+    return strategy.build_algorithm(net, [torch.optim.SGD(net.parameters(), lr=0.1)], Communicator())
+
+
+def test_dore_defaults_are_the_papers_rates_and_the_theorys_are_one_switch_away():
+    """Defaults: the paper's experimental alpha = 0.1, beta = 1, eta = 1 (the theory's beta = 1/(C+1) moved
+    x_hat by 0.118 of each step for blocks of 256 and trained that much slower); rates="theory" gives
+    1/(2(C+1)), 1/(C+1) (C = 1.5 for inf-norm blocks of 16); an explicit rate wins over either."""
+    paper = _dore_algorithm(DoubleResidualStrategy(PNORM))
+    assert (paper.alpha, paper.beta, paper.eta) == (0.1, 1.0, 1.0)
+    registered = Trainer(strategy="dore", accelerator="cpu", devices=2, logger=False).strategy
+    assert registered.rates == "paper" and _dore_algorithm(registered).beta == 1.0
+    theory = _dore_algorithm(DoubleResidualStrategy(PNORM, rates="theory"))
+    assert (theory.alpha, theory.beta, theory.eta) == (pytest.approx(1 / 5), pytest.approx(1 / 2.5), 1.0)
+    mixed = _dore_algorithm(DoubleResidualStrategy(PNORM, rates="theory", beta=0.3))
+    assert (mixed.alpha, mixed.beta) == (pytest.approx(1 / 5), 0.3)
+    net = make_net(100)  # the plain-PyTorch algorithm has the same defaults
+    plain = DoubleResidualCompression([torch.optim.SGD(net.parameters(), lr=0.1)], Communicator(), PNORM)
+    assert (plain.alpha, plain.beta, plain.eta) == (0.1, 1.0, 1.0)
+    diana = _dore_algorithm(DianaStrategy(PNORM))  # DIANA keeps its theory alpha; its beta is 1 already
+    assert (diana.alpha, diana.beta, diana.eta) == (pytest.approx(1 / 5), 1.0, 0.0)
 
 
 def test_fp16_mixed_precision_is_refused_when_the_trainer_is_built():
@@ -192,7 +227,7 @@ def test_dore_with_redundant_data_matches_the_reference(run_worker, tmp_path):
     )  # fmt: skip
     assert all(size == 8 for rec in records for size in rec["batch_sizes"])
     batches = redundant_batches(2, steps, 0.5, "stratified")
-    reference = simulate_dore(
-        make_net(100), _sgd, batches, mse, PNORM, PNORM, alpha=1 / 5, beta=1 / 2.5, eta=1.0
+    reference = simulate_dore(  # the default rates
+        make_net(100), _sgd, batches, mse, PNORM, PNORM, alpha=0.1, beta=1.0, eta=1.0
     )
     assert _max_diff(records, reference) <= 1e-6

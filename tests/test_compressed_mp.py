@@ -49,7 +49,8 @@ def _csgd(
 
 
 CASES = [
-    *(_dore(server, "pnorm") for server in ("rank0", "replicated")),
+    *(_dore(server, "pnorm") for server in ("rank0", "replicated")),  # the default: the paper's rates
+    _dore("rank0", "pnorm", rates="theory"),
     *(
         _dore(server, "qsgd", "sgd_nesterov_wd", model_compressor="pnorm")
         for server in ("rank0", "replicated")
@@ -102,12 +103,13 @@ def _reference(p: int, case_id: str) -> torch.Tensor:
         compressor = COMPRESSORS[case["compressor"]]()
         model_compressor = COMPRESSORS[case.get("model_compressor", case["compressor"])]()
         c, cm = compressor.variance_bound(NUMEL), model_compressor.variance_bound(NUMEL)
+        theory = case.get("rates") == "theory"
         out = simulate_dore(
             *args,
             compressor,
             model_compressor,
-            alpha=case.get("alpha", 1 / (2 * (c + 1))),
-            beta=case.get("beta", 1 / (cm + 1)),
+            alpha=case.get("alpha", 1 / (2 * (c + 1)) if theory else 0.1),
+            beta=case.get("beta", 1 / (cm + 1) if theory else 1.0),
             eta=case.get("eta", 1.0),
         )
     return torch.stack(out)
@@ -135,8 +137,10 @@ def test_trajectory_equals_the_single_process_reference(world, case_id):
         assert float((reference - plain).abs().max()) > 1e-4
 
 
-def test_default_rates_come_from_the_compressor_constant(world):
-    case_id = _dore("rank0", "pnorm")["id"]
+def test_default_rates_are_the_papers_and_theory_rates_come_from_the_compressor_constant(world):
+    paper = world[0][_dore("rank0", "pnorm")["id"]]
+    assert (paper["alpha"], paper["beta"]) == (0.1, 1.0)
+    case_id = _dore("rank0", "pnorm", rates="theory")["id"]
     c = COMPRESSORS["pnorm"]().variance_bound(NUMEL)  # (sqrt(16) - 1) / 2 = 1.5
     assert c == 1.5
     assert world[0][case_id]["alpha"] == pytest.approx(1 / (2 * (c + 1)))

@@ -266,3 +266,36 @@ def test_payload_encoded_in_aligned_pieces_decodes_like_the_whole(payload):
     assert torch.equal(torch.cat(pieces), whole)
     assert sum(codec.nbytes(pay) for pay in payloads) == codec.payload_nbytes(values.numel())
     assert CompressedPayload(QSGD(levels=4)).segment_align is None
+
+
+def test_topk_breaks_ties_by_the_lowest_index_and_sends_indices_in_order():
+    """The documented tie rule: among entries equal to the k-th largest magnitude the lowest indices win
+    (torch's topk alone picks an arbitrary subset), +0.0 and -0.0 tie, and the indices travel sorted."""
+    compressor = TopK(0.3)  # k = 3 of 10
+    x = torch.tensor([1.0, -2.0, 2.0, 0.5, -2.0, 2.0, 0.0, 2.0, -2.0, 1.0])
+    payload = compressor.encode(x)
+    indices = payload[:12].view(torch.int32).long()
+    assert indices.tolist() == [1, 2, 4]
+    assert torch.equal(compressor.decode(payload, 10), torch.tensor([0, -2.0, 2.0, 0, -2.0, 0, 0, 0, 0, 0]))
+    flat_ties = torch.ones(100_000)
+    assert TopK(5 / 100_000).encode(flat_ties)[:20].view(torch.int32).tolist() == [0, 1, 2, 3, 4]
+    zeros = torch.tensor([-0.0, 0.0, 0.0, 7.0])  # fewer non-zeros than k = 2: the first zero is kept
+    assert TopK(0.5).encode(zeros)[:8].view(torch.int32).tolist() == [0, 3]
+    with_nan = torch.tensor([1.0, float("nan"), 5.0, 2.0])  # NaN ranks as an infinite magnitude
+    assert TopK(0.5).encode(with_nan)[:8].view(torch.int32).tolist() == [1, 2]
+
+
+def test_scaled_sign_sends_an_exact_zero_as_plus_one_and_scales_a_partial_block_by_its_length():
+    """As documented: Q(x)_j = (||x_B||_1 / n_B) s(x_j) with s(0) = s(-0.0) = +1 and n_B the real values of
+    the block (4 in the full blocks, 1 in the partial last one); a block of zeros decodes to zeros."""
+    x = torch.tensor([3.0, -1.0, 0.0, 4.0, -0.0, 2.0, -2.0, 0.0, 0.0, 0.0, 0.0, 0.0, -5.0])
+    expected = torch.tensor([2.0, -2.0, 2.0, 2.0, 1.0, 1.0, -1.0, 1.0, 0.0, 0.0, 0.0, 0.0, -5.0])
+    q = ScaledSign(block_size=4).compress(x)
+    assert torch.equal(q, expected)
+    # the error identity the docstring states, per block: ||Q - x||^2 = ||x||^2 - ||x||_1^2 / n_B
+    for block, n in ((slice(0, 4), 4), (slice(4, 8), 4), (slice(12, 13), 1)):
+        err = (q[block] - x[block]).square().sum()
+        assert err == pytest.approx(float(x[block].square().sum() - x[block].abs().sum() ** 2 / n))
+    doc = ScaledSign.__doc__ or ""
+    assert "+1" in doc and "partial last block" in doc
+    assert "lowest indices" in (TopK.__doc__ or "")

@@ -8,14 +8,17 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_commsgd import CommunicationStrategy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))  # configs/cifar10/ too
 SBATCH = sorted((REPO_ROOT / "examples" / "slurm").glob("*.sbatch"))
 
 
@@ -34,11 +37,26 @@ def test_there_is_a_config_per_strategy_family():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_config_instantiates_its_strategy(config):
-    strategy = _cli(["--config", str(config)]).trainer.strategy
+    trainer = _cli(["--config", str(config)]).trainer
+    strategy = trainer.strategy
+    assert isinstance(trainer.logger, CSVLogger) and trainer.logger.name == config.stem
     if config.stem == "ddp_baseline":
         assert type(strategy) is DDPStrategy
     else:
         assert isinstance(strategy, CommunicationStrategy)
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))
+def test_every_config_logs_to_a_csv_logger_under_lightning_logs(config):
+    """`commsgd fit --config ...` shows its communication figures somewhere: lightning_logs/<name>/version_N/
+    metrics.csv (config.yaml beside it), written every few steps."""
+    trainer = yaml.safe_load(config.read_text())["trainer"]
+    logger = trainer["logger"]
+    assert logger["class_path"] == "lightning.pytorch.loggers.CSVLogger"
+    name = config.stem if config.parent.name == "configs" else f"{config.parent.name}_{config.stem}"
+    assert logger["init_args"] == {"save_dir": "lightning_logs", "name": name}
+    callbacks = [c["class_path"] for c in trainer["callbacks"] if isinstance(c, dict)]
+    assert "lightning_commsgd.CommunicationMonitor" in callbacks
 
 
 def _srun_args(text: str) -> list[str]:

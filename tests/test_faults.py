@@ -26,6 +26,8 @@ SYNC_TIMEOUT = 5.0
 BOUND = SYNC_TIMEOUT + 10.0
 WORLD_SIZE = 3
 TAU = 4  # fault_worker's LocalSGDStrategy(tau=4): rounds end steps 4, 8, 12, 16
+# Set in this process by Lightning when a test fits in-process; a launched job must pick its own port.
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK")
 
 
 def _alive(pid: int) -> bool:
@@ -49,6 +51,8 @@ def run_fault(tmp_path: Path, rank: int, step: int, kind: str, where: str) -> di
         "OMP_NUM_THREADS": "1",
         "PYTHONWARNINGS": "ignore",
     }
+    for name in LAUNCH_VARIABLES:  # an in-process fit earlier in this pytest run may have set them
+        env.pop(name, None)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -168,6 +172,34 @@ def test_fault_ends_every_rank_with_a_named_error(tmp_path, rank, step, kind, wh
 def test_fault_matrix(tmp_path, rank, step, kind, where):
     result = run_fault(tmp_path, rank, step, kind, where)
     check_fault_handled(result, rank, step, kind, where)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("rank", "others"),
+    [
+        (1, "a rank that did not receive the signal stops at its next collective with a RankFailureError "
+            "naming rank 1"),
+        pytest.param(0, "it passed the signal on to rank(s) 1, 2 (processes it launched): they stop too",
+                     marks=pytest.mark.fault_matrix),
+    ],
+)
+def test_sigterm_to_one_rank_ends_the_job_with_a_message_naming_it_and_the_signal(tmp_path, rank, others):
+    """Issue 18: a SIGTERM to one rank ended the job with "SIGTERMException:." and nothing else. The rank now
+    says which rank got which signal at which step and what the other ranks do; the others' errors name it;
+    the job ends non-zero with every process gone."""
+    result = run_fault(tmp_path, rank, 6, "term", "step")
+    output, tail = result["output"], result["output"][-4000:]
+    assert result["fault"] is not None and len(result["pids"]) == WORLD_SIZE, tail
+    assert not result["leftovers"] and result["last_gone"] is not None, tail
+    assert result["returncode"] != 0 and "FIT DONE" not in output, tail
+    assert result["last_gone"] - result["fault"]["time"] <= BOUND
+    said = f"rank {rank} received signal 15 (SIGTERM) at step 6, stopped at step 7; {others}"
+    assert said in output, tail
+    assert "SIGTERMException:." not in output and not re.search(r"SIGTERMException:?\s*$", output, re.M), tail
+    if rank == 1:  # the ranks that did not get the signal name it in their own error
+        failures = re.findall(r"RankFailureError: (.*)", output)
+        assert failures and all("rank 1 received signal 15 (SIGTERM)" in f for f in failures), failures
 
 
 def run_nan(tmp_path: Path, policy: str) -> tuple[subprocess.CompletedProcess, Path]:

@@ -37,6 +37,13 @@ def test_skip_averages_the_finite_replicas_and_heals_the_poisoned_one(tmp_path, 
     for result in results:
         average = result["ledger"]["by_tag"]["average"]
         assert average["collectives"] == 1 and average["bytes_sent"] == (N_PARAMS + state + 3) * 4
+    # not silent: every rank counts the skipped replica, the lowest finite rank warns once, naming it
+    assert [result["ledger"]["skipped_replicas"] for result in results] == [1, 1, 1]
+    (warning,) = results[0]["warnings"]
+    assert "on_nonfinite='skip'" in warning and "rank(s) [1] before the round at step 1" in warning
+    assert "averaged the 2 finite replica(s)" in warning
+    assert ("optimizer state (reset)" in warning) == (momentum == "local")
+    assert results[1]["warnings"] == [] and results[2]["warnings"] == []
 
 
 @pytest.mark.multiprocess

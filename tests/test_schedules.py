@@ -14,7 +14,7 @@ from lightning_commsgd import AdaComm, Communicator, IncreasingPeriod, PeriodicA
 
 
 def _reference_taus(losses, lrs, *, tau0, interval, lr_aware, min_tau=1, max_tau=None):
-    """The step-mode spec of ALGORITHMS.md section 3, written out on its own: tau after every step."""
+    """The step-mode spec of docs/ALGORITHMS.md section 3, written out on its own: tau after every step."""
 
     def clamp(tau):
         tau = max(tau, min_tau)

@@ -14,7 +14,7 @@ SIZES = range(1, 9)
 
 
 def _defined(name: str, m: int) -> bool:
-    return name != "torus" or (m >= 4 and math.isqrt(m) ** 2 == m)
+    return name != "torus" or math.isqrt(m) ** 2 == m
 
 
 NAMED = [(name, m) for name in TOPOLOGY_NAMES for m in SIZES if _defined(name, m)]
@@ -95,11 +95,20 @@ def test_degrees():
 
 
 def test_torus_needs_a_square_world_size():
-    for m in (1, 2, 3, 6, 8, 12):
+    for m, below, above in ((2, 1, 4), (3, 1, 4), (6, 4, 9), (8, 4, 9), (12, 9, 16)):
         with pytest.raises(
-            ValueError, match=rf"torus needs a square world size \(4, 9, 16, \.\.\.\), got {m}"
+            ValueError,
+            match=rf"torus needs a square world size \(1, 4, 9, 16, \.\.\.: a side x side grid\), got {m}, "
+            rf"which is not a square; run {below} or {above} ranks",
         ):
             make_topology("torus", m)
+
+
+def test_torus_on_one_rank_is_a_single_node():
+    """1 = 1 x 1 is a square: ``gossip_torus`` on one device runs (W = [[1]]), as ring and complete do."""
+    torus = make_topology("torus", 1)
+    assert torus.world_size == 1 and torus.out_neighbours(0) == []
+    assert torch.equal(torus.weights(), torch.ones(1, 1, dtype=torch.float64))
 
 
 def test_metropolis_and_uniform_weights():
@@ -299,10 +308,10 @@ def test_bad_arguments():
     ):
         make_topology("hypercube", 4)
     for bad in (0, -3):
-        with pytest.raises(ValueError, match="`world_size` must be >= 1"):
+        with pytest.raises(ValueError, match=r"`world_size` must be an int >= 1 \(the number of nodes m, "):
             make_topology("ring", bad)
     for bad in (2.0, True, "4"):
-        with pytest.raises(TypeError, match="`world_size` must be an int"):
+        with pytest.raises(TypeError, match=r"`world_size` must be an int >= 1 \(the number of nodes m"):
             make_topology("ring", bad)
     with pytest.raises(ValueError, match="`weights` must be one of"):
         make_topology("ring", 4, weights="max_degree")
@@ -314,7 +323,7 @@ def test_bad_arguments():
     ring = make_topology("ring", 4)
     with pytest.raises(ValueError, match=r"`rank` must be in \[0, 3\], got 4"):
         ring.out_neighbours(4)
-    with pytest.raises(ValueError, match="`rank` must be >= 0"):
+    with pytest.raises(ValueError, match=r"`rank` must be an int >= 0 \(a node of the graph\)"):
         ring.in_neighbours(-1)
     with pytest.raises(TypeError, match="`phase` must be an int"):
         ring.weights(0.5)

@@ -61,6 +61,34 @@ class TickingPeer:
 def test_heartbeat_round_trips_and_tags_may_hold_spaces():
     beat = Heartbeat(7, 12, 3, WAITING, "eval consensus")
     assert Heartbeat.decode(beat.encode().encode()) == beat
+    beat = Heartbeat(7, 12, 3, COMPUTING, "eval consensus", state_step=10, age=2.5)
+    assert Heartbeat.decode(beat.encode().encode()) == beat
+
+
+def test_a_rank_between_collectives_is_described_as_computing_not_in_a_collective():
+    """Issue 18: "computing in collective #11" read as if the rank were inside #11; it is not."""
+    assert Heartbeat(9, 44, 11, COMPUTING, "average", state_step=40, age=3.25).describe() == (
+        "at step 44, computing (not in a collective) for 3.2 s; its latest collective, #11 ('average'), "
+        "finished at step 40"
+    )
+    assert Heartbeat(2, 0, 0, COMPUTING, "", age=1.0).describe() == (
+        "at step 0, computing (not in a collective; none yet) for 1.0 s"
+    )
+    assert Heartbeat(9, 44, 12, WAITING, "average", state_step=44, age=0.5).describe() == (
+        "at step 44, waiting in collective #12 ('average') for 0.5 s"
+    )
+    failed = Heartbeat(9, 44, 12, FAILED, "average").describe()
+    assert failed == "at step 44, failed in collective #12 ('average')"
+    store = dist.HashStore()
+    me = make(store, 0)
+    me.step = 40
+    comm = Communicator(monitor=me)
+    with comm._collective("average"):
+        pass
+    me.step = 44
+    beat = me.heartbeat()
+    assert (beat.state, beat.sequence, beat.state_step, beat.tag) == (COMPUTING, 1, 40, "average")
+    assert beat.describe().startswith("at step 44, computing (not in a collective) for ")
 
 
 def test_communication_errors_are_told_from_a_ranks_own_errors():
@@ -79,14 +107,16 @@ def test_a_dead_rank_is_named_with_its_last_step():
     assert isinstance(error, RankFailureError)
     text = str(error)
     assert "rank 0: collective #5 ('average') at step 8 failed" in text
-    assert "rank 1 is gone" in text and "last heard of at step 6" in text
+    assert "rank 1 is gone" in text and "last heard of at step 6, computing (not in a collective)" in text
+    assert "computing in collective" not in text
     assert "rank 2" not in text.split("failed:", 1)[1].split("(RuntimeError")[0]
     assert store.get("abort").decode() == text  # posted for the other ranks
 
 
 def test_a_stuck_rank_is_named_behind_or_inside_the_collective():
     for state, sequence, expected in (
-        (COMPUTING, 4, "rank 1 is alive but has not reached this collective: it is at step 6"),
+        (COMPUTING, 4, "rank 1 is alive but has not reached this collective: it is at step 6, computing (not "
+         "in a collective) for 0.0 s; its latest collective, #4 ('average'), finished at step 0 (stuck)"),
         (WAITING, 5, "rank 1 is alive but stuck inside this collective at step 6"),
     ):
         store = dist.HashStore()
@@ -95,6 +125,31 @@ def test_a_stuck_rank_is_named_behind_or_inside_the_collective():
         with TickingPeer(store, 1, 6, sequence, state):
             error = me.failure(GLOO_TIMEOUT)
         assert expected in str(error), str(error)
+        assert store.get("abort_stuck").decode() == "1"  # its watchdog ends it at once (see below)
+
+
+def test_a_rank_the_notice_found_stuck_is_ended_at_once_the_others_after_the_grace():
+    """Issue 18: a stuck child outlived the others by the whole grace (about 2.5 s after rank 0 ended); it
+    is not progressing, so its watchdog ends it as soon as it reads the notice that names it."""
+    store = dist.HashStore()
+    exits: dict[int, float] = {}
+    started = time.monotonic()
+    peers = [
+        make(store, rank, grace=2.0, exit_fn=lambda code, rank=rank: exits.setdefault(rank, time.monotonic()))
+        for rank in (1, 2)
+    ]
+    for peer in peers:
+        peer.start()
+    try:
+        make(store, 0).post_notice("rank 0: collective #3 failed: rank 1 is alive but stuck", stuck=[1])
+        deadline = time.monotonic() + 5
+        while len(exits) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        for peer in peers:
+            peer.stop()
+    assert exits[1] - started < 1.0  # at once (within a beat)
+    assert exits[2] - started >= 2.0  # a rank not named stuck keeps its grace to raise by itself
 
 
 def test_a_posted_reason_wins_over_the_diagnosis():
@@ -217,3 +272,22 @@ def test_a_group_whose_timeout_cannot_be_set_keeps_its_own_with_a_warning(monkey
     monkeypatch.setattr(c10d, "_set_pg_timeout", refuse)
     with pytest.warns(UserWarning, match="collective timeout of 30 s could not be set"):
         _set_group_timeout(None, 30.0)
+
+
+def test_a_failed_rank_freezes_its_heap_at_exit(monkeypatch):
+    """Issue 18: each failed process spent about 1.5 s in the interpreter's final garbage collection, keeping
+    its connections (which the other ranks wait on) open; on failure the strategy registers ``gc.freeze``
+    to run at exit, once."""
+    import atexit
+    import gc
+
+    import lightning_commsgd.strategies.base as base
+
+    registered = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setattr(base, "_heap_freeze_registered", False)
+    monkeypatch.setattr("lightning_commsgd.comm._leave_group_at_exit", True)  # on_exception clears it
+    strategy = LocalSGDStrategy(tau=4)
+    strategy.on_exception(RuntimeError("boom"))
+    strategy.on_exception(RuntimeError("again"))
+    assert registered == [gc.freeze]

@@ -8,6 +8,7 @@ all; this base holds the tau part, so every schedule (``AdaComm``, ...) works wi
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -21,21 +22,33 @@ from lightning_commsgd.algorithms.finite import (
     flagged_ranks,
     local_nonfinite_message,
     nonfinite_message,
+    skipped_message,
 )
 from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.flat import FlatBuffer
 from lightning_commsgd.schedules import ConstantPeriod, PeriodSchedule, RoundInfo
 
-__all__ = ["PeriodicAlgorithm", "as_schedule", "check_choice", "validate_period"]
+__all__ = ["PERIOD_MEANINGS", "PeriodicAlgorithm", "as_schedule", "check_choice", "validate_period"]
 
 
-def validate_period(tau: Any, name: str = "tau") -> int:
-    """Return ``tau`` if it is an integer >= 1 (bools refused), else raise naming the parameter."""
+#: What each period or size argument checked by :func:`validate_period` means, for its error messages.
+PERIOD_MEANINGS = {
+    "tau": "the communication period: optimizer steps between rounds",
+    "global_every": "every how many rounds one averages over all ranks; the others stay within a block",
+    "group_size": "ranks per averaging block, consecutive global ranks",
+}
+
+
+def validate_period(tau: Any, name: str = "tau", meaning: str | None = None) -> int:
+    """Return ``tau`` if it is an integer >= 1 (bools refused), else raise naming the parameter, what it
+    means (``meaning``, default: :data:`PERIOD_MEANINGS` of ``name``) and the allowed range."""
+    meaning = meaning or PERIOD_MEANINGS.get(name)
+    what = f" ({meaning})" if meaning else ""
     if isinstance(tau, bool) or not isinstance(tau, int):
-        raise TypeError(f"Arg `{name}` must be an int >= 1 (the communication period), got {tau!r}.")
+        raise TypeError(f"Arg `{name}` must be an int >= 1{what}, got {tau!r}.")
     if tau < 1:
-        raise ValueError(f"Arg `{name}` must be >= 1 (the communication period), got {tau}.")
+        raise ValueError(f"Arg `{name}` must be an int >= 1{what}, got {tau}.")
     return tau
 
 
@@ -206,12 +219,20 @@ class PeriodicAlgorithm(ABC):
 
     def _check_flags(self, summed_flags: Tensor, comm: Communicator) -> list[int]:
         """The group ranks whose replica was not finite; raises per ``on_nonfinite`` (the same on every rank:
-        every rank holds the same summed flags)."""
+        every rank holds the same summed flags). Skipped replicas are counted in the ledger, and the lowest
+        finite rank of the round warns."""
         poisoned = flagged_ranks(summed_flags)
         if poisoned and (self.on_nonfinite == "raise" or len(poisoned) == comm.world_size):
             ranks = [comm.global_rank(r) for r in poisoned]
             message = nonfinite_message(ranks, self.step, self.on_nonfinite, comm.world_size)
             raise NonFiniteReplicaError(message)
+        if poisoned:
+            comm.ledger.record_skipped(len(poisoned))
+            if comm.rank == min(set(range(comm.world_size)) - set(poisoned)):  # one warning per round
+                ranks = [comm.global_rank(r) for r in poisoned]
+                reset = getattr(self.replica, "momentum", None) == "local"
+                finite = comm.world_size - len(poisoned)
+                warnings.warn(skipped_message(ranks, self.step, finite, reset), RuntimeWarning, stacklevel=2)
         return poisoned
 
     def _refuse_nonfinite(self, tensors: Sequence[Tensor]) -> None:

@@ -1,7 +1,7 @@
 """Elastic averaging SGD (EASGD; Zhang, Choromanska, LeCun 2015) as Cooperative SGD A(tau, W_alpha, 1).
 
 m workers and one auxiliary centre variable z (x_0 at the start). Every tau steps, with the x_i from
-before the update (ALGORITHMS.md section 4; the Cooperative SGD authors' code)::
+before the update (docs/ALGORITHMS.md section 4; the Cooperative SGD authors' code)::
 
     x_i <- (1 - alpha) x_i + alpha z
     z   <- (1 - m alpha) z + alpha sum_i x_i
@@ -11,9 +11,10 @@ sum, so the copies stay bitwise equal without anyone sending z.
 
 Stability: W_alpha has eigenvalues 1, 1 - alpha (m - 1 times) and 1 - (m + 1) alpha, so
 zeta = max(|1 - alpha|, |1 - (m + 1) alpha|) < 1 exactly when 0 < alpha < 2 / (m + 1). zeta is smallest,
-m / (m + 2), at alpha = 2 / (m + 2): the default. (Seed 003's slide says "alpha = m/(m+2)"; with this
-update that alpha leaves the stable range for every m > 2, e.g. m = 4 gives 1 - 5 * 4/6 = -7/3:
-m/(m+2) is the minimal zeta, not the alpha.) The original paper's beta = m alpha = 0.9 is alpha = 0.9/m.
+m / (m + 2), at alpha = 2 / (m + 2): the default. (Summaries of Wang & Joshi's Cooperative SGD analysis
+quote "alpha = m/(m+2)"; with this update that alpha leaves the stable range for every m > 2, e.g. m = 4
+gives 1 - 5 * 4/6 = -7/3: m/(m+2) is the minimal zeta, not the alpha.) The original paper's
+beta = m alpha = 0.9 is alpha = 0.9/m.
 """
 
 from __future__ import annotations

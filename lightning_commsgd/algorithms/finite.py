@@ -11,7 +11,9 @@ collective which ranks were poisoned: no extra round, 4 p more bytes per round. 
 - ``"skip"``: the poisoned replicas are skipped: they send zeros, the round averages the finite replicas
   only (sum / number of finite ranks), and every rank, the poisoned ones included, continues from that
   average; a poisoned rank whose optimizer state is not averaged (``momentum="local"``) resets it. When
-  every replica is poisoned, every rank raises.
+  every replica is poisoned, every rank raises. Each skip is counted in every participating rank's ledger
+  (``CommLedger.skipped_replicas``, ``comm/skipped_replicas`` in the monitor) and the round's lowest finite
+  rank warns (:func:`skipped_message`: the ranks, the step, what they lost).
 
 No rank ever continues with a poisoned model after such a round.
 
@@ -38,6 +40,7 @@ __all__ = [
     "finite_flags",
     "flagged_ranks",
     "nonfinite_message",
+    "skipped_message",
 ]
 
 NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip")
@@ -75,6 +78,19 @@ def nonfinite_message(ranks: Sequence[int], step: int, policy: str, world_size: 
     return (
         f"NaN or Inf in the parameters, optimizer state or buffers of rank(s) {list(ranks)} before the round "
         f"at step {step}; every rank stops in this round, no replica was changed ({hint})."
+    )
+
+
+def skipped_message(ranks: Sequence[int], step: int, finite: int, reset_state: bool) -> str:
+    """The warning of ``on_nonfinite="skip"`` when a round left the replicas of ``ranks`` out."""
+    lost = "their local steps since the previous round" + (
+        " and their local optimizer state (reset)" if reset_state else ""
+    )
+    return (
+        "on_nonfinite='skip': NaN or Inf in the parameters, optimizer state or buffers of rank(s) "
+        f"{list(ranks)} before the round at step {step}; their replicas were left out of the round, which "
+        f"averaged the {finite} finite replica(s), and they continue from that average (lost: {lost}). A "
+        "replica that keeps turning non-finite needs a lower learning rate or gradient clipping."
     )
 
 

@@ -1,5 +1,5 @@
-"""The parameter server of the sync / K-sync / K-async / K-batch-async family (seed 003: Dutta, Joshi et
-al., "Slow and stale gradients can win the race", AISTATS 2018; ALGORITHMS.md section 7).
+"""The parameter server of the sync / K-sync / K-async / K-batch-async family (Dutta, Joshi et al., "Slow
+and stale gradients can win the race", AISTATS 2018; docs/ALGORITHMS.md section 7).
 
 This module is the server's *decisions* only: pure torch, no threads, no network. It is fed events (a
 worker pushed a gradient computed on model version v; a worker left; a worker was lost) and answers which
@@ -63,7 +63,7 @@ class TooFewWorkersError(ParameterServerError):
 
 @dataclass(frozen=True)
 class StalenessAwareLR:
-    """The staleness-aware learning rate eta_j = min(C / ||w_j - w_tau(j)||_2^2, eta_max) of seed 003.
+    """The staleness-aware learning rate eta_j = min(C / ||w_j - w_tau(j)||_2^2, eta_max) of Dutta et al.
 
     Args:
         C: the constant C (> 0): the squared distance the model may have moved since the gradient's version

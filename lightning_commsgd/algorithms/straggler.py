@@ -1,4 +1,4 @@
-"""Straggler emulation: the runtime model of seed 003 (each gradient takes a random time Y ~ Exp(mu))."""
+"""Straggler emulation: Dutta et al.'s runtime model (AISTATS 2018: each gradient takes Y ~ Exp(mu) s)."""
 
 from __future__ import annotations
 

@@ -26,10 +26,11 @@ from lightning_commsgd.compression.bitpack import bytes_to_float32, float32_to_b
 __all__ = ["Compressor", "Identity", "check_positive_int", "check_ratio"]
 
 
-def check_positive_int(value: Any, name: str) -> int:
-    """``value`` if it is an int >= 1 (bools refused), else a ValueError naming ``name``."""
+def check_positive_int(value: Any, name: str, meaning: str) -> int:
+    """``value`` if it is an int >= 1 (bools refused), else a ValueError naming ``name``, what it means
+    (``meaning``) and the allowed range."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Arg `{name}` must be an int >= 1, got {value!r}.")
+        raise ValueError(f"Arg `{name}` must be an int >= 1 ({meaning}), got {value!r}.")
     return value
 
 

@@ -42,7 +42,7 @@ class PNormQuantizer(Compressor):
         if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or p < 1:
             raise ValueError(f"Arg `p` must be a number >= 1 or float('inf'), got {p!r}.")
         self.p = float(p)
-        self.block_size = check_positive_int(block_size, "block_size")
+        self.block_size = check_positive_int(block_size, "block_size", "values per block sharing one norm")
 
     def payload_nbytes(self, numel: int) -> int:
         return 4 * num_blocks(numel, self.block_size) + math.ceil(2 * numel / 8)
@@ -94,10 +94,10 @@ class QSGD(Compressor):
     unbiased = True
 
     def __init__(self, levels: int = 4, bucket_size: int = 512) -> None:
-        self.levels = check_positive_int(levels, "levels")
+        self.levels = check_positive_int(levels, "levels", "s, quantization levels per sign; at most 127")
         if levels > 127:
             raise ValueError(f"Arg `levels` must lie in [1, 127] (sign + level fit one byte), got {levels}.")
-        self.bucket_size = check_positive_int(bucket_size, "bucket_size")
+        self.bucket_size = check_positive_int(bucket_size, "bucket_size", "values per bucket sharing a norm")
 
     @property
     def _width(self) -> int:
@@ -158,7 +158,7 @@ class BlockInt8(Compressor):
     LEVELS = 127
 
     def __init__(self, block_size: int = 256) -> None:
-        self.block_size = check_positive_int(block_size, "block_size")
+        self.block_size = check_positive_int(block_size, "block_size", "values per block sharing one scale")
 
     def payload_nbytes(self, numel: int) -> int:
         return 4 * num_blocks(numel, self.block_size) + self._codes_nbytes(numel)

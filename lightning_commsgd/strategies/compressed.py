@@ -27,7 +27,13 @@ from typing_extensions import override
 from lightning_commsgd.algorithms.base import check_choice
 from lightning_commsgd.algorithms.compressed import CompressedAlgorithm, check_compressor
 from lightning_commsgd.algorithms.compressed_sgd import CompressedGradientSGD
-from lightning_commsgd.algorithms.dore import SERVER_MODES, DoubleResidualCompression, validate_dore_rates
+from lightning_commsgd.algorithms.dore import (
+    RATES,
+    SERVER_MODES,
+    DoubleResidualCompression,
+    Rates,
+    resolve_dore_rates,
+)
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.compression.base import Compressor, Identity
 from lightning_commsgd.flat import FlatBuffer
@@ -121,10 +127,15 @@ class DoubleResidualStrategy(_CompressedStrategy):
             topology; rank 0 holds the optimizer state) or ``"replicated"`` (an all-gather each step; every
             rank runs the master step with a shared random stream, so all x_hat agree; nothing is sent
             down).
-        alpha: h's step alpha; default 1/(2(C+1)), C the compressor's variance constant. In [0, 1];
-            above 1/(C+1) warns (outside the theory).
-        beta: x_hat's step beta; default 1/(C_m+1). In (0, 1]; above 1/(C_m+1) warns.
+        alpha: h's step alpha, in [0, 1]; ``None`` (default): from ``rates``, 0.1 or 1/(2(C+1)) (C the
+            compressor's variance constant).
+        beta: x_hat's step beta, in (0, 1]; ``None`` (default): from ``rates``, 1 or 1/(C_m+1).
         eta: weight eta of the fed-back compression error e; default 1.0 (the paper's experiments). >= 0.
+        rates: the one switch for unset alpha / beta. ``"paper"`` (default): the paper's experimental
+            rates alpha = 0.1, beta = 1 (x_hat takes the whole compressed step; beta = 1 is outside the
+            convergence theorems, not warned about). ``"theory"``: the theorems' 1/(2(C+1)), 1/(C_m+1)
+            (unbiased compressors only; x_hat moves by beta of each step, 0.118 for inf-norm blocks of 256,
+            so training is about that much slower); explicit alpha / beta above 1/(C+1), 1/(C_m+1) warn.
         seed: base of the compressors' random streams (rank r: seed + 1 + r; master: seed).
         **kwargs: see :class:`~lightning_commsgd.strategies.base.CommunicationStrategy`.
 
@@ -142,6 +153,7 @@ class DoubleResidualStrategy(_CompressedStrategy):
         alpha: float | None = None,
         beta: float | None = None,
         eta: float = 1.0,
+        rates: Rates = "paper",
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -150,20 +162,9 @@ class DoubleResidualStrategy(_CompressedStrategy):
             compressor if model_compressor is None else model_compressor, "model_compressor"
         )
         self.server = check_choice(server, "server", SERVER_MODES)
-        c, c_model = self.compressor.variance_bound(_LARGE), self.model_compressor.variance_bound(_LARGE)
-        if (alpha is None and c is None) or (beta is None and c_model is None):
-            raise ValueError(
-                "A biased compressor has no variance constant C: pass `alpha` and `beta` explicitly (DORE's "
-                "theory assumes unbiased compressors)."
-            )
-        # checked now, before any process starts (the exact defaults are computed for the model's size)
-        validate_dore_rates(
-            1 / (2 * (c + 1)) if alpha is None else alpha,  # type: ignore[operator]
-            1 / (c_model + 1) if beta is None else beta,  # type: ignore[operator]
-            eta,
-            c,
-            c_model,
-        )
+        self.rates = check_choice(rates, "rates", RATES)
+        # checked now, before any process starts (the theory's rates are computed for the model's size)
+        resolve_dore_rates(self.compressor, self.model_compressor, _LARGE, alpha, beta, eta, rates)
         self.alpha, self.beta, self.eta, self.seed = alpha, beta, eta, int(seed)
         super().__init__(**kwargs)
 
@@ -180,6 +181,7 @@ class DoubleResidualStrategy(_CompressedStrategy):
             alpha=self.alpha,
             beta=self.beta,
             eta=self.eta,
+            rates=self.rates,  # type: ignore[arg-type]
             seed=self.seed,
         )
 
@@ -191,7 +193,8 @@ class DianaStrategy(DoubleResidualStrategy):
     Args:
         compressor: Q for the gradient residuals, e.g. ``PNormQuantizer(p=inf, 256)``.
         server: ``"rank0"`` (the master broadcasts the fp32 model change each step) or ``"replicated"``.
-        alpha: h's step; default 1/(2(C+1)).
+        alpha: h's step; default 1/(2(C+1)), DIANA's theory (DORE's ``rates`` switch is not needed here:
+            DIANA's model step beta is 1 already). Above 1/(C+1) warns.
         seed, **kwargs: as for :class:`DoubleResidualStrategy`.
     """
 
@@ -206,7 +209,15 @@ class DianaStrategy(DoubleResidualStrategy):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            compressor, Identity(), server=server, alpha=alpha, beta=1.0, eta=0.0, seed=seed, **kwargs
+            compressor,
+            Identity(),
+            server=server,
+            alpha=alpha,
+            beta=1.0,
+            eta=0.0,
+            rates="theory",
+            seed=seed,
+            **kwargs,
         )
 
 

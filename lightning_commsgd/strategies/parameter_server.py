@@ -1,4 +1,4 @@
-"""Parameter-server strategies: sync, K-sync, async, K-async and K-batch-async SGD (seed 003).
+"""Parameter-server strategies: sync, K-sync, async, K-async and K-batch-async SGD (Dutta et al. 2018).
 
 The server runs on rank 0 in a background thread while rank 0 also trains (its pushes and pulls are
 in-process and cost no bytes; the thread and rank 0's training share rank 0's CPU/GPU, so rank 0 is a
@@ -64,7 +64,7 @@ SERVER_RANK = 0
 SERVER_PLACEMENTS = ("colocated", "dedicated")
 # the base strategy's options that make no sense with a server model, with their (accepted) defaults
 _UNSUPPORTED: dict[str, Any] = {
-    "eval_on": "consensus", "redundancy": 0.0, "sampling": "stratified", "original_world_size": None,
+    "eval_on": "consensus", "redundancy": None, "sampling": None, "original_world_size": None,
     "failed_workers": [], "min_coverage": 1.0, "batch_sizes": None, "check_replicas": False,
 }  # fmt: skip
 
