@@ -182,7 +182,8 @@ class PeriodicAverager(PeriodicAlgorithm):
         return not self.hierarchical or self._force_global or (self.rounds + 1) % self.global_every == 0
 
     def communicate(self, tag: str) -> None:
-        tensors = self.replica.averaged_tensors()
+        signed, nonnegative = self.replica.averaged_sections()
+        tensors = [*signed, *nonnegative]
         is_global = self._is_global_round()
         comm = self.communicator if is_global else self.group_communicator
         if not is_global:
@@ -194,7 +195,7 @@ class PeriodicAverager(PeriodicAlgorithm):
             if self.weights == "samples":
                 mean = self._weighted_mean_(tensors, tag, comm)
             elif self.payload_dtype is not None:
-                mean = self._low_precision_mean_(tensors, tag)
+                mean = self._low_precision_mean_(tensors, tag, sum(t.numel() for t in nonnegative))
             else:
                 mean = self._exact_mean_(tensors, tag, comm)
             if local_params is not None:
@@ -234,12 +235,12 @@ class PeriodicAverager(PeriodicAlgorithm):
         self._after_skipped_replica(finite)
         return body
 
-    def _low_precision_mean_(self, tensors: list[torch.Tensor], tag: str) -> torch.Tensor:
+    def _low_precision_mean_(self, tensors: list[torch.Tensor], tag: str, nonnegative: int) -> torch.Tensor:
         """Signed values: x <- x_anchor + mean_i(x_i - x_anchor), the changes sent in ``payload_dtype``;
-        non-negative ones (second moments, running variances: the tail of ``tensors``): v <- mean_i(v_i),
-        the values sent in bf16 (:data:`~lightning_commsgd.payload.NONNEGATIVE_PAYLOAD`). Summed in fp32."""
+        non-negative ones (second moments, running variances: the last ``nonnegative`` values of
+        ``tensors``): v <- mean_i(v_i), the values sent in bf16
+        (:data:`~lightning_commsgd.payload.NONNEGATIVE_PAYLOAD`). Summed in fp32."""
         self._refuse_nonfinite(tensors)  # see on_nonfinite: the flags cannot ride in a rounded payload
-        nonnegative = sum(t.numel() for t in self.replica.averaged_sections()[1])
         buffer = self._pack(tensors)
         if self.anchor is None or self.anchor.numel() != buffer.numel():
             self.anchor = self._initial_anchor(buffer, nonnegative)

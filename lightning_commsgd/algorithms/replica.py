@@ -125,31 +125,35 @@ class ReplicaState:
         if momentum == "average":
             check_averageable(self.optimizers)  # fail now, not at the first round
 
-    def _state_tensors(self, nonnegative: bool) -> list[Tensor]:
-        """The averaged optimizer-state tensors of one section, materialised where missing."""
+    def _state_sections(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The averaged optimizer-state tensors, ``(signed, nonnegative)``, materialised where missing (one
+        pass over the param groups)."""
+        signed: list[Tensor] = []
+        nonnegative: list[Tensor] = []
         if self.momentum != "average":
-            return []
-        out: list[Tensor] = []
+            return signed, nonnegative
         for opt in self.optimizers:
             for group in opt.param_groups:
                 keys = averaged_state_keys(opt, group)
-                wanted = tuple(k for k in keys if (k in NONNEGATIVE_STATE_KEYS) == nonnegative)
                 for param in group["params"]:
                     if keys:
                         _materialise(opt, group, param, keys)
-                        out.extend(opt.state[param][k] for k in wanted)
-        return out
+                        for key in keys:
+                            section = nonnegative if key in NONNEGATIVE_STATE_KEYS else signed
+                            section.append(opt.state[param][key])
+        return signed, nonnegative
 
     def optimizer_tensors(self) -> list[Tensor]:
         """u_i: every optimizer-state tensor averaged in ``"average"`` mode (signed, then non-negative)."""
-        return [*self._state_tensors(False), *self._state_tensors(True)]
+        signed, nonnegative = self._state_sections()
+        return [*signed, *nonnegative]
 
     def averaged_sections(self) -> tuple[list[Tensor], list[Tensor]]:
         """``(signed, nonnegative)``: parameters first (consensus distance reads them from the buffer's
         head), then signed optimizer state (momentum buffers, first moments) and signed buffers; then the
         non-negative optimizer state (second moments) and buffers (running variances)."""
-        signed = [*self.params, *self._state_tensors(False), *self.buffers]
-        return signed, [*self._state_tensors(True), *self.nonnegative_buffers]
+        signed, nonnegative = self._state_sections()
+        return [*self.params, *signed, *self.buffers], [*nonnegative, *self.nonnegative_buffers]
 
     def averaged_tensors(self) -> list[Tensor]:
         """Both sections of :meth:`averaged_sections` in one list, signed first."""
