@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from torch import Tensor
 
+from lightning_commsgd.internals import set_group_timeout
 from lightning_commsgd.ledger import CommLedger
 from lightning_commsgd.payload import NONNEGATIVE_PAYLOAD, PayloadCodec, payload_codec, rounding_generator
 
@@ -90,7 +91,7 @@ class Communicator:
         # point-to-point messages are sent and received from several threads (the parameter server's)
         self._ledger_lock = threading.Lock()
         if timeout is not None and self.is_distributed:
-            _set_group_timeout(self.group, timeout)
+            set_group_timeout(self.group, timeout)
 
     def _group_timeout(self) -> dict[str, Any]:
         """``timeout=`` for groups this communicator creates (empty: torch's default)."""
@@ -601,22 +602,6 @@ class Communicator:
             return fut.value()[0].div_(self.world_size)
 
         return future.then(finish)
-
-
-def _set_group_timeout(group: Any, seconds: float) -> None:
-    """Bound every later operation of ``group`` by ``seconds`` (torch's private ``_set_pg_timeout``, the only
-    way to shorten a group's timeout after its rendezvous; warns where it is missing)."""
-    setter = getattr(c10d, "_set_pg_timeout", None)
-    try:
-        if setter is None:
-            raise AttributeError("torch.distributed has no _set_pg_timeout")
-        setter(timedelta(seconds=seconds), group)
-    except (AttributeError, RuntimeError, ValueError) as error:  # an older torch, or a backend without it
-        warnings.warn(
-            f"The collective timeout of {seconds:g} s could not be set ({error}): collectives keep the "
-            "process group's own timeout (the strategy's `timeout`).",
-            stacklevel=3,
-        )
 
 
 def shutdown_process_group() -> None:

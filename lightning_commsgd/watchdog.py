@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
+
+from lightning_commsgd.internals import default_store
 
 __all__ = ["FailureWatchdog", "Heartbeat", "RankFailureError"]
 
@@ -156,7 +157,7 @@ class FailureWatchdog:
         keys). Collective in effect: every rank must create its n-th watchdog for the same run."""
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         prefix = f"lightning_commsgd/watchdog/{restart}/{next(_RUNS)}"
-        store = dist.PrefixStore(prefix, c10d._get_default_store())
+        store = dist.PrefixStore(prefix, default_store())
         return cls(store, dist.get_rank(), dist.get_world_size(), **kwargs)
 
     # -- lifecycle ------------------------------------------------------------------------------------

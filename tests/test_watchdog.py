@@ -264,14 +264,14 @@ def test_sync_timeout_default_and_value():
 def test_a_group_whose_timeout_cannot_be_set_keeps_its_own_with_a_warning(monkeypatch):
     import torch.distributed.distributed_c10d as c10d
 
-    from lightning_commsgd.comm import _set_group_timeout
+    from lightning_commsgd.internals import set_group_timeout
 
     def refuse(timeout, group=None):
         raise RuntimeError("this backend has no settable timeout")
 
     monkeypatch.setattr(c10d, "_set_pg_timeout", refuse)
     with pytest.warns(UserWarning, match="collective timeout of 30 s could not be set"):
-        _set_group_timeout(None, 30.0)
+        set_group_timeout(None, 30.0)
 
 
 def test_a_failed_rank_freezes_its_heap_at_exit(monkeypatch):
