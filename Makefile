@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := lightning_commsgd tests examples benchmarks
 
-.PHONY: venv demo test test-extended lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-cluster bench-ps clean distclean
+.PHONY: venv demo test test-extended test-oldest-lightning lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-cluster bench-ps clean distclean
 
 venv: $(STAMP)
 
@@ -39,30 +39,47 @@ test: venv
 test-extended: venv
 	$(VPY) -m pytest -x -q --durations=20 -m "fault_matrix or extended" tests
 
+# The oldest Lightning pyproject.toml declares ("lightning>=X,<=Y"), installed without its dependencies into a
+# folder of the venv (the venv's torch and the rest are reused) and put first on PYTHONPATH: the
+# lightning_smoke tests, which exercise every private Lightning name the package patches
+# (lightning_commsgd/internals.py), must pass on it as on the newest. Fails if that Lightning is not the one
+# imported.
+LIGHTNING_OLDEST := $(shell sed -n 's/^ *"lightning>=\([0-9][0-9.]*\),.*/\1/p' pyproject.toml)
+OLDEST_LIGHTNING_DIR := $(abspath $(VENV))/lightning-oldest
+test-oldest-lightning: venv
+	@test -n "$(LIGHTNING_OLDEST)" || { echo "no lightning>=X,<=Y requirement in pyproject.toml" >&2; exit 1; }
+	rm -rf $(OLDEST_LIGHTNING_DIR)
+	$(VPY) -m pip install -q --no-deps --target $(OLDEST_LIGHTNING_DIR) "lightning==$(LIGHTNING_OLDEST)"
+	@found=$$(PYTHONPATH=$(OLDEST_LIGHTNING_DIR) $(VPY) -c 'import lightning; print(lightning.__version__)'); \
+	if [ "$$found" != "$(LIGHTNING_OLDEST)" ]; then \
+		echo "test-oldest-lightning: expected lightning $(LIGHTNING_OLDEST), imported $$found" >&2; exit 1; \
+	fi; echo "lightning_smoke tests on lightning $$found"
+	PYTHONPATH=$(OLDEST_LIGHTNING_DIR) $(VPY) -m pytest -x -q --durations=10 -m lightning_smoke tests
+
 bench: venv
-	$(VPY) benchmarks/bench_local_sgd.py $(BENCH_ARGS)
+	$(VPY) -m benchmarks.bench_local_sgd $(BENCH_ARGS)
 
 bench-ps: venv
-	$(VPY) benchmarks/bench_parameter_server.py $(BENCH_ARGS)
+	$(VPY) -m benchmarks.bench_parameter_server $(BENCH_ARGS)
 
 bench-adacomm: venv
-	$(VPY) benchmarks/bench_adacomm.py $(BENCH_ARGS)
+	$(VPY) -m benchmarks.bench_adacomm $(BENCH_ARGS)
 
 bench-decentralized: venv
-	$(VPY) benchmarks/bench_decentralized.py $(BENCH_ARGS)
+	$(VPY) -m benchmarks.bench_decentralized $(BENCH_ARGS)
 
 bench-redundancy: venv
-	$(VPY) benchmarks/bench_redundancy.py $(BENCH_ARGS)
+	$(VPY) -m benchmarks.bench_redundancy $(BENCH_ARGS)
 
 bench-compression: venv
-	$(VPY) benchmarks/bench_compression.py $(BENCH_ARGS)
+	$(VPY) -m benchmarks.bench_compression $(BENCH_ARGS)
 
 bench-overhead: venv
-	$(VPY) benchmarks/bench_overhead.py $(BENCH_ARGS)
+	$(VPY) -m benchmarks.bench_overhead $(BENCH_ARGS)
 
 # Needs root: network namespaces and tc rate limits emulate the nodes and their links.
 bench-cluster: venv
-	$(VPY) benchmarks/bench_cluster.py $(BENCH_ARGS)
+	$(VPY) -m benchmarks.bench_cluster $(BENCH_ARGS)
 
 # Caches and build leftovers; the virtualenv stays (see distclean).
 clean:

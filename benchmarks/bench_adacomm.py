@@ -2,17 +2,17 @@
 
 Trains the digits MLP under ``LocalSGDStrategy`` with constant periods tau (default {1, 4, 16}) and with
 AdaComm (Wang & Joshi 2019; default tau0=16, tau re-decided every 50 steps), every run in a fresh
-subprocess with a per-step trace (``train_digits.py --trace``, run through ``benchmarks/harness.py``).
+subprocess with a per-step trace (``benchmarks.jobs.digits --trace``, run through ``benchmarks/runner.py``).
 Each run's loss trace is smoothed by a trailing moving average; the *target* is the lowest smoothed loss
 that any constant-tau run reached, and the table gives, for every run, the wall-clock time, rounds and
 bytes at which its smoothed loss first got down to the target. The table and a verdict are printed and
 written to ``benchmarks/results/adacomm_<date>.md``, with PNG plots next to it (loss vs time, loss vs
 rounds, tau vs step). Usage::
 
-    python benchmarks/bench_adacomm.py                        # tau in {1, 4, 16} and AdaComm(16, 50 steps)
-    python benchmarks/bench_adacomm.py --repeats 3 --taus 1 8 \\
+    python -m benchmarks.bench_adacomm                        # tau in {1, 4, 16} and AdaComm(16, 50 steps)
+    python -m benchmarks.bench_adacomm --repeats 3 --taus 1 8 \\
         --adacomm tau0=16,interval_steps=50 tau0=32,interval_s=2
-    python benchmarks/bench_adacomm.py --adacomm              # constant periods only
+    python -m benchmarks.bench_adacomm --adacomm              # constant periods only
 """
 
 from __future__ import annotations
@@ -27,20 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Run as ``python benchmarks/bench_adacomm.py``: make ``benchmarks`` importable as a package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.harness import (  # noqa: E402
-    REPO_ROOT,
-    TrainRunError,
-    add_training_args,
+from benchmarks.results import (
     format_bytes,
     machine_description,
     markdown_table,
     matplotlib_missing,
     plots_note,
-    run_train_digits,
 )
+from benchmarks.runner import REPO_ROOT, JobError, add_training_args, run_digits
 
 __all__ = [
     "Curve",
@@ -73,7 +67,7 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-# AdaComm options a --adacomm spec may set, and how to read each value; they map to train_digits.py
+# AdaComm options a --adacomm spec may set, and how to read each value; they map to benchmarks.jobs.digits
 # flags in _adacomm_flags.
 _ADACOMM_KEYS: dict[str, Callable[[str], Any]] = {
     "tau0": int,
@@ -85,7 +79,7 @@ _ADACOMM_KEYS: dict[str, Callable[[str], Any]] = {
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One configuration: a label for tables and plots, the ``train_digits.py`` arguments of its
+    """One configuration: a label for tables and plots, the ``benchmarks.jobs.digits`` arguments of its
     period, and its constant ``tau`` (``None`` for an adaptive schedule)."""
 
     label: str
@@ -134,7 +128,7 @@ def parse_adacomm_spec(text: str) -> dict[str, Any]:
 
 
 def _adacomm_flags(spec: dict[str, Any]) -> list[str]:
-    """``train_digits.py`` arguments for one AdaComm spec (its defaults fill what the spec leaves out)."""
+    """The digits job's arguments for one AdaComm spec (its defaults fill what the spec leaves out)."""
     flags = ["--schedule", "adacomm"]
     for key in ("tau0", "interval_steps", "interval_s"):
         if key in spec:
@@ -211,7 +205,7 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 
 
 def smooth_trace(trace: Sequence[dict[str, Any]], window: int) -> Curve:
-    """The :class:`Curve` of a ``train_digits.py --trace`` trace. Each smoothed value is placed at the
+    """The :class:`Curve` of a ``benchmarks.jobs.digits --trace`` trace. Each smoothed value is placed at the
     *last* step of its window, so "first reached at step s" only uses losses up to s (causal)."""
     if any(row["loss"] is None for row in trace):
         raise ValueError("the trace has steps without a loss; training_step must return the loss")
@@ -475,7 +469,7 @@ def _report(
     ladder: str = "",
 ) -> str:
     """The results file: how it was produced (``argv``), on what, the target, the table and verdicts."""
-    command = " ".join(["python benchmarks/bench_adacomm.py", *argv])
+    command = " ".join(["python -m benchmarks.bench_adacomm", *argv])
     lines = [
         f"# AdaComm vs constant communication periods, {datetime.date.today().isoformat()}",
         "",
@@ -526,8 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         for config in configs:
             print(f"[{config.label}] run {repeat + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
             try:
-                runs[config.label].append(run_train_digits([*config.args, *common], timeout_s=args.timeout))
-            except TrainRunError as err:
+                runs[config.label].append(run_digits([*config.args, *common], timeout_s=args.timeout))
+            except JobError as err:
                 print(f"bench: the {config.label} run failed: {err}", file=sys.stderr)
                 return 1
 

@@ -19,9 +19,9 @@ records:
   at which the smoothed (rank-mean) training loss first reaches the target (first seed);
 - PNGs: training loss against wall-clock and against bytes sent.
 
-    sudo python benchmarks/bench_cluster.py                        # 100mbit and 1gbit, every config
-    sudo python benchmarks/bench_cluster.py --rates 100mbit --configs ddp local_sgd overlap_bf16
-    sudo python benchmarks/bench_cluster.py --rates 1gbit --seeds 0 1 2 3 4   # final loss over 5 seeds
+    sudo python -m benchmarks.bench_cluster                        # 100mbit and 1gbit, every config
+    sudo python -m benchmarks.bench_cluster --rates 100mbit --configs ddp local_sgd overlap_bf16
+    sudo python -m benchmarks.bench_cluster --rates 1gbit --seeds 0 1 2 3 4   # final loss over 5 seeds
 """
 
 from __future__ import annotations
@@ -39,16 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.emulated_cluster import ClusterUnavailable, EmulatedCluster, check_available  # noqa: E402
-from benchmarks.harness import (  # noqa: E402
-    REPO_ROOT,
-    machine_description,
-    markdown_table,
-    matplotlib_missing,
-    plots_note,
-)
+from benchmarks.emulated_cluster import ClusterUnavailable, EmulatedCluster, check_available
+from benchmarks.results import machine_description, markdown_table, matplotlib_missing, plots_note
+from benchmarks.runner import REPO_ROOT
 
 __all__ = [
     "DEFAULT_CONFIGS",
@@ -62,7 +55,7 @@ __all__ = [
 ]
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-WORKER = REPO_ROOT / "benchmarks" / "cluster_worker.py"
+WORKER = "benchmarks.jobs.cluster_worker"  # run as python -m, REPO_ROOT on PYTHONPATH
 DEFAULT_CONFIGS = [
     "ddp",
     "post_local_sgd",
@@ -291,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from benchmarks.cluster_worker import CONFIGS
+    from benchmarks.jobs.cluster_worker import CONFIGS
 
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
@@ -306,7 +299,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _train_samples(repeat: int) -> int:
-    from lightning_commsgd.data import DigitsDataModule
+    from examples.digits.data import DigitsDataModule
 
     data = DigitsDataModule(repeat=repeat)
     data.setup("fit")
@@ -392,7 +385,7 @@ def _run_config(
 
     def argv_for(node: int, copy: int) -> list[str]:
         target = out if node == copy == 0 else out.with_suffix(f".node{node}_{copy}.json")
-        return [sys.executable, str(WORKER), *extra, *model_args, "--json", str(target)]
+        return [sys.executable, "-m", WORKER, *extra, *model_args, "--json", str(target)]
 
     # the floor: every rank trains alone, so start all of them; otherwise Lightning does
     copies = args.devices if config == "compute_floor" else 1
@@ -515,13 +508,13 @@ def _plots(rate: str, rows: list[dict[str, Any]], args: argparse.Namespace, logd
 
 
 def _report(args: argparse.Namespace, argv: list[str], steps: int, sections: list[dict[str, Any]]) -> str:
-    from benchmarks.cluster_worker import CONFIGS
+    from benchmarks.jobs.cluster_worker import CONFIGS
 
     params = sections[0]["params"]  # counted by the worker, not re-derived here
     lines = [
         f"# Emulated cluster, {datetime.date.today().isoformat()}",
         "",
-        f"- command: `python benchmarks/bench_cluster.py {' '.join(argv)}`",
+        f"- command: `python -m benchmarks.bench_cluster {' '.join(argv)}`",
         f"- machine: {machine_description()}",
         f"- {args.nodes} emulated nodes (network namespaces, veth + bridge, tc tbf on both ends),"
         f" {args.devices} process(es) per node, gloo",

@@ -1,15 +1,15 @@
 """Benchmark compressed communication (QSGD, MEM-SGD, DIANA, DORE, DoubleSqueeze) against uncompressed SGD.
 
 Two workloads, each run under every method with the same step budget, learning rate, batch and seed:
-the digits MLP (``examples/train_digits.py``) and a small CNN on synthetic 32x32x3 images
-(``examples/synthetic_cnn.py``). The baseline is Lightning's own ``DDPStrategy`` (SGD with an fp32
+the digits MLP (``benchmarks.jobs.digits``) and a small CNN on synthetic 32x32x3 images
+(``benchmarks.jobs.synthetic_cnn``). The baseline is Lightning's own ``DDPStrategy`` (SGD with an fp32
 gradient all-reduce every step, counted by ``CommunicationMonitor``'s DDP comm hook); the others are this
-package's compressed strategies with their default compressors (``train_digits.py --strategy ...``).
+package's compressed strategies with their default compressors (``benchmarks.jobs.digits --strategy ...``).
 DORE runs with its theory's rates (``--dore-rates theory``: alpha 1/(2(C+1)), beta 1/(C+1)) and DIANA with
 its default (alpha 1/(2(C+1))); DORE once more with the DORE paper's experimental rates (alpha 0.1, beta 1,
 eta 1; the strategy's default since they train faster), labelled as such (``--paper-rates``).
 
-Every run is a fresh subprocess (``benchmarks/harness.py``) with ``--trace`` and a validation every
+Every run is a fresh subprocess (``benchmarks/runner.py``) with ``--trace`` and a validation every
 ``--val-every`` steps. The tables compare, per workload: the bytes each rank sent in training rounds (the
 mean over the ranks: with a parameter server on rank 0 the ranks send different amounts), per step and as
 a ratio to DDP's; the busiest rank's ratio; the final smoothed training loss; the validation accuracy of
@@ -21,9 +21,9 @@ reach SGD's final loss and accuracy (the DORE paper's claim). They are printed a
 ``benchmarks/results/compression_<date>.md``, with PNG plots next to it (training loss vs bytes, log x;
 training loss vs steps). Usage::
 
-    python benchmarks/bench_compression.py                         # both workloads, 2 processes
-    python benchmarks/bench_compression.py --workloads digits --max-steps 600
-    python benchmarks/bench_compression.py --methods sgd dore mem_sgd --paper-rates dore diana
+    python -m benchmarks.bench_compression                         # both workloads, 2 processes
+    python -m benchmarks.bench_compression --workloads digits --max-steps 600
+    python -m benchmarks.bench_compression --methods sgd dore mem_sgd --paper-rates dore diana
 """
 
 from __future__ import annotations
@@ -39,22 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Run as ``python benchmarks/bench_compression.py``: make ``benchmarks`` importable as a package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_adacomm import moving_average  # noqa: E402
-from benchmarks.harness import (  # noqa: E402
-    REPO_ROOT,
-    TrainRunError,
-    add_training_args,
+from benchmarks.bench_adacomm import moving_average
+from benchmarks.results import (
     format_bytes,
     machine_description,
     markdown_table,
     matplotlib_missing,
     plots_note,
-    run_synthetic_cnn,
-    run_train_digits,
 )
+from benchmarks.runner import REPO_ROOT, JobError, add_training_args, run_digits, run_synthetic_cnn
 
 __all__ = [
     "METHODS",
@@ -88,7 +81,7 @@ class Method:
     args: tuple[str, ...]
 
 
-# The methods in table order, the baseline first. Compressor settings are train_digits.py's defaults
+# The methods in table order, the baseline first. Compressor settings are benchmarks.jobs.digits's defaults
 # (written out so that the table says what ran): inf-norm ternary quantizer over blocks of 256 (DORE,
 # DIANA), QSGD with 4 levels over buckets of 512, top 1% (MEM-SGD), scaled sign over blocks of 256.
 _DORE_ARGS = ("--strategy", "dore", "--compressor-block", "256", "--server", "rank0")
@@ -151,8 +144,10 @@ class Workload:
 
 
 WORKLOADS: dict[str, Workload] = {
-    "digits": Workload("digits", "digits MLP (train_digits.py)", run_train_digits),
-    "cnn": Workload("cnn", "small CNN on synthetic 32x32x3 images (synthetic_cnn.py)", run_synthetic_cnn),
+    "digits": Workload("digits", "digits MLP (jobs/digits.py)", run_digits),
+    "cnn": Workload(
+        "cnn", "small CNN on synthetic 32x32x3 images (jobs/synthetic_cnn.py)", run_synthetic_cnn
+    ),
 }
 
 
@@ -207,7 +202,7 @@ def loss_curve(trace: Sequence[dict[str, Any]], window: int) -> LossCurve:
     """The :class:`LossCurve` of a ``--trace`` trace; each value sits at the *last* step of its window
     (causal), so the curve starts at step ``window``. Bytes are the rows' ``mean_round_bytes_sent``
     (every rank's counts, gathered after fit), falling back to rank 0's ``round_bytes_sent``. A row
-    without a loss (``train_digits.py`` writes a NaN or inf loss as ``null``) ends the curve there.
+    without a loss (``benchmarks.jobs.digits`` writes a NaN or inf loss as ``null``) ends the curve there.
 
     Raises:
         ValueError: ``window`` < 1.
@@ -473,7 +468,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run these methods with the DORE paper's experiment rates, as extra rows (default: dore;"
         " the flag alone: none)",
     )
-    # Model, data and budget of the digits MLP; the CNN keeps synthetic_cnn.py's model and data defaults.
+    # Model, data and budget of the digits MLP; the CNN keeps its job's model and data defaults.
     add_training_args(parser, devices=2, max_steps=300)
     parser.add_argument(
         "--cnn-lr",
@@ -539,7 +534,7 @@ def _run_workload(args: argparse.Namespace, workload: Workload) -> dict[str, lis
     """Every method's runs of one workload, by label (repeats round-robin over the methods, so a slow
     spell of the machine hits all of them rather than all the repeats of one). A failed run of a
     compressed method (they raise on a non-finite gradient) is kept as ``{"error": ...}`` so that the
-    table says so; a failed baseline run raises :class:`TrainRunError`."""
+    table says so; a failed baseline run raises :class:`JobError`."""
     methods: list[Method] = args.method_list
     runs: dict[str, list[dict[str, Any]]] = {method.label: [] for method in methods}
     common = _common_args(args, workload.key)
@@ -552,7 +547,7 @@ def _run_workload(args: argparse.Namespace, workload: Workload) -> dict[str, lis
             )
             try:
                 runs[method.label].append(workload.runner([*method.args, *common], timeout_s=args.timeout))
-            except TrainRunError as err:
+            except JobError as err:
                 if method.key == BASELINE:
                     raise
                 print(f"bench: the {method.label} run failed: {err}", file=sys.stderr)
@@ -642,7 +637,7 @@ def _report(
 ) -> str:
     """The results file: how it was produced (``argv``), when (``date``, the start: the file's name has
     it too), on what, the tables and how to read them."""
-    command = " ".join(["python benchmarks/bench_compression.py", *argv])
+    command = " ".join(["python -m benchmarks.bench_compression", *argv])
     lines = [
         f"# Compressed communication vs SGD, {date.isoformat()}",
         "",
@@ -655,7 +650,7 @@ def _report(
         "Bytes are payload bytes sent in training rounds (ledger tags `ddp_gradients` for SGD,"
         " `compressed_gradient`/`server_gradient` for QSGD, MEM-SGD and DoubleSqueeze, `dore_gradient`/"
         "`dore_model` for DIANA and DORE), exact, per rank, averaged over the ranks (every rank's counts are"
-        " gathered after fit, outside the ledger): with `server=rank0` rank 0 only sends the model (DORE,"
+        " gathered after fit, outside the ledger): with `master=rank0` rank 0 only sends the model (DORE,"
         " DIANA) or the aggregate (DoubleSqueeze) down and the other ranks only their gradient payload up."
         " *Busiest rank*: the largest per-rank count, as a ratio to SGD's. Each compressed message carries"
         " one status byte (and rank 0's a verdict byte per rank), included. With 2 processes the ledger's"
@@ -699,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         workload = WORKLOADS[key]
         try:
             runs = _run_workload(args, workload)
-        except TrainRunError as err:
+        except JobError as err:
             print(f"bench: a {key} run failed: {err}", file=sys.stderr)
             return 1
         try:

@@ -4,16 +4,16 @@ Trains the digits MLP on 4 CPU processes (default) with the same communication p
 run: ``DecentralizedSGDStrategy`` gossiping over the ring, the 2-D torus (2x2 on 4 processes), the static
 and the one-peer exponential graphs and the complete graph; ``LocalSGDStrategy`` (an exact all-reduce
 average every tau steps) as the baseline; and ``ElasticAveragingStrategy`` (EASGD; ``--no-elastic`` leaves
-it out). Every run is ``examples/train_digits.py --trace`` in a fresh subprocess (through
-``benchmarks/harness.py``). The table compares the rounds, the bytes each rank sent in training rounds
+it out). Every run is ``benchmarks.jobs.digits --trace`` in a fresh subprocess (through
+``benchmarks/runner.py``). The table compares the rounds, the bytes each rank sent in training rounds
 (as payload, and as an estimate of what goes on the wire, where a ring all-reduce of ``n`` bytes sends
 ``2 (p-1)/p n``), the final smoothed training loss and the validation accuracy of the consensus model. It
 is printed and written to ``benchmarks/results/decentralized_<date>.md``, with PNG plots next to it (loss
 vs rounds, loss vs bytes). Usage::
 
-    python benchmarks/bench_decentralized.py                  # 4 processes, tau=4, all five topologies
-    python benchmarks/bench_decentralized.py --tau 1 --topologies ring exponential --no-elastic
-    python benchmarks/bench_decentralized.py --devices 9 --topologies ring torus --max-steps 300
+    python -m benchmarks.bench_decentralized                  # 4 processes, tau=4, all five topologies
+    python -m benchmarks.bench_decentralized --tau 1 --topologies ring exponential --no-elastic
+    python -m benchmarks.bench_decentralized --devices 9 --topologies ring torus --max-steps 300
 """
 
 from __future__ import annotations
@@ -29,21 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Run as ``python benchmarks/bench_decentralized.py``: make ``benchmarks`` importable as a package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_adacomm import moving_average  # noqa: E402
-from benchmarks.harness import (  # noqa: E402
-    REPO_ROOT,
-    TrainRunError,
-    add_training_args,
+from benchmarks.bench_adacomm import moving_average
+from benchmarks.results import (
     format_bytes,
     machine_description,
     markdown_table,
     matplotlib_missing,
     plots_note,
-    run_train_digits,
 )
+from benchmarks.runner import REPO_ROOT, JobError, add_training_args, run_digits
 
 __all__ = [
     "DEFAULT_TOPOLOGIES",
@@ -67,7 +61,7 @@ ELASTIC_LABEL = "elastic (EASGD)"
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One configuration: a label for tables and plots, its ``train_digits.py`` arguments, and its kind
+    """One configuration: a label for tables and plots, its ``benchmarks.jobs.digits`` arguments, and its kind
     (``"gossip"``, ``"allreduce"`` for the baseline, or ``"elastic"``)."""
 
     label: str
@@ -124,8 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--gossip-momentum",
-        choices=("mix", "local"),
-        default="mix",
+        choices=("average", "local"),
+        default="average",
         help="gossip: mix the momentum buffers with the models (as the baseline averages them) or not",
     )
     parser.add_argument("--no-elastic", dest="elastic", action="store_false", help="leave EASGD out")
@@ -171,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def smoothed_loss(trace: Sequence[dict[str, Any]], window: int) -> SmoothedLoss:
-    """The :class:`SmoothedLoss` of a ``train_digits.py --trace`` trace; each value sits at the *last*
+    """The :class:`SmoothedLoss` of a ``benchmarks.jobs.digits --trace`` trace; each value sits at the *last*
     step of its window (causal), so the curve starts at step ``window``."""
     if any(row["loss"] is None for row in trace):
         raise ValueError("the trace has steps without a loss; training_step must return the loss")
@@ -376,7 +370,7 @@ def _report(
     bench_s: float,
 ) -> str:
     """The results file: how it was produced (``argv``), on what, the table and how to read it."""
-    command = " ".join(["python benchmarks/bench_decentralized.py", *argv])
+    command = " ".join(["python -m benchmarks.bench_decentralized", *argv])
     p = args.devices
     lines = [
         f"# Decentralized SGD (gossip) vs all-reduce averaging, {datetime.date.today().isoformat()}",
@@ -439,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         for config in configs:
             print(f"[{config.label}] run {repeat + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
             try:
-                runs[config.label].append(run_train_digits([*config.args, *common], timeout_s=args.timeout))
-            except TrainRunError as err:
+                runs[config.label].append(run_digits([*config.args, *common], timeout_s=args.timeout))
+            except JobError as err:
                 print(f"bench: the {config.label} run failed: {err}", file=sys.stderr)
                 return 1
 

@@ -1,11 +1,11 @@
 """Benchmark Lightning's DDPStrategy against LocalSGDStrategy for several averaging periods tau.
 
 Every configuration trains the same model for the same number of optimizer steps, each run in a fresh
-subprocess (see ``benchmarks/harness.py``). The markdown table is printed and written to
+subprocess (see ``benchmarks/runner.py``). The markdown table is printed and written to
 ``benchmarks/results/local_sgd_<date>.md``. Usage::
 
-    python benchmarks/bench_local_sgd.py                       # DDP and tau in {1, 4, 8, 16}
-    python benchmarks/bench_local_sgd.py --taus 8 32 --repeats 3 --max-steps 600
+    python -m benchmarks.bench_local_sgd                       # DDP and tau in {1, 4, 8, 16}
+    python -m benchmarks.bench_local_sgd --taus 8 32 --repeats 3 --max-steps 600
 """
 
 from __future__ import annotations
@@ -17,18 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Run as ``python benchmarks/bench_local_sgd.py``: make ``benchmarks`` importable as a package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.harness import (  # noqa: E402
-    REPO_ROOT,
-    TrainRunError,
-    add_training_args,
-    format_bytes,
-    machine_description,
-    markdown_table,
-    run_train_digits,
-)
+from benchmarks.results import format_bytes, machine_description, markdown_table
+from benchmarks.runner import REPO_ROOT, JobError, add_training_args, run_digits
 
 __all__ = ["main", "parse_args", "results_table", "summarize"]
 
@@ -107,7 +97,7 @@ def results_table(rows: list[dict[str, Any]]) -> str:
 def _report(args: argparse.Namespace, argv: list[str], rows: list[dict[str, Any]], table: str) -> str:
     """The results file: how it was produced (``argv``), on what, and the table."""
     base = rows[0]
-    command = " ".join(["python benchmarks/bench_local_sgd.py", *argv])
+    command = " ".join(["python -m benchmarks.bench_local_sgd", *argv])
     return "\n".join(
         [
             f"# Local SGD vs DDP, {datetime.date.today().isoformat()}",
@@ -145,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             print(f"[{label}] run {repeat + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
             try:
-                runs.append(run_train_digits([*extra, *common], timeout_s=args.timeout))
-            except TrainRunError as err:
+                runs.append(run_digits([*extra, *common], timeout_s=args.timeout))
+            except JobError as err:
                 print(f"bench: the {label} run failed: {err}", file=sys.stderr)
                 return 1
         rows.append(summarize(runs))

@@ -13,83 +13,27 @@ every strategy hook) over the steps after a warm-up, for
 - ``overlap_2``: ``OverlapLocalSGDStrategy`` on two processes, likewise.
 
 Runs are interleaved and repeated (``--repeats``); the ratio to ``plain`` is the median over repeats.
-Usage: ``python benchmarks/bench_overhead.py [--steps 600 --repeats 3]``.
+Usage: ``python -m benchmarks.bench_overhead [--steps 600 --repeats 3]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.harness import BARE_TRAINER, REPO_ROOT, machine_description, markdown_table  # noqa: E402
-
-MODES = ("plain", "local_sgd_1", "local_sgd_2", "overlap_2")
-WARMUP = 50
-
-
-def child(mode: str, steps: int, hidden: int, out: str) -> None:
-    """One measured fit (runs in its own interpreter; the 2-process modes re-run it per rank)."""
-    import torch
-
-    torch.set_num_threads(1)
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
-
-    from lightning_commsgd import LocalSGDStrategy, OverlapLocalSGDStrategy
-    from lightning_commsgd.data import DigitsDataModule
-    from lightning_commsgd.models import MLPClassifier
-
-    class StepTimer(Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
-            self.times.append(time.perf_counter() - self._start)
-
-    L.seed_everything(0, verbose=False)
-    never = 10 * steps  # tau beyond the run: every measured step is a local step
-    strategy, devices = {
-        "plain": ("auto", 1),
-        "local_sgd_1": (LocalSGDStrategy(tau=never), 1),
-        "local_sgd_2": (LocalSGDStrategy(tau=never), 2),
-        "overlap_2": (OverlapLocalSGDStrategy(tau=never), 2),
-    }[mode]
-    timer = StepTimer()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        max_steps=steps,
-        callbacks=[timer],
-        **BARE_TRAINER,
-    )
-    trainer.fit(MLPClassifier(hidden=hidden, depth=3), DigitsDataModule(batch_size=32, repeat=16))
-    if trainer.global_rank == 0:
-        Path(out).write_text(json.dumps(timer.times[WARMUP:]))
+from benchmarks.jobs.overhead import MODES, WARMUP
+from benchmarks.results import machine_description, markdown_table
+from benchmarks.runner import REPO_ROOT, run_job
 
 
 def measure(mode: str, steps: int, hidden: int) -> float:
-    """Median seconds per training batch of one run of ``mode``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "times.json")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        cmd = [sys.executable, __file__, "--child", mode, "--steps", str(steps), "--hidden", str(hidden)]
-        subprocess.run([*cmd, "--out", out], check=True, env=env, capture_output=True, timeout=900)
-        return statistics.median(json.loads(Path(out).read_text()))
+    """Median seconds per training batch of one run of ``mode`` (the job ``benchmarks.jobs.overhead``)."""
+    args = ["--mode", mode, "--steps", str(steps), "--hidden", str(hidden)]
+    env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return statistics.median(run_job("benchmarks.jobs.overhead", args, timeout_s=900, env=env))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,14 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.steps <= WARMUP:
         ap.error(f"--steps must exceed the {WARMUP} warm-up steps")
-    if args.child:
-        child(args.child, args.steps, args.hidden, args.out)
-        return 0
     started = time.perf_counter()
     per_mode: dict[str, list[float]] = {m: [] for m in MODES}
     for _ in range(args.repeats):
@@ -129,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             f"# Per-step overhead of local steps, {today}",
             "",
-            f"- command: `python benchmarks/bench_overhead.py --steps {args.steps} --hidden {args.hidden}"
+            f"- command: `python -m benchmarks.bench_overhead --steps {args.steps} --hidden {args.hidden}"
             f" --repeats {args.repeats}` ({(time.perf_counter() - started) / 60:.1f} min)",
             f"- machine: {machine_description()}",
             f"- model: MLP hidden {args.hidden}, depth 3 on digits, batch 32, SGD; one thread per process;"

@@ -22,10 +22,10 @@ theory plus the measured overhead, and the training loss each variant reached at
 variant stopped (equal wall-clock). Printed and written to
 ``benchmarks/results/parameter_server_<date>.md`` with a PNG (training loss vs wall-clock). Usage::
 
-    python benchmarks/bench_parameter_server.py                      # P=4, 1/mu = 50 ms, ~8 s per variant
-    python benchmarks/bench_parameter_server.py --workers 8 --mean-delay-ms 20 --seconds 15
-    python benchmarks/bench_parameter_server.py --lr 0.8 --staleness-c 0.05   # where staleness hurts
-    python benchmarks/bench_parameter_server.py --quick              # a few seconds (the tests use it)
+    python -m benchmarks.bench_parameter_server                      # P=4, 1/mu = 50 ms, ~8 s per variant
+    python -m benchmarks.bench_parameter_server --workers 8 --mean-delay-ms 20 --seconds 15
+    python -m benchmarks.bench_parameter_server --lr 0.8 --staleness-c 0.05   # where staleness hurts
+    python -m benchmarks.bench_parameter_server --quick              # a few seconds (the tests use it)
 """
 
 from __future__ import annotations
@@ -43,9 +43,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as torch_mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.harness import machine_description, markdown_table, matplotlib_missing, plots_note  # noqa: E402
+from benchmarks.results import machine_description, markdown_table, matplotlib_missing, plots_note
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HIDDEN = 64

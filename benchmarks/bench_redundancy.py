@@ -4,7 +4,7 @@ RI-SGD (Haddadpour, Kamani, Mahdavi, Cadambe, ICML 2019, "Trading redundancy for
 SGD with periodic averaging where each of the p workers also holds a fraction mu of the whole dataset from
 its neighbours' shards; the paper claims that this redundancy lowers the residual error of local averaging
 on non-iid data, so that fewer rounds reach the same accuracy. This benchmark trains the digits MLP on 4
-CPU processes (default) with ``examples/train_digits.py --strategy local_sgd --non-iid`` (each rank's own
+CPU processes (default) with ``benchmarks.jobs.digits --strategy local_sgd --non-iid`` (each rank's own
 shard is one contiguous block of the label-sorted training set, about 2.5 of the 10 digits) and the same
 period tau and per-shard batch b for every mu in ``--mus`` (default 0, 0.25, 0.5). In stratified sampling
 (the reference's) a worker's batch takes b samples from each shard it holds, so it grows to about
@@ -12,8 +12,8 @@ period tau and per-shard batch b for every mu in ``--mus`` (default 0, 0.25, 0.5
 step and rank, no redundancy) separates "bigger batch" from "redundant data", and an *iid* run at mu = 0
 (no label skew) shows what the skew costs in the first place.
 
-Every run is ``train_digits.py --trace --val-every-steps K`` in a fresh subprocess (through
-``benchmarks/harness.py``): the consensus model (the average of the replicas) is validated every K steps.
+Every run is ``benchmarks.jobs.digits --trace --val-every-steps K`` in a fresh subprocess (through
+``benchmarks/runner.py``): the consensus model (the average of the replicas) is validated every K steps.
 The table gives the rounds, the bytes per rank, the samples per step and rank, the final and best
 validation loss and accuracy of the consensus model, the mean validation loss of the last quarter of the
 evaluations (the residual error the paper is about, less noisy than one evaluation), the rounds until the
@@ -24,10 +24,10 @@ and the comparisons say in how many seeds a run beat another. It is printed and 
 ``benchmarks/results/redundancy_<date>.md``, with PNG plots next to it (validation loss and accuracy vs
 rounds, first seed). Usage::
 
-    python benchmarks/bench_redundancy.py                     # 4 processes, tau=8, mu in {0, 0.25, 0.5}
-    python benchmarks/bench_redundancy.py --seeds 0 1 2       # the same, 3 seeds (about 12 min on 2 cores)
-    python benchmarks/bench_redundancy.py --mus 0 0.5 --no-iid --max-steps 300
-    python benchmarks/bench_redundancy.py --tau 16 --targets 0.9 0.95 0.97
+    python -m benchmarks.bench_redundancy                     # 4 processes, tau=8, mu in {0, 0.25, 0.5}
+    python -m benchmarks.bench_redundancy --seeds 0 1 2       # the same, 3 seeds (about 12 min on 2 cores)
+    python -m benchmarks.bench_redundancy --mus 0 0.5 --no-iid --max-steps 300
+    python -m benchmarks.bench_redundancy --tau 16 --targets 0.9 0.95 0.97
 """
 
 from __future__ import annotations
@@ -43,21 +43,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Run as ``python benchmarks/bench_redundancy.py``: make ``benchmarks`` importable as a package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_adacomm import moving_average  # noqa: E402
-from benchmarks.harness import (  # noqa: E402
-    REPO_ROOT,
-    TrainRunError,
-    add_training_args,
+from benchmarks.bench_adacomm import moving_average
+from benchmarks.results import (
     format_bytes,
     machine_description,
     markdown_table,
     matplotlib_missing,
     plots_note,
-    run_train_digits,
 )
+from benchmarks.runner import REPO_ROOT, JobError, add_training_args, run_digits
 
 __all__ = [
     "DEFAULT_MUS",
@@ -84,8 +78,8 @@ TAIL_FRACTION = 0.25
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One configuration: a label for tables and plots, its ``train_digits.py`` arguments, its kind (one
-    of :data:`KINDS`), its mu and its per-rank batch size in samples."""
+    """One configuration: a label for tables and plots, its digits job arguments, its kind (one of
+    :data:`KINDS`), its mu and its per-rank batch size in samples."""
 
     label: str
     args: tuple[str, ...]
@@ -236,7 +230,7 @@ def rounds_to_accuracy(val_trace: Sequence[dict[str, Any]], target: float) -> in
 
 
 def measure(run: dict[str, Any], window: int, targets: Sequence[float]) -> dict[str, Any]:
-    """One run's figures for the table, from the JSON ``train_digits.py`` wrote.
+    """One run's figures for the table, from the JSON ``benchmarks.jobs.digits`` wrote.
 
     ``tail_val_loss`` is the mean validation loss over the last :data:`TAIL_FRACTION` of the
     evaluations (at least one); ``to_target`` maps each target accuracy to the rounds of
@@ -247,7 +241,7 @@ def measure(run: dict[str, Any], window: int, targets: Sequence[float]) -> dict[
     """
     val_trace = run.get("val_trace")
     if not val_trace:
-        raise ValueError("the run has no val_trace; train_digits.py needs --val-every-steps")
+        raise ValueError("the run has no val_trace; benchmarks.jobs.digits needs --val-every-steps")
     tail = val_trace[-max(1, round(TAIL_FRACTION * len(val_trace))) :]
     losses = [row["loss"] for row in run["trace"]]
     smoothed = moving_average(losses, window)
@@ -470,7 +464,7 @@ def _report(
     bench_s: float,
 ) -> str:
     """The results file: how it was produced (``argv``), on what, the table and how to read it."""
-    command = " ".join(["python benchmarks/bench_redundancy.py", *argv])
+    command = " ".join(["python -m benchmarks.bench_redundancy", *argv])
     lines = [
         f"# RI-SGD: redundancy vs residual error on non-iid data, {datetime.date.today().isoformat()}",
         "",
@@ -483,7 +477,7 @@ def _report(
         f" {first_run['steps']} optimizer steps per run, a round every tau={args.tau} steps for every run,"
         f" seed(s) {', '.join(map(str, args.seeds))} x {args.repeats} run(s) per configuration, medians"
         " over all of them",
-        f"- non-iid: `train_digits.py --non-iid`: the training set sorted by label, rank j's own strided"
+        f"- non-iid: `jobs/digits.py --non-iid`: the training set sorted by label, rank j's own strided"
         f" shard is the j-th of {args.devices} contiguous blocks (about {10 / args.devices:g} digits each);"
         f" RI-SGD sampling `{args.sampling}` with b={args.batch_size} per shard held; the control is mu=0"
         " with the largest mu's samples per step; the iid run has no label skew (Lightning's"
@@ -550,10 +544,8 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 try:
-                    run = run_train_digits(
-                        [*config.args, *common, "--seed", str(seed)], timeout_s=args.timeout
-                    )
-                except TrainRunError as err:
+                    run = run_digits([*config.args, *common, "--seed", str(seed)], timeout_s=args.timeout)
+                except JobError as err:
                     print(f"bench: the {config.label} run failed: {err}", file=sys.stderr)
                     return 1
                 runs[config.label].append(run)

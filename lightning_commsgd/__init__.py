@@ -1,14 +1,35 @@
-"""lightning_commsgd: communication-efficient distributed SGD as PyTorch Lightning strategies.
+"""lightning_commsgd: communication-efficient distributed SGD for PyTorch Lightning, Fabric and plain PyTorch.
 
-Importing the package registers the strategy names with Lightning's ``StrategyRegistry``, so
-``Trainer(strategy="local_sgd")`` works.
+Layers (each imports only the ones below it):
+
+1. the pure core: ``algorithms`` (the protocol, every algorithm and its config), ``comm`` (the one place
+   that calls torch.distributed, counting bytes and rounds), ``compression``, ``payload``, ``schedules``,
+   ``topology``, ``samplers``, ``redundancy``, ``registry``; no Lightning import;
+2. the adapters: ``strategies`` (Lightning Trainer), ``fabric`` (Lightning Fabric), ``callbacks``, ``cli``.
+
+Importing the package registers every strategy name with Lightning's and Fabric's strategy registries when
+Lightning is installed (``Trainer(strategy="local_sgd")``); without Lightning the pure core still imports,
+and the adapter names raise an ImportError that says so.
 """
 
-from lightning.pytorch.strategies import StrategyRegistry
+from __future__ import annotations
 
-from lightning_commsgd.algorithms import PeriodicAverager
-from lightning_commsgd.algorithms.parameter_server import StalenessAwareLR
-from lightning_commsgd.callbacks import CommunicationMonitor
+from typing import Any
+
+from lightning_commsgd.algorithms import (
+    DIANA,
+    DORE,
+    AlgorithmConfig,
+    CommAlgorithm,
+    CompressedSGD,
+    DecentralizedSGD,
+    ElasticAveraging,
+    LocalSGD,
+    NonFiniteError,
+    OverlapLocalSGD,
+    PeriodicAverager,
+    StalenessAwareLR,
+)
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.compression import (
     QSGD,
@@ -20,6 +41,8 @@ from lightning_commsgd.compression import (
     TopK,
 )
 from lightning_commsgd.ledger import CommLedger
+from lightning_commsgd.redundancy import RedundancyInfusion
+from lightning_commsgd.registry import create_strategy
 from lightning_commsgd.schedules import (
     AdaComm,
     ConstantPeriod,
@@ -27,115 +50,85 @@ from lightning_commsgd.schedules import (
     PeriodSchedule,
     PostLocalSGD,
 )
-from lightning_commsgd.strategies import (
-    AsyncSGDStrategy,
-    CommunicationStrategy,
-    CompressedSGDStrategy,
-    DecentralizedSGDStrategy,
-    DianaStrategy,
-    DoubleResidualStrategy,
-    ElasticAveragingStrategy,
-    KSyncSGDStrategy,
-    LocalSGDStrategy,
-    OverlapLocalSGDStrategy,
-    ParameterServerStrategy,
-)
 from lightning_commsgd.topology import Topology, make_topology
 
+__version__ = "0.2.0"
+
 __all__ = [
+    "DIANA",
+    "DORE",
     "QSGD",
     "AdaComm",
-    "AsyncSGDStrategy",
+    "AlgorithmConfig",
+    "CommAlgorithm",
     "CommLedger",
-    "CommunicationMonitor",
-    "CommunicationStrategy",
     "Communicator",
-    "CompressedSGDStrategy",
+    "CompressedSGD",
     "Compressor",
-    "DianaStrategy",
-    "DoubleResidualStrategy",
     "ConstantPeriod",
-    "DecentralizedSGDStrategy",
-    "ElasticAveragingStrategy",
+    "DecentralizedSGD",
+    "ElasticAveraging",
     "Identity",
     "IncreasingPeriod",
-    "KSyncSGDStrategy",
-    "LocalSGDStrategy",
-    "OverlapLocalSGDStrategy",
+    "LocalSGD",
+    "NonFiniteError",
+    "OverlapLocalSGD",
     "PNormQuantizer",
-    "ParameterServerStrategy",
     "PeriodSchedule",
     "PeriodicAverager",
     "PostLocalSGD",
     "RandomK",
+    "RedundancyInfusion",
     "ScaledSign",
     "StalenessAwareLR",
     "TopK",
     "Topology",
+    "create_strategy",
     "make_topology",
-    "register_strategies",
+    "AsyncSGDStrategy",
+    "CommunicationMonitor",
+    "CommunicationStrategy",
+    "CompressedSGDStrategy",
+    "DecentralizedSGDStrategy",
+    "DianaStrategy",
+    "DoubleResidualStrategy",
+    "ElasticAveragingStrategy",
+    "KSyncSGDStrategy",
+    "LocalSGDStrategy",
+    "OverlapLocalSGDStrategy",
+    "ParameterServerStrategy",
 ]
 
-__version__ = "0.1.0"
+try:
+    import lightning  # noqa: F401  (the adapters need it; the core does not)
+except ImportError:
+    LIGHTNING_AVAILABLE = False
+else:
+    LIGHTNING_AVAILABLE = True
 
-
-def register_strategies() -> None:
-    """Register this package's strategy names with Lightning (idempotent; done on import)."""
-    entries = {
-        "local_sgd": (LocalSGDStrategy, "Local SGD, averaging params + momentum every 8 steps", {"tau": 8}),
-        "elastic_averaging": (ElasticAveragingStrategy, "EASGD, tau=4, alpha=2/(m+2)", {"tau": 4}),
-        "overlap_local_sgd": (
-            OverlapLocalSGDStrategy,
-            "Overlap Local-SGD: tau=8, the average runs behind the next 8 local steps, pull alpha=0.5",
-            {"tau": 8},
-        ),
-        "dore": (
-            DoubleResidualStrategy,
-            "DORE: inf-norm ternary quantization (blocks of 256) both ways, rank 0 as master, the paper's "
-            "rates alpha=0.1, beta=1, eta=1 (rates='theory' for the theorems')",
-            {"compressor": PNormQuantizer(float("inf"), 256)},
-        ),
-        "diana": (
-            DianaStrategy,
-            "DIANA: inf-norm quantized gradient residuals, uncompressed model",
-            {"compressor": PNormQuantizer(float("inf"), 256)},
-        ),
-        "qsgd": (
-            CompressedSGDStrategy,
-            "QSGD gradients, 4 levels, buckets of 512",
-            {"compressor": QSGD(4, 512)},
-        ),
-        "mem_sgd": (
-            CompressedSGDStrategy,
-            "MEM-SGD: top-1% gradients with error feedback",
-            {"compressor": TopK(0.01), "error_feedback": True},
-        ),
-        "double_squeeze": (
-            CompressedSGDStrategy,
-            "DoubleSqueeze: scaled sign (blocks of 256) with error feedback on workers and on rank 0",
-            {
-                "compressor": ScaledSign(256),
-                "error_feedback": True,
-                "server_compressor": ScaledSign(256),
-                "server": "rank0",
-            },
-        ),
-    }
-    entries["sync_sgd_ps"] = (KSyncSGDStrategy, "Synchronous SGD through a parameter server on rank 0", {})
-    entries["async_sgd"] = (
+if LIGHTNING_AVAILABLE:
+    # registers the names with Lightning's registries (Trainer(strategy="local_sgd")) as a side effect
+    import lightning_commsgd.fabric  # noqa: F401  (registers the Fabric strategies)
+    from lightning_commsgd.callbacks import CommunicationMonitor
+    from lightning_commsgd.strategies import (
         AsyncSGDStrategy,
-        "Asynchronous SGD (k=1) through a parameter server on rank 0",
-        {},
+        CommunicationStrategy,
+        CompressedSGDStrategy,
+        DecentralizedSGDStrategy,
+        DianaStrategy,
+        DoubleResidualStrategy,
+        ElasticAveragingStrategy,
+        KSyncSGDStrategy,
+        LocalSGDStrategy,
+        OverlapLocalSGDStrategy,
+        ParameterServerStrategy,
     )
-    for topology in ("ring", "torus", "exponential", "one_peer_exponential", "complete", "star"):
-        entries[f"gossip_{topology}"] = (
-            DecentralizedSGDStrategy,
-            f"Decentralized SGD (D-PSGD, tau=1) gossiping over a {topology.replace('_', ' ')} graph",
-            {"topology": topology, "tau": 1},
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:  # a public name not defined here: one of the adapters', without Lightning
+        raise ImportError(
+            f"lightning_commsgd.{name} needs Lightning (pip install 'lightning>=2.5'); the pure core "
+            "(lightning_commsgd.algorithms, comm, compression, ...) works without it."
         )
-    for name, (cls, description, init_params) in entries.items():
-        if name not in StrategyRegistry:
-            StrategyRegistry.register(name, cls, description=description, **init_params)
-
-
-register_strategies()
+    raise AttributeError(f"module 'lightning_commsgd' has no attribute {name!r}")

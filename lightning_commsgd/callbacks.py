@@ -12,9 +12,10 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_commsgd.comm import Communicator
+from lightning_commsgd.comm.ddp_baseline import counting_ddp_allreduce_hook
 from lightning_commsgd.ledger import CommLedger
-from lightning_commsgd.schedules import ConstantPeriod
 from lightning_commsgd.strategies.base import CommunicationStrategy
+from lightning_commsgd.strategies.process import ProcessGroupStrategy
 
 __all__ = ["CommunicationMonitor", "progress_bar_figures"]
 
@@ -99,13 +100,13 @@ class CommunicationMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._interval = self.logging_interval or max(1, int(trainer.log_every_n_steps))
         strategy = trainer.strategy
-        if isinstance(strategy, CommunicationStrategy):
+        if isinstance(strategy, ProcessGroupStrategy):  # the package's strategies, parameter servers included
             self._ledger = strategy.communicator.ledger
-            if strategy.algorithm is not None:
+            if isinstance(strategy, CommunicationStrategy) and strategy.algorithm is not None:
                 strategy.algorithm.consensus_every = self.consensus_every_n_rounds
         elif isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
             communicator = Communicator(device=strategy.root_device)
-            strategy.model.register_comm_hook(None, communicator.ddp_allreduce_hook)
+            strategy.model.register_comm_hook(None, counting_ddp_allreduce_hook(communicator))
             self._ledger = communicator.ledger
         else:
             if trainer.world_size > 1:
@@ -139,25 +140,23 @@ class CommunicationMonitor(Callback):
         steps = trainer.global_step - self._start[0]
         if steps > 0:
             metrics["comm/bytes_per_step"] = (ledger.bytes_sent - self._start[1]) / steps
-        algorithm = getattr(trainer.strategy, "algorithm", None)
-        uncompressed = getattr(algorithm, "uncompressed_bytes_per_step", None)
-        if uncompressed and "comm/bytes_per_step" in metrics:
-            metrics["comm/compression_ratio"] = metrics["comm/bytes_per_step"] / uncompressed
-        if algorithm is not None and hasattr(algorithm, "tau"):
-            metrics["comm/tau"] = float(algorithm.tau)
-        schedule = getattr(algorithm, "schedule", None)
-        if schedule is not None:
-            metrics.update({f"comm/{key}": value for key, value in schedule.metrics().items()})
-        consensus = getattr(algorithm, "last_consensus", None)
-        if consensus is not None and consensus[0] != self._logged_consensus_step:
-            self._logged_consensus_step = consensus[0]
-            metrics["comm/consensus_distance"] = consensus[1]
-        if getattr(algorithm, "on_nonfinite", None) == "skip" or ledger.skipped_replicas:
+        strategy = trainer.strategy
+        algorithm = strategy.algorithm if isinstance(strategy, CommunicationStrategy) else None
+        if algorithm is not None:
+            uncompressed = algorithm.uncompressed_bytes_per_step
+            if uncompressed and "comm/bytes_per_step" in metrics:
+                metrics["comm/compression_ratio"] = metrics["comm/bytes_per_step"] / uncompressed
+            metrics.update({f"comm/{key}": value for key, value in algorithm.metrics().items()})
+            consensus = algorithm.last_consensus
+            if consensus is not None and consensus[0] != self._logged_consensus_step:
+                self._logged_consensus_step = consensus[0]
+                metrics["comm/consensus_distance"] = consensus[1]
+        if (algorithm is not None and algorithm.on_nonfinite == "skip") or ledger.skipped_replicas:
             metrics["comm/skipped_replicas"] = float(ledger.skipped_replicas)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
         if self.prog_bar and trainer.progress_bar_callback is not None:
             pl_module.log_dict(
-                progress_bar_figures(metrics, schedule),
+                progress_bar_figures(metrics, algorithm is not None and algorithm.adaptive_period),
                 on_step=True,
                 on_epoch=False,
                 prog_bar=True,
@@ -166,11 +165,11 @@ class CommunicationMonitor(Callback):
             )
 
 
-def progress_bar_figures(metrics: dict[str, float], schedule: Any = None) -> dict[str, float]:
+def progress_bar_figures(metrics: dict[str, float], adaptive_period: bool = False) -> dict[str, float]:
     """The few figures the progress bar shows, from the logged ``metrics``: megabytes sent, the algorithm's
-    rounds, tau when a schedule varies it, and skipped replicas once there are any."""
+    rounds, tau when a schedule varies it (``adaptive_period``), and skipped replicas once there are any."""
     figures = {"MB_sent": metrics["comm/bytes_sent"] / 1e6, "rounds": metrics["comm/rounds"]}
-    if "comm/tau" in metrics and schedule is not None and not isinstance(schedule, ConstantPeriod):
+    if "comm/tau" in metrics and adaptive_period:
         figures["tau"] = metrics["comm/tau"]
     if metrics.get("comm/skipped_replicas"):
         figures["skipped"] = metrics["comm/skipped_replicas"]

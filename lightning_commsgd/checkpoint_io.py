@@ -30,6 +30,8 @@ from typing import Any
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from typing_extensions import override
 
+from lightning_commsgd.internals import weights_only_kwargs
+
 __all__ = ["AtomicCheckpointIO", "DamagedCheckpointError", "verify_checkpoint"]
 
 _TMP_MARK = ".tmp-"
@@ -108,7 +110,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if _is_local(path):
             verify_checkpoint(Path(path).expanduser())
         try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+            kwargs = weights_only_kwargs(weights_only)  # Lightning 2.6+ takes it
+            return super().load_checkpoint(path, map_location=map_location, **kwargs)
         except FileNotFoundError:
             raise
         except Exception as error:  # a damage the CRCs cannot see (e.g. a pickle that no longer parses)

@@ -1,4 +1,4 @@
-"""``commsgd``: LightningCLI with this package's strategies, models and data modules importable.
+"""``commsgd``: LightningCLI with this package's strategies registered; models and data come from the config.
 
 Where a run writes: the shipped configs log with ``CSVLogger`` to ``lightning_logs/<config name>/version_N/``
 (``metrics.csv``, with the ``CommunicationMonitor``'s ``comm/*`` columns), and the run's full ``config.yaml``
@@ -204,7 +204,8 @@ class CommSGDCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point: ``commsgd fit --config configs/local_sgd.yaml [--trainer.strategy.tau=16]``.
+    """Entry point: ``commsgd fit --config my_config.yaml [--trainer.strategy.tau=16]`` (the shipped digits
+    configs run through ``python examples/digits/cli.py``, whose folder holds their model and data).
 
     A refused argument prints ``commsgd: error: <class>: <message>`` on stderr and exits with status 2.
     """

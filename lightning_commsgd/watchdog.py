@@ -35,6 +35,7 @@ The store client's operations are serialised by torch, so the thread and the tra
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import sys
@@ -162,13 +163,18 @@ class FailureWatchdog:
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Publish a first heartbeat and start the thread."""
+        """Publish a first heartbeat and start the thread. The thread is stopped at interpreter exit too (a
+        watchdog thread still running while the interpreter finalizes can abort the process with
+        "terminate called without an active exception"; seen once in a few runs of a Fabric script that
+        never tore down)."""
         self._publish()
         self._thread = threading.Thread(target=self._run, name="commsgd-watchdog", daemon=True)
         self._thread.start()
+        atexit.register(self.stop)
 
     def stop(self) -> None:
         """Stop the thread (the run ended on this rank, normally or by an error it raised)."""
+        atexit.unregister(self.stop)
         self._stop.set()
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():

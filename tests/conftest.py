@@ -12,6 +12,9 @@ torch.set_num_threads(1)
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
+DIGITS_DIR = REPO_ROOT / "examples" / "digits"
+#: the configs' LightningCLI entry point: commsgd's CLI with the digits example's model and data importable
+DIGITS_CLI = DIGITS_DIR / "cli.py"
 
 
 _RENDEZVOUS_VARIABLES = (
@@ -72,3 +75,19 @@ def run_worker(tmp_path):
         return [torch.load(f, weights_only=False) for f in files]
 
     return run
+
+
+@pytest.fixture
+def digits_example(monkeypatch):
+    """The digits example's ``model`` and ``data`` importable as the configs name them
+    (``model.MLPClassifier``, ``data.DigitsDataModule``), as ``examples/digits/cli.py`` sees them, for a test
+    that parses a config in-process. The one ``sys.path`` edit this needs stays within the test (monkeypatch
+    undoes it), as do the top-level ``model``/``data`` modules: ``examples/cifar10`` has modules of the same
+    names."""
+    names = ("model", "data")
+    for name in names:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(DIGITS_DIR))
+    yield
+    for name in names:  # the digits ones; monkeypatch then puts back what was there before
+        sys.modules.pop(name, None)

@@ -26,20 +26,18 @@ import atexit
 import json
 import os
 import signal
-import sys
 import time
 
 import torch
 
 torch.set_num_threads(1)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lightning as L  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lightning_commsgd import AsyncSGDStrategy, KSyncSGDStrategy, LocalSGDStrategy  # noqa: E402
+from lightning_commsgd import create_strategy  # noqa: E402
 
 ARMED = {"round": False}
 
@@ -129,11 +127,12 @@ class Net(L.LightningModule):
 
 
 def make_strategy(args: argparse.Namespace):
+    """The package's one factory (lightning_commsgd.registry), with this test's settings."""
     if args.strategy == "async":
-        return AsyncSGDStrategy(k=args.k or 1, sync_timeout=args.sync_timeout)
+        return create_strategy("async_sgd", k=args.k or 1, sync_timeout=args.sync_timeout)
     if args.strategy == "ksync":
-        return KSyncSGDStrategy(k=args.k, sync_timeout=args.sync_timeout)
-    return LocalSGDStrategy(tau=4, sync_timeout=args.sync_timeout, on_nonfinite=args.on_nonfinite)
+        return create_strategy("ksync_sgd", k=args.k, sync_timeout=args.sync_timeout)
+    return create_strategy("local_sgd", tau=4, sync_timeout=args.sync_timeout, on_nonfinite=args.on_nonfinite)
 
 
 def report_group_at_exit(out: str) -> None:

@@ -27,7 +27,7 @@ def cases_for(world_size: int) -> list[dict[str, Any]]:
     if int(world_size**0.5) ** 2 == world_size and world_size >= 4:
         names.append("torus")
     cases = [
-        {"kind": "gossip", "topology": n, "momentum": "mix" if i % 2 == 0 else "local"}
+        {"kind": "gossip", "topology": n, "momentum": "average" if i % 2 == 0 else "local"}
         for i, n in enumerate(names)
     ]
     return cases + [{"kind": "elastic", "alpha": None}]
@@ -132,7 +132,7 @@ def dense_gossip(world_size: int, topology_name: str, momentum: str) -> list[lis
                 _assign(list(tensors), _columns(list(tensors)) @ w)
             for tensors in zip(*[[b for b in m.buffers() if torch.is_floating_point(b)] for m in models]):
                 _assign(list(tensors), _columns(list(tensors)) @ w)
-            if momentum == "mix":
+            if momentum == "average":
                 for params in zip(*[list(m.parameters()) for m in models]):
                     bufs = [opt.state[p]["momentum_buffer"] for opt, p in zip(optimizers, params)]
                     _assign(bufs, _columns(bufs) @ w)

@@ -17,7 +17,6 @@ import threading
 import torch
 
 torch.set_num_threads(1)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lightning as L  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -29,19 +28,12 @@ from toy_problem import BATCH_SIZE, make_dataset, make_net, mse  # noqa: E402
 from lightning_commsgd import (  # noqa: E402
     QSGD,
     AdaComm,
-    AsyncSGDStrategy,
     CommunicationMonitor,
-    CompressedSGDStrategy,
-    DecentralizedSGDStrategy,
-    DianaStrategy,
-    DoubleResidualStrategy,
-    ElasticAveragingStrategy,
-    KSyncSGDStrategy,
-    LocalSGDStrategy,
-    OverlapLocalSGDStrategy,
     PNormQuantizer,
+    RedundancyInfusion,
     ScaledSign,
     TopK,
+    create_strategy,
 )
 
 CALLS: list[dict] = []
@@ -191,25 +183,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--devices", type=int, default=2)
-    ap.add_argument(
-        "--strategy",
-        default="local_sgd",
-        choices=[
-            "local_sgd",
-            "ddp",
-            "gossip",
-            "elastic",
-            "dore",
-            "diana",
-            "qsgd",
-            "mem_sgd",
-            "double_squeeze",
-            "overlap",
-            "ksync",
-            "async",
-        ],
-    )
-    ap.add_argument("--server", default="rank0")
+    # "ddp" (Lightning's DDPStrategy) or a name of lightning_commsgd.registry
+    ap.add_argument("--strategy", default="local_sgd")
+    ap.add_argument("--master", default="rank0", help="DORE/DIANA: rank0 | replicated")
     ap.add_argument("--overlap-alpha", type=float, default=0.5)
     ap.add_argument("--correction", default="pull")
     ap.add_argument("--anchor-momentum", type=float, default=0.0)
@@ -218,7 +194,7 @@ def main() -> None:
     ap.add_argument("--redundancy", type=float, default=None)
     ap.add_argument("--sampling", default=None)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="one b per rank")
-    ap.add_argument("--weights", default="uniform")
+    ap.add_argument("--replica-weights", default="uniform")
     ap.add_argument("--payload-dtype", default=None)
     ap.add_argument("--global-every", type=int, default=1)
     ap.add_argument("--group-size", type=int, default=None)
@@ -254,71 +230,66 @@ def main() -> None:
 
     L.seed_everything(0, verbose=False)
     rank = int(os.environ.get("LOCAL_RANK", 0))  # popen children know their rank here; others use 0
-    # RI-SGD options for every strategy of the package (each takes them through CommunicationStrategy)
+    # not given: Lightning's sampler (any RI-SGD option, mu = 0 included, selects the strided shards)
+    redundancy = None
+    ri_sgd = (args.sampling, args.batch_sizes, args.original_world_size, args.failed_workers)
+    if args.redundancy is not None or any(ri_sgd):
+        redundancy = RedundancyInfusion(
+            mu=args.redundancy or 0.0,
+            sampling=args.sampling or "stratified",
+            batch_sizes=args.batch_sizes,
+            original_world_size=args.original_world_size,
+            failed_workers=args.failed_workers,
+        )
     ours = {
         "start_method": args.start_method,
-        "redundancy": args.redundancy,
-        "sampling": args.sampling,
+        "redundancy": redundancy,
         "check_replicas": args.check_replicas,
+        "eval_on": args.eval_on,
+    }
+    tau = AdaComm(tau0=args.tau, interval_steps=args.adacomm_interval) if args.adacomm_interval else args.tau
+    per_strategy = {
+        "ksync_sgd": {"k": args.k, "server": args.ps_server, "start_method": args.start_method},
+        "async_sgd": {
+            "k": args.k or 1,
+            "variant": args.variant,
+            "straggler_mu": args.straggler_mu,
+            "start_method": args.start_method,
+        },
+        "decentralized_sgd": {"topology": args.topology, "tau": args.tau, "momentum": args.momentum, **ours},
+        "overlap_local_sgd": {
+            "tau": args.tau,
+            "alpha": args.overlap_alpha,
+            "anchor_momentum": args.anchor_momentum,
+            "payload_dtype": args.payload_dtype,
+            "correction": args.correction,
+            **ours,
+        },
+        "elastic_averaging": {"tau": args.tau, **ours},
+        "dore": {"compressor": PNormQuantizer(float("inf"), 16), "master": args.master, **ours},
+        "diana": {"compressor": PNormQuantizer(float("inf"), 16), "master": args.master, **ours},
+        "double_squeeze": {
+            "compressor": ScaledSign(16),
+            "server_compressor": ScaledSign(16),
+            "master": "rank0",
+            **ours,
+        },
+        "qsgd": {"compressor": QSGD(2, 32), **ours},
+        "mem_sgd": {"compressor": TopK(0.2), **ours},
+        "local_sgd": {
+            "tau": tau,
+            "momentum": args.momentum,
+            "replica_weights": args.replica_weights,
+            "payload_dtype": args.payload_dtype,
+            "global_every": args.global_every,
+            "group_size": args.group_size,
+            **ours,
+        },
     }
     if args.strategy == "ddp":
         strategy = DDPStrategy(start_method=args.start_method)
-    elif args.strategy == "ksync":
-        strategy = KSyncSGDStrategy(k=args.k, server=args.ps_server, start_method=args.start_method)
-    elif args.strategy == "async":
-        strategy = AsyncSGDStrategy(
-            k=args.k or 1,
-            variant=args.variant,
-            straggler_mu=args.straggler_mu,
-            start_method=args.start_method,
-        )
-    elif args.strategy == "gossip":
-        strategy = DecentralizedSGDStrategy(
-            topology=args.topology, tau=args.tau, momentum=args.momentum, **ours
-        )
-    elif args.strategy == "overlap":
-        strategy = OverlapLocalSGDStrategy(
-            tau=args.tau,
-            alpha=args.overlap_alpha,
-            anchor_momentum=args.anchor_momentum,
-            payload_dtype=args.payload_dtype,
-            correction=args.correction,
-            **ours,
-        )
-    elif args.strategy == "elastic":
-        strategy = ElasticAveragingStrategy(tau=args.tau, **ours)
-    elif args.strategy in ("dore", "diana"):
-        cls = DoubleResidualStrategy if args.strategy == "dore" else DianaStrategy
-        strategy = cls(PNormQuantizer(float("inf"), 16), server=args.server, **ours)
-    elif args.strategy == "double_squeeze":
-        strategy = CompressedSGDStrategy(
-            ScaledSign(16), error_feedback=True, server_compressor=ScaledSign(16), server="rank0", **ours
-        )
-    elif args.strategy in ("qsgd", "mem_sgd"):
-        compressor = QSGD(2, 32) if args.strategy == "qsgd" else TopK(0.2)
-        strategy = CompressedSGDStrategy(compressor, error_feedback=args.strategy == "mem_sgd", **ours)
-    else:
-        tau = (
-            AdaComm(tau0=args.tau, interval_steps=args.adacomm_interval)
-            if args.adacomm_interval
-            else args.tau
-        )
-        strategy = LocalSGDStrategy(
-            tau=tau,
-            momentum=args.momentum,
-            start_method=args.start_method,
-            eval_on=args.eval_on,
-            redundancy=args.redundancy,
-            sampling=args.sampling,
-            batch_sizes=args.batch_sizes,
-            weights=args.weights,
-            payload_dtype=args.payload_dtype,
-            global_every=args.global_every,
-            group_size=args.group_size,
-            original_world_size=args.original_world_size,
-            failed_workers=args.failed_workers,
-            check_replicas=args.check_replicas,
-        )
+    else:  # the package's one factory, with this test's settings
+        strategy = create_strategy(args.strategy, **per_strategy[args.strategy])
     callbacks = [
         Recorder(args.out),
         # every step: the tests read each step's ledger values from the logged metrics

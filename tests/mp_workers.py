@@ -297,7 +297,7 @@ def nonfinite_round_worker(rank: int, world_size: int, kind: str) -> dict[str, A
     the average arrives (the next round) for overlap. (Not in the first round: with a rounded payload,
     rank 1 would stop before the others' first round creates the background group, and without the
     strategies' watchdog they would wait for it.)"""
-    from lightning_commsgd.algorithms import OverlapLocalSGD
+    from lightning_commsgd.algorithms import OverlapAverager
     from lightning_commsgd.algorithms.elastic import ElasticAverager
 
     torch.manual_seed(0)
@@ -307,7 +307,7 @@ def nonfinite_round_worker(rank: int, world_size: int, kind: str) -> dict[str, A
     if kind == "elastic":
         algorithm = ElasticAverager(model, [optimizer], comm, tau=1)
     else:
-        algorithm = OverlapLocalSGD(model, [optimizer], comm, tau=1, alpha=0.5, payload_dtype=kind or None)
+        algorithm = OverlapAverager(model, [optimizer], comm, tau=1, alpha=0.5, payload_dtype=kind or None)
     rounds_ok = 0
     for step in range(4):
         model(torch.randn(4, 3) + rank).square().sum().backward()

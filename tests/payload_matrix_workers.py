@@ -1,7 +1,7 @@
 """Workers of the optimizer x payload x momentum matrix (``test_payload_matrix.py``).
 
 Every combination trains the same small classifier (64 -> 32 -> BatchNorm -> 10, on standardised digits-like
-data) on 2 gloo ranks, through the pure algorithms (:class:`PeriodicAverager`, :class:`OverlapLocalSGD`) that
+data) on 2 gloo ranks, through the pure algorithms (:class:`PeriodicAverager`, :class:`OverlapAverager`) that
 ``LocalSGDStrategy`` and ``OverlapLocalSGDStrategy`` run; after ``finalize`` it reports the consensus model's
 loss on the whole data set, and how many optimizer-state values are non-positive where they must be positive.
 One process group serves every combination, so the matrix costs one spawn.
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_commsgd.algorithms import OverlapLocalSGD, PeriodicAverager
+from lightning_commsgd.algorithms import OverlapAverager, PeriodicAverager
 from lightning_commsgd.comm import Communicator
 
 __all__ = ["MATRIX_OPTIMIZERS", "make_classifier", "make_data", "make_optimizer", "matrix_worker"]
@@ -74,7 +74,7 @@ def _train(rank: int, case: dict[str, Any], x: Tensor, y: Tensor, steps: int, ta
             model, [optimizer], comm, tau=tau, momentum=case["momentum"], payload_dtype=case["payload"]
         )
     else:
-        algorithm = OverlapLocalSGD(
+        algorithm = OverlapAverager(
             model, [optimizer], comm, tau=tau, momentum=case["momentum"], payload_dtype=case["payload"]
         )
     shard = torch.arange(rank, N_SAMPLES, 2)

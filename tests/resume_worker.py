@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
 torch.set_num_threads(1)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
@@ -43,6 +41,7 @@ from lightning_commsgd import (  # noqa: E402
     OverlapLocalSGDStrategy,
     PNormQuantizer,
     PostLocalSGD,
+    RedundancyInfusion,
     ScaledSign,
     TopK,
 )
@@ -59,7 +58,7 @@ CONFIGS = {
     "local_sgd_int4": (lambda: LocalSGDStrategy(tau=4, payload_dtype="int4"), [6]),
     # hierarchical rounds (blocks of 1 rank, every 2nd round global) and sample-weighted rounds
     "hierarchical": (lambda: LocalSGDStrategy(tau=2, global_every=2, group_size=1), [3, 5]),
-    "weighted": (lambda: LocalSGDStrategy(tau=4, weights="samples"), [3, 6]),
+    "weighted": (lambda: LocalSGDStrategy(tau=4, replica_weights="samples"), [3, 6]),
     "local_sgd_bf16": (lambda: LocalSGDStrategy(tau=4, payload_dtype="bf16", momentum="zero"), [4, 7]),
     # AdaComm decides every 3 steps from the losses (decisions after rounds at steps >= 3, 6, 9)
     "adacomm": (lambda: LocalSGDStrategy(tau=AdaComm(tau0=2, interval_steps=3)), [2, 3, 6, 7]),
@@ -77,23 +76,26 @@ CONFIGS = {
     ),
     "overlap_cocod": (lambda: OverlapLocalSGDStrategy(tau=4, correction="cocod"), [4, 6]),
     # compression residuals (worker h_i, server h, model error e)
-    "dore": (lambda: DoubleResidualStrategy(PNormQuantizer(float("inf"), 16), server="rank0"), [2, 6]),
+    "dore": (lambda: DoubleResidualStrategy(PNormQuantizer(float("inf"), 16), master="rank0"), [2, 6]),
     "dore_replicated": (
-        lambda: DoubleResidualStrategy(PNormQuantizer(float("inf"), 16), server="replicated"),
+        lambda: DoubleResidualStrategy(PNormQuantizer(float("inf"), 16), master="replicated"),
         [3],
     ),
     "diana": (lambda: DianaStrategy(PNormQuantizer(float("inf"), 16)), [3]),
     "mem_sgd": (lambda: CompressedSGDStrategy(TopK(0.2), error_feedback=True), [3, 7]),
     "double_squeeze": (
         lambda: CompressedSGDStrategy(
-            ScaledSign(16), error_feedback=True, server_compressor=ScaledSign(16), server="rank0"
+            ScaledSign(16), error_feedback=True, server_compressor=ScaledSign(16), master="rank0"
         ),
         [3],
     ),
     "qsgd": (lambda: CompressedSGDStrategy(QSGD(2, 32)), [3]),
     # RI-SGD's own sampler, mid-epoch
     "ri_sgd": (lambda: LocalSGDStrategy(tau=4, redundancy=1 / 3), [3, 7]),
-    "ri_sgd_union": (lambda: LocalSGDStrategy(tau=4, redundancy=2 / 3, sampling="union"), [6]),
+    "ri_sgd_union": (
+        lambda: LocalSGDStrategy(tau=4, redundancy=RedundancyInfusion(mu=2 / 3, sampling="union")),
+        [6],
+    ),
 }
 
 

@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import os
 import re
-import sys
-from pathlib import Path
 
 import pytest
 from lightning.pytorch.strategies import DDPStrategy
+from test_emulated_cluster import require_emulated_cluster
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from test_emulated_cluster import require_emulated_cluster  # noqa: E402
-
-from benchmarks import bench_cluster, emulated_cluster  # noqa: E402
-from benchmarks.cluster_worker import CONFIGS, build_strategy  # noqa: E402
-from benchmarks.emulated_cluster import ClusterUnavailable  # noqa: E402
-from lightning_commsgd import LocalSGDStrategy, OverlapLocalSGDStrategy  # noqa: E402
+# the repository root is on the path in-process (pytest's pythonpath in pyproject.toml)
+from benchmarks import bench_cluster, emulated_cluster
+from benchmarks.emulated_cluster import ClusterUnavailable
+from benchmarks.jobs.cluster_worker import CONFIGS, build_strategy
+from lightning_commsgd import LocalSGDStrategy, OverlapLocalSGDStrategy
 
 
 def test_steps_per_epoch_follows_the_padded_distributed_sampler():

@@ -1,82 +1,65 @@
-"""The compression benchmark's pieces: train_digits' compressed-strategy options, the synthetic CNN
-workload, and the benchmark's pure helpers (no processes started here; test_examples.py runs the
-script)."""
+"""The compression benchmark's pieces: the digits job's compressed-strategy options, the synthetic CNN
+job, and the benchmark's pure helpers (no processes started here; test_bench_jobs.py runs the jobs)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from types import ModuleType
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 
+# the repository root is on the path in-process (pytest's pythonpath in pyproject.toml)
+from benchmarks import bench_compression, tracing
+from benchmarks.jobs import digits, synthetic_cnn
 from lightning_commsgd import CompressedSGDStrategy, DianaStrategy, DoubleResidualStrategy, ScaledSign, TopK
 
 
-def _load(name: str, relative: str) -> ModuleType:
-    """Import a script of the repository (examples/, benchmarks/) as a module."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # bench_compression imports the benchmarks package
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / relative)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # Registered first: dataclasses look their module up in sys.modules while the class is created.
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def train_digits() -> ModuleType:
-    return _load("train_digits_compression_under_test", "examples/train_digits.py")
+def digits_job() -> ModuleType:
+    return digits
 
 
 @pytest.fixture(scope="module")
 def cnn() -> ModuleType:
-    return _load("synthetic_cnn_under_test", "examples/synthetic_cnn.py")
+    return synthetic_cnn
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    return _load("bench_compression_under_test", "benchmarks/bench_compression.py")
+    return bench_compression
 
 
-# -- train_digits.py: the compressed strategies ---------------------------------------------------------
-def test_build_strategy_makes_every_compressed_strategy(train_digits):
-    options = train_digits.CompressionOptions(block=64, topk_ratio=0.05, alpha=0.1, beta=1.0, seed=3)
-    dore = train_digits.build_strategy("dore", 1, compression=options)
-    theory = train_digits.CompressionOptions(beta=1.0, rates="theory")
-    with pytest.warns(UserWarning, match="beta=1.0 exceeds"):  # the paper's beta is outside the theory
-        assert train_digits.build_strategy("dore", 1, compression=theory).rates == "theory"
-    assert isinstance(dore, DoubleResidualStrategy) and dore.server == "rank0"
-    assert dore.compressor.block_size == 64 and (dore.alpha, dore.beta, dore.eta, dore.seed) == (
-        0.1,
-        1.0,
-        1.0,
-        3,
-    )
-    diana = train_digits.build_strategy("diana", 1, compression=options)
-    assert isinstance(diana, DianaStrategy) and (diana.beta, diana.eta) == (1.0, 0.0)
-    mem = train_digits.build_strategy("mem_sgd", 1, compression=options)
-    assert isinstance(mem, CompressedSGDStrategy) and mem.error_feedback and mem.server == "replicated"
+# -- digits_job.py: the compressed strategies ---------------------------------------------------------
+def test_build_strategy_makes_every_compressed_strategy(digits_job):
+    options = digits_job.CompressionOptions(block=64, topk_ratio=0.05, alpha=0.1, beta=1.0, seed=3)
+    dore = digits_job.build_strategy("dore", 1, compression=options)
+    theory = digits_job.CompressionOptions(beta=1.0, rates="theory")
+    # the paper's beta is outside the theory
+    with pytest.warns(UserWarning, match=r"model_rate=1.0 \(beta\) exceeds"):
+        assert digits_job.build_strategy("dore", 1, compression=theory).rates == "theory"
+    assert isinstance(dore, DoubleResidualStrategy) and dore.master == "rank0"
+    rates = (dore.shift_rate, dore.model_rate, dore.error_weight, dore.seed)
+    assert dore.compressor.block_size == 64 and rates == (0.1, 1.0, 1.0, 3)
+    diana = digits_job.build_strategy("diana", 1, compression=options)
+    assert isinstance(diana, DianaStrategy) and (diana.model_rate, diana.error_weight) == (1.0, 0.0)
+    mem = digits_job.build_strategy("mem_sgd", 1, compression=options)
+    assert isinstance(mem, CompressedSGDStrategy) and mem.error_feedback and mem.master == "replicated"
     assert isinstance(mem.compressor, TopK) and mem.compressor.ratio == 0.05
-    squeeze = train_digits.build_strategy("double_squeeze", 1, compression=options)
-    assert isinstance(squeeze.server_compressor, ScaledSign) and squeeze.server == "rank0"
-    qsgd = train_digits.build_strategy("qsgd", 1)  # the defaults: 4 levels over buckets of 512
+    squeeze = digits_job.build_strategy("double_squeeze", 1, compression=options)
+    assert isinstance(squeeze.server_compressor, ScaledSign) and squeeze.master == "rank0"
+    qsgd = digits_job.build_strategy("qsgd", 1)  # the defaults: 4 levels over buckets of 512
     assert (qsgd.compressor.levels, qsgd.compressor.bucket_size, qsgd.error_feedback) == (4, 512, False)
-    assert not set(train_digits.COMPRESSED_STRATEGIES) & set(train_digits.PERIODIC_STRATEGIES)
-    assert all(name in train_digits.ROUND_TAGS for name in train_digits.STRATEGIES)
+    assert not set(digits_job.COMPRESSED_STRATEGIES) & set(digits_job.PERIODIC_STRATEGIES)
+    assert all(name in digits_job.ROUND_TAGS for name in digits_job.STRATEGIES)
 
 
-def test_train_digits_fills_the_compression_defaults(train_digits):
-    args = train_digits.parse_args(["--strategy", "double_squeeze"])
+def test_digits_job_fills_the_compression_defaults(digits_job):
+    args = digits_job.parse_args(["--strategy", "double_squeeze"])
     assert args.server == "rank0" and args.compressor_block is None  # the default block is filled later
-    assert train_digits.CompressionOptions.from_args(args).block == train_digits.DEFAULT_COMPRESSOR_BLOCK
-    assert train_digits.parse_args(["--strategy", "qsgd"]).server == "replicated"
-    assert train_digits.parse_args(["--strategy", "ddp"]).server is None
+    assert digits_job.CompressionOptions.from_args(args).block == digits_job.DEFAULT_COMPRESSOR_BLOCK
+    assert digits_job.parse_args(["--strategy", "qsgd"]).server == "replicated"
+    assert digits_job.parse_args(["--strategy", "ddp"]).server is None
 
 
 @pytest.mark.parametrize(
@@ -94,14 +77,14 @@ def test_train_digits_fills_the_compression_defaults(train_digits):
         (["--strategy", "dore", "--schedule", "adacomm"], "--schedule adacomm needs"),
     ],
 )
-def test_train_digits_refuses_bad_compression_options(train_digits, capsys, argv, message):
+def test_digits_job_refuses_bad_compression_options(digits_job, capsys, argv, message):
     with pytest.raises(SystemExit):
-        train_digits.parse_args(argv)
+        digits_job.parse_args(argv)
     assert message in capsys.readouterr().err
 
 
-def test_step_trace_adds_the_means_over_the_ranks(train_digits):
-    trace = train_digits.StepTrace(monitor=None, round_tags=("up", "down"))
+def test_step_trace_adds_the_means_over_the_ranks():
+    trace = tracing.StepTrace(monitor=None, round_tags=("up", "down"))
     trace.rows = [{"step": 1, "round_bytes_sent": 10}, {"step": 2, "round_bytes_sent": 20}]
     trace.add_rank_means([[(1, 12, 10), (2, 24, 20)], [(1, 4, 2), (2, 8, 4)]])
     assert [
@@ -114,7 +97,7 @@ def test_step_trace_adds_the_means_over_the_ranks(train_digits):
         trace.add_rank_means([[(1, 0, 0), (3, 0, 0)]])
 
 
-# -- synthetic_cnn.py --------------------------------------------------------------------------------
+# -- the synthetic CNN job ---------------------------------------------------------------------------
 def test_synthetic_images_are_deterministic_standardised_and_shifted_prototypes(cnn):
     prototypes = cnn.make_prototypes(0)
     assert prototypes.shape == (10, 3, 32, 32)

@@ -1,5 +1,5 @@
-"""benchmarks/bench_parameter_server.py: the runtime theory it prints beside the measurements, and a
-quick real run (2 workers + a server) that must print a row per variant."""
+"""``python -m benchmarks.bench_parameter_server``: the runtime theory it prints beside the measurements,
+and a quick real run (2 workers + a server) that must print a row per variant."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import sys
 
 import pytest
 from conftest import REPO_ROOT
-from test_redundancy_bench import _load
 
-bench = _load("bench_parameter_server", "benchmarks/bench_parameter_server.py")
+from benchmarks import bench_parameter_server as bench
 
 
 def test_expected_time_per_update_is_the_papers_order_statistics():
@@ -37,7 +36,7 @@ def test_loss_at_reads_the_latest_model_before_the_time():
 @pytest.mark.multiprocess
 def test_quick_run_prints_a_row_per_variant():
     proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_parameter_server.py"), "--quick"],
+        [sys.executable, "-m", "benchmarks.bench_parameter_server", "--quick"],
         capture_output=True, text=True, timeout=240, cwd=REPO_ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -25,6 +25,8 @@ from lightning_commsgd import CommunicationStrategy
 CIFAR_DIR = REPO_ROOT / "examples" / "cifar10"
 CONFIGS = sorted((REPO_ROOT / "configs" / "cifar10").glob("*.yaml"))
 # The configs name the classes as the script sees them (its folder first on sys.path): data.*, model.*.
+# Stays: the configs parsed below must resolve to these very modules (tests/conftest.py's digits_example
+# fixture swaps in the digits example's modules of the same names for its tests, and back).
 sys.path.insert(0, str(CIFAR_DIR))
 import data as cifar_data  # noqa: E402
 import model as cifar_model  # noqa: E402

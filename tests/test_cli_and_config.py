@@ -9,17 +9,26 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TESTS_DIR, run_script
+from conftest import DIGITS_CLI, REPO_ROOT, TESTS_DIR, run_script
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_commsgd import CommunicationMonitor, LocalSGDStrategy, OverlapLocalSGDStrategy
-from lightning_commsgd.data import DigitsDataModule
-from lightning_commsgd.models import MLPClassifier
+from examples.digits.data import DigitsDataModule
+from examples.digits.model import MLPClassifier
+from lightning_commsgd import (
+    CommunicationMonitor,
+    LocalSGDStrategy,
+    OverlapLocalSGDStrategy,
+    RedundancyInfusion,
+)
 
 CONFIG = REPO_ROOT / "configs" / "local_sgd.yaml"
+# The configs name the digits example's classes as model.MLPClassifier and data.DigitsDataModule: the
+# in-process CLI runs below see them as examples/digits/cli.py does.
+pytestmark = pytest.mark.usefixtures("digits_example")
 
 
+@pytest.mark.lightning_smoke
 def test_registry_name_gives_local_sgd_with_default_tau():
     assert "local_sgd" in StrategyRegistry
     trainer = Trainer(strategy="local_sgd", accelerator="cpu", devices=2, logger=False)
@@ -30,8 +39,7 @@ def test_registry_name_gives_local_sgd_with_default_tau():
 def test_cli_override_reaches_the_strategy():
     out = run_script(
         [
-            "-m",
-            "lightning_commsgd.cli",
+            str(DIGITS_CLI),
             "fit",
             "--config",
             str(CONFIG),
@@ -44,10 +52,11 @@ def test_cli_override_reaches_the_strategy():
 
 
 @pytest.mark.multiprocess
+@pytest.mark.lightning_smoke
 def test_cli_fit_runs_two_processes_with_overridden_tau(tmp_path):
     run_script(
         [
-            "-m", "lightning_commsgd.cli", "fit", "--config", str(CONFIG),
+            str(DIGITS_CLI), "fit", "--config", str(CONFIG),
             "--trainer.strategy.tau=16", "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1",
             "--trainer.enable_progress_bar=false",
             "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
@@ -72,29 +81,46 @@ def test_cli_fit_runs_two_processes_with_overridden_tau(tmp_path):
         ({"tau": True}, TypeError, "tau"),
         ({"momentum": "nesterov"}, ValueError, "momentum"),
         ({"eval_on": "global"}, ValueError, "eval_on"),
-        ({"weights": "batch"}, ValueError, "weights"),
+        ({"replica_weights": "batch"}, ValueError, "replica_weights"),
+        ({"weights": "samples"}, TypeError, "unexpected argument 'weights'; did you mean 'replica_weights'"),
         ({"check_replicas": "yes"}, TypeError, "check_replicas"),
         ({"payload_dtype": "int2"}, ValueError, "payload_dtype"),
         ({"payload_dtype": torch.bfloat16}, ValueError, "payload_dtype"),
         ({"global_every": 0}, ValueError, "global_every"),
         ({"global_every": 2, "group_size": 0}, ValueError, "group_size"),
         ({"global_every": 2, "payload_dtype": "bf16"}, ValueError, "payload_dtype"),
-        ({"payload_dtype": "bf16", "weights": "samples"}, ValueError, "payload_dtype"),
+        ({"payload_dtype": "bf16", "replica_weights": "samples"}, ValueError, "payload_dtype"),
         ({"redundancy": -0.1}, ValueError, "redundancy"),
         ({"redundancy": 1.0}, ValueError, "redundancy"),
         ({"redundancy": float("nan")}, ValueError, "redundancy"),
-        ({"redundancy": "0.25"}, ValueError, "redundancy"),
-        ({"sampling": "random"}, ValueError, "sampling"),
-        ({"min_coverage": 1.5}, ValueError, "min_coverage"),
-        ({"original_world_size": 0}, ValueError, "original_world_size"),
-        ({"batch_sizes": []}, ValueError, "batch_sizes"),
-        ({"batch_sizes": [4, 0]}, ValueError, "batch_sizes"),
-        ({"batch_sizes": [4, 2.5]}, ValueError, "batch_sizes"),
+        ({"redundancy": "0.25"}, TypeError, "redundancy"),
+        # the RI-SGD options are one argument now: the old names are refused, naming it
+        ({"sampling": "union"}, TypeError, "unexpected argument 'sampling'"),
+        ({"batch_sizes": [4, 4]}, TypeError, "unexpected argument 'batch_sizes'"),
     ],
 )
 def test_bad_strategy_arguments_fail_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         LocalSGDStrategy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mu": -0.1}, "redundancy"),
+        ({"mu": 1.0}, "redundancy"),
+        ({"sampling": "random"}, "sampling"),
+        ({"min_coverage": 1.5}, "min_coverage"),
+        ({"original_world_size": 0}, "original_world_size"),
+        ({"batch_sizes": []}, "batch_sizes"),
+        ({"batch_sizes": [4, 0]}, "batch_sizes"),
+        ({"batch_sizes": [4, 2.5]}, "batch_sizes"),
+    ],
+)
+def test_bad_redundancy_arguments_fail_at_construction(kwargs, match):
+    """RI-SGD's options, one ``RedundancyInfusion``: checked when it is made, before any strategy."""
+    with pytest.raises(ValueError, match=match):
+        LocalSGDStrategy(redundancy=RedundancyInfusion(**kwargs))
 
 
 @pytest.mark.parametrize(
@@ -135,6 +161,7 @@ def test_monitor_logs_at_the_trainers_interval_by_default(interval, expected):
     assert model.logged_at == expected
 
 
+@pytest.mark.lightning_smoke
 def test_sync_batchnorm_refused_when_the_trainer_is_built():
     with pytest.raises(ValueError, match="sync_batchnorm"):
         Trainer(strategy=LocalSGDStrategy(), sync_batchnorm=True, accelerator="cpu", devices=2, logger=False)
@@ -144,9 +171,15 @@ def test_sync_batchnorm_refused_when_the_trainer_is_built():
     ("kwargs", "match"),
     [
         ({"redundancy": 0.75}, r"\[0, 1 - 1/p\] = \[0, 0.5\]"),  # p = 2
-        ({"batch_sizes": [4, 4, 4]}, "3 per-rank batch sizes, but this run has 2"),
-        ({"original_world_size": 3, "failed_workers": [0, 1]}, "leaves 1 workers, but this run has 2"),
-        ({"original_world_size": 3, "failed_workers": [3]}, "failed_workers"),
+        (
+            {"redundancy": RedundancyInfusion(batch_sizes=[4, 4, 4])},
+            "3 per-rank batch sizes, but this run has 2",
+        ),
+        (
+            {"redundancy": RedundancyInfusion(original_world_size=3, failed_workers=[0, 1])},
+            "leaves 1 workers, but this run has 2",
+        ),
+        ({"redundancy": RedundancyInfusion(original_world_size=3, failed_workers=[3])}, "failed_workers"),
         ({"global_every": 2, "group_size": 3}, r"`group_size` \(3\) must divide the world size \(2\)"),
     ],
 )
@@ -170,10 +203,12 @@ def test_unaverageable_optimizer_state_fails_on_every_rank_without_hanging(tmp_p
 def test_unaverageable_optimizer_is_refused_before_the_first_collective(monkeypatch, tmp_path):
     """RMSprop with momentum='average': the TypeError comes right after configure_optimizers, before the
     setup broadcast (the first collective), naming the optimizer and the two alternatives."""
-    from lightning_commsgd.strategies.base import CommunicationStrategy
-
     broadcasts = []
-    monkeypatch.setattr(CommunicationStrategy, "_broadcast_module_state", lambda self: broadcasts.append(1))
+    # the strategy's setup broadcast of x_0 (the first collective)
+    monkeypatch.setattr(
+        "lightning_commsgd.strategies.process.broadcast_module_state",
+        lambda module, communicator: broadcasts.append(1),
+    )
 
     class RMSpropModel(MLPClassifier):
         def configure_optimizers(self):
@@ -246,13 +281,13 @@ def test_overlap_registered_name():
 
 # -- the CLI: where a run writes, and what a bad value prints ---------------------------------------------
 def _cli_subprocess(args: list[str], cwd) -> subprocess.CompletedProcess:  # noqa: ANN001
-    """``python -m lightning_commsgd.cli *args`` in ``cwd``, whatever its exit status; without the rendezvous
+    """``python examples/digits/cli.py *args`` in ``cwd``, whatever its exit status; without the rendezvous
     variables an in-process Trainer of an earlier test may have left in ``os.environ`` (its port in use)."""
     launch = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"}
     env = {k: v for k, v in os.environ.items() if k not in launch}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return subprocess.run(
-        [sys.executable, "-m", "lightning_commsgd.cli", *args],
+        [sys.executable, str(DIGITS_CLI), *args],
         capture_output=True, text=True, timeout=240, env=env, cwd=cwd,
     )  # fmt: skip
 

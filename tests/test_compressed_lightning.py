@@ -26,6 +26,7 @@ from lightning_commsgd import (
     TopK,
 )
 from lightning_commsgd.algorithms import DoubleResidualCompression
+from lightning_commsgd.algorithms.protocol import World
 from lightning_commsgd.comm import Communicator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,13 +50,13 @@ def _max_diff(records, reference):
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    ("strategy", "server", "world_size"),
+    ("strategy", "master", "world_size"),
     [("dore", "rank0", 2), ("dore", "replicated", 3), ("diana", "rank0", 2)],
 )
-def test_dore_and_diana_match_the_reference(run_worker, tmp_path, strategy, server, world_size):
+def test_dore_and_diana_match_the_reference(run_worker, tmp_path, strategy, master, world_size):
     steps = 9
     records = run_worker(
-        "--strategy", strategy, "--server", server, "--devices", str(world_size), "--max-steps", str(steps),
+        "--strategy", strategy, "--master", master, "--devices", str(world_size), "--max-steps", str(steps),
         out=tmp_path / "run",
     )  # fmt: skip
     diana = strategy == "diana"
@@ -75,12 +76,12 @@ def test_dore_and_diana_match_the_reference(run_worker, tmp_path, strategy, serv
             per_step.setdefault(call["step"], []).append((call["fn"], call["bytes"]))
         assert sorted(per_step) == list(range(steps))
         for calls in per_step.values():
-            if server == "rank0":
+            if master == "rank0":
                 assert calls == [("gather", payload + 1), ("broadcast", model_payload + world_size + 1)]
             else:
                 assert calls == [("all_gather", payload + 1)]
         assert torch.equal(rec["final_params"], records[0]["final_params"])
-    if server == "rank0":
+    if master == "rank0":
         # the monitor's ratio on rank 0 (the master sends the model residual each step)
         ratio = records[0]["logged"]["comm/compression_ratio"][-1]
         assert ratio == pytest.approx((model_payload + world_size + 1) / (4 * NUMEL))
@@ -117,30 +118,30 @@ def test_registered_names():
     mem = Trainer(strategy="mem_sgd", accelerator="cpu", devices=2, logger=False).strategy
     assert isinstance(mem.compressor, TopK) and mem.error_feedback
     squeeze = Trainer(strategy="double_squeeze", accelerator="cpu", devices=2, logger=False).strategy
-    assert isinstance(squeeze.server_compressor, ScaledSign) and squeeze.server == "rank0"
+    assert isinstance(squeeze.server_compressor, ScaledSign) and squeeze.master == "rank0"
 
 
 @pytest.mark.parametrize(
     ("config", "override", "check"),
     [
-        ("dore.yaml", "--trainer.strategy.server=replicated",
-         lambda s: isinstance(s, DoubleResidualStrategy) and s.server == "replicated"
+        ("dore.yaml", "--trainer.strategy.master=replicated",
+         lambda s: isinstance(s, DoubleResidualStrategy) and s.master == "replicated"
          and isinstance(s.compressor, PNormQuantizer) and s.compressor.block_size == 256),
         ("dore.yaml", "--trainer.strategy.rates=theory",
-         lambda s: isinstance(s, DoubleResidualStrategy) and s.rates == "theory" and s.alpha is None),
-        ("diana.yaml", "--trainer.strategy.alpha=0.1",
-         lambda s: isinstance(s, DianaStrategy) and s.alpha == 0.1
+         lambda s: isinstance(s, DoubleResidualStrategy) and s.rates == "theory" and s.shift_rate is None),
+        ("diana.yaml", "--trainer.strategy.shift_rate=0.1",
+         lambda s: isinstance(s, DianaStrategy) and s.shift_rate == 0.1
          and isinstance(s.model_compressor, Identity)),
         ("qsgd.yaml", "--trainer.strategy.compressor.init_args.levels=8",
          lambda s: isinstance(s.compressor, QSGD) and s.compressor.levels == 8 and not s.error_feedback),
-        ("double_squeeze.yaml", "--trainer.strategy.server=replicated",
-         lambda s: isinstance(s.server_compressor, ScaledSign) and s.server == "replicated"
+        ("double_squeeze.yaml", "--trainer.strategy.master=replicated",
+         lambda s: isinstance(s.server_compressor, ScaledSign) and s.master == "replicated"
          and s.error_feedback),
         ("mem_sgd.yaml", "--trainer.strategy.compressor.init_args.ratio=0.05",
          lambda s: isinstance(s.compressor, TopK) and s.compressor.ratio == 0.05 and s.error_feedback),
     ],
 )  # fmt: skip
-def test_yaml_configs_instantiate(config, override, check):
+def test_yaml_configs_instantiate(config, override, check, digits_example):
     cli = LightningCLI(
         LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
         args=["--config", str(REPO_ROOT / "configs" / config), override],
@@ -152,19 +153,19 @@ def test_yaml_configs_instantiate(config, override, check):
     ("build", "error", "match"),
     [
         (lambda: DoubleResidualStrategy("pnorm"), TypeError, "compressor"),
-        (lambda: DoubleResidualStrategy(PNORM, server="master"), ValueError, "server"),
-        (lambda: DoubleResidualStrategy(PNORM, alpha=-0.1), ValueError, "alpha"),
-        (lambda: DoubleResidualStrategy(PNORM, alpha=float("nan")), ValueError, "alpha"),
-        (lambda: DoubleResidualStrategy(PNORM, beta=0.0), ValueError, "beta"),
-        (lambda: DoubleResidualStrategy(PNORM, beta=1.5), ValueError, "beta"),
-        (lambda: DoubleResidualStrategy(PNORM, eta=-1.0), ValueError, "eta"),
+        (lambda: DoubleResidualStrategy(PNORM, master="master"), ValueError, "master"),
+        (lambda: DoubleResidualStrategy(PNORM, shift_rate=-0.1), ValueError, "shift_rate"),
+        (lambda: DoubleResidualStrategy(PNORM, shift_rate=float("nan")), ValueError, "shift_rate"),
+        (lambda: DoubleResidualStrategy(PNORM, model_rate=0.0), ValueError, "model_rate"),
+        (lambda: DoubleResidualStrategy(PNORM, model_rate=1.5), ValueError, "model_rate"),
+        (lambda: DoubleResidualStrategy(PNORM, error_weight=-1.0), ValueError, "error_weight"),
         (lambda: DoubleResidualStrategy(TopK(0.1), rates="theory"), ValueError, "biased"),
         (lambda: DoubleResidualStrategy(PNORM, rates="fast"), ValueError, "rates"),
         (lambda: DoubleResidualStrategy(PNORM, model_compressor=3), TypeError, "model_compressor"),
         (lambda: CompressedSGDStrategy(TopK(0.1), error_feedback="yes"), TypeError, "error_feedback"),
         (lambda: CompressedSGDStrategy(None), TypeError, "compressor"),
         (lambda: CompressedSGDStrategy(TopK(0.1), server_compressor="sign"), TypeError, "server_compressor"),
-        (lambda: CompressedSGDStrategy(TopK(0.1), server="ps"), ValueError, "server"),
+        (lambda: CompressedSGDStrategy(TopK(0.1), master="ps"), ValueError, "master"),
     ],
 )
 def test_bad_arguments_fail_at_construction(build, error, match):
@@ -173,21 +174,23 @@ def test_bad_arguments_fail_at_construction(build, error, match):
 
 
 def test_rates_outside_the_theory_warn():
-    with pytest.warns(UserWarning, match="alpha"):
-        DoubleResidualStrategy(PNORM, alpha=0.9, rates="theory")  # 1/(C+1) = 0.4 for blocks of 16
-    with pytest.warns(UserWarning, match="beta"):
-        DoubleResidualStrategy(PNORM, beta=1.0, rates="theory")
+    with pytest.warns(UserWarning, match="shift_rate"):
+        DoubleResidualStrategy(PNORM, shift_rate=0.9, rates="theory")  # 1/(C+1) = 0.4 for blocks of 16
+    with pytest.warns(UserWarning, match="model_rate"):
+        DoubleResidualStrategy(PNORM, model_rate=1.0, rates="theory")
     with warnings.catch_warnings():  # the paper's rates are outside the theorems by design: no warning
         warnings.simplefilter("error")
         DoubleResidualStrategy(PNORM)
-        DoubleResidualStrategy(PNORM, alpha=0.3, beta=1.0)
-        DoubleResidualStrategy(TopK(0.1), alpha=0.1, beta=0.5, rates="theory")  # biased: explicit rates
+        DoubleResidualStrategy(PNORM, shift_rate=0.3, model_rate=1.0)
+        # biased: explicit rates
+        DoubleResidualStrategy(TopK(0.1), shift_rate=0.1, model_rate=0.5, rates="theory")
         DoubleResidualStrategy(TopK(0.1))  # the paper's rates need no variance constant
 
 
 def _dore_algorithm(strategy: DoubleResidualStrategy) -> DoubleResidualCompression:
     net = make_net(100)
-    return strategy.build_algorithm(net, [torch.optim.SGD(net.parameters(), lr=0.1)], Communicator())
+    optimizers = [torch.optim.SGD(net.parameters(), lr=0.1)]
+    return strategy.algorithm_config.build(net, optimizers, Communicator(), World(1))
 
 
 def test_dore_defaults_are_the_papers_rates_and_the_theorys_are_one_switch_away():
@@ -200,7 +203,7 @@ def test_dore_defaults_are_the_papers_rates_and_the_theorys_are_one_switch_away(
     assert registered.rates == "paper" and _dore_algorithm(registered).beta == 1.0
     theory = _dore_algorithm(DoubleResidualStrategy(PNORM, rates="theory"))
     assert (theory.alpha, theory.beta, theory.eta) == (pytest.approx(1 / 5), pytest.approx(1 / 2.5), 1.0)
-    mixed = _dore_algorithm(DoubleResidualStrategy(PNORM, rates="theory", beta=0.3))
+    mixed = _dore_algorithm(DoubleResidualStrategy(PNORM, rates="theory", model_rate=0.3))
     assert (mixed.alpha, mixed.beta) == (pytest.approx(1 / 5), 0.3)
     net = make_net(100)  # the plain-PyTorch algorithm has the same defaults
     plain = DoubleResidualCompression([torch.optim.SGD(net.parameters(), lr=0.1)], Communicator(), PNORM)

@@ -1,5 +1,6 @@
 """Every YAML in configs/ parses with the CLI and builds its strategy; every SLURM template and the
-launcher-free recipe call the CLI with a config that exists and flags that parse."""
+launcher-free recipe call the CLI (``examples/digits/cli.py``) with a config that exists and flags that
+parse."""
 
 from __future__ import annotations
 
@@ -14,12 +15,17 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 
-from lightning_commsgd import CommunicationStrategy
+from lightning_commsgd import CommunicationStrategy, ParameterServerStrategy
+
+# the package's strategies: the named ones and the parameter-server family (siblings on the process base)
+OURS = (CommunicationStrategy, ParameterServerStrategy)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 ALL_CONFIGS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))  # configs/cifar10/ too
 SBATCH = sorted((REPO_ROOT / "examples" / "slurm").glob("*.sbatch"))
+# how the launcher scripts run the configs: commsgd's CLI with the digits example's model and data
+CLI_FIT = "python examples/digits/cli.py fit"
 
 
 def _cli(args: list[str]) -> LightningCLI:
@@ -36,14 +42,14 @@ def test_there_is_a_config_per_strategy_family():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_config_instantiates_its_strategy(config):
+def test_every_config_instantiates_its_strategy(config, digits_example):
     trainer = _cli(["--config", str(config)]).trainer
     strategy = trainer.strategy
     assert isinstance(trainer.logger, CSVLogger) and trainer.logger.name == config.stem
     if config.stem == "ddp_baseline":
         assert type(strategy) is DDPStrategy
     else:
-        assert isinstance(strategy, CommunicationStrategy)
+        assert isinstance(strategy, OURS)
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))
@@ -60,13 +66,13 @@ def test_every_config_logs_to_a_csv_logger_under_lightning_logs(config):
 
 
 def _srun_args(text: str) -> list[str]:
-    """The arguments after ``commsgd fit`` of a launcher script, on a CPU test machine: 1 node,
-    4 devices (a square, for the torus), accelerator cpu."""
+    """The arguments after ``python examples/digits/cli.py fit`` of a launcher script, on a CPU test
+    machine: 1 node, 4 devices (a square, for the torus), accelerator cpu."""
     joined = re.sub(r"\\\n\s*", " ", text)
     line = next(
-        line for line in joined.splitlines() if "commsgd fit" in line and not line.lstrip().startswith("#")
+        line for line in joined.splitlines() if CLI_FIT in line and not line.lstrip().startswith("#")
     )
-    args = shlex.split(line.split("commsgd fit", 1)[1])
+    args = shlex.split(line.split(CLI_FIT, 1)[1])
     out = []
     for arg in args:
         if arg == "$@":  # the recipe forwards extra flags
@@ -84,7 +90,7 @@ def _srun_args(text: str) -> list[str]:
 @pytest.mark.parametrize(
     "script", [*SBATCH, REPO_ROOT / "examples" / "slurm" / "multinode_without_slurm.sh"], ids=lambda p: p.name
 )
-def test_launcher_scripts_call_the_cli_with_flags_that_parse(script):
+def test_launcher_scripts_call_the_cli_with_flags_that_parse(script, digits_example):
     text = script.read_text()
     assert text.startswith("#!/bin/bash")
     args = _srun_args(text)
@@ -92,6 +98,6 @@ def test_launcher_scripts_call_the_cli_with_flags_that_parse(script):
     assert config.exists(), config
     args[args.index("--config") + 1] = str(config)
     cli = _cli(args)
-    assert isinstance(cli.trainer.strategy, CommunicationStrategy)
+    assert isinstance(cli.trainer.strategy, OURS)
     if script.suffix == ".sbatch":
-        assert "srun commsgd fit" in text and "#SBATCH --ntasks-per-node" in text
+        assert f"srun {CLI_FIT}" in text and "#SBATCH --ntasks-per-node" in text

@@ -28,8 +28,9 @@ def test_registered_elastic_name():
 
 
 def test_user_matrix_is_resolved_for_the_world_size():
-    trainer = _trainer(DecentralizedSGDStrategy(topology=[[0.5, 0.5], [0.5, 0.5]]), 2)
-    assert trainer.strategy._resolved_topology.world_size == 2
+    strategy = _trainer(DecentralizedSGDStrategy(topology=[[0.5, 0.5], [0.5, 0.5]]), 2).strategy
+    assert strategy.world.size == 2
+    assert strategy.algorithm_config.resolve_topology(strategy.world).world_size == 2
 
 
 @pytest.mark.parametrize(
@@ -40,7 +41,7 @@ def test_user_matrix_is_resolved_for_the_world_size():
         ({"topology": [[0.5, 0.5], [0.5, 0.5]]}, 3, ValueError, "world size"),
         ({"topology": [[0.9, 0.5], [0.1, 0.5]]}, 2, ValueError, "doubly stochastic"),
         ({"topology": [[1.0, 0.0], [0.0, 1.0]]}, 2, ValueError, "not connected"),
-        ({"topology": "star", "weights": "uniform"}, 4, ValueError, "regular"),
+        ({"topology": "star", "edge_weights": "uniform"}, 4, ValueError, "regular"),
     ],
 )
 def test_bad_topology_fails_while_the_trainer_is_built(kwargs, devices, error, match):
@@ -53,7 +54,9 @@ def test_bad_topology_fails_while_the_trainer_is_built(kwargs, devices, error, m
     [
         ({"tau": 0}, ValueError, "tau"),
         ({"tau": 1.5}, TypeError, "tau"),
-        ({"momentum": "average"}, ValueError, "momentum"),
+        ({"momentum": "zero"}, ValueError, "momentum"),
+        ({"momentum": "mix"}, ValueError, "momentum"),  # 0.1's name of "average"
+        ({"weights": "uniform"}, TypeError, "unexpected argument 'weights'"),
     ],
 )
 def test_bad_decentralized_arguments(kwargs, error, match):
@@ -92,7 +95,7 @@ def test_elastic_alpha_outside_the_stable_range_for_the_world_size():
          lambda s: isinstance(s, ElasticAveragingStrategy) and s.alpha == 0.3),
     ],
 )  # fmt: skip
-def test_yaml_configs_instantiate(config, override, check):
+def test_yaml_configs_instantiate(config, override, check, digits_example):
     cli = LightningCLI(
         LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
         args=["--config", str(REPO_ROOT / "configs" / config), override],

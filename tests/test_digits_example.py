@@ -7,7 +7,7 @@ import re
 import pytest
 from conftest import REPO_ROOT, run_script
 
-from lightning_commsgd.models import MLPClassifier
+from examples.digits.model import MLPClassifier
 
 pytestmark = pytest.mark.multiprocess
 

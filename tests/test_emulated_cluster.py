@@ -9,15 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from benchmarks import emulated_cluster  # noqa: E402
-from benchmarks.emulated_cluster import (  # noqa: E402
+# the repository root is on the path in-process (pytest's pythonpath in pyproject.toml)
+from benchmarks import emulated_cluster
+from benchmarks.emulated_cluster import (
     SBIN_DIRS,
     ClusterUnavailable,
     EmulatedCluster,
@@ -118,13 +116,14 @@ def test_rate_limited_allreduce_between_namespaces_and_cleanup():
 def test_namespaces_are_removed_when_the_owner_gets_sigterm():
     require_emulated_cluster()
     code = (
-        f"import sys, time; sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+        "import time\n"
         "from benchmarks.emulated_cluster import EmulatedCluster\n"
         "c = EmulatedCluster(nodes=2).__enter__()\n"
         "print(' '.join(c.namespaces), flush=True)\n"
         "time.sleep(60)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    # run from the repository root: a -c program has the working directory first on its path
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     assert proc.stdout is not None
     names = proc.stdout.readline().split()
     listed = subprocess.run([find_tool("ip") or "ip", "netns", "list"], capture_output=True, text=True).stdout

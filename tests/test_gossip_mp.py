@@ -88,7 +88,7 @@ def test_bytes_per_round_equal_degree_times_payload_and_no_allreduce(results, wo
         name = case["topology"]
         topology = make_topology(name, world_size)
         # params (+ momentum) + buffers, and the sender's finite flag
-        payload = 4 * (n_params * (2 if case["momentum"] == "mix" else 1) + n_buffers + 1)
+        payload = 4 * (n_params * (2 if case["momentum"] == "average" else 1) + n_buffers + 1)
         for rank, result in enumerate(ranks):
             # the trajectory's rounds plus the extra round of the average-preservation check
             expected_sent = sum(len(topology.out_neighbours(rank, k)) * payload for k in range(rounds + 1))

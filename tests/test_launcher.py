@@ -3,7 +3,11 @@ reported once, also when it died after the observer's last poll."""
 
 from __future__ import annotations
 
+import pytest
+
 from lightning_commsgd.strategies.launcher import _ChildObserver
+
+pytestmark = pytest.mark.lightning_smoke
 
 
 class _FakeChild:

@@ -55,7 +55,7 @@ def _assert_rounds_only(records, tau, steps, round_bytes):
 @pytest.mark.parametrize(
     ("start_method", "momentum", "batch_norm"),
     [
-        ("popen", "average", True),
+        pytest.param("popen", "average", True, marks=pytest.mark.lightning_smoke),
         pytest.param("spawn", "local", False, marks=pytest.mark.extended),
         ("fork", "zero", True),
     ],
@@ -236,7 +236,8 @@ def test_gossip_strategy_one_peer_checkpoints_the_graph_phase(run_worker, tmp_pa
     """DecentralizedSGDStrategy under Lightning on a time-varying graph (one-peer exponential, m=3, two
     phases): gossip rounds only, one exact average at the end, consensus distance logged, the graph phase
     in the checkpoint. (Resuming from it, bitwise: tests/test_resume_matrix.py.)"""
-    args = ["--strategy", "gossip", "--topology", "one_peer_exponential", "--tau", "3", "--momentum", "mix"]
+    args = ["--strategy", "decentralized_sgd", "--topology", "one_peer_exponential", "--tau", "3"]
+    args += ["--momentum", "average"]
     args += ["--devices", str(world_size), "--max-steps", "22", "--consensus-every", "1"]
     full = run_worker(*args, "--ckpt-every", "16", out=tmp_path / "full")
     assert len(full) == world_size
@@ -253,7 +254,8 @@ def test_gossip_strategy_one_peer_checkpoints_the_graph_phase(run_worker, tmp_pa
 def test_elastic_strategy_checkpoints_one_centre_variable(run_worker, tmp_path):
     """EASGD under Lightning: z is replicated (no final traffic), every rank's copy in the checkpoint is
     bitwise the same. (Resuming from it, bitwise: tests/test_resume_matrix.py.)"""
-    args = ["--strategy", "elastic", "--tau", "3", "--momentum", "local", "--max-steps", "16", "--batch-norm"]
+    args = ["--strategy", "elastic_averaging", "--tau", "3", "--momentum", "local", "--max-steps", "16"]
+    args += ["--batch-norm"]
     full = run_worker(*args, "--ckpt-every", "12", out=tmp_path / "full")
     by_tag = full[0]["ledger"]["by_tag"]
     assert (
@@ -288,12 +290,13 @@ def test_redundant_data_trajectory_matches_simulation(run_worker, tmp_path, redu
 def test_heterogeneous_batches_weighted_by_samples_match_simulation(
     run_worker, tmp_path, world_size, redundancy, sampling, batch_sizes
 ):
-    """Per-rank batch sizes with weights="samples": each round is sum_j n_j x_j / sum_j n_j; the run equals
-    the simulation on those batches and not the uniform mean; the weight costs 4 bytes, no extra round."""
+    """Per-rank batch sizes with replica_weights="samples": each round is sum_j n_j x_j / sum_j n_j; the run
+    equals the simulation on those batches and not the uniform mean; the weight costs 4 bytes, no extra
+    round."""
     steps, tau = 11, 3
     records = run_worker(
         "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps),
-        "--redundancy", str(redundancy), "--sampling", sampling, "--weights", "samples",
+        "--redundancy", str(redundancy), "--sampling", sampling, "--replica-weights", "samples",
         "--batch-sizes", *map(str, batch_sizes), out=tmp_path / "run",
     )  # fmt: skip
     batches = redundant_batches(world_size, steps, redundancy, sampling, batch_sizes)
@@ -352,13 +355,15 @@ def test_losing_an_unreplicated_worker_refuses_to_start(run_worker, tmp_path):
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("strategy", ["gossip", pytest.param("elastic", marks=pytest.mark.extended)])
+@pytest.mark.parametrize(
+    "strategy", ["decentralized_sgd", pytest.param("elastic_averaging", marks=pytest.mark.extended)]
+)
 def test_decentralized_strategies_take_the_redundant_sampler(run_worker, tmp_path, strategy):
     """The RI-SGD sampler is the strategy base's: gossip and EASGD get stratified batches of
     b (1 + mu p) = 8 samples (Lightning's sampler would give 4)."""
     records = run_worker(
         "--strategy", strategy, "--redundancy", "0.5", "--tau", "2", "--max-steps", "4",
-        *(["--momentum", "mix"] if strategy == "gossip" else []), out=tmp_path / "run",
+        *(["--momentum", "average"] if strategy == "decentralized_sgd" else []), out=tmp_path / "run",
     )  # fmt: skip
     assert all(rec["batch_sizes"] == [8] * 4 for rec in records)
 
@@ -469,7 +474,8 @@ def test_overlap_local_sgd_matches_simulation(run_worker, tmp_path, world_size, 
     rank holds the same model."""
     steps, tau = 13, 3
     records = run_worker(
-        "--strategy", "overlap", "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps),
+        "--strategy", "overlap_local_sgd", "--devices", str(world_size), "--tau", str(tau),
+        "--max-steps", str(steps),
         "--overlap-alpha", "0.6", "--anchor-momentum", str(beta), out=tmp_path / "run",
     )  # fmt: skip
     batches = [[step[0] for step in rank] for rank in lightning_batches(world_size, steps)]
@@ -497,7 +503,8 @@ def test_overlap_low_precision_payload_matches_its_simulation(
     int4's code path; the resume matrix runs it.)"""
     steps, tau = 13, 3
     records = run_worker(
-        "--strategy", "overlap", "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps),
+        "--strategy", "overlap_local_sgd", "--devices", str(world_size), "--tau", str(tau),
+        "--max-steps", str(steps),
         "--overlap-alpha", "0.6", "--anchor-momentum", str(beta), "--payload-dtype", payload_dtype,
         "--check-replicas", out=tmp_path / "run",
     )  # fmt: skip
@@ -536,7 +543,8 @@ def test_overlap_cocod_correction_matches_simulation(run_worker, tmp_path, world
     steps, tau = 13, 3
     extra = ["--payload-dtype", payload_dtype] if payload_dtype else []
     records = run_worker(
-        "--strategy", "overlap", "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps),
+        "--strategy", "overlap_local_sgd", "--devices", str(world_size), "--tau", str(tau),
+        "--max-steps", str(steps),
         "--correction", "cocod", *extra, out=tmp_path / "run",
     )  # fmt: skip
     batches = [[step[0] for step in rank] for rank in lightning_batches(world_size, steps)]

@@ -13,6 +13,7 @@ from lightning_commsgd.algorithms import PeriodicAverager
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.compression import QSGD, BlockInt8, PNormQuantizer, ScaledSign, TopK
 from lightning_commsgd.schedules import AdaComm, ConstantPeriod, IncreasingPeriod, PostLocalSGD
+from lightning_commsgd.strategies import ProcessGroupStrategy
 from lightning_commsgd.topology import make_topology
 
 
@@ -80,9 +81,11 @@ def _build(cls, **kwargs):
     return cls(**required.get(cls.__name__, {}), **kwargs)
 
 
+# every strategy the package exports: the named ones (CommunicationStrategy's) and the parameter-server
+# family (their sibling on the process base)
 STRATEGIES = sorted(
-    (c for c in vars(lc).values() if isinstance(c, type) and issubclass(c, lc.CommunicationStrategy)
-     and c is not lc.CommunicationStrategy),
+    (c for c in vars(lc).values() if isinstance(c, type) and issubclass(c, ProcessGroupStrategy)
+     and c not in (lc.CommunicationStrategy, ProcessGroupStrategy)),
     key=lambda c: c.__name__,
 )
 

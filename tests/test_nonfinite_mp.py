@@ -16,7 +16,7 @@ N_PARAMS = 3 * 2 + 2
 def test_every_rank_raises_in_the_same_round_naming_the_rank(tmp_path, poison):
     results = run_workers(nonfinite_worker, 3, tmp_path, "raise", "local", poison)
     for result in results:
-        assert result["error"] is not None and result["error"].startswith("NonFiniteReplicaError")
+        assert result["error"] is not None and result["error"].startswith("NonFiniteError")
         assert "rank(s) [1] before the round at step 1" in result["error"]
 
 
@@ -52,7 +52,7 @@ def test_elastic_and_overlap_rounds_carry_the_flags_too(tmp_path, kind):
     payload = {"elastic": "elastic", "overlap_fp32": "", "overlap_bf16": "bf16"}[kind]
     results = run_workers(nonfinite_round_worker, 3, tmp_path, payload)
     if kind == "overlap_bf16":  # a rounded payload: rank 1 stops before sending; the others' next round fails
-        assert results[1]["error"].startswith("NonFiniteReplicaError") and results[1]["rounds_ok"] == 1
+        assert results[1]["error"].startswith("NonFiniteError") and results[1]["rounds_ok"] == 1
         assert "rank(s) [1] before the round at step 2" in results[1]["error"]
         for rank in (0, 2):
             assert results[rank]["error"] is not None and "NonFinite" not in results[rank]["error"]
@@ -60,7 +60,7 @@ def test_elastic_and_overlap_rounds_carry_the_flags_too(tmp_path, kind):
     # EASGD's sum stops every rank in the first round; overlap's average stops them when it arrives
     expected_rounds = 1 if kind == "elastic" else 2
     for result in results:
-        assert result["error"] is not None and result["error"].startswith("NonFiniteReplicaError"), result
+        assert result["error"] is not None and result["error"].startswith("NonFiniteError"), result
         assert "rank(s) [1]" in result["error"] and result["rounds_ok"] == expected_rounds
 
 
@@ -69,7 +69,7 @@ def test_a_poisoned_gossip_message_stops_its_neighbours_before_they_mix(tmp_path
     results = run_workers(nonfinite_gossip_worker, 4, tmp_path)
     for rank in (0, 1, 2):  # rank 1 and its ring neighbours
         assert results[rank]["error"] is not None and results[rank]["error"].startswith(
-            "NonFiniteReplicaError"
+            "NonFiniteError"
         )
         assert "rank(s) [1] before the gossip round at step 1" in results[rank]["error"]
         assert not results[rank]["changed"]  # nothing was mixed

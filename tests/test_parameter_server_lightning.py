@@ -24,7 +24,7 @@ def test_ksync_with_k_equal_p_follows_ddp_and_resumes_mid_epoch_bitwise(run_work
     import torch
 
     common = ["--max-steps", "12", "--scheduler", "--groups", "--devices", "3"]
-    ps = run_worker("--strategy", "ksync", *common, "--ckpt-every", "6", out=tmp_path / "ps")
+    ps = run_worker("--strategy", "ksync_sgd", *common, "--ckpt-every", "6", out=tmp_path / "ps")
     ddp = run_worker("--strategy", "ddp", *common, out=tmp_path / "ddp")
     for rank, (rec_ps, rec_ddp) in enumerate(zip(ps, ddp)):
         assert rec_ps["steps"] == rec_ddp["steps"] == list(range(1, 13)), rank
@@ -46,7 +46,7 @@ def test_ksync_with_k_equal_p_follows_ddp_and_resumes_mid_epoch_bitwise(run_work
     model = torch.cat([v.reshape(-1) for v in saved["state_dict"].values()]).double()
     assert torch.equal(model, ps[0]["params"][5])  # the server's model after update 6
     assert torch.equal(state["model"].double(), model)
-    resumed = run_worker("--strategy", "ksync", *common, "--resume", str(ckpt), out=tmp_path / "resumed")
+    resumed = run_worker("--strategy", "ksync_sgd", *common, "--resume", str(ckpt), out=tmp_path / "resumed")
     for rec_full, rec_resumed in zip(ps, resumed):
         assert rec_resumed["steps"] == list(range(7, 13))
         for a, b in zip(rec_full["params"][6:], rec_resumed["params"]):
@@ -61,7 +61,7 @@ def test_a_dedicated_server_with_two_workers_follows_ddp_on_two_processes(run_wo
     epoch) steps on the server where DDP steps it."""
     common = ["--max-steps", "16", "--epoch-scheduler"]
     ps = run_worker(
-        "--strategy", "ksync", "--ps-server", "dedicated", "--devices", "3", *common, out=tmp_path / "ps"
+        "--strategy", "ksync_sgd", "--ps-server", "dedicated", "--devices", "3", *common, out=tmp_path / "ps"
     )
     ddp = run_worker("--strategy", "ddp", "--devices", "2", *common, out=tmp_path / "ddp")
     for worker, rec_ddp in zip(ps[1:], ddp):
@@ -80,7 +80,7 @@ def test_validation_inside_fit_is_rank_local_and_leaves_training_undisturbed(run
     trajectory stays DDP's, and the mean of the ranks' validation losses is DDP's synchronised one (every
     rank validated the server's model of that step)."""
     common = ["--max-steps", "10", "--validate", "--no-gather"]
-    ps = run_worker("--strategy", "ksync", *common, out=tmp_path / "ps")
+    ps = run_worker("--strategy", "ksync_sgd", *common, out=tmp_path / "ps")
     ddp = run_worker("--strategy", "ddp", *common, out=tmp_path / "ddp")
     for rec_ps, rec_ddp in zip(ps, ddp):
         for a, b in zip(rec_ps["params"], rec_ddp["params"]):
@@ -103,7 +103,7 @@ def test_async_variants_stop_every_rank_at_max_steps_with_rank0_holding_the_serv
     The K-batch run also emulates stragglers (Exp(200/s) delays)."""
     straggler = ["--straggler-mu", str(mu)] if mu else []
     records = run_worker(
-        "--strategy", "async", "--k", str(k), "--variant", variant, "--max-steps", "12", "--devices", "3",
+        "--strategy", "async_sgd", "--k", str(k), "--variant", variant, "--max-steps", "12", "--devices", "3",
         *straggler, out=tmp_path / variant,
     )  # fmt: skip
     # after update 12 every push is answered with "stop" and the model of version 12
@@ -126,8 +126,11 @@ def test_bad_arguments_are_refused_before_any_process_group():
         AsyncSGDStrategy(staleness_lr=0.1)
     with pytest.raises(ValueError, match="straggler_mu"):
         AsyncSGDStrategy(straggler_mu=0)
-    with pytest.raises(ValueError, match="does not support"):
+    # RI-SGD and the adapter's options are no parameter-server arguments: refused by name
+    with pytest.raises(TypeError, match="KSyncSGDStrategy got an unexpected argument 'redundancy'"):
         KSyncSGDStrategy(redundancy=0.5)
+    with pytest.raises(TypeError, match="AsyncSGDStrategy got an unexpected argument 'eval_on'"):
+        AsyncSGDStrategy(eval_on="local")
     AsyncSGDStrategy(staleness_lr=StalenessAwareLR(C=1.0))
 
 
@@ -154,6 +157,7 @@ def _fault_run(tmp_path, strategy: str, k: int, fault: str) -> subprocess.Comple
 
 @pytest.mark.multiprocess
 @pytest.mark.fault_matrix
+@pytest.mark.lightning_smoke
 def test_a_killed_worker_does_not_stop_async_sgd(tmp_path):
     """Rank 2 is SIGKILLed at step 5: the launcher reports it, the server drops it and ranks 0 and 1
     finish the 30 updates; the job exits 0."""

@@ -3,7 +3,7 @@
 Issue: Adam with ``payload_dtype="int4"`` diverged to a loss of 5e12 (about half of ``exp_avg_sq`` rounded
 to exactly 0 each round, so Adam divided by its eps), and SGD-momentum with BatchNorm stopped on a NaN
 (``running_var`` turned negative). The matrix runs the algorithms the two strategies run
-(:class:`PeriodicAverager` for ``LocalSGDStrategy``, :class:`OverlapLocalSGD` for
+(:class:`PeriodicAverager` for ``LocalSGDStrategy``, :class:`OverlapAverager` for
 ``OverlapLocalSGDStrategy``) on 2 gloo ranks, one process group for all 130 runs; the combinations that
 cannot be made sound are refused at construction (checked below, without processes).
 """
@@ -24,7 +24,7 @@ from payload_matrix_workers import (
 )
 
 from lightning_commsgd import OverlapLocalSGDStrategy
-from lightning_commsgd.algorithms import OverlapLocalSGD
+from lightning_commsgd.algorithms import OverlapAverager
 from lightning_commsgd.comm import Communicator
 
 PAYLOADS = (None, "bf16", "fp16", "int8", "int4")
@@ -100,4 +100,4 @@ def test_overlap_refuses_averaged_optimizer_state():
         OverlapLocalSGDStrategy(momentum="average")
     model = make_classifier()
     with pytest.raises(ValueError, match="`momentum`"):
-        OverlapLocalSGD(model, [make_optimizer("adam", model)], Communicator(), momentum="average")
+        OverlapAverager(model, [make_optimizer("adam", model)], Communicator(), momentum="average")

@@ -1,44 +1,31 @@
-"""The RI-SGD benchmark's pieces: label-skewed shards of the digits, train_digits' RI-SGD options, and the
-benchmark's pure helpers (no processes started here; test_examples.py runs the script)."""
+"""The RI-SGD benchmark's pieces: label-skewed shards of the digits, the digits job's RI-SGD options, and the
+benchmark's pure helpers (no processes started here; test_bench_jobs.py runs the job)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from types import ModuleType
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 
-from lightning_commsgd.data.digits import DigitsDataModule, label_skew_order
-from lightning_commsgd.strategies.redundancy import RedundancyConfig
+# the repository root is on the path in-process (pytest's pythonpath in pyproject.toml)
+from benchmarks import bench_redundancy
+from benchmarks.jobs import digits
+from examples.digits.data import DigitsDataModule, label_skew_order
+from lightning_commsgd import RedundancyInfusion
 
 P = 4  # workers, as in the benchmark
 
 
-def _load(name: str, relative: str) -> ModuleType:
-    """Import a script of the repository (examples/, benchmarks/) as a module."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # bench_redundancy imports the benchmarks package
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / relative)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # Registered first: dataclasses look their module up in sys.modules while the class is created.
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def train_digits() -> ModuleType:
-    return _load("train_digits_under_test", "examples/train_digits.py")
+def digits_job() -> ModuleType:
+    return digits
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    return _load("bench_redundancy_under_test", "benchmarks/bench_redundancy.py")
+    return bench_redundancy
 
 
 def _train_labels(datamodule: DigitsDataModule) -> torch.Tensor:
@@ -114,12 +101,12 @@ def test_label_skew_shards_rejects_bad_input(bad):
 
 
 def test_strided_placement_at_mu_zero_hands_each_rank_its_block():
-    """What train_digits --non-iid does at mu = 0 (original_world_size=p): rank 0 only sees its digits;
+    """What the digits job's --non-iid does at mu = 0 (original_world_size=p): rank 0 only sees its digits;
     with mu = 0.5 (stratified) it also sees its two neighbours' blocks."""
     datamodule = DigitsDataModule(batch_size=16, label_skew_shards=P)
     labels = _train_labels(datamodule)
     for mu, held in ((0.0, [0]), (0.5, [0, 1, 2])):
-        config = RedundancyConfig(mu, "stratified", original_world_size=P)
+        config = RedundancyInfusion(mu=mu, sampling="stratified", original_world_size=P)
         loader = config.dataloader(datamodule.train_dataloader(), P, 0)
         seen = torch.cat([y for _, y in loader])
         expected = torch.cat([labels[j::P] for j in held])
@@ -127,14 +114,14 @@ def test_strided_placement_at_mu_zero_hands_each_rank_its_block():
         assert len(next(iter(loader))[1]) == 16 * len(held)
 
 
-# -- train_digits.py options --------------------------------------------------------------------------------
-def test_train_digits_parses_the_ri_sgd_options(train_digits):
-    args = train_digits.parse_args(
+# -- digits_job.py options --------------------------------------------------------------------------------
+def test_digits_job_parses_the_ri_sgd_options(digits_job):
+    args = digits_job.parse_args(
         ["--strategy", "local_sgd", "--devices", "4", "--redundancy", "0.5", "--sampling", "union",
          "--non-iid", "--val-every-steps", "25"]
     )  # fmt: skip
     assert (args.redundancy, args.sampling, args.non_iid, args.val_every_steps) == (0.5, "union", True, 25)
-    defaults = train_digits.parse_args([])
+    defaults = digits_job.parse_args([])
     assert (defaults.redundancy, defaults.sampling, defaults.non_iid, defaults.val_every_steps) == (
         0.0,
         "stratified",
@@ -153,31 +140,32 @@ def test_train_digits_parses_the_ri_sgd_options(train_digits):
         (["--strategy", "local_sgd", "--val-every-steps", "-1"], "--val-every-steps"),
     ],
 )
-def test_train_digits_refuses_bad_ri_sgd_options(train_digits, capsys, argv, message):
+def test_digits_job_refuses_bad_ri_sgd_options(digits_job, capsys, argv, message):
     with pytest.raises(SystemExit):
-        train_digits.parse_args(argv)
+        digits_job.parse_args(argv)
     assert message in capsys.readouterr().err
 
 
-def test_build_strategy_passes_redundancy_to_every_strategy_of_ours(train_digits):
+def test_build_strategy_passes_redundancy_to_every_strategy_of_ours(digits_job):
     for name in ("local_sgd", "gossip", "elastic"):
-        strategy = train_digits.build_strategy(
+        strategy = digits_job.build_strategy(
             name, 4, redundancy=0.5, sampling="union", strided_placement_for=4
         )
-        assert strategy.redundancy == RedundancyConfig(0.5, "union", original_world_size=4)
-    assert not train_digits.build_strategy("local_sgd", 4).redundancy.active
+        assert strategy.redundancy == RedundancyInfusion(mu=0.5, sampling="union", original_world_size=4)
+    assert digits_job.build_strategy("local_sgd", 4).redundancy is None
     with pytest.raises(ValueError, match="DDPStrategy"):
-        train_digits.build_strategy("ddp", 1, redundancy=0.5)
+        digits_job.build_strategy("ddp", 1, redundancy=0.5)
 
 
-def test_redundancy_zero_given_selects_the_strided_placement_of_the_sweep(train_digits, bench):
+def test_redundancy_zero_given_selects_the_strided_placement_of_the_sweep(digits_job, bench):
     """``--redundancy 0`` is the mu = 0 point of the sweep's placement (fixed strided shards), not
     Lightning's global reshuffle; only a run with no RI-SGD option (the bench's iid reference) keeps that."""
-    assert train_digits.build_strategy("local_sgd", 4, redundancy=0.0).redundancy.active
+    given_zero = digits_job.build_strategy("local_sgd", 4, redundancy=0.0)
+    assert given_zero.redundancy == RedundancyInfusion(mu=0.0)
     for mu in ("0", "0.25", "0.5"):
-        args = train_digits.parse_args(["--strategy", "local_sgd", "--devices", "4", "--redundancy", mu])
+        args = digits_job.parse_args(["--strategy", "local_sgd", "--devices", "4", "--redundancy", mu])
         assert args.ri_sgd and args.redundancy == float(mu)
-    assert not train_digits.parse_args(["--strategy", "local_sgd", "--devices", "4"]).ri_sgd
+    assert not digits_job.parse_args(["--strategy", "local_sgd", "--devices", "4"]).ri_sgd
     iid = bench.build_configs([0.0, 0.5], 32, 4, "stratified", control=False, iid=True)[-1]
     assert iid.kind == "iid" and not {"--redundancy", "--sampling", "--non-iid"} & set(iid.args)
 
@@ -202,7 +190,7 @@ def test_build_configs_adds_the_matching_control_and_the_iid_run(bench):
 
 
 def _run(val_accs: list[float], val_losses: list[float]) -> dict:
-    """A minimal train_digits.py result with a validation every 2 rounds."""
+    """A minimal digits_job.py result with a validation every 2 rounds."""
     return {
         "val_trace": [
             {"step": 16 * (i + 1), "rounds": 2 * (i + 1), "val_loss": loss, "val_acc": acc}

@@ -283,24 +283,29 @@ def test_a_mu_sweep_keeps_one_fixed_strided_placement(mu):
 def test_lightning_sampler_only_when_no_ri_sgd_option_is_given():
     from torch.utils.data import DataLoader
 
-    from lightning_commsgd import LocalSGDStrategy
-    from lightning_commsgd.strategies.redundancy import RedundancyConfig
+    from lightning_commsgd import LocalSGDStrategy, RedundancyInfusion
 
     plain = _training_loader_of(LocalSGDStrategy(tau=8), DataLoader(range(400), batch_size=8))
     assert not isinstance(plain.batch_sampler, RedundantBatchSampler)
-    assert not RedundancyConfig().active
-    for given in ({"redundancy": 0.0}, {"sampling": "stratified"}, {"sampling": "union"}):
+    assert LocalSGDStrategy(tau=8).redundancy is None  # no RI-SGD option: no placement
+    for given in (
+        {"redundancy": 0.0},
+        {"redundancy": RedundancyInfusion(sampling="stratified")},
+        {"redundancy": RedundancyInfusion(sampling="union")},
+    ):
         config = LocalSGDStrategy(tau=8, **given).redundancy
-        assert config.active and config.mu == 0.0, given
+        assert isinstance(config, RedundancyInfusion) and config.mu == 0.0, given
+    assert LocalSGDStrategy(tau=8, redundancy=0.0).redundancy == RedundancyInfusion(mu=0.0)
     union = _training_loader_of(
-        LocalSGDStrategy(tau=8, sampling="union"), DataLoader(range(400), batch_size=8)
+        LocalSGDStrategy(tau=8, redundancy=RedundancyInfusion(sampling="union")),
+        DataLoader(range(400), batch_size=8),
     )
     assert union.batch_sampler.sampling == "union"
     assert set(union.batch_sampler.sampler) == set(range(0, 400, 4))  # mu = 0: rank 0's own shard
     # a parameter server has no placement: redundancy=0.0 is an RI-SGD option too, refused by name
     from lightning_commsgd import KSyncSGDStrategy
 
-    with pytest.raises(ValueError, match="redundancy"):
+    with pytest.raises(TypeError, match="unexpected argument 'redundancy'"):
         KSyncSGDStrategy(redundancy=0.0)
 
 

@@ -281,12 +281,13 @@ def test_a_failed_rank_freezes_its_heap_at_exit(monkeypatch):
     import atexit
     import gc
 
-    import lightning_commsgd.strategies.base as base
+    import lightning_commsgd.strategies.faults as faults
 
     registered = []
     monkeypatch.setattr(atexit, "register", registered.append)
-    monkeypatch.setattr(base, "_heap_freeze_registered", False)
-    monkeypatch.setattr("lightning_commsgd.comm._leave_group_at_exit", True)  # on_exception clears it
+    monkeypatch.setattr(faults, "_heap_freeze_registered", False)
+    # on_exception clears it
+    monkeypatch.setattr("lightning_commsgd.comm.lifecycle._leave_group_at_exit", True)
     strategy = LocalSGDStrategy(tau=4)
     strategy.on_exception(RuntimeError("boom"))
     strategy.on_exception(RuntimeError("again"))

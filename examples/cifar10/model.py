@@ -13,9 +13,9 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
 from torch import nn
-
-from lightning_commsgd.models.classification import ClassifierModule
 
 __all__ = ["ARCHS", "SCHEDULES", "ResNetClassifier", "TorchvisionMissingError", "lr_factor"]
 
@@ -77,6 +77,25 @@ def lr_factor(
     if schedule == "step":
         return gamma ** sum(step >= fraction * total_steps for fraction in milestones)
     return 1.0
+
+
+class ClassifierModule(LightningModule):
+    """Cross-entropy steps of a module whose ``forward`` returns class logits: the training loss (not
+    synced: a per-step all-reduce would add communication to every strategy) and the validation loss and
+    accuracy, averaged over the epoch and the ranks."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        acc = (logits.argmax(dim=-1) == y).float().mean()
+        self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, batch_size=len(y))
+        self.log("val_acc", acc, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=len(y))
 
 
 class ResNetClassifier(ClassifierModule):

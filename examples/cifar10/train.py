@@ -7,7 +7,8 @@
 
 The CLI is ``commsgd``'s (:func:`lightning_commsgd.cli.main`); the configs name this folder's classes as
 ``data.CIFAR10DataModule`` and ``model.ResNetClassifier``, importable because Python puts the folder of
-the script it runs first on ``sys.path`` (Lightning re-runs this script for every extra local rank).
+the script it runs first on its module search path (Lightning re-runs this script for every extra local
+rank).
 A missing CIFAR-10 folder or a missing torchvision ends the run with its message alone and exit status 2.
 """
 

@@ -24,15 +24,16 @@ import torch
 # At import time, because every rank re-runs this file.
 torch.set_num_threads(1)
 
+# data.py and model.py sit next to this script: Python puts the script's folder first on its search path.
 import lightning  # noqa: E402
+from data import DigitsDataModule  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.strategies import StrategyRegistry  # noqa: E402
+from model import MLPClassifier  # noqa: E402
 
 import lightning_commsgd  # noqa: E402  (importing it registers the strategy names)
 from lightning_commsgd import CommunicationMonitor  # noqa: E402
 from lightning_commsgd.comm import shutdown_process_group  # noqa: E402
-from lightning_commsgd.data import DigitsDataModule  # noqa: E402
-from lightning_commsgd.models import MLPClassifier  # noqa: E402
 
 
 def strategy_names() -> list[str]:

@@ -16,7 +16,9 @@ DEVICES="${DEVICES:-1}"
 ACCELERATOR="${ACCELERATOR:-gpu}"
 CONFIG="${CONFIG:-configs/local_sgd.yaml}"
 
-exec commsgd fit --config "$CONFIG" \
+# examples/digits/cli.py is the commsgd CLI with the digits example's model and data (the configs' model.* and
+# data.*); with your own model and data named in a config: commsgd fit --config your.yaml
+exec python examples/digits/cli.py fit --config "$CONFIG" \
     --trainer.accelerator="$ACCELERATOR" \
     --trainer.num_nodes="$NUM_NODES" \
     --trainer.devices="$DEVICES" \

@@ -9,14 +9,14 @@ all; this base holds the tau part, so every schedule (``AdaComm``, ...) works wi
 from __future__ import annotations
 
 import warnings
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
 from lightning_commsgd.algorithms.finite import (
-    NonFiniteReplicaError,
+    NonFiniteError,
     all_finite,
     finite_flags,
     flagged_ranks,
@@ -24,6 +24,7 @@ from lightning_commsgd.algorithms.finite import (
     nonfinite_message,
     skipped_message,
 )
+from lightning_commsgd.algorithms.protocol import CommAlgorithm
 from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.flat import FlatBuffer
@@ -66,7 +67,7 @@ def as_schedule(tau: Any) -> PeriodSchedule:
     return ConstantPeriod(validate_period(tau))
 
 
-class PeriodicAlgorithm(ABC):
+class PeriodicAlgorithm(CommAlgorithm):
     """Local steps, and a communication round every tau steps.
 
     Args:
@@ -128,6 +129,23 @@ class PeriodicAlgorithm(ABC):
     @tau.setter
     def tau(self, value: int) -> None:
         self.schedule.tau = validate_period(value)
+
+    @property
+    def period(self) -> int:
+        return self.schedule.tau
+
+    @property
+    def adaptive_period(self) -> bool:
+        return not isinstance(self.schedule, ConstantPeriod)
+
+    def metrics(self) -> dict[str, float]:
+        """``tau`` and the schedule's own figures (AdaComm: ``adacomm_F0``, ``adacomm_F``)."""
+        return {"tau": float(self.tau), **self.schedule.metrics()}
+
+    def record_batch(self, loss: Tensor | float | None = None, samples: int | None = None) -> None:
+        """Note a training batch of the coming optimizer step (several with gradient accumulation): its loss
+        feeds schedules that adapt to the loss (a no-op for the others)."""
+        self.record_loss(loss)
 
     def record_loss(self, loss: Any) -> None:
         """Note a training loss of the coming optimizer step (several with gradient accumulation), for
@@ -225,7 +243,7 @@ class PeriodicAlgorithm(ABC):
         if poisoned and (self.on_nonfinite == "raise" or len(poisoned) == comm.world_size):
             ranks = [comm.global_rank(r) for r in poisoned]
             message = nonfinite_message(ranks, self.step, self.on_nonfinite, comm.world_size)
-            raise NonFiniteReplicaError(message)
+            raise NonFiniteError(message)
         if poisoned:
             comm.ledger.record_skipped(len(poisoned))
             if comm.rank == min(set(range(comm.world_size)) - set(poisoned)):  # one warning per round
@@ -239,7 +257,7 @@ class PeriodicAlgorithm(ABC):
         """For rounds whose payload has no room for the flags (rounded payloads): a poisoned rank raises
         before sending anything."""
         if not self._replica_finite(tensors):
-            raise NonFiniteReplicaError(local_nonfinite_message(self.communicator.rank, self.step))
+            raise NonFiniteError(local_nonfinite_message(self.communicator.rank, self.step))
 
     def _after_skipped_replica(self, finite: bool) -> None:
         """A skipped (poisoned) replica now holds the finite average; optimizer state the round did not
@@ -257,6 +275,15 @@ class PeriodicAlgorithm(ABC):
             "schedule": self.schedule.state_dict(),
             **self.extra_state(),
         }
+
+    def load_resized_state_dict(self, state: dict[str, Any]) -> None:
+        """Rank 0's state of a run on another world size: counters and schedule continue, the replicas are
+        equal again (the latest round is now), per-rank extras (sample counts) start afresh."""
+        state = dict(state)
+        state["last_round_step"] = state["step"]
+        state["last_global_step"] = state["step"]
+        state.pop("samples_since_round", None)
+        self.load_state_dict(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output. A constant period stays the one given to the constructor

@@ -25,17 +25,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_commsgd.algorithms.finite import NonFiniteError
+from lightning_commsgd.algorithms.protocol import CommAlgorithm
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.compression.base import Compressor
+from lightning_commsgd.flat import FlatBuffer
 
-__all__ = ["CompressedAlgorithm", "NonFiniteError"]
-
-
-class NonFiniteError(FloatingPointError):
-    """A gradient or model residual was NaN/Inf on some rank; raised identically on every rank."""
+__all__ = ["CompressedAlgorithm"]
 
 
-class CompressedAlgorithm:
+class CompressedAlgorithm(CommAlgorithm):
     """Base of step-wise compressed algorithms (see the module docstring for the call order).
 
     Args:
@@ -43,9 +42,18 @@ class CompressedAlgorithm:
         communicator: carries and counts every payload.
         seed: base of the random streams: rank r's worker stream is seeded ``seed + 1 + r``, the master
             stream ``seed`` (the same on every rank, so replicated masters draw identically).
+        buffers: floating-point module buffers (BatchNorm running statistics): not part of x, they stay
+            per rank during training and are averaged once by :meth:`finalize` (tag ``final``).
     """
 
-    def __init__(self, optimizers: Sequence[Optimizer], communicator: Communicator, seed: int = 0) -> None:
+    def __init__(
+        self,
+        optimizers: Sequence[Optimizer],
+        communicator: Communicator,
+        seed: int = 0,
+        *,
+        buffers: Sequence[Tensor] = (),
+    ) -> None:
         if len(optimizers) != 1:
             raise TypeError(
                 f"{type(self).__name__} steps exactly one optimizer (the master update), "
@@ -63,7 +71,7 @@ class CompressedAlgorithm:
         self.seed = int(seed)
         self.worker_generator = torch.Generator(device=self.device).manual_seed(self.seed + 1 + self.rank)
         self.master_generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        # the protocol a CommunicationStrategy expects of an algorithm
+        self.buffers = [b for b in buffers if b.is_floating_point()]
         self.consensus_every: int | None = None
         self.last_consensus: tuple[int, float] | None = None
 
@@ -145,11 +153,19 @@ class CompressedAlgorithm:
         """Whether this rank must call ``optimizer.step()`` now (asked after :meth:`after_backward`)."""
         return self.steps_optimizer
 
-    def record_loss(self, loss: Any) -> None:
-        """Compressed algorithms do not adapt to the loss."""
+    exchanges_gradients = True
+
+    @property
+    def period(self) -> int:
+        return 1  # a round every step
 
     def finalize(self) -> None:
-        """Nothing to do: the replicas agree after every step."""
+        """The replicas' parameters agree after every step; their BatchNorm statistics, per rank during
+        training, become their mean (one all-reduce, tag ``final``)."""
+        if self.buffers and self.communicator.is_distributed:
+            flat = FlatBuffer(self.buffers)
+            self.communicator.all_reduce_(flat.pack(self.buffers), "mean", tag="final")
+            flat.unpack(self.buffers)
 
     def after_backward(self) -> None:
         raise NotImplementedError
@@ -173,6 +189,11 @@ class CompressedAlgorithm:
                 k: None if v is None else v.detach().cpu().clone() for k, v in self._tensors().items()
             },
         }
+
+    def load_resized_state_dict(self, state: dict[str, Any]) -> None:
+        """Another world size: residuals, memories and random streams belonged to ranks that no longer
+        exist, so they start afresh; the step count continues."""
+        self.load_state_dict({"step": state["step"]})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; a state holding only ``step`` (a resume on another world

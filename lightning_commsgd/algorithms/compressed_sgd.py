@@ -25,15 +25,17 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_commsgd.algorithms.base import check_choice
 from lightning_commsgd.algorithms.compressed import CompressedAlgorithm, check_compressor
 from lightning_commsgd.algorithms.dore import SERVER_MODES
+from lightning_commsgd.algorithms.protocol import AlgorithmConfig, World
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.compression.base import Compressor, Identity
 
-__all__ = ["CompressedGradientSGD"]
+__all__ = ["CompressedGradientSGD", "CompressedSGD"]
 
 
 class CompressedGradientSGD(CompressedAlgorithm):
@@ -61,8 +63,9 @@ class CompressedGradientSGD(CompressedAlgorithm):
         server_compressor: Compressor | None = None,
         server: Literal["rank0", "replicated"] = "replicated",
         seed: int = 0,
+        buffers: Sequence[Tensor] = (),
     ) -> None:
-        super().__init__(optimizers, communicator, seed)
+        super().__init__(optimizers, communicator, seed, buffers=buffers)
         self.compressor = check_compressor(compressor)
         self.server_compressor = (
             None if server_compressor is None else check_compressor(server_compressor, "server_compressor")
@@ -77,6 +80,8 @@ class CompressedGradientSGD(CompressedAlgorithm):
         self.server_error: Tensor | None = (
             zeros.clone() if (self.server_compressor is not None and aggregates) else None  # delta
         )
+
+    round_tags = ("compressed_gradient", "server_gradient", "final")
 
     def _tensors(self) -> dict[str, Tensor | None]:
         return {"memory": self.memory, "server_error": self.server_error}
@@ -141,3 +146,57 @@ class CompressedGradientSGD(CompressedAlgorithm):
         payload = self.server_compressor.encode(v, self.master_generator)
         self.server_error = v - self.server_compressor.decode(payload, self.numel)
         return payload
+
+
+class CompressedSGD(AlgorithmConfig):
+    """Compressed-gradient SGD baselines: QSGD (Alistarh et al. 2017: unbiased Q, no memory), MEM-SGD
+    (Stich et al. 2018: top-k with error feedback) and DoubleSqueeze (Tang et al. 2019: error feedback on
+    both sides, ``server_compressor``); see :class:`CompressedGradientSGD`. Every rank applies the same
+    aggregate with the user's optimizer.
+
+    Args:
+        compressor: Q, e.g. ``QSGD(levels=4)`` or ``TopK(0.01)``.
+        error_feedback: keep each rank's compression error and add it to its next gradient (needed for
+            biased compressors: top-k, sign).
+        server_compressor: Q_s, compress the aggregate too, with its own error feedback (DoubleSqueeze);
+            ``None`` leaves it uncompressed.
+        master: where the aggregate is formed: ``"replicated"`` (default: one all-gather a step, every rank
+            aggregates) or ``"rank0"`` (a gather to rank 0 and a broadcast of the (compressed) aggregate, the
+            parameter-server form).
+        seed: base of the compressors' random streams (rank r draws from seed + 1 + r; Q_s from seed).
+    """
+
+    name = "compressed_sgd"
+    supports_loss_scaling = False
+
+    def __init__(
+        self,
+        compressor: Compressor,
+        error_feedback: bool = False,
+        server_compressor: Compressor | None = None,
+        master: Literal["rank0", "replicated"] = "replicated",
+        seed: int = 0,
+    ) -> None:
+        self.compressor = check_compressor(compressor)
+        if not isinstance(error_feedback, bool):
+            raise TypeError(f"Arg `error_feedback` must be a bool, got {error_feedback!r}.")
+        self.error_feedback = error_feedback
+        self.server_compressor = (
+            None if server_compressor is None else check_compressor(server_compressor, "server_compressor")
+        )
+        self.master = check_choice(master, "master", SERVER_MODES)
+        self.seed = int(seed)
+
+    def build(
+        self, module: nn.Module, optimizers: Sequence[Optimizer], communicator: Communicator, world: World
+    ) -> CompressedGradientSGD:
+        return CompressedGradientSGD(
+            optimizers,
+            communicator,
+            self.compressor,
+            error_feedback=self.error_feedback,
+            server_compressor=self.server_compressor,
+            server=self.master,  # type: ignore[arg-type]
+            seed=self.seed,
+            buffers=list(module.buffers()),
+        )

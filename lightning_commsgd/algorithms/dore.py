@@ -49,16 +49,20 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_commsgd.algorithms.base import check_choice
 from lightning_commsgd.algorithms.compressed import CompressedAlgorithm, check_compressor
+from lightning_commsgd.algorithms.protocol import AlgorithmConfig, World
 from lightning_commsgd.comm import Communicator
-from lightning_commsgd.compression.base import Compressor
+from lightning_commsgd.compression.base import Compressor, Identity
 
 __all__ = [
     "PAPER_RATES",
     "RATES",
+    "DIANA",
+    "DORE",
     "SERVER_MODES",
     "DoubleResidualCompression",
     "default_dore_rates",
@@ -103,6 +107,7 @@ def resolve_dore_rates(
     beta: Any,
     eta: Any,
     rates: Rates = "paper",
+    names: tuple[str, str, str] = ("alpha", "beta", "eta"),
     *,
     stacklevel: int = 3,
 ) -> tuple[float, float, float]:
@@ -121,11 +126,18 @@ def resolve_dore_rates(
         default_beta = 1 / (c_model + 1) if c_model is not None else math.nan
     alpha = default_alpha if alpha is None else alpha
     beta = default_beta if beta is None else beta
-    return validate_dore_rates(alpha, beta, eta, c_grad, c_model, stacklevel=stacklevel + 1)
+    return validate_dore_rates(alpha, beta, eta, c_grad, c_model, names, stacklevel=stacklevel + 1)
 
 
 def validate_dore_rates(
-    alpha: Any, beta: Any, eta: Any, c_grad: float | None, c_model: float | None, *, stacklevel: int = 3
+    alpha: Any,
+    beta: Any,
+    eta: Any,
+    c_grad: float | None,
+    c_model: float | None,
+    names: tuple[str, str, str] = ("alpha", "beta", "eta"),
+    *,
+    stacklevel: int = 3,
 ) -> tuple[float, float, float]:
     """Errors for values no theory allows, warnings for values outside the convergence theorems.
 
@@ -134,23 +146,26 @@ def validate_dore_rates(
     compensation); the strongly convex theorem needs eta small, the paper's experiments use eta = 1.
     ``c_grad`` / ``c_model`` ``None`` skip the warnings (a biased compressor, or ``rates="paper"``).
     """
-    for name, value in (("alpha", alpha), ("beta", beta), ("eta", eta)):
+    a_name, b_name, e_name = names
+    for name, value in zip(names, (alpha, beta, eta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"Arg `{name}` must be a finite number, got {value!r}.")
     if not 0 <= alpha <= 1:
-        raise ValueError(f"Arg `alpha` (h_i's step) must lie in [0, 1], got {alpha}.")
+        raise ValueError(f"Arg `{a_name}` (alpha, h_i's step) must lie in [0, 1], got {alpha}.")
     if not 0 < beta <= 1:
-        raise ValueError(f"Arg `beta` (x_hat's step) must lie in (0, 1], got {beta}.")
+        raise ValueError(f"Arg `{b_name}` (beta, x_hat's step) must lie in (0, 1], got {beta}.")
     if eta < 0:
-        raise ValueError(f"Arg `eta` (error-compensation weight) must be >= 0, got {eta}.")
+        raise ValueError(f"Arg `{e_name}` (eta, error-compensation weight) must be >= 0, got {eta}.")
     if c_grad is not None and alpha > 1 / (c_grad + 1) + 1e-12:
         warnings.warn(
-            f"alpha={alpha} exceeds 1/(C+1)={1 / (c_grad + 1):.4g}, outside DORE's convergence theory.",
+            f"{a_name}={alpha} (alpha) exceeds 1/(C+1)={1 / (c_grad + 1):.4g}, outside DORE's convergence "
+            "theory.",
             stacklevel=stacklevel,
         )
     if c_model is not None and beta > 1 / (c_model + 1) + 1e-12:
         warnings.warn(
-            f"beta={beta} exceeds 1/(C_m+1)={1 / (c_model + 1):.4g}, outside DORE's convergence theory.",
+            f"{b_name}={beta} (beta) exceeds 1/(C_m+1)={1 / (c_model + 1):.4g}, outside DORE's convergence "
+            "theory.",
             stacklevel=stacklevel,
         )
     return float(alpha), float(beta), float(eta)
@@ -187,8 +202,9 @@ class DoubleResidualCompression(CompressedAlgorithm):
         eta: float = 1.0,
         rates: Rates = "paper",
         seed: int = 0,
+        buffers: Sequence[Tensor] = (),
     ) -> None:
-        super().__init__(optimizers, communicator, seed)
+        super().__init__(optimizers, communicator, seed, buffers=buffers)
         self.compressor = check_compressor(compressor)
         self.model_compressor = check_compressor(
             compressor if model_compressor is None else model_compressor, "model_compressor"
@@ -209,6 +225,8 @@ class DoubleResidualCompression(CompressedAlgorithm):
         self.error: Tensor | None = zeros.clone() if is_master else None  # e
         self._pending_delta: Tensor | None = None  # Delta_hat_i, applied to h_i once the step is known good
         self._bad_gradient_ranks: list[int] = []
+
+    round_tags = ("dore_gradient", "dore_model", "final")
 
     @property
     def steps_optimizer(self) -> bool:
@@ -315,3 +333,105 @@ class DoubleResidualCompression(CompressedAlgorithm):
         flags = status.tolist()
         bad = [r for r in range(self.world_size) if flags[r]]
         return [-1] if flags[self.world_size] else bad
+
+
+_LARGE = 1 << 30  # a tensor size larger than any block: the compressor's constant C for a full block
+
+
+class DORE(AlgorithmConfig):
+    """DORE (Liu, Li, Tang, Yan, AISTATS 2020): compressed gradient residuals up, compressed model residuals
+    with error compensation down (see :class:`DoubleResidualCompression`). The user's optimizer is the
+    master's update: x_{k+1} = optimizer step from x_hat_k with gradient g_hat.
+
+    Args:
+        compressor: Q for the workers' gradient residuals Delta_i, e.g. ``PNormQuantizer(p=inf, 256)``.
+        model_compressor: Q_m for the master's model residual q; default: the same as ``compressor``.
+        master: where the master update runs: ``"rank0"`` (default, the paper's topology: a gather up and a
+            broadcast down each step; rank 0 holds the optimizer state) or ``"replicated"`` (an all-gather
+            each step; every rank runs the master step with a shared random stream; nothing is sent down).
+        shift_rate: alpha, h's step, in [0, 1]; ``None`` (default): from ``rates``.
+        model_rate: beta, x_hat's step, in (0, 1]; ``None`` (default): from ``rates``.
+        error_weight: eta, weight of the fed-back compression error e; default 1.0 (the paper). >= 0.
+        rates: the switch for unset shift_rate / model_rate: ``"paper"`` (default: alpha = 0.1, beta = 1,
+            the paper's experiments) or ``"theory"`` (the theorems' 1/(2(C+1)), 1/(C_m+1); unbiased
+            compressors only).
+        seed: base of the compressors' random streams (rank r: seed + 1 + r; master: seed).
+    """
+
+    name = "dore"
+    supports_loss_scaling = False
+
+    def __init__(
+        self,
+        compressor: Compressor,
+        model_compressor: Compressor | None = None,
+        master: ServerMode = "rank0",
+        shift_rate: float | None = None,
+        model_rate: float | None = None,
+        error_weight: float = 1.0,
+        rates: Rates = "paper",
+        seed: int = 0,
+    ) -> None:
+        self.compressor = check_compressor(compressor)
+        self.model_compressor = check_compressor(
+            compressor if model_compressor is None else model_compressor, "model_compressor"
+        )
+        self.master = check_choice(master, "master", SERVER_MODES)
+        self.rates = check_choice(rates, "rates", RATES)
+        names = ("shift_rate", "model_rate", "error_weight")
+        # checked now, before any process starts (the theory's rates are computed for the model's size)
+        resolve_dore_rates(
+            self.compressor, self.model_compressor, _LARGE, shift_rate, model_rate, error_weight, rates, names
+        )
+        self.shift_rate, self.model_rate, self.error_weight = shift_rate, model_rate, error_weight
+        self.seed = int(seed)
+
+    def build(
+        self, module: nn.Module, optimizers: Sequence[Optimizer], communicator: Communicator, world: World
+    ) -> DoubleResidualCompression:
+        return DoubleResidualCompression(
+            optimizers,
+            communicator,
+            self.compressor,
+            model_compressor=self.model_compressor,
+            server=self.master,  # type: ignore[arg-type]
+            alpha=self.shift_rate,
+            beta=self.model_rate,
+            eta=self.error_weight,
+            rates=self.rates,  # type: ignore[arg-type]
+            seed=self.seed,
+            buffers=list(module.buffers()),
+        )
+
+
+class DIANA(DORE):
+    """DIANA (Mishchenko, Gorbunov, Takac, Richtarik 2019): compressed gradient residuals with learned shifts
+    h_i, and an uncompressed model: DORE with ``model_compressor=Identity()``, beta = 1, eta = 0.
+
+    Args:
+        compressor: Q for the gradient residuals, e.g. ``PNormQuantizer(p=inf, 256)``.
+        master: ``"rank0"`` (default: the master broadcasts the fp32 model change each step) or
+            ``"replicated"``.
+        shift_rate: alpha, h's step; default 1/(2(C+1)), DIANA's theory. Above 1/(C+1) warns.
+        seed: as for :class:`DORE`.
+    """
+
+    name = "diana"
+
+    def __init__(
+        self,
+        compressor: Compressor,
+        master: ServerMode = "rank0",
+        shift_rate: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            compressor,
+            Identity(),
+            master=master,
+            shift_rate=shift_rate,
+            model_rate=1.0,
+            error_weight=0.0,
+            rates="theory",
+            seed=seed,
+        )

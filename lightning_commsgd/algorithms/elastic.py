@@ -19,6 +19,7 @@ beta = m alpha = 0.9 is alpha = 0.9/m.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -26,12 +27,13 @@ from typing import Any, Literal
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_commsgd.algorithms.base import PeriodicAlgorithm, check_choice
+from lightning_commsgd.algorithms.base import PeriodicAlgorithm, as_schedule, check_choice
+from lightning_commsgd.algorithms.protocol import AlgorithmConfig, World
 from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.schedules import PeriodSchedule
 
-__all__ = ["ELASTIC_MOMENTUM_MODES", "ElasticAverager", "default_alpha", "validate_alpha"]
+__all__ = ["ELASTIC_MOMENTUM_MODES", "ElasticAverager", "ElasticAveraging", "default_alpha", "validate_alpha"]
 
 ELASTIC_MOMENTUM_MODES: tuple[str, ...] = ("local", "zero")
 
@@ -90,6 +92,8 @@ class ElasticAverager(PeriodicAlgorithm):
         self.center: Tensor = self._pack(tensors).clone()  # z_0 = x_0 (identical on all ranks)
         self._center_at_step: int | None = 0
 
+    round_tags = ("average", "final")
+
     @property
     def in_sync(self) -> bool:
         """Replicas are equal only at the start and after :meth:`finalize`."""
@@ -123,3 +127,52 @@ class ElasticAverager(PeriodicAlgorithm):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.center = state["center"].to(device=self.center.device, dtype=self.center.dtype).clone()
         self._center_at_step = state["center_at_step"]
+
+
+class ElasticAveraging(AlgorithmConfig):
+    """Elastic averaging SGD (EASGD, Zhang, Choromanska, LeCun 2015): every ``tau`` steps,
+    ``x_i <- (1 - alpha) x_i + alpha z`` and ``z <- (1 - m alpha) z + alpha sum_i x_i`` with a centre
+    variable z replicated on every rank (Cooperative SGD A(tau, W_alpha, 1)). At the end of training every
+    replica is set to z, the model EASGD outputs.
+
+    Args:
+        tau: local steps between elastic rounds (int >= 1 or a schedule).
+        alpha: the pull towards the centre (EASGD's moving rate alpha), stable for 0 < alpha < 2/(m+1);
+            ``None`` (default) picks alpha* = 2/(m+2), the rate with the smallest zeta = m/(m+2).
+        momentum: ``"local"`` (default) or ``"zero"``.
+        average_buffers: floating-point buffers take part in the update like parameters.
+    """
+
+    name = "elastic_averaging"
+
+    def __init__(
+        self,
+        tau: int | PeriodSchedule = 4,
+        alpha: float | None = None,
+        momentum: Literal["local", "zero"] = "local",
+        average_buffers: bool = True,
+    ) -> None:
+        self.tau = tau if isinstance(tau, PeriodSchedule) else as_schedule(tau).tau
+        self.alpha = validate_alpha(alpha)
+        self.momentum = check_choice(momentum, "momentum", ELASTIC_MOMENTUM_MODES)
+        self.average_buffers = bool(average_buffers)
+
+    def check_world(self, world: World) -> None:
+        validate_alpha(self.alpha, world.size)  # the stable range depends on m
+
+    def describe(self, world: World) -> str:
+        alpha = self.alpha if self.alpha is not None else default_alpha(world.size)
+        return f"m = {world.size}, alpha = {alpha:.4g}"
+
+    def build(
+        self, module: nn.Module, optimizers: Sequence[Optimizer], communicator: Communicator, world: World
+    ) -> ElasticAverager:
+        return ElasticAverager(
+            module,
+            optimizers,
+            communicator,
+            tau=copy.deepcopy(self.tau),
+            alpha=self.alpha,
+            momentum=self.momentum,  # type: ignore[arg-type]
+            average_buffers=self.average_buffers,
+        )

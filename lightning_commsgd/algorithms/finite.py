@@ -6,7 +6,7 @@ buffer and over its optimizer state), and the packed buffer carries p more float
 1 at position r when its replica is not finite. The all-reduce sums them, so every rank learns in the same
 collective which ranks were poisoned: no extra round, 4 p more bytes per round. Then, by policy:
 
-- ``"raise"`` (default): every rank raises the same :class:`NonFiniteReplicaError`, naming the ranks and
+- ``"raise"`` (default): every rank raises the same :class:`NonFiniteError`, naming the ranks and
   the step, before any replica is changed.
 - ``"skip"``: the poisoned replicas are skipped: they send zeros, the round averages the finite replicas
   only (sum / number of finite ranks), and every rank, the poisoned ones included, continues from that
@@ -36,7 +36,7 @@ from torch import Tensor
 
 __all__ = [
     "NONFINITE_POLICIES",
-    "NonFiniteReplicaError",
+    "NonFiniteError",
     "finite_flags",
     "flagged_ranks",
     "nonfinite_message",
@@ -46,8 +46,10 @@ __all__ = [
 NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip")
 
 
-class NonFiniteReplicaError(FloatingPointError):
-    """NaN or Inf in the replica of one or more ranks before a round; every rank raises it in that round."""
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf on one or more ranks: in a replica before a round (periodic algorithms), or in a gradient or
+    model residual (compressed algorithms). Every rank raises it in the same round, naming the ranks and the
+    step."""
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:

@@ -2,7 +2,7 @@
 
 Cooperative SGD A(tau, W, 0) (Wang & Joshi): every tau steps ``X <- X W_k``, i.e. worker i replaces
 its model by ``sum_j W_k[j, i] x_j`` over itself and its in-neighbours. tau = 1 is D-PSGD (Lian et al.
-2017); with ``momentum="mix"`` the momentum buffers are mixed with the same W (Yu, Jin, Yang 2019,
+2017); with ``momentum="average"`` the momentum buffers are mixed with the same W (Yu, Jin, Yang 2019,
 Alg. 2). Each round is one batch of point-to-point messages with the neighbours of the current phase,
 never an all-reduce: a worker sends ``out-degree x payload`` bytes. W doubly stochastic keeps the
 average of the models unchanged by a round.
@@ -10,6 +10,7 @@ average of the models unchanged by a round.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -17,17 +18,18 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_commsgd.algorithms.base import PeriodicAlgorithm, check_choice
-from lightning_commsgd.algorithms.finite import NonFiniteReplicaError, gossip_nonfinite_message
+from lightning_commsgd.algorithms.base import PeriodicAlgorithm, as_schedule, check_choice
+from lightning_commsgd.algorithms.finite import NonFiniteError, gossip_nonfinite_message
+from lightning_commsgd.algorithms.protocol import AlgorithmConfig, World
 from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.schedules import PeriodSchedule
-from lightning_commsgd.topology import Topology
+from lightning_commsgd.topology import Topology, make_topology
 
-__all__ = ["GOSSIP_MOMENTUM_MODES", "GossipMixer"]
+__all__ = ["GOSSIP_MOMENTUM_MODES", "DecentralizedSGD", "GossipMixer", "TopologySpec"]
 
-GossipMomentum = Literal["mix", "local"]
-GOSSIP_MOMENTUM_MODES: tuple[str, ...] = ("mix", "local")
+GossipMomentum = Literal["average", "local"]
+GOSSIP_MOMENTUM_MODES: tuple[str, ...] = ("average", "local")
 
 
 class GossipMixer(PeriodicAlgorithm):
@@ -39,7 +41,7 @@ class GossipMixer(PeriodicAlgorithm):
         communicator: carries and counts the point-to-point messages.
         topology: W (see :mod:`lightning_commsgd.topology`); its world size must be the communicator's.
         tau: local steps between gossip rounds (an int or a schedule); 1 is D-PSGD.
-        momentum: ``"mix"`` (default: u_i <- sum_j W[j, i] u_j in the same message, Yu et al. Alg. 2) or
+        momentum: ``"average"`` (default: u_i <- sum_j W[j, i] u_j in the same message, Yu et al. Alg. 2) or
             ``"local"`` (never touched).
         average_buffers: mix floating-point buffers (BatchNorm statistics) with the same W.
         final_average: at :meth:`finalize`, replace every replica by the exact average (one all-reduce),
@@ -57,7 +59,7 @@ class GossipMixer(PeriodicAlgorithm):
         topology: Topology,
         *,
         tau: int | PeriodSchedule = 1,
-        momentum: GossipMomentum = "mix",
+        momentum: GossipMomentum = "average",
         average_buffers: bool = True,
         final_average: bool = True,
     ) -> None:
@@ -67,7 +69,7 @@ class GossipMixer(PeriodicAlgorithm):
                 f"The topology has {topology.world_size} nodes but the world size is "
                 f"{communicator.world_size}."
             )
-        travelling_state = "average" if momentum == "mix" else "local"  # which u_i join the message
+        travelling_state = momentum  # which u_i join the message
         replica = ReplicaState(module, optimizers, travelling_state, average_buffers)
         super().__init__(replica, communicator, tau)
         self.topology = topology
@@ -75,6 +77,8 @@ class GossipMixer(PeriodicAlgorithm):
         self.final_average = final_average
         self.mix_rounds = 0
         self._exact_at_step: int | None = 0  # all replicas equal x_0 before the first step
+
+    round_tags = ("gossip", "final")
 
     @property
     def in_sync(self) -> bool:
@@ -101,7 +105,7 @@ class GossipMixer(PeriodicAlgorithm):
         poisoned = ([] if finite else [rank]) + [j for j, m in zip(senders, received) if float(m[-1]) > 0.5]
         if poisoned:  # neither this replica nor its neighbours' reach a mix
             ranks = sorted(self.communicator.global_rank(r) for r in poisoned)
-            raise NonFiniteReplicaError(gossip_nonfinite_message(ranks, self.step))
+            raise NonFiniteError(gossip_nonfinite_message(ranks, self.step))
         mixed = own * self.topology.self_weight(rank, phase)
         for (_, weight), message in zip(incoming, received):
             mixed.add_(message, alpha=weight)
@@ -128,3 +132,71 @@ class GossipMixer(PeriodicAlgorithm):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.mix_rounds = int(state["mix_rounds"])
         self._exact_at_step = state["exact_at_step"]
+
+
+#: what ``topology`` accepts: a graph name, a Topology, or a doubly stochastic matrix W
+TopologySpec = str | Topology | torch.Tensor | Sequence[Sequence[float]]
+
+
+class DecentralizedSGD(AlgorithmConfig):
+    """Decentralized SGD: every ``tau`` steps each worker averages with its graph neighbours only,
+    ``x_i <- sum_j W[j, i] x_j`` (Cooperative SGD A(tau, W, 0); tau = 1 is D-PSGD, Lian et al. 2017).
+
+    Args:
+        topology: the mixing matrix W: a name (``"ring"``, ``"torus"``, ``"complete"``, ``"star"``,
+            ``"exponential"``, ``"one_peer_exponential"``), a :class:`~lightning_commsgd.topology.Topology`,
+            or a doubly stochastic m x m matrix (tensor or nested list; column i holds node i's weights).
+            Checked against the world size before any process starts.
+        tau: local steps between gossip rounds (int >= 1 or a schedule such as ``AdaComm``); 1 (default)
+            is D-PSGD.
+        momentum: ``"average"`` (default; momentum buffers mixed with the same W as the model, Yu et al.
+            Alg. 2) or ``"local"``.
+        edge_weights: weights of named undirected graphs, ``"metropolis"`` (Metropolis-Hastings, default) or
+            ``"uniform"`` (regular graphs only).
+        average_buffers: mix floating-point buffers (BatchNorm statistics) too.
+        final_average: one exact all-reduce average at the end of training, so the output is the consensus
+            model (the only all-reduce of a run; turn off to keep each rank's own model).
+    """
+
+    name = "decentralized_sgd"
+
+    def __init__(
+        self,
+        topology: TopologySpec = "ring",
+        tau: int | PeriodSchedule = 1,
+        momentum: GossipMomentum = "average",
+        edge_weights: Literal["metropolis", "uniform"] = "metropolis",
+        average_buffers: bool = True,
+        final_average: bool = True,
+    ) -> None:
+        self.topology = topology
+        self.tau = tau if isinstance(tau, PeriodSchedule) else as_schedule(tau).tau
+        self.momentum = check_choice(momentum, "momentum", GOSSIP_MOMENTUM_MODES)
+        self.edge_weights = check_choice(edge_weights, "edge_weights", ("metropolis", "uniform"))
+        self.average_buffers = bool(average_buffers)
+        self.final_average = bool(final_average)
+
+    def resolve_topology(self, world: World) -> Topology:
+        """W for ``world`` (a bad matrix, or a torus on a non-square world size, raises here)."""
+        return make_topology(self.topology, world.size, weights=self.edge_weights)
+
+    def check_world(self, world: World) -> None:
+        self.resolve_topology(world)
+
+    def describe(self, world: World) -> str:
+        topology = self.resolve_topology(world)
+        return f"{topology!r}, zeta = {topology.zeta:.4f}"
+
+    def build(
+        self, module: nn.Module, optimizers: Sequence[Optimizer], communicator: Communicator, world: World
+    ) -> GossipMixer:
+        return GossipMixer(
+            module,
+            optimizers,
+            communicator,
+            self.resolve_topology(world),
+            tau=copy.deepcopy(self.tau),
+            momentum=self.momentum,  # type: ignore[arg-type]
+            average_buffers=self.average_buffers,
+            final_average=self.final_average,
+        )

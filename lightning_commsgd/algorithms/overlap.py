@@ -41,6 +41,7 @@ second moments the correction x + (z_k - x^(k)) can turn negative, and no paper 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -49,8 +50,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_commsgd.algorithms.base import PeriodicAlgorithm
+from lightning_commsgd.algorithms.base import PeriodicAlgorithm, as_schedule
 from lightning_commsgd.algorithms.finite import finite_flags
+from lightning_commsgd.algorithms.protocol import AlgorithmConfig, World
 from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator, PendingLowpMean, PendingMean
 from lightning_commsgd.payload import validate_payload_dtype
@@ -59,6 +61,7 @@ from lightning_commsgd.schedules import PeriodSchedule
 __all__ = [
     "CORRECTIONS",
     "OVERLAP_MOMENTUM_MODES",
+    "OverlapAverager",
     "OverlapLocalSGD",
     "validate_correction",
     "validate_overlap_momentum",
@@ -120,7 +123,7 @@ def validate_pull(
     return float(alpha), float(beta)
 
 
-class OverlapLocalSGD(PeriodicAlgorithm):
+class OverlapAverager(PeriodicAlgorithm):
     """Overlap Local-SGD on one rank (see the module docstring).
 
     Args:
@@ -166,6 +169,8 @@ class OverlapLocalSGD(PeriodicAlgorithm):
         self._pending: PendingMean | PendingLowpMean | _Arrived | None = None
         self._snapshot: Tensor | None = None  # cocod: this worker's model as sent at the latest round
         self.synced_at_step = 0  # the step of the latest exact (blocking) average
+
+    round_tags = ("overlap_average", "final")
 
     @property
     def in_sync(self) -> bool:
@@ -298,3 +303,66 @@ class _Arrived:
 
     def wait(self) -> Tensor:
         return self.buffer
+
+
+class OverlapLocalSGD(AlgorithmConfig):
+    """Overlap Local-SGD (Wang, Liang, Joshi, ICASSP 2020): every ``tau`` steps each worker is pulled towards
+    the anchor (the average started one round earlier, which had ``tau`` local steps to arrive) and starts
+    the next average in the background; no rank waits for the network unless it is slower than ``tau``
+    local steps. The trajectory does not depend on timing; at the end one blocking average leaves every rank
+    with the same model. See :class:`OverlapAverager`.
+
+    Args:
+        tau: local steps between rounds (an int >= 1 or a schedule).
+        alpha: the pull towards the anchor z, in (0, 1): x_i <- (1 - alpha) x_i + alpha z. Default 0.5.
+        anchor_momentum: beta in [0, 1), the paper's momentum variant on the anchor; 0 (default) averages
+            the pulled models.
+        average_buffers: BatchNorm statistics ride with the parameters.
+        payload_dtype: ``None`` (default, fp32), ``"bf16"`` / ``"fp16"``, ``"int8"`` or ``"int4"``: each
+            rank's change since the anchor travels in that format, summed in fp32 (see
+            :mod:`lightning_commsgd.payload`); the messages run on a helper thread over a second process
+            group, hidden behind the next tau local steps.
+        correction: ``"pull"`` (default, the paper) or ``"cocod"``: apply the arrived average as CoCoD-SGD
+            does, x <- x + (z_k - x^(k)); alpha and anchor_momentum are then unused (anchor_momentum must
+            be 0).
+        momentum: the optimizer state at a round: ``"local"`` (default, the paper) or ``"zero"`` (reset
+            after every round). ``"average"`` is refused: the average arrives a round late and would be
+            folded into a replica that moved on; use :class:`~lightning_commsgd.algorithms.LocalSGD` for
+            PR-SGD-Momentum.
+    """
+
+    name = "overlap_local_sgd"
+
+    def __init__(
+        self,
+        tau: int | PeriodSchedule = 8,
+        alpha: float = 0.5,
+        anchor_momentum: float = 0.0,
+        average_buffers: bool = True,
+        payload_dtype: str | None = None,
+        correction: str = "pull",
+        momentum: str = "local",
+    ) -> None:
+        self.tau = tau if isinstance(tau, PeriodSchedule) else as_schedule(tau).tau
+        names = ("alpha", "anchor_momentum")
+        self.alpha, self.anchor_momentum = validate_pull(alpha, anchor_momentum, names=names)
+        self.average_buffers = bool(average_buffers)
+        self.payload_dtype = validate_payload_dtype(payload_dtype)
+        self.correction = validate_correction(correction, self.anchor_momentum)
+        self.momentum = validate_overlap_momentum(momentum)
+
+    def build(
+        self, module: nn.Module, optimizers: Sequence[Optimizer], communicator: Communicator, world: World
+    ) -> OverlapAverager:
+        return OverlapAverager(
+            module,
+            optimizers,
+            communicator,
+            tau=copy.deepcopy(self.tau),
+            alpha=self.alpha,
+            beta=self.anchor_momentum,
+            average_buffers=self.average_buffers,
+            payload_dtype=self.payload_dtype,
+            correction=self.correction,
+            momentum=self.momentum,
+        )

@@ -24,6 +24,7 @@ are fast; only one round in H crosses the slow inter-node network.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,13 +34,15 @@ from torch.optim import Optimizer
 
 from lightning_commsgd.algorithms.base import PeriodicAlgorithm, as_schedule, check_choice, validate_period
 from lightning_commsgd.algorithms.finite import NONFINITE_POLICIES, finite_flags
-from lightning_commsgd.algorithms.replica import MOMENTUM_MODES, MomentumMode, ReplicaState
+from lightning_commsgd.algorithms.protocol import AlgorithmConfig, World
+from lightning_commsgd.algorithms.replica import MOMENTUM_MODES, MomentumMode, ReplicaState, check_averageable
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.payload import validate_payload_dtype
 from lightning_commsgd.schedules import PeriodSchedule
 
 __all__ = [
     "WEIGHT_MODES",
+    "LocalSGD",
     "PeriodicAverager",
     "as_schedule",
     "validate_momentum_mode",
@@ -89,7 +92,7 @@ class PeriodicAverager(PeriodicAlgorithm):
         global_every: H, every H-th round averages over all ranks; the others average within the block
             of ``group_size`` ranks (tag ``"average_local"``). 1 (default): every round is global.
         on_nonfinite: a replica with NaN or Inf before a round: ``"raise"`` (default; every rank raises
-            :class:`~lightning_commsgd.algorithms.finite.NonFiniteReplicaError` in that round, naming the
+            :class:`~lightning_commsgd.algorithms.finite.NonFiniteError` in that round, naming the
             ranks and the step) or ``"skip"`` (the round averages the finite replicas only and the poisoned
             ones continue from that average); the flags ride in the round's buffer, 4 p bytes more. With a
             ``payload_dtype`` the flags cannot ride in the rounded payload: a poisoned rank raises before
@@ -150,6 +153,17 @@ class PeriodicAverager(PeriodicAlgorithm):
         self.group_communicator = communicator.split(group_size) if self.hierarchical else communicator
         self.last_global_step = 0
         self._force_global = False
+
+    round_tags = ("average", "average_local", "final")
+
+    @property
+    def counts_samples(self) -> bool:
+        return self.weights == "samples"
+
+    def record_batch(self, loss: torch.Tensor | float | None = None, samples: int | None = None) -> None:
+        self.record_loss(loss)
+        if samples is not None:
+            self.record_samples(samples)
 
     def record_samples(self, count: int) -> None:
         """Count ``count`` training samples processed by this worker (its weight at the next round under
@@ -287,3 +301,105 @@ class PeriodicAverager(PeriodicAlgorithm):
         """A last round so that every replica equals the consensus model (end of training)."""
         if not self.in_sync:
             self.average(tag="final")
+
+
+class LocalSGD(AlgorithmConfig):
+    """Local SGD: each worker steps its own replica; every ``tau`` optimizer steps all replicas are
+    replaced by their average (one all-reduce of one flat buffer). No gradient is ever all-reduced.
+    Stich (ICLR 2019); PR-SGD-Momentum, Yu, Jin, Yang (ICML 2019); hierarchical: Lin et al. (ICLR 2020).
+
+    Args:
+        tau: communication period tau (H in Stich, I in Yu et al.): optimizer steps between rounds, an int
+            >= 1, or a :mod:`~lightning_commsgd.schedules` schedule (``AdaComm``, ``PostLocalSGD``,
+            ``IncreasingPeriod``) asked after every round; each run works on a copy. Counts calls of the
+            optimizer step on every rank, including steps the closure skipped, so all ranks agree; with
+            gradient accumulation it counts optimizer steps, not batches.
+        momentum: what happens to the optimizer state u_i at a round: ``"average"`` (default,
+            PR-SGD-Momentum: u_i <- mean_j u_j in the same buffer, doubling the bytes of a round for SGD with
+            momentum; for Adam/AdamW both moments are averaged), ``"local"`` (never touched, torch's
+            ``PeriodicModelAverager`` behaviour, any optimizer), ``"zero"`` (state reset after each round,
+            any optimizer).
+        average_buffers: average floating-point module buffers (BatchNorm running statistics) at each
+            round; integer buffers are equal on all ranks and left alone.
+        replica_weights: ``"uniform"`` (default, the plain mean) or ``"samples"``: each replica (and its
+            optimizer state and buffers) weighted by the samples n_j its rank processed since the latest
+            round, x <- sum_j n_j x_j / sum_j n_j (RI-SGD's heterogeneous mini-batch extension; use with
+            per-rank batch sizes). The count rides in the averaged buffer (4 more bytes).
+        payload_dtype: ``None`` (exact fp32 mean), ``"bf16"`` / ``"fp16"``, ``"int8"`` or ``"int4"``: each
+            rank sends its change since the latest round in that format, accumulated in fp32 (see
+            :class:`PeriodicAverager` and :mod:`lightning_commsgd.payload`).
+        global_every: H, hierarchical local SGD: every H-th round averages over all ranks, the others only
+            within a block of ``group_size`` ranks; 1 (default) is flat.
+        group_size: g, ranks per block (consecutive global ranks); default: the devices per node, so the
+            frequent rounds stay on a node's fast links. Must divide the world size.
+        on_nonfinite: NaN or Inf in any rank's parameters, optimizer state or buffers before a round:
+            ``"raise"`` (default: every rank raises ``NonFiniteError`` in that round, naming the ranks and
+            the step) or ``"skip"`` (average the finite replicas only; the poisoned ones continue from that
+            average). See :mod:`lightning_commsgd.algorithms.finite`.
+
+    Raises:
+        TypeError: ``tau`` not an int or schedule; before the first collective, ``momentum="average"`` with an
+            optimizer whose state layout is unknown (e.g. RMSprop), naming it and the alternatives.
+        ValueError: out-of-range or unknown values, naming the argument and the allowed values.
+    """
+
+    name = "local_sgd"
+
+    def __init__(
+        self,
+        tau: int | PeriodSchedule = 8,
+        momentum: MomentumMode = "average",
+        average_buffers: bool = True,
+        replica_weights: str = "uniform",
+        payload_dtype: str | None = None,
+        global_every: int = 1,
+        group_size: int | None = None,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        self.tau = tau if isinstance(tau, PeriodSchedule) else as_schedule(tau).tau
+        self.momentum = validate_momentum_mode(momentum)
+        self.average_buffers = bool(average_buffers)
+        self.replica_weights = check_choice(replica_weights, "replica_weights", WEIGHT_MODES)
+        self.payload_dtype = validate_payload_dtype(payload_dtype)
+        if self.payload_dtype is not None and self.replica_weights != "uniform":
+            raise ValueError('Arg `payload_dtype` works with replica_weights="uniform" only.')
+        self.global_every = validate_period(global_every, "global_every")
+        self.group_size = None if group_size is None else validate_period(group_size, "group_size")
+        if self.global_every > 1 and self.payload_dtype is not None:
+            raise ValueError(
+                "Arg `payload_dtype` does not combine with hierarchical averaging (global_every > 1)."
+            )
+        self.on_nonfinite = check_choice(on_nonfinite, "on_nonfinite", NONFINITE_POLICIES)
+        if self.payload_dtype is not None and self.on_nonfinite == "skip":
+            raise ValueError('Arg `on_nonfinite="skip"` needs exact rounds (payload_dtype=None).')
+
+    def block_size(self, world: World) -> int:
+        """Ranks per hierarchical block: ``group_size``, else the devices of one node."""
+        return self.group_size or world.devices_per_node
+
+    def check_world(self, world: World) -> None:
+        if self.global_every > 1 and world.size % self.block_size(world):
+            raise ValueError(
+                f"Arg `group_size` ({self.block_size(world)}) must divide the world size ({world.size})."
+            )
+
+    def check_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
+        if self.momentum == "average":
+            check_averageable(optimizers)  # e.g. RMSprop: TypeError naming it and the alternatives
+
+    def build(
+        self, module: nn.Module, optimizers: Sequence[Optimizer], communicator: Communicator, world: World
+    ) -> PeriodicAverager:
+        return PeriodicAverager(
+            module,
+            optimizers,
+            communicator,
+            tau=copy.deepcopy(self.tau),  # a fresh schedule per run; a resume restores its state
+            momentum=self.momentum,
+            average_buffers=self.average_buffers,
+            weights=self.replica_weights,
+            payload_dtype=self.payload_dtype,
+            group_size=self.block_size(world) if self.global_every > 1 else None,
+            global_every=self.global_every,
+            on_nonfinite=self.on_nonfinite,
+        )

@@ -77,13 +77,14 @@ class ModelMessage:
 
 
 class Groups:
-    """The two process groups of a parameter-server job (collective to create: every rank, same order).
+    """The two communicators of a parameter-server job, each over its own process group of all ranks
+    (:meth:`Communicator.duplicate`, sharing ``comm``'s ledger; collective to create: every rank, same order).
     Gloo groups whatever the job's backend: messages are CPU tensors (a GPU worker copies its gradient
     to the host once per push), and NCCL has no receive that waits for the next message indefinitely."""
 
     def __init__(self, comm: Communicator) -> None:
-        self.up = comm.new_group(timeout=LONG_TIMEOUT, backend="gloo")
-        self.down = comm.new_group(timeout=LONG_TIMEOUT, backend="gloo")
+        self.up = comm.duplicate(timeout=LONG_TIMEOUT, backend="gloo")
+        self.down = comm.duplicate(timeout=LONG_TIMEOUT, backend="gloo")
 
 
 class ServerRuntime:
@@ -253,12 +254,12 @@ class ServerRuntime:
             header = torch.tensor([MODEL, message.version, int(message.stop), 0], dtype=torch.int64)
             try:
                 works.append(
-                    (worker, self.comm.isend(header, worker, tag=TAG, group=self.groups.down, msg_tag=0))
+                    (worker, self.groups.down.isend(header, worker, tag=TAG, msg_tag=0))
                 )
                 works.append(
                     (
                         worker,
-                        self.comm.isend(wire, worker, tag=TAG, group=self.groups.down, msg_tag=1),
+                        self.groups.down.isend(wire, worker, tag=TAG, msg_tag=1),
                     )
                 )
             except RuntimeError as error:
@@ -274,13 +275,13 @@ class ServerRuntime:
         header = torch.empty(HEADER, dtype=torch.int64)
         while True:
             try:
-                self.comm.recv_(header, worker, tag=TAG, group=self.groups.up, msg_tag=0, timed=False)
+                self.groups.up.recv_(header, worker, tag=TAG, msg_tag=0, timed=False)
                 kind, version = int(header[0]), int(header[1])
                 if kind == LEAVE:
                     self._queue.put(Event("leave", worker))
                     return
                 grad = torch.empty(self.server.numel, dtype=torch.float32)
-                self.comm.recv_(grad, worker, tag=TAG, group=self.groups.up, msg_tag=1)
+                self.groups.up.recv_(grad, worker, tag=TAG, msg_tag=1)
                 self._queue.put(Event("push", worker, version, grad))
             except RuntimeError as error:
                 if not self._done.is_set():
@@ -320,15 +321,15 @@ class Link:
             header = torch.tensor([PUSH, version, 0, 0], dtype=torch.int64)
             payload = grad.detach().float().cpu().contiguous()
             try:
-                comm.send(header, server_rank, tag=TAG, group=groups.up, msg_tag=0)
-                comm.send(payload, server_rank, tag=TAG, group=groups.up, msg_tag=1)
+                groups.up.send(header, server_rank, tag=TAG, msg_tag=0)
+                groups.up.send(payload, server_rank, tag=TAG, msg_tag=1)
             except RuntimeError as error:  # the server's process is gone (connection closed or reset)
                 raise lost(error) from error
 
         def leave(worker: int) -> None:
             header = torch.tensor([LEAVE, 0, 0, 0], dtype=torch.int64)
             try:
-                comm.send(header, server_rank, tag=TAG, group=groups.up, msg_tag=0)
+                groups.up.send(header, server_rank, tag=TAG, msg_tag=0)
             except RuntimeError as error:
                 raise lost(error) from error
 
@@ -336,9 +337,9 @@ class Link:
             header = torch.empty(HEADER, dtype=torch.int64)
             while True:
                 try:
-                    comm.recv_(header, server_rank, tag=TAG, group=groups.down, msg_tag=0, timed=False)
+                    groups.down.recv_(header, server_rank, tag=TAG, msg_tag=0, timed=False)
                     model = torch.empty(numel, dtype=torch.float32)
-                    comm.recv_(model, server_rank, tag=TAG, group=groups.down, msg_tag=1)
+                    groups.down.recv_(model, server_rank, tag=TAG, msg_tag=1)
                 except RuntimeError as error:
                     mailbox.put(ModelMessage(-1, True, None, lost(error)))
                     return

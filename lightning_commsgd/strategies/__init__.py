@@ -1,30 +1,68 @@
-"""Thin Lightning layer: a base strategy that owns synchronisation, one small subclass per family."""
+"""The Lightning Trainer adapter: one strategy that drives any protocol algorithm, its named forms, and the
+parameter-server family.
 
+- :class:`CommunicationStrategy` (``strategies/base.py``): ``CommunicationStrategy(LocalSGD(tau=8))``.
+- Named strategies, one per algorithm of :mod:`lightning_commsgd.registry` (``LocalSGDStrategy(tau=8)``, ...),
+  made by :func:`~lightning_commsgd.named.named_strategy`.
+- :mod:`.parameter_server`: ``KSyncSGDStrategy``, ``AsyncSGDStrategy`` (a sibling on the process base).
+
+Importing this package registers every name of the registry with Lightning's ``StrategyRegistry``, so
+``Trainer(strategy="local_sgd")`` works.
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_commsgd.named import named_strategy
+from lightning_commsgd.registry import ENTRIES
 from lightning_commsgd.strategies.base import CommunicationStrategy
-from lightning_commsgd.strategies.compressed import (
-    CompressedSGDStrategy,
-    DianaStrategy,
-    DoubleResidualStrategy,
-)
-from lightning_commsgd.strategies.decentralized import DecentralizedSGDStrategy, ElasticAveragingStrategy
-from lightning_commsgd.strategies.local_sgd import LocalSGDStrategy
-from lightning_commsgd.strategies.overlap import OverlapLocalSGDStrategy
 from lightning_commsgd.strategies.parameter_server import (
     AsyncSGDStrategy,
     KSyncSGDStrategy,
     ParameterServerStrategy,
 )
+from lightning_commsgd.strategies.process import ProcessGroupStrategy
+
+
+def _named(name: str) -> type:
+    """The Trainer adapter of registry entry ``name`` (its class name, its algorithm's arguments)."""
+    entry = ENTRIES[name]
+    assert entry.algorithm is not None
+    return named_strategy(entry.algorithm, CommunicationStrategy, entry.class_name, __name__, name)
+
+
+LocalSGDStrategy = _named("local_sgd")
+DecentralizedSGDStrategy = _named("decentralized_sgd")
+ElasticAveragingStrategy = _named("elastic_averaging")
+OverlapLocalSGDStrategy = _named("overlap_local_sgd")
+DoubleResidualStrategy = _named("dore")
+DianaStrategy = _named("diana")
+CompressedSGDStrategy = _named("compressed_sgd")
 
 __all__ = [
     "AsyncSGDStrategy",
     "CommunicationStrategy",
     "CompressedSGDStrategy",
+    "DecentralizedSGDStrategy",
     "DianaStrategy",
     "DoubleResidualStrategy",
-    "DecentralizedSGDStrategy",
     "ElasticAveragingStrategy",
     "KSyncSGDStrategy",
     "LocalSGDStrategy",
     "OverlapLocalSGDStrategy",
     "ParameterServerStrategy",
+    "ProcessGroupStrategy",
+    "register_strategies",
 ]
+
+
+def register_strategies() -> None:
+    """Register every name of :data:`lightning_commsgd.registry.ENTRIES` with Lightning (idempotent)."""
+    classes = globals()
+    for name, entry in ENTRIES.items():
+        if name not in StrategyRegistry:
+            StrategyRegistry.register(
+                name, classes[entry.class_name], description=entry.description, **entry.presets()
+            )
+
+
+register_strategies()

@@ -20,29 +20,51 @@ every rank starts from the consensus model, rank 0's optimizer state and algorit
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import torch
-from torch import Tensor
+from lightning_commsgd.adapter_support import CHECKPOINT_FORMAT, CHECKPOINT_KEY, consensus_state_dict
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEY", "consensus_state_dict"]
-
-CHECKPOINT_KEY = "lightning_commsgd"
-CHECKPOINT_FORMAT = 1
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEY", "RankStates", "consensus_state_dict"]
 
 
-def consensus_state_dict(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Average floating-point entries over ranks (accumulated in float64, cast back); every other entry
-    is taken from the first (rank 0's) state dict."""
-    first = state_dicts[0]
-    out: dict[str, Any] = {}
-    for key, value in first.items():
-        if isinstance(value, Tensor) and torch.is_floating_point(value):
-            total = torch.zeros_like(value, dtype=torch.float64)
-            for sd in state_dicts:
-                total += sd[key].to(torch.float64)
-            out[key] = (total / len(state_dicts)).to(value.dtype)
-        else:
-            out[key] = value
-    return out
+class RankStates:
+    """Per-rank checkpoint entries: gathered to rank 0 at save, given back to each rank at load.
+
+    A collaborator of the strategies (see the module docstring for the layout). :meth:`gather` runs on every
+    rank (one object gather, tag ``checkpoint``); :meth:`own_entry` picks this rank's entry of a loaded
+    checkpoint, or rank 0's with ``resized=True`` when the world size changed.
+    """
+
+    @staticmethod
+    def gather(checkpoint: dict[str, Any], local: dict[str, Any], communicator: Any) -> None:
+        """Gather every rank's ``local`` entry to rank 0 and, there, write the consensus model and (for a
+        full checkpoint, one with optimizer states) the entries into ``checkpoint``."""
+        gathered = communicator.gather_object(local, dst=0, tag="checkpoint")
+        if gathered is None:
+            return
+        checkpoint["state_dict"] = consensus_state_dict([g["state_dict"] for g in gathered])
+        if "optimizer_states" in checkpoint:
+            checkpoint[CHECKPOINT_KEY] = {
+                "format": CHECKPOINT_FORMAT,
+                "world_size": len(gathered),
+                "ranks": gathered,
+            }
+
+    @staticmethod
+    def own_entry(
+        checkpoint: Mapping[str, Any], world_size: int, rank: int
+    ) -> tuple[dict[str, Any], bool] | None:
+        """``(entry, resized)``: this rank's entry when the world size is the same, else rank 0's with
+        ``resized=True``; ``None`` when the checkpoint has no per-rank entries."""
+        extra = checkpoint.get(CHECKPOINT_KEY)
+        if extra is None:
+            return None
+        ranks = extra["ranks"]
+        if len(ranks) == world_size:
+            return dict(ranks[rank]), False
+        return dict(ranks[0]), True
+
+    @staticmethod
+    def saved_world_size(checkpoint: Mapping[str, Any]) -> int:
+        return len(checkpoint[CHECKPOINT_KEY]["ranks"])

@@ -11,6 +11,10 @@ starts the same children and watches them every half second instead; when one ex
    names it too;
 3. gives the other processes ``grace`` seconds to raise and exit by themselves, then SIGKILLs whatever is
    left, rank 0 included, as Lightning does.
+
+Its base class, Lightning's private ``_SubprocessScriptLauncher``, and the private helpers ``launch`` uses
+come from :mod:`lightning_commsgd.internals`, which checks they exist (a RuntimeError naming the Lightning
+version otherwise).
 """
 
 from __future__ import annotations
@@ -25,16 +29,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from typing_extensions import override
 
+from lightning_commsgd.internals import (
+    popen_launcher_class,
+    report_selected_ckpt_path,
+    set_num_threads_if_needed,
+    start_child_scripts,
+)
 from lightning_commsgd.watchdog import FailureWatchdog
 
 __all__ = ["ReportingScriptLauncher"]
 
 
-class ReportingScriptLauncher(_SubprocessScriptLauncher):
+class ReportingScriptLauncher(popen_launcher_class()):  # type: ignore[misc]
     """``_SubprocessScriptLauncher`` whose child observer reports a dead rank (see the module docstring).
 
     Args:
@@ -42,7 +50,8 @@ class ReportingScriptLauncher(_SubprocessScriptLauncher):
             before), for the dead rank's last step and the abort notice.
         grace: seconds the surviving processes get to end by themselves after a child failed.
         end_job: whether a failed child ends the job (default); ``False`` only reports it, for strategies
-            that survive a lost worker (the parameter-server family decides by itself).
+            that survive a lost worker (the parameter-server family decides by itself). Kept as the public
+            attribute :attr:`end_job`, which a strategy may change until the Trainer launches.
         on_ckpt_path: called with the checkpoint path the Trainer resolves for this run (``None`` when it
             starts fresh), before any process group exists: Lightning keeps that path to itself until it
             loads the checkpoint, after the strategy's setup and its first collectives.
@@ -61,25 +70,25 @@ class ReportingScriptLauncher(_SubprocessScriptLauncher):
         on_ckpt_path: Callable[[Any], None] | None = None,
     ) -> None:
         super().__init__(cluster_environment, num_processes, num_nodes)
-        self._watchdog, self._grace, self._end_job = watchdog, grace, end_job
+        self._watchdog, self._grace, self.end_job = watchdog, grace, end_job
         self._on_ckpt_path = on_ckpt_path
 
     @override
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         if trainer is not None and self._on_ckpt_path is not None:
-            _report_selected_ckpt_path(trainer, self._on_ckpt_path)
+            report_selected_ckpt_path(trainer, self._on_ckpt_path)
         # Lightning's launch, with this module's observer instead of _launch_process_observer.
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
+            start_child_scripts(self)
             first_rank = self.cluster_environment.node_rank() * self.num_processes + 1
-            observer = _ChildObserver(self.procs, first_rank, self._watchdog, self._grace, self._end_job)
+            observer = _ChildObserver(self.procs, first_rank, self._watchdog, self._grace, self.end_job)
             observer.start()
-            if not self._end_job:
+            if not self.end_job:
                 # The observer polls every half second and dies with rank 0: a child that died after its
                 # last poll (a short run) would go unreported without this last look.
                 atexit.register(observer.report_failed_children)
-        _set_num_threads_if_needed(num_processes=self.num_processes)
+        set_num_threads_if_needed(self.num_processes)
         return function(*args, **kwargs)
 
 
@@ -154,23 +163,6 @@ class _ChildObserver(threading.Thread):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _report_selected_ckpt_path(trainer: Any, report: Callable[[Any], None]) -> None:
-    """Have ``trainer`` report the checkpoint path it resolves (``fit(ckpt_path="last")`` included) as
-    soon as it does, once per Trainer."""
-    connector = trainer._checkpoint_connector
-    select = connector._select_ckpt_path
-    if getattr(select, "_reports_to_commsgd", False):
-        return
-
-    def select_and_report(*args: Any, **kwargs: Any) -> Any:
-        path = select(*args, **kwargs)
-        report(path)
-        return path
-
-    select_and_report._reports_to_commsgd = True  # type: ignore[attr-defined]
-    connector._select_ckpt_path = select_and_report
 
 
 def _signal_name(number: int) -> str:

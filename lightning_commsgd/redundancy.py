@@ -1,19 +1,22 @@
-"""Putting RI-SGD's redundant sampler where Lightning would put its DistributedSampler.
+"""RI-SGD's data placement as one config object: :class:`RedundancyInfusion`.
 
-Users change nothing in their DataModule: the strategy rebuilds the *training* DataLoader around a
+Redundancy-infused SGD (Haddadpour et al., ICML 2019): each worker also holds a fraction mu of the whole
+dataset from its neighbours' shards. Given to a strategy as ``redundancy=RedundancyInfusion(mu=0.25)`` (or
+just ``redundancy=0.25``), it rebuilds the *training* DataLoader around a
 :class:`~lightning_commsgd.samplers.RedundantBatchSampler` (placement from a
 :class:`~lightning_commsgd.samplers.RedundantDistributedSampler`), in ``"stratified"`` mode (the DataLoader's
 ``batch_size`` being b, the per-shard share of a batch) or ``"union"`` mode (batches of b from the shuffled
 union). ``batch_sizes`` replaces b by one value per rank (heterogeneous mini-batches). Validation and test
-loaders keep Lightning's sampler.
+loaders keep the framework's sampler. Users change nothing in their DataModule.
 
-Placement rule (explicit, the same across a sweep of mu): as soon as *any* RI-SGD option is given
-(``redundancy`` -- ``0.0`` included --, ``sampling``, ``batch_sizes``, ``original_world_size`` or
-``failed_workers``), the training data lives in the fixed strided shards of the placement; only a strategy
-given none of them keeps Lightning's ``DistributedSampler`` (a global reshuffle every epoch: iid shards).
-So ``redundancy=0.0`` is the mu = 0 point of the same placement as ``redundancy=0.25``, not a different
-data distribution. The shuffling seed is Lightning's (``PL_GLOBAL_SEED``, as for its
-DistributedSampler). The batch sampler's epoch and position go into each rank's checkpoint entry.
+Placement rule (explicit, the same across a sweep of mu): a strategy given a ``RedundancyInfusion`` (``mu=0``
+included) trains on the fixed strided shards of the placement; a strategy given none keeps the framework's
+``DistributedSampler`` (a global reshuffle every epoch: iid shards). So ``mu=0`` is the mu = 0 point of the
+same placement as ``mu=0.25``, not a different data distribution. The shuffling seed is Lightning's
+(``PL_GLOBAL_SEED``, as for its DistributedSampler). The batch sampler's epoch and position go into each
+rank's checkpoint entry.
+
+No Lightning import: the Lightning and Fabric adapters both use it.
 """
 
 from __future__ import annotations
@@ -29,33 +32,50 @@ from torch.utils.data import DataLoader
 from lightning_commsgd.algorithms.base import check_choice
 from lightning_commsgd.samplers import RedundantBatchSampler, RedundantDistributedSampler
 
-__all__ = ["SAMPLING_MODES", "RedundancyConfig"]
+__all__ = ["SAMPLING_MODES", "RedundancyInfusion", "as_redundancy"]
 
 SAMPLING_MODES: tuple[str, ...] = ("stratified", "union")
 
 
 @dataclass(frozen=True)
-class RedundancyConfig:
-    """RI-SGD options of a strategy (see ``CommunicationStrategy``'s arguments)."""
+class RedundancyInfusion:
+    """RI-SGD's placement of the training data (see the module docstring).
 
-    redundancy: float | None = None  # None: not given (mu = 0 if another RI-SGD option is)
-    sampling: Literal["stratified", "union"] | None = None  # None: not given ("stratified")
+    Args:
+        mu: the redundancy mu in [0, 1 - 1/p]: each worker also holds this fraction of the whole dataset
+            from its neighbours' shards (0: plain strided shards, the same placement without redundancy).
+        sampling: ``"stratified"`` (the reference and the default: per batch, the DataLoader's batch_size b
+            from each held shard, so a worker's batch grows to about b (1 + mu p)) or ``"union"`` (the held
+            samples shuffled together, batches of b).
+        original_world_size: p of the placement when resuming with fewer workers (data locality).
+        failed_workers: original ids of the lost workers; rank r is the r-th survivor.
+        min_coverage: refuse to start when less of the dataset is still held by a survivor.
+        batch_sizes: heterogeneous mini-batches: one b per rank (``batch_sizes[rank]`` replaces the training
+            DataLoader's batch_size on that rank; every rank still takes the same number of batches per
+            epoch). Pair it with ``LocalSGD(replica_weights="samples")`` to weight each replica by its
+            samples at a round.
+    """
+
+    mu: float = 0.0
+    sampling: Literal["stratified", "union"] = "stratified"
     original_world_size: int | None = None
     failed_workers: Sequence[int] = field(default_factory=tuple)
     min_coverage: float = 1.0
     batch_sizes: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
-        mu = self.redundancy
-        if mu is not None and (
+        mu = self.mu
+        if (
             isinstance(mu, bool)
             or not isinstance(mu, (int, float))
             or not math.isfinite(mu)
             or not 0 <= mu < 1
         ):
-            raise ValueError(f"Arg `redundancy` (mu) must be a finite number in [0, 1 - 1/p], got {mu!r}.")
-        if self.sampling is not None:
-            check_choice(self.sampling, "sampling", SAMPLING_MODES)
+            raise ValueError(
+                f"Arg `mu` (RI-SGD's redundancy) must be a finite number in [0, 1 - 1/p], got {mu!r}."
+            )
+        check_choice(self.sampling, "sampling", SAMPLING_MODES)
+        object.__setattr__(self, "failed_workers", tuple(self.failed_workers))
         if self.original_world_size is not None and (
             isinstance(self.original_world_size, bool)
             or not isinstance(self.original_world_size, int)
@@ -75,33 +95,10 @@ class RedundancyConfig:
                     raise ValueError(
                         f"Arg `batch_sizes` must hold ints >= 1 (one per rank), got {list(sizes)}."
                     )
-
-    @property
-    def mu(self) -> float:
-        """mu of the placement: ``redundancy``, 0 when not given."""
-        return 0.0 if self.redundancy is None else float(self.redundancy)
-
-    @property
-    def mode(self) -> Literal["stratified", "union"]:
-        """The sampling mode: ``sampling``, ``"stratified"`` when not given."""
-        return self.sampling or "stratified"
-
-    @property
-    def active(self) -> bool:
-        """True when any RI-SGD option is given (``redundancy=0.0`` included): the training data then lives
-        in the fixed strided shards, whatever mu. False only when none is: Lightning's sampler stays."""
-        return (
-            self.redundancy is not None
-            or self.sampling is not None
-            or bool(self.failed_workers)
-            or self.original_world_size is not None
-            or self.batch_sizes is not None
-        )
+            object.__setattr__(self, "batch_sizes", tuple(sizes))
 
     def check_world(self, world_size: int) -> None:
         """Validate against the world size before any process starts (placement checks, survivors)."""
-        if not self.active:
-            return
         if self.batch_sizes is not None and len(self.batch_sizes) != world_size:
             raise ValueError(
                 f"Arg `batch_sizes` gives {len(self.batch_sizes)} per-rank batch sizes, but this run has "
@@ -143,7 +140,7 @@ class RedundancyConfig:
             )
         sampler = self.sampler(loader.dataset, world_size, rank, loader.drop_last)
         batch_size = list(self.batch_sizes) if self.batch_sizes is not None else loader.batch_size
-        batches = RedundantBatchSampler(sampler, batch_size, self.mode)
+        batches = RedundantBatchSampler(sampler, batch_size, self.sampling)
         return DataLoader(
             loader.dataset,
             batch_sampler=batches,
@@ -153,3 +150,15 @@ class RedundancyConfig:
             worker_init_fn=loader.worker_init_fn,
             persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
         )
+
+
+def as_redundancy(value: Any) -> RedundancyInfusion | None:
+    """A strategy's ``redundancy`` argument: ``None`` (the framework's sampler), a
+    :class:`RedundancyInfusion`, or a number, shorthand for ``RedundancyInfusion(mu=value)``."""
+    if value is None or isinstance(value, RedundancyInfusion):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"Arg `redundancy` must be None, a number mu or a RedundancyInfusion, got {type(value).__name__}."
+        )
+    return RedundancyInfusion(mu=float(value))

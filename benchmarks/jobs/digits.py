@@ -1,18 +1,21 @@
-"""Train an MLP on scikit-learn's digits with several CPU processes under DDP, local SGD, gossip, EASGD or
-a compressed-communication strategy (DORE, DIANA, QSGD, MEM-SGD, DoubleSqueeze).
+"""The digits benchmark job: an MLP on scikit-learn's digits, CPU processes, any strategy, JSON results.
 
-Examples::
+It trains with several CPU processes under DDP, local SGD, gossip, EASGD or a compressed-communication
+strategy (DORE, DIANA, QSGD, MEM-SGD, DoubleSqueeze), every option a flag, and writes the results (bytes,
+rounds, times, accuracy, step and validation traces) as JSON.
 
-    python examples/train_digits.py --strategy ddp --epochs 3
-    python examples/train_digits.py --strategy local_sgd --tau 8 --epochs 3 --json /tmp/local_sgd.json
-    python examples/train_digits.py --strategy local_sgd --schedule adacomm --tau0 16 --interval-steps 50 \
+The benchmarks run it through :mod:`benchmarks.runner`; by hand, from the repository root::
+
+    python -m benchmarks.jobs.digits --strategy ddp --epochs 3
+    python -m benchmarks.jobs.digits --strategy local_sgd --tau 8 --epochs 3 --json /tmp/local_sgd.json
+    python -m benchmarks.jobs.digits --strategy local_sgd --schedule adacomm --tau0 16 --interval-steps 50 \
         --max-steps 600 --trace --json /tmp/adacomm.json
-    python examples/train_digits.py --strategy gossip --topology torus --devices 4 --tau 4 --trace
-    python examples/train_digits.py --strategy elastic --tau 4 --alpha 0.2 --devices 4
-    python examples/train_digits.py --strategy local_sgd --devices 4 --non-iid --redundancy 0.5 \
+    python -m benchmarks.jobs.digits --strategy gossip --topology torus --devices 4 --tau 4 --trace
+    python -m benchmarks.jobs.digits --strategy elastic --tau 4 --alpha 0.2 --devices 4
+    python -m benchmarks.jobs.digits --strategy local_sgd --devices 4 --non-iid --redundancy 0.5 \
         --max-steps 600 --val-every-steps 25 --json /tmp/ri_sgd.json
-    python examples/train_digits.py --strategy dore --compressor-block 256 --server rank0 --trace
-    python examples/train_digits.py --strategy mem_sgd --topk-ratio 0.01 --max-steps 300
+    python -m benchmarks.jobs.digits --strategy dore --compressor-block 256 --server rank0 --trace
+    python -m benchmarks.jobs.digits --strategy mem_sgd --topk-ratio 0.01 --max-steps 300
 
 ``gossip`` is ``DecentralizedSGDStrategy`` (each rank mixes with its graph neighbours every ``--tau``
 steps by point-to-point messages, then one exact all-reduce average at the end of fit); ``elastic`` is
@@ -24,10 +27,10 @@ The compressed strategies communicate at every optimizer step (no ``--tau``): ``
 both sides, ``diana`` is ``DianaStrategy`` (the same quantizer, an uncompressed model), ``qsgd`` is
 ``CompressedSGDStrategy(QSGD(--qsgd-levels, --qsgd-bucket))``, ``mem_sgd`` is top-``--topk-ratio`` with
 error feedback and ``double_squeeze`` is scaled sign (blocks of ``--compressor-block``) with error feedback
-on the workers and on the server. ``--server`` picks rank 0 as parameter server or a replicated master.
-With ``server="rank0"`` the ranks send different amounts (rank 0 broadcasts, the others send up), so the
-results and the ``--trace`` rows also hold the mean over the ranks (``mean_*`` keys), collected after fit
-outside the ledger.
+on the workers and on the server. ``--server`` (the strategies' ``master``) picks rank 0 as master or a
+replicated master. With ``master="rank0"`` the ranks send different amounts (rank 0 broadcasts, the
+others send up), so the results and the ``--trace`` rows also hold the mean over the ranks (``mean_*``
+keys), collected after fit outside the ledger.
 
 ``--redundancy MU`` is RI-SGD (Haddadpour et al., ICML 2019): each rank also holds a fraction ``MU`` of the
 whole training set from its neighbours' strided shards; with ``--sampling stratified`` every batch takes
@@ -38,7 +41,9 @@ whole training set from its neighbours' strided shards; with ``--sampling strati
 compares one placement; only without ``--redundancy``/``--sampling``/``--non-iid`` do the ranks get
 Lightning's globally reshuffled ``DistributedSampler``.
 
-Lightning's default launcher for ``devices > 1`` on CPU re-runs *this script* once per extra rank (with
+The model and data are the digits example's (``examples/digits/model.py`` and ``data.py``, imported as
+``examples.digits.*`` from the repository root). Lightning's default launcher for ``devices > 1`` on CPU
+re-runs the command line (``python -m benchmarks.jobs.digits ...``) once per extra rank (with
 ``LOCAL_RANK`` etc. set), so everything at module level and in :func:`main` runs on every rank. Only
 global rank 0 prints the summary and writes ``--json``.
 """
@@ -47,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 import warnings
@@ -60,30 +64,35 @@ import lightning
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, Strategy
-from lightning.pytorch.trainer.states import TrainerFn
 
+from benchmarks.results import json_safe
+from benchmarks.tracing import (
+    BatchSizeProbe,
+    StepTrace,
+    TrainLoopTimer,
+    ValidationTrace,
+    metric,
+    period_of,
+    rounds_done,
+)
+from examples.digits.data import DigitsDataModule
+from examples.digits.model import MLPClassifier
 from lightning_commsgd import (
     QSGD,
     CommunicationMonitor,
     Communicator,
-    CompressedSGDStrategy,
-    DecentralizedSGDStrategy,
-    DianaStrategy,
-    DoubleResidualStrategy,
-    ElasticAveragingStrategy,
-    LocalSGDStrategy,
     PNormQuantizer,
+    RedundancyInfusion,
     ScaledSign,
     TopK,
+    create_strategy,
     make_topology,
 )
 from lightning_commsgd.algorithms.dore import SERVER_MODES
 from lightning_commsgd.algorithms.elastic import validate_alpha
 from lightning_commsgd.comm import shutdown_process_group
-from lightning_commsgd.data import DigitsDataModule
 from lightning_commsgd.ledger import CommLedger
-from lightning_commsgd.models import MLPClassifier
-from lightning_commsgd.strategies.redundancy import SAMPLING_MODES
+from lightning_commsgd.redundancy import SAMPLING_MODES
 from lightning_commsgd.topology import TOPOLOGY_NAMES
 
 if TYPE_CHECKING:
@@ -98,8 +107,6 @@ __all__ = [
     "SCHEDULES",
     "STRATEGIES",
     "CompressionOptions",
-    "StepTrace",
-    "ValidationTrace",
     "Workload",
     "build_parser",
     "build_period",
@@ -113,7 +120,7 @@ __all__ = [
 
 # Every rank is its own process on a small machine: one intra-op thread each avoids oversubscribing the
 # cores (N ranks x N threads), which would make wall-clock comparisons between strategies meaningless.
-# Done at import time because every rank re-executes this file.
+# Done at import time because every rank re-executes this module.
 torch.set_num_threads(1)
 
 # The step-wise compressed strategies: one compressed exchange at every optimizer step, no period.
@@ -123,12 +130,12 @@ STRATEGIES = ("ddp", "local_sgd", "gossip", "elastic", *COMPRESSED_STRATEGIES)
 # compressed strategies, which communicate at every step).
 PERIODIC_STRATEGIES = ("local_sgd", "gossip", "elastic")
 SCHEDULES = ("constant", "adacomm")
-GOSSIP_MOMENTUM = ("mix", "local")
+GOSSIP_MOMENTUM = ("average", "local")
 DEFAULT_TOPOLOGY = "ring"
-DEFAULT_GOSSIP_MOMENTUM = "mix"
+DEFAULT_GOSSIP_MOMENTUM = "average"
 # The ledger tags of each strategy's training rounds (for DDP: the counting hook's gradient buckets); the
 # first is the main one (the results' "round_tag"). The compressed strategies use two: the workers'
-# payloads up and the server's (model or aggregate) payload down, the latter only with server="rank0".
+# payloads up and the master's (model or aggregate) payload down, the latter only with master="rank0".
 # Everything else a rank sends is either the end-of-fit average (tag "final") or overhead: the initial
 # broadcast of x_0, consensus models for validation, Lightning's own reductions and barriers.
 _DORE_TAGS = ("dore_gradient", "dore_model")
@@ -169,15 +176,17 @@ class CompressionOptions:
     """The compressed strategies' settings (``None``: the strategy's own default).
 
     Attributes:
-        server: ``"rank0"`` or ``"replicated"``; ``None`` takes :data:`DEFAULT_SERVER`.
+        server: the strategies' ``master``: ``"rank0"`` or ``"replicated"``; ``None`` takes
+            :data:`DEFAULT_SERVER`.
         block: values per norm of the inf-norm quantizer (dore, diana) and per scale of the scaled sign
             (double_squeeze).
         qsgd_levels: QSGD's s.
         qsgd_bucket: QSGD's bucket size.
         topk_ratio: MEM-SGD's fraction of coordinates sent.
-        alpha: DORE/DIANA's h step (default: DORE's from ``rates``, DIANA's 1/(2(C+1))).
-        beta: DORE's x_hat step (default: from ``rates``).
-        eta: DORE's error-compensation weight (default 1).
+        alpha: DORE/DIANA's h step, their ``shift_rate`` (default: DORE's from ``rates``, DIANA's
+            1/(2(C+1))).
+        beta: DORE's x_hat step, its ``model_rate`` (default: from ``rates``).
+        eta: DORE's error-compensation weight, its ``error_weight`` (default 1).
         rates: DORE's default alpha/beta: ``"paper"`` (0.1, 1) or ``"theory"`` (1/(2(C+1)), 1/(C_m+1)).
         seed: base of the compressors' random streams.
     """
@@ -214,169 +223,8 @@ class CompressionOptions:
         )
 
 
-class _TrainLoopTimer(Callback):
-    """Wall-clock time of the training loop alone (``on_train_start`` to ``on_train_end``).
-
-    On rank 0, the time of ``trainer.fit`` also includes starting the other ranks (a fresh Python
-    interpreter importing torch) and joining the process group; this figure excludes that fixed cost.
-    """
-
-    def __init__(self) -> None:
-        self.seconds = float("nan")
-        self._start = float("nan")
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.seconds = time.perf_counter() - self._start
-
-
-def _step_loss(outputs: Any) -> float | None:
-    """The training loss in ``on_train_batch_end``'s ``outputs`` (a dict with ``"loss"`` or a tensor)."""
-    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-    return float(loss) if isinstance(loss, torch.Tensor) else None
-
-
-def _round_bytes(ledger: CommLedger, round_tags: Sequence[str]) -> int:
-    """Bytes this rank sent in the training rounds so far (the sum over the strategy's round tags)."""
-    return sum(int(ledger.tag(tag).bytes_sent) for tag in round_tags)
-
-
-def _period(algorithm: Any) -> int | None:
-    """The strategy's current period; ``None`` for DDP and the compressed strategies (no period)."""
-    tau = getattr(algorithm, "tau", None)
-    return None if tau is None else int(tau)
-
-
-def _rounds_done(algorithm: Any, step: int) -> int:
-    """Communication rounds so far: the periodic algorithms count them (``rounds``); DDP (no algorithm)
-    and the compressed algorithms (which count optimizer steps, ``step``) communicate at every step."""
-    if algorithm is None:
-        return step
-    rounds = getattr(algorithm, "rounds", None)
-    return int(algorithm.step if rounds is None else rounds)
-
-
-class StepTrace(Callback):
-    """Rank 0's record of every optimizer step: time, loss, period, rounds and bytes so far.
-
-    One dict per step in :attr:`rows`: ``step``, ``time_s`` (since ``on_train_start``, the same origin
-    as the train loop timer), ``loss`` (rank 0's loss on its own batch, not averaged over ranks: an
-    average would cost an all-reduce per step and show up in the byte counts being compared), ``tau``
-    (the strategy's current period after this step, ``None`` for DDP and the compressed strategies),
-    ``rounds`` (communication rounds so far: averages, gossip or elastic rounds; for DDP and the
-    compressed strategies, which communicate every step, the step count), ``bytes_sent`` (this rank's
-    ledger so far, so it includes Lightning's own reductions routed through the communicator and any
-    consensus evaluation) and ``round_bytes_sent`` (the part of it sent by the training rounds
-    themselves, ledger tags ``round_tags``).
-
-    Every rank also keeps its own byte counts per step (:attr:`local_bytes`): where ranks send different
-    amounts (a parameter server on rank 0) :meth:`add_rank_means` adds, from every rank's counts
-    gathered after fit, ``mean_bytes_sent``, ``mean_round_bytes_sent`` (means over the ranks) and
-    ``max_round_bytes_sent`` (the busiest rank) to the rows.
-
-    Args:
-        monitor: the run's :class:`CommunicationMonitor`, whose ledger gives the bytes; it must come
-            before this callback in the trainer's list so that its ``on_fit_start`` has run.
-        round_tags: the ledger tag(s) of the strategy's rounds (see :data:`ROUND_TAGS`).
-    """
-
-    def __init__(self, monitor: CommunicationMonitor, round_tags: str | Sequence[str]) -> None:
-        self.monitor = monitor
-        self.round_tags = (round_tags,) if isinstance(round_tags, str) else tuple(round_tags)
-        self.rows: list[dict[str, Any]] = []
-        # (step, bytes_sent, round_bytes_sent) on this rank, one entry per optimizer step
-        self.local_bytes: list[tuple[int, int, int]] = []
-        self._start = float("nan")
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        # With gradient accumulation this hook runs for every batch, but a row is one optimizer step.
-        step = int(trainer.global_step)
-        if self.local_bytes and self.local_bytes[-1][0] == step:
-            return
-        ledger = self.monitor.ledger
-        sent, round_sent = int(ledger.bytes_sent), _round_bytes(ledger, self.round_tags)
-        self.local_bytes.append((step, sent, round_sent))
-        if not trainer.is_global_zero:
-            return
-        elapsed = time.perf_counter() - self._start
-        algorithm = getattr(trainer.strategy, "algorithm", None)
-        self.rows.append(
-            {
-                "step": step,
-                "time_s": elapsed,
-                "loss": _step_loss(outputs),
-                "tau": _period(algorithm),
-                "rounds": _rounds_done(algorithm, step),
-                "bytes_sent": sent,
-                "round_bytes_sent": round_sent,
-            }
-        )
-
-    def add_rank_means(self, per_rank: Sequence[Sequence[tuple[int, int, int]]]) -> None:
-        """Add the ``mean_*``/``max_*`` byte columns to :attr:`rows` from every rank's
-        :attr:`local_bytes` (in rank order; rank 0's own first). Every rank takes the same steps."""
-        for i, row in enumerate(self.rows):
-            entries = [series[i] for series in per_rank]
-            if any(entry[0] != row["step"] for entry in entries):
-                raise RuntimeError(f"the ranks' step traces disagree at step {row['step']}: {entries}")
-            row["mean_bytes_sent"] = sum(entry[1] for entry in entries) / len(entries)
-            row["mean_round_bytes_sent"] = sum(entry[2] for entry in entries) / len(entries)
-            row["max_round_bytes_sent"] = max(entry[2] for entry in entries)
-
-
-class ValidationTrace(Callback):
-    """Rank 0's record of every validation inside ``fit`` (``--val-every-steps``).
-
-    One dict per validation in :attr:`rows`: ``step`` (optimizer steps done), ``rounds`` (communication
-    rounds so far; for DDP the step count), ``val_loss`` and ``val_acc`` (averaged over the ranks'
-    parts of the validation set). Our strategies validate the consensus model (``eval_on="consensus"``,
-    the average of the replicas) inside ``fit``, so the rows follow the model a round would produce
-    now, not rank 0's replica. The sanity check and the ``trainer.validate`` after ``fit`` are left out.
-    """
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not trainer.is_global_zero:
-            return
-        algorithm = getattr(trainer.strategy, "algorithm", None)
-        step = int(trainer.global_step)
-        metrics = trainer.callback_metrics
-        self.rows.append(
-            {
-                "step": step,
-                "rounds": _rounds_done(algorithm, step),
-                "val_loss": _metric(metrics, "val_loss"),
-                "val_acc": _metric(metrics, "val_acc"),
-            }
-        )
-
-
-class _BatchSizeProbe(Callback):
-    """The largest training batch rank 0 took: b (1 + floor(mu p)) + int(b r) in stratified RI-SGD,
-    ``--batch-size`` otherwise (measured rather than recomputed from the sampler's rule)."""
-
-    def __init__(self) -> None:
-        self.samples = 0
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        # The digits batches are (features, labels); the last batch of a DistributedSampler epoch
-        # may be short, hence the max.
-        self.samples = max(self.samples, len(batch[-1]))
-
-
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """The command-line options of this script (shared with ``synthetic_cnn.py``, which adds its own)."""
+    """The command-line options of this job (shared with ``synthetic_cnn``, which adds its own)."""
     parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     parser.add_argument("--strategy", choices=STRATEGIES, default="ddp", help="distributed strategy")
     parser.add_argument(
@@ -670,11 +518,12 @@ def build_strategy(
     ``CompressedSGDStrategy`` with QSGD (``qsgd``), top-k and error feedback (``mem_sgd``), or scaled
     sign with error feedback on both sides (``double_squeeze``).
 
-    Ours take RI-SGD's ``redundancy`` (mu) and ``sampling``, passed on only when given (not ``None``): any
-    of them, ``redundancy=0.0`` included, puts the data in the fixed strided shards (the strategies' rule),
-    none keeps Lightning's globally shuffled ``DistributedSampler``. ``strided_placement_for=p`` also sets
+    Ours take RI-SGD's ``redundancy`` (mu) and ``sampling``, passed on as one
+    ``RedundancyInfusion(mu=..., sampling=...)`` only when one of them is given (not ``None``): any of them,
+    ``redundancy=0.0`` included, puts the data in the fixed strided shards (the strategies' rule), none
+    keeps Lightning's globally shuffled ``DistributedSampler``. ``strided_placement_for=p`` also sets
     ``original_world_size=p`` (the strided placement of ``p`` workers, which a label skew of the shards
-    needs).
+    needs). Every strategy of ours comes from ``lightning_commsgd.registry.create_strategy``.
 
     Raises:
         ValueError: RI-SGD options with ``ddp``, or an unknown ``name``.
@@ -683,16 +532,20 @@ def build_strategy(
         if (redundancy or 0) > 0 or strided_placement_for is not None:
             raise ValueError("DDPStrategy takes no RI-SGD options (redundancy, strided placement)")
         return DDPStrategy()
-    given = {"redundancy": redundancy, "sampling": sampling}
-    ri_sgd: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
-    if strided_placement_for is not None:
-        ri_sgd["original_world_size"] = strided_placement_for
+    ri_sgd: dict[str, Any] = {}
+    if redundancy is not None or sampling is not None or strided_placement_for is not None:
+        placement: dict[str, Any] = {"mu": redundancy or 0.0, "original_world_size": strided_placement_for}
+        if sampling is not None:
+            placement["sampling"] = sampling
+        ri_sgd["redundancy"] = RedundancyInfusion(**placement)
     if name == "local_sgd":
-        return LocalSGDStrategy(tau=tau, **ri_sgd)
+        return create_strategy("local_sgd", tau=tau, **ri_sgd)
     if name == "gossip":
-        return DecentralizedSGDStrategy(topology=topology, tau=tau, momentum=gossip_momentum, **ri_sgd)
+        return create_strategy(
+            "decentralized_sgd", topology=topology, tau=tau, momentum=gossip_momentum, **ri_sgd
+        )
     if name == "elastic":
-        return ElasticAveragingStrategy(tau=tau, alpha=alpha, **ri_sgd)
+        return create_strategy("elastic_averaging", tau=tau, alpha=alpha, **ri_sgd)
     if name in COMPRESSED_STRATEGIES:
         return _build_compressed(name, compression or CompressionOptions(), ri_sgd)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
@@ -701,23 +554,33 @@ def build_strategy(
 def _build_compressed(name: str, options: CompressionOptions, ri_sgd: dict[str, Any]) -> Strategy:
     """One of :data:`COMPRESSED_STRATEGIES` from ``options`` (see :func:`build_strategy`)."""
     server = options.server or DEFAULT_SERVER[name]
-    common: dict[str, Any] = {"server": server, "seed": options.seed, **ri_sgd}
+    common: dict[str, Any] = {"master": server, "seed": options.seed, **ri_sgd}
     if name in ("dore", "diana"):
         quantizer = PNormQuantizer(p=float("inf"), block_size=options.block)
         if name == "diana":
-            return DianaStrategy(quantizer, alpha=options.alpha, **common)
+            return create_strategy("diana", compressor=quantizer, shift_rate=options.alpha, **common)
         eta = 1.0 if options.eta is None else options.eta
-        return DoubleResidualStrategy(
-            quantizer, alpha=options.alpha, beta=options.beta, eta=eta, rates=options.rates, **common
+        return create_strategy(
+            "dore",
+            compressor=quantizer,
+            shift_rate=options.alpha,
+            model_rate=options.beta,
+            error_weight=eta,
+            rates=options.rates,
+            **common,
         )
     if name == "qsgd":
-        return CompressedSGDStrategy(QSGD(options.qsgd_levels, options.qsgd_bucket), **common)
+        return create_strategy("qsgd", compressor=QSGD(options.qsgd_levels, options.qsgd_bucket), **common)
     if name == "mem_sgd":
-        return CompressedSGDStrategy(TopK(options.topk_ratio), error_feedback=True, **common)
+        return create_strategy("mem_sgd", compressor=TopK(options.topk_ratio), error_feedback=True, **common)
     # double_squeeze: the aggregate is compressed too, with the server's own error memory
     sign = ScaledSign(options.block)
-    return CompressedSGDStrategy(
-        sign, error_feedback=True, server_compressor=ScaledSign(options.block), **common
+    return create_strategy(
+        "double_squeeze",
+        compressor=sign,
+        error_feedback=True,
+        server_compressor=ScaledSign(options.block),
+        **common,
     )
 
 
@@ -734,12 +597,6 @@ def _schedule_config(args: argparse.Namespace) -> dict[str, Any] | None:
         "interval_s": args.interval_s,
         "lr_aware": args.lr_aware,
     }
-
-
-def _metric(metrics: dict[str, Any], key: str) -> float | None:
-    """A logged metric as a plain float (``None`` when it was never logged)."""
-    value = metrics.get(key)
-    return None if value is None else float(value)
 
 
 def traffic_split(ledger: CommLedger, round_tag: str | Sequence[str]) -> dict[str, int]:
@@ -836,7 +693,7 @@ class Workload:
     Attributes:
         name: recorded as the results' ``workload``.
         make_model: the LightningModule to train (it must log ``train_loss``, ``val_loss`` and ``val_acc``
-            as :class:`~lightning_commsgd.models.MLPClassifier` does).
+            as ``examples.digits.model.MLPClassifier`` does).
         make_datamodule: its data; it must honour ``label_skew_shards`` semantics for ``--non-iid``.
         config: extra entries for the results' ``config``.
     """
@@ -871,8 +728,8 @@ def run(args: argparse.Namespace, workload: Workload | None = None) -> dict[str,
     # Works for our strategies (reads their communicator's ledger) and for plain DDPStrategy (installs a
     # counting DDP comm hook), so both sides of the comparison are measured the same way.
     monitor = CommunicationMonitor()
-    loop_timer = _TrainLoopTimer()
-    batch_probe = _BatchSizeProbe()
+    loop_timer = TrainLoopTimer()
+    batch_probe = BatchSizeProbe()
     callbacks: list[Callback] = [monitor, loop_timer, batch_probe]
     round_tags = ROUND_TAGS[args.strategy]
     trace = StepTrace(monitor, round_tags) if args.trace else None
@@ -923,7 +780,7 @@ def run(args: argparse.Namespace, workload: Workload | None = None) -> dict[str,
     wall_s = time.perf_counter() - start
     # Read before validate(): it resets trainer.callback_metrics, and validation traffic (sync_dist)
     # is not part of the training communication we compare.
-    train_loss = _metric(trainer.callback_metrics, "train_loss")
+    train_loss = metric(trainer.callback_metrics, "train_loss")
     ledger = monitor.ledger
     split = traffic_split(ledger, round_tags)
     comm = {
@@ -946,11 +803,11 @@ def run(args: argparse.Namespace, workload: Workload | None = None) -> dict[str,
     # Read after fit, so they include the final round; validate() below does not change them.
     algorithm = getattr(trainer.strategy, "algorithm", None)
     period = {
-        "final_tau": _period(algorithm),
+        "final_tau": period_of(algorithm),
         # Communication rounds of the training loop: averages, gossip or elastic rounds (local SGD's
         # end-of-fit average counts as one; gossip's does not, see final_bytes_sent_per_rank); for the
         # compressed strategies the optimizer steps.
-        "averaging_rounds": None if algorithm is None else _rounds_done(algorithm, int(trainer.global_step)),
+        "averaging_rounds": None if algorithm is None else rounds_done(algorithm, int(trainer.global_step)),
         # True when every rank holds the same (consensus) model after fit, the one validated below.
         "in_sync_after_fit": None if algorithm is None else bool(algorithm.in_sync),
     }
@@ -977,8 +834,8 @@ def run(args: argparse.Namespace, workload: Workload | None = None) -> dict[str,
         **comm,
         **_per_rank_traffic(gathered),
         **period,
-        "final_val_acc": _metric(val, "val_acc"),
-        "final_val_loss": _metric(val, "val_loss"),
+        "final_val_acc": metric(val, "val_acc"),
+        "final_val_loss": metric(val, "val_loss"),
         "final_train_loss": train_loss,
         "steps": int(trainer.global_step),
         # Rank 0's largest training batch, so runs with different mu (stratified batches grow with it)
@@ -1008,24 +865,14 @@ def run(args: argparse.Namespace, workload: Workload | None = None) -> dict[str,
     return results
 
 
-def _json_safe(value: Any) -> Any:
-    """Replace NaN/inf (not valid JSON) with ``None``, recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    return value
-
-
 def main(
     argv: list[str] | None = None,
     workload: Workload | None = None,
     parse: Callable[[list[str] | None], argparse.Namespace] = parse_args,
 ) -> int:
-    """Entry point; returns the process exit status. ``workload`` and ``parse`` let another script (see
-    ``synthetic_cnn.py``) train its own model with this script's strategies, options and results."""
+    """Entry point; returns the process exit status. ``workload`` and ``parse`` let another job (see
+    :mod:`benchmarks.jobs.synthetic_cnn`) train its own model with this job's strategies, options and
+    results."""
     args = parse(argv)
     results = run(args, workload)
     if results is not None:  # global rank 0
@@ -1038,7 +885,7 @@ def main(
 
 def _report(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """Print the summary and write ``--json`` (rank 0)."""
-    results = _json_safe(results)
+    results = json_safe(results)
     summary = {
         key: value for key, value in results.items() if key not in ("ledger", "config", "trace", "val_trace")
     }

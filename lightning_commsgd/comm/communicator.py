@@ -1,20 +1,26 @@
-"""The Communicator: the one place in the package that calls ``torch.distributed``.
+"""The Communicator: counted collectives and point-to-point messages over one process group.
 
 Every method is one *round* (one synchronisation point), issues exactly the collectives it names,
 and records payload bytes, collectives and time in a :class:`~lightning_commsgd.ledger.CommLedger`.
 Algorithms hand it one flat buffer per round (see :class:`~lightning_commsgd.flat.FlatBuffer`), never
 one tensor per parameter. With a world size of 1 every method returns its input untouched and
 records nothing: nothing crossed a network.
+
+A sub-group is a Communicator, not a raw group: :meth:`Communicator.split` (blocks of ranks) and
+:meth:`Communicator.duplicate` (a second group over the same ranks) return communicators that share
+their parent's ledger and monitor, and every method acts on its own communicator's group. Together with
+the other modules of :mod:`lightning_commsgd.comm`, this is the one place in the package that calls
+``torch.distributed``; the low-precision mean (:mod:`~lightning_commsgd.comm.lowp`), the rounds in
+flight (:mod:`~lightning_commsgd.comm.background`) and the DDP baseline
+(:mod:`~lightning_commsgd.comm.ddp_baseline`) reach the network through this class only.
 """
 
 from __future__ import annotations
 
-import atexit
 import io
 import itertools
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -25,14 +31,16 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from torch import Tensor
 
+from lightning_commsgd.comm.background import PendingLowpMean, PendingMean
+from lightning_commsgd.comm.lowp import lowp_mean_, pieces
 from lightning_commsgd.internals import set_group_timeout
 from lightning_commsgd.ledger import CommLedger
-from lightning_commsgd.payload import NONNEGATIVE_PAYLOAD, PayloadCodec, payload_codec, rounding_generator
+from lightning_commsgd.payload import PayloadCodec, payload_codec
 
 if TYPE_CHECKING:
     from lightning_commsgd.watchdog import FailureWatchdog
 
-__all__ = ["Communicator", "PendingLowpMean", "PendingMean", "ReduceKind", "shutdown_process_group"]
+__all__ = ["Communicator", "ReduceKind"]
 
 ReduceKind = Literal["sum", "mean", "max", "min"]
 
@@ -64,6 +72,13 @@ class Communicator:
             strategies set it; ``None`` re-raises torch's error as it is.
     """
 
+    # gloo moves one message per pair at a time: when two ranks exchange large messages, each side's
+    # receive is only posted behind its own send, and the pair runs at about half the link rate (measured
+    # on a 100mbit emulated link: 2.6 MB each way in 0.42 s as one message each, 0.23 s, the one-way time,
+    # in 10 segments posted send, receive, send, receive, ...). Messages are therefore cut into segments
+    # of at most this many bytes and the sends and receives interleaved.
+    SEGMENT_BYTES = 256 * 1024
+
     def __init__(
         self,
         group: Any = None,
@@ -84,11 +99,12 @@ class Communicator:
             self.group, self.rank, self.world_size = None, 0, 1
         # a sub-group's communicator shares its parent's ledger: one account per rank
         self.ledger = ledger if ledger is not None else CommLedger(world_size=self.world_size)
-        # a second group over the same ranks for background collectives (all_reduce_mean_lowp_async)
-        self._background_group: Any = None
+        # a second communicator over the same ranks for background rounds (all_reduce_mean_lowp_async)
+        self._background: Communicator | None = None
         self.monitor = monitor
         self.timeout = timeout
-        # point-to-point messages are sent and received from several threads (the parameter server's)
+        # point-to-point messages are sent and received from several threads (the parameter server's);
+        # duplicates share it with their parent, as they share its ledger
         self._ledger_lock = threading.Lock()
         if timeout is not None and self.is_distributed:
             set_group_timeout(self.group, timeout)
@@ -114,6 +130,7 @@ class Communicator:
             raise failure from error
         monitor.leave()
 
+    # -- sub-groups: communicators too ----------------------------------------------------------------
     def split(self, group_size: int) -> Communicator:
         """A communicator over this rank's block of ``group_size`` consecutive ranks (e.g. one node),
         recording into the same ledger. Collective: every rank must call it, at the same point."""
@@ -125,6 +142,28 @@ class Communicator:
             raise ValueError("split() works on the world communicator.")
         subgroup, _ = dist.new_subgroups(group_size, **self._group_timeout())
         return Communicator(subgroup, self.device, ledger=self.ledger, monitor=self.monitor)
+
+    def duplicate(self, timeout: float | None = None, backend: str | None = None) -> Communicator:
+        """A communicator over a new process group of this communicator's ranks (same members, same order),
+        recording into the same ledger (thread-safely, under the same lock) and reporting to the same
+        monitor, so that its messages neither wait behind nor interleave with this communicator's.
+
+        ``timeout``: the new group's, in seconds (``None``: this communicator's); ``backend``: the new
+        group's (``None``: the default group's; ``"gloo"`` for CPU messages beside an NCCL job).
+        Collective: every rank creates its groups in the same order. A communicator with nobody to talk to
+        creates no group; its duplicate is over the same (single-rank) group."""
+        seconds = self.timeout if timeout is None else timeout
+        group = self.group
+        if self.is_distributed:
+            ranks = None if self.group is dist.group.WORLD else dist.get_process_group_ranks(self.group)
+            kwargs: dict[str, Any] = {} if seconds is None else {"timeout": timedelta(seconds=seconds)}
+            if backend is not None:
+                kwargs["backend"] = backend
+            group = dist.new_group(ranks=ranks, **kwargs)
+        twin = Communicator(group, self.device, ledger=self.ledger, monitor=self.monitor)
+        twin.timeout = seconds  # the group was created with it: not set a second time
+        twin._ledger_lock = self._ledger_lock  # one ledger, one lock
+        return twin
 
     @property
     def is_distributed(self) -> bool:
@@ -188,7 +227,8 @@ class Communicator:
         Each rank sends and receives (p - 1) payloads of n values (p = 2) or 2 (p - 1) payloads of ceil(n/p)
         values (p >= 3): the fewer bytes of the two forms, which are equal at p = 2. That is half the bytes
         of an fp32 ring all-reduce in 16 bits, about a quarter in int8, about a seventh in int4.
-        Point-to-point messages throughout (see :meth:`_p2p_batch` for why not gloo's collectives).
+        Point-to-point messages throughout (see :meth:`_p2p_batch` for why not gloo's collectives); the
+        messages themselves are :func:`~lightning_commsgd.comm.lowp.lowp_mean_`'s.
 
         The last ``nonnegative`` values of ``buffer`` (non-negative quantities such as second moments) travel
         in :data:`~lightning_commsgd.payload.NONNEGATIVE_PAYLOAD` instead, by the same messages' scheme, in
@@ -199,143 +239,18 @@ class Communicator:
         start = time.perf_counter()
         with self._collective(tag):
             codec = payload_codec(payload)
-            nbytes, collectives = self._lowp_mean_(buffer, codec, self.group, seed, nonnegative)
+            nbytes, collectives = lowp_mean_(
+                self, buffer, codec, seed, nonnegative, segment_bytes=self.SEGMENT_BYTES
+            )
         self.ledger.record(
             tag, sent=nbytes, received=nbytes, seconds=self._finish(buffer, start), collectives=collectives
         )
         return buffer
 
-    def _lowp_mean_(
-        self, buffer: Tensor, codec: PayloadCodec, group: Any, seed: int, nonnegative: int = 0
-    ) -> tuple[int, int]:
-        """The messages of :meth:`all_reduce_mean_lowp_` over ``group``; returns the payload bytes sent (=
-        received) by this rank and the ``torch.distributed`` calls made (batches, or single messages)."""
-        if nonnegative:
-            flat = buffer.view(-1)  # the strategies' packed buffers are contiguous
-            split = flat.numel() - nonnegative
-            sections = [(flat[:split], codec), (flat[split:], payload_codec(NONNEGATIVE_PAYLOAD))]
-            nbytes = calls = 0
-            for part, part_codec in sections:
-                if part.numel():
-                    sent, made = self._lowp_mean_(part, part_codec, group, seed)
-                    nbytes, calls = nbytes + sent, calls + made
-            return nbytes, calls
-        if self.world_size == 2:
-            return self._gathered_mean_(buffer, codec, group, seed)
-        return self._scattered_mean_(buffer, codec, group, seed), 2
-
-    def _gathered_mean_(self, buffer: Tensor, codec: PayloadCodec, group: Any, seed: int) -> tuple[int, int]:
-        """All-gather form: every rank's values encoded once (generator of (seed, rank, phase 0)), decoded
-        by every rank and summed in rank order, / p. The mean is written over ``buffer`` piece by piece.
-        Returns the payload bytes sent and the ``torch.distributed`` calls made."""
-        p, me, flat = self.world_size, self.rank, buffer.view(-1)  # the strategies' buffers are contiguous
-        peers = [r for r in range(p) if r != me]  # group ranks, in rank order
-        generator = rounding_generator(codec, seed, me, 0, flat.device)
-        pieces = self._pieces(codec, flat.numel(), flat.is_cuda)
-        incoming = [[codec.empty(stop - start, flat.device) for start, stop in pieces] for _ in peers]
-        own: list[Tensor] = []
-        if len(pieces) == 1:  # one batch (CUDA: NCCL runs point-to-point operations in the order posted)
-            own.append(codec.encode(flat, generator))
-            receives = [(r, rows[0]) for r, rows in zip(peers, incoming)]
-            self._p2p_batch([(r, own[0]) for r in peers], receives, group)
-            waits: list[list[Any]] = [[]]
-            calls = 1
-        else:
-            globals_ = [self._global_rank(r, group) for r in peers]
-            # every receive posted before any send, so that neither side's sends wait behind the other's
-            waits = [
-                [dist.irecv(rows[i], peer, group, tag=i) for peer, rows in zip(globals_, incoming)]
-                for i in range(len(pieces))
-            ]
-            for i, (start, stop) in enumerate(pieces):
-                own.append(codec.encode(flat[start:stop], generator))
-                # waited for before the piece's values are overwritten by the mean
-                waits[i] += [dist.isend(own[i], peer, group, tag=i) for peer in globals_]
-            calls = sum(len(works) for works in waits)
-        for i, (start, stop) in enumerate(pieces):
-            for work in waits[i]:
-                work.wait()
-            rows = [received[i] for received in incoming]
-            rows.insert(me, own[i])  # rank order
-            out, numel = flat[start:stop], stop - start
-            torch.add(codec.decode(rows[0], numel), codec.decode(rows[1], numel), out=out)
-            for row in rows[2:]:
-                out += codec.decode(row, numel)
-            out.div_(p)
-        return (p - 1) * sum(codec.nbytes(payload) for payload in own), calls
-
     def _pieces(self, codec: PayloadCodec, n: int, is_cuda: bool) -> list[tuple[int, int]]:
-        """``(start, stop)`` of the pieces :meth:`_gathered_mean_` encodes and sends one at a time: about
-        :attr:`SEGMENT_BYTES` of payload each, a multiple of the codec's ``segment_align`` values; one piece
-        on CUDA or for a codec that encodes the whole vector at once (its message is still cut into segments:
-        :meth:`_p2p_batch`)."""
-        align = codec.segment_align
-        if is_cuda or align is None:
-            return [(0, n)]
-        per_piece = max(align, self.SEGMENT_BYTES * align // codec.payload_nbytes(align) // align * align)
-        return [(start, min(start + per_piece, n)) for start in range(0, max(n, 1), per_piece)]
-
-    def _scattered_mean_(self, buffer: Tensor, codec: PayloadCodec, group: Any, seed: int) -> int:
-        """Reduce-scatter, then all-gather of the chunk means (see :meth:`all_reduce_mean_lowp_`)."""
-        p, n, me, device = self.world_size, buffer.numel(), self.rank, buffer.device
-        chunk = -(-n // p)
-        padded = torch.zeros(p, chunk, dtype=torch.float32, device=device)
-        padded.view(-1)[:n] = buffer.reshape(-1)
-        generator = rounding_generator(codec, seed, me, 0, device)
-        outgoing = [codec.encode(padded[r], generator) for r in range(p)]
-        incoming = [outgoing[r] if r == me else codec.empty(chunk, device) for r in range(p)]
-        peers = [r for r in range(p) if r != me]
-        self._p2p_batch([(r, outgoing[r]) for r in peers], [(r, incoming[r]) for r in peers], group)
-        total = codec.decode(incoming[0], chunk).clone()  # summed in rank order, in place
-        for row in incoming[1:]:
-            total += codec.decode(row, chunk)
-        mine = codec.encode(total.div_(p), rounding_generator(codec, seed, me, 1, device))
-        gathered = [mine if r == me else codec.empty(chunk, device) for r in range(p)]
-        self._p2p_batch([(r, mine) for r in peers], [(r, gathered[r]) for r in peers], group)
-        flat = buffer.view(-1)  # the strategies' packed buffers are contiguous (view raises otherwise)
-        for j, part in enumerate(gathered):  # each chunk decoded straight into its place
-            start, stop = j * chunk, min((j + 1) * chunk, n)
-            if start < stop:
-                flat[start:stop] = codec.decode(part, chunk)[: stop - start]
-        return (p - 1) * (codec.nbytes(outgoing[me]) + codec.nbytes(mine))
-
-    # gloo moves one message per pair at a time: when two ranks exchange large messages, each side's
-    # receive is only posted behind its own send, and the pair runs at about half the link rate (measured
-    # on a 100mbit emulated link: 2.6 MB each way in 0.42 s as one message each, 0.23 s, the one-way time,
-    # in 10 segments posted send, receive, send, receive, ...). Messages are therefore cut into segments
-    # of at most this many bytes and the sends and receives interleaved.
-    SEGMENT_BYTES = 256 * 1024
-
-    def _p2p_batch(
-        self, sends: Sequence[tuple[int, Tensor]], recvs: Sequence[tuple[int, Tensor]], group: Any
-    ) -> None:
-        """Post every send and receive (``(group rank of the peer, contiguous tensor)``) at once, CPU
-        tensors cut into segments of :attr:`SEGMENT_BYTES` (segment i travels with tag i), sends and
-        receives interleaved, and wait for all. One ``batch_isend_irecv`` call. Any pairing that matches
-        across ranks completes."""
-        # P2POp accepts only c10d's own isend/irecv objects (checked by identity): take them from c10d,
-        # so a wrapper that a profiler or test puts on torch.distributed.isend cannot break gossip.
-        send_ops = self._segment_ops(c10d.isend, sends, group)
-        recv_ops = self._segment_ops(c10d.irecv, recvs, group)
-        ops = [op for pair in itertools.zip_longest(send_ops, recv_ops) for op in pair if op is not None]
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
-
-    def _segment_ops(self, op: Any, pairs: Sequence[tuple[int, Tensor]], group: Any) -> list[Any]:
-        """One ``P2POp`` per segment of each ``(peer, tensor)``, segment by segment across the peers."""
-        per_peer = []
-        for peer, tensor in pairs:
-            flat = tensor.reshape(-1)
-            nbytes = flat.numel() * flat.element_size()
-            pieces = 1 if flat.is_cuda else max(1, -(-nbytes // self.SEGMENT_BYTES))
-            global_peer = self._global_rank(peer, group)
-            per_peer.append(
-                [
-                    dist.P2POp(op, piece, global_peer, group, tag=i)
-                    for i, piece in enumerate(flat.chunk(pieces))
-                ]
-            )
-        return [op for segment in itertools.zip_longest(*per_peer) for op in segment if op is not None]
+        """``(start, stop)`` of the pieces a two-rank low-precision mean encodes and sends one at a time,
+        with this communicator's :attr:`SEGMENT_BYTES` (see :func:`~lightning_commsgd.comm.lowp.pieces`)."""
+        return pieces(codec, n, is_cuda, self.SEGMENT_BYTES)
 
     def all_reduce_mean_lowp_async(
         self,
@@ -347,13 +262,13 @@ class Communicator:
         nonnegative: int = 0,
     ) -> PendingLowpMean:
         """:meth:`all_reduce_mean_lowp_` in the background: a helper thread sends its two batches of
-        messages over a second process group with the same ranks (created at the first call, which every
-        rank makes at the same point), so they neither wait behind nor interleave with the collectives the
-        training loop issues meanwhile. :meth:`PendingLowpMean.wait` joins it; the ledger records the
-        round then, with the seconds spent *waiting*. Until then ``buffer`` must not be touched."""
-        if self.is_distributed and self._background_group is None:
-            ranks = None if self.group is dist.group.WORLD else dist.get_process_group_ranks(self.group)
-            self._background_group = dist.new_group(ranks=ranks, **self._group_timeout())
+        messages over a second communicator with the same ranks (:meth:`duplicate`, created at the first
+        call, which every rank makes at the same point), so they neither wait behind nor interleave with the
+        collectives the training loop issues meanwhile. :meth:`PendingLowpMean.wait` joins it; the ledger
+        records the round then, with the seconds spent *waiting*. Until then ``buffer`` must not be
+        touched."""
+        if self.is_distributed and self._background is None:
+            self._background = self.duplicate()
         return PendingLowpMean(self, buffer, payload_codec(payload), tag, seed, nonnegative)
 
     def all_reduce_mean_async(self, buffer: Tensor, *, tag: str) -> PendingMean:
@@ -433,49 +348,85 @@ class Communicator:
         start = time.perf_counter()
         send = send.contiguous()
         with self._collective(tag):
-            self._p2p_batch([(peer, send) for peer in to], list(zip(recv_from, received)), self.group)
+            self._p2p_batch([(peer, send) for peer in to], list(zip(recv_from, received)))
         nbytes = send.numel() * send.element_size()
         seconds = self._finish(send, start)
         # one torch.distributed call (batch_isend_irecv) carrying every message
         self.ledger.record(tag, sent=nbytes * len(to), received=nbytes * len(recv_from), seconds=seconds)
         return received
 
+    # -- batches of point-to-point messages (uncounted: the caller records the round) ------------------
+    def _p2p_batch(
+        self,
+        sends: Sequence[tuple[int, Tensor]],
+        recvs: Sequence[tuple[int, Tensor]],
+        segment_bytes: int | None = None,
+    ) -> None:
+        """Post every send and receive (``(group rank of the peer, contiguous tensor)``) over this
+        communicator's group at once, CPU tensors cut into segments of ``segment_bytes`` (default
+        :attr:`SEGMENT_BYTES`; segment i travels with tag i), sends and receives interleaved, and wait for
+        all. One ``batch_isend_irecv`` call. Any pairing that matches across ranks completes."""
+        size = self.SEGMENT_BYTES if segment_bytes is None else segment_bytes
+        # P2POp accepts only c10d's own isend/irecv objects (checked by identity): take them from c10d,
+        # so a wrapper that a profiler or test puts on torch.distributed.isend cannot break gossip.
+        send_ops = self._segment_ops(c10d.isend, sends, size)
+        recv_ops = self._segment_ops(c10d.irecv, recvs, size)
+        ops = [op for pair in itertools.zip_longest(send_ops, recv_ops) for op in pair if op is not None]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+
+    def _segment_ops(self, op: Any, pairs: Sequence[tuple[int, Tensor]], segment_bytes: int) -> list[Any]:
+        """One ``P2POp`` per segment of each ``(peer, tensor)``, segment by segment across the peers."""
+        per_peer = []
+        for peer, tensor in pairs:
+            flat = tensor.reshape(-1)
+            nbytes = flat.numel() * flat.element_size()
+            segments = 1 if flat.is_cuda else max(1, -(-nbytes // segment_bytes))
+            global_peer = self._global_rank(peer)
+            per_peer.append(
+                [
+                    dist.P2POp(op, piece, global_peer, self.group, tag=i)
+                    for i, piece in enumerate(flat.chunk(segments))
+                ]
+            )
+        return [op for segment in itertools.zip_longest(*per_peer) for op in segment if op is not None]
+
+    def _post_irecv(self, tensor: Tensor, src: int, msg_tag: int) -> Any:
+        """Post an uncounted receive into ``tensor`` from global rank ``src`` over this communicator's group
+        and return its handle (the caller waits for it and records the round)."""
+        return dist.irecv(tensor, src, self.group, tag=msg_tag)
+
+    def _post_isend(self, tensor: Tensor, dst: int, msg_tag: int) -> Any:
+        """Post an uncounted send of ``tensor`` to global rank ``dst`` over this communicator's group and
+        return its handle (the caller waits for it and records the round)."""
+        return dist.isend(tensor, dst, self.group, tag=msg_tag)
+
+    def _all_reduce_sum_async(self, buffer: Tensor) -> Any:
+        """Start an uncounted sum of ``buffer`` over this communicator's group (one collective) and return
+        its work handle (the caller waits for it and records the round)."""
+        return dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+
     # -- point-to-point messages (the parameter server's) ---------------------------------------------
-    def new_group(self, timeout: float | None = None, backend: str | None = None) -> Any:
-        """A process group over this communicator's ranks with its own ``timeout`` in seconds (``None``:
-        the communicator's) and ``backend`` (``None``: the default group's; ``"gloo"`` for CPU messages
-        beside an NCCL job). Collective: every rank creates its groups in the same order."""
-        if not self.is_distributed:
-            return None
-        ranks = None if self.group is dist.group.WORLD else dist.get_process_group_ranks(self.group)
-        seconds = self.timeout if timeout is None else timeout
-        kwargs: dict[str, Any] = {} if seconds is None else {"timeout": timedelta(seconds=seconds)}
-        if backend is not None:
-            kwargs["backend"] = backend
-        return dist.new_group(ranks=ranks, **kwargs)
+    def send(self, tensor: Tensor, dst: int, *, tag: str, msg_tag: int = 0) -> None:
+        """Send ``tensor`` to global rank ``dst`` over this communicator's group (blocking until it is
+        taken); ``msg_tag`` tells messages between the same pair apart. Thread-safe."""
+        self.isend(tensor, dst, tag=tag, msg_tag=msg_tag).wait()
 
-    def send(self, tensor: Tensor, dst: int, *, tag: str, group: Any = None, msg_tag: int = 0) -> None:
-        """Send ``tensor`` to global rank ``dst`` (blocking until it is taken) over ``group`` (default:
-        the communicator's); ``msg_tag`` tells messages between the same pair apart. Thread-safe."""
-        self.isend(tensor, dst, tag=tag, group=group, msg_tag=msg_tag).wait()
-
-    def isend(self, tensor: Tensor, dst: int, *, tag: str, group: Any = None, msg_tag: int = 0) -> Any:
-        """Post a send of ``tensor`` to global rank ``dst`` and return its handle (``wait()`` it before
-        touching ``tensor``). Counted as sent when posted. Thread-safe."""
+    def isend(self, tensor: Tensor, dst: int, *, tag: str, msg_tag: int = 0) -> Any:
+        """Post a send of ``tensor`` to global rank ``dst`` over this communicator's group and return its
+        handle (``wait()`` it before touching ``tensor``). Counted as sent when posted. Thread-safe."""
         tensor = tensor.contiguous()
-        work = dist.isend(tensor, dst, group=group or self.group, tag=msg_tag)
+        work = dist.isend(tensor, dst, group=self.group, tag=msg_tag)
         with self._ledger_lock:
             self.ledger.record(tag, sent=tensor.numel() * tensor.element_size(), received=0, seconds=0.0)
         return work
 
-    def recv_(
-        self, tensor: Tensor, src: int, *, tag: str, group: Any = None, msg_tag: int = 0, timed: bool = True
-    ) -> Tensor:
-        """Receive into ``tensor`` from global rank ``src`` over ``group`` (blocking). ``timed=False`` keeps
-        the wait out of the ledger's seconds (a thread that waits for the next message is idle, not
-        communicating). Thread-safe."""
+    def recv_(self, tensor: Tensor, src: int, *, tag: str, msg_tag: int = 0, timed: bool = True) -> Tensor:
+        """Receive into ``tensor`` from global rank ``src`` over this communicator's group (blocking).
+        ``timed=False`` keeps the wait out of the ledger's seconds (a thread that waits for the next
+        message is idle, not communicating). Thread-safe."""
         start = time.perf_counter()
-        dist.recv(tensor, src, group=group or self.group, tag=msg_tag)
+        dist.recv(tensor, src, group=self.group, tag=msg_tag)
         seconds = self._finish(tensor, start) if timed else 0.0
         with self._ledger_lock:
             self.ledger.record(tag, sent=0, received=tensor.numel() * tensor.element_size(), seconds=seconds)
@@ -487,13 +438,11 @@ class Communicator:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
 
-    def _global_rank(self, group_rank: int, group: Any = None) -> int:
-        """The global rank of ``group_rank`` in ``group`` (default: this communicator's; the background
-        group has the same members in the same order)."""
-        group = self.group if group is None else group
+    def _global_rank(self, group_rank: int) -> int:
+        """The global rank of peer ``group_rank`` (another rank) of this communicator's group."""
         if not 0 <= group_rank < self.world_size or group_rank == self.rank:
             raise ValueError(f"peer rank must be another rank in [0, {self.world_size}), got {group_rank}.")
-        return group_rank if group is dist.group.WORLD else dist.get_global_rank(group, group_rank)
+        return group_rank if self.group is dist.group.WORLD else dist.get_global_rank(self.group, group_rank)
 
     def barrier(self, *, tag: str) -> None:
         """Wait for all ranks (one collective, no payload)."""
@@ -575,159 +524,3 @@ class Communicator:
             tag, sent=sent, received=received, seconds=self._finish(padded, start), collectives=2
         )
         return result
-
-    # -- DDP baseline -------------------------------------------------------------------------------
-    # No annotations here: DDP validates a hook's annotations by identity, and this module's postponed
-    # annotations are strings.
-    def ddp_allreduce_hook(self, _state, bucket):  # type: ignore[no-untyped-def]  # noqa: ANN001
-        """A DDP communication hook equal to DDP's default (mean all-reduce of each gradient bucket)
-        that records every bucket in the ledger under the tag ``"ddp_gradients"``.
-
-        Register with ``ddp_model.register_comm_hook(None, communicator.ddp_allreduce_hook)`` to count
-        what Lightning's ``DDPStrategy`` sends, for side-by-side comparisons.
-        """
-        buffer = bucket.buffer()
-        start = time.perf_counter()
-        future = dist.all_reduce(buffer, group=self.group, async_op=True).get_future()
-        nbytes = buffer.numel() * buffer.element_size()
-
-        def finish(fut):  # type: ignore[no-untyped-def]
-            self.ledger.record(
-                "ddp_gradients",
-                sent=nbytes,
-                received=nbytes,
-                seconds=time.perf_counter() - start,
-                kind="all_reduce",
-            )
-            return fut.value()[0].div_(self.world_size)
-
-        return future.then(finish)
-
-
-def shutdown_process_group() -> None:
-    """End a run's process group in order: every rank waits for the others (one uncounted barrier), then
-    destroys the group. Scripts that keep collectives running after ``fit`` (gathering results,
-    ``validate``) call it last, so that no rank exits while a peer still talks to it."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-_exit_handler_registered = False
-_leave_group_at_exit = True
-
-
-def destroy_process_group_at_exit() -> None:
-    """Destroy the process group when the interpreter exits after a run that ended normally.
-
-    Gloo's worker threads keep references to finished work; left to interpreter finalization, their
-    destruction can abort the process with SIGABRT ("terminate called without an active exception",
-    pytorch/pytorch#190489) after a run that succeeded. Lightning registers this only for NCCL. Idempotent;
-    a run that failed skips it (:func:`skip_group_destruction_at_exit`): a peer may still hold the group in
-    a collective, and the failure watchdog, not a destructor that waits, ends such a process."""
-    global _exit_handler_registered
-    if not _exit_handler_registered:
-        atexit.register(_destroy_at_exit)
-        _exit_handler_registered = True
-
-
-def skip_group_destruction_at_exit() -> None:
-    """This process failed: leave the process group to the operating system at exit."""
-    global _leave_group_at_exit
-    _leave_group_at_exit = False
-
-
-def _destroy_at_exit() -> None:
-    if _leave_group_at_exit and dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception as error:  # exiting anyway: say why the group could not be released
-            warnings.warn(f"The process group could not be destroyed at exit: {error}", stacklevel=1)
-
-
-class _PendingRound:
-    """A round in flight: :meth:`wait` blocks until it has arrived (at once when it already has), records
-    it in the ledger with the seconds spent *waiting*, and returns the buffer, which holds the mean."""
-
-    def __init__(self, communicator: Communicator, buffer: Tensor, tag: str) -> None:
-        self.communicator, self.buffer, self.tag = communicator, buffer, tag
-        self.done = not communicator.is_distributed
-
-    def _complete(self) -> tuple[int, int, str]:
-        """Block until the collectives are done and the buffer holds the mean; (bytes sent, collectives,
-        ledger kind)."""
-        raise NotImplementedError
-
-    def wait(self) -> Tensor:
-        """Block until the mean has arrived (at once when it already has); returns the buffer."""
-        if self.done:
-            return self.buffer
-        start = time.perf_counter()
-        self.done = True
-        with self.communicator._collective(self.tag):
-            nbytes, collectives, kind = self._complete()
-        seconds = self.communicator._finish(self.buffer, start)
-        self.communicator.ledger.record(
-            self.tag, sent=nbytes, received=nbytes, seconds=seconds, collectives=collectives, kind=kind
-        )
-        return self.buffer
-
-
-class PendingMean(_PendingRound):
-    """A mean over ranks in flight (see :meth:`Communicator.all_reduce_mean_async`)."""
-
-    def __init__(self, communicator: Communicator, buffer: Tensor, tag: str) -> None:
-        super().__init__(communicator, buffer, tag)
-        self._work = (
-            None
-            if self.done
-            else dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=communicator.group, async_op=True)
-        )
-
-    def _complete(self) -> tuple[int, int, str]:
-        assert self._work is not None
-        self._work.wait()
-        self.buffer.div_(self.communicator.world_size)
-        return self.buffer.numel() * self.buffer.element_size(), 1, "all_reduce"
-
-
-class PendingLowpMean(_PendingRound):
-    """A low-precision (16- or 8-bit) mean over ranks in flight on a helper thread (see
-    :meth:`Communicator.all_reduce_mean_lowp_async`). A failure on the thread is raised by :meth:`wait`."""
-
-    def __init__(
-        self,
-        communicator: Communicator,
-        buffer: Tensor,
-        codec: PayloadCodec,
-        tag: str,
-        seed: int,
-        nonnegative: int = 0,
-    ) -> None:
-        super().__init__(communicator, buffer, tag)
-        self._nbytes = self._collectives = 0
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        if not self.done:
-            self._thread = threading.Thread(
-                target=self._run, args=(codec, seed, nonnegative), name=f"commsgd-{tag}", daemon=True
-            )
-            self._thread.start()
-
-    def _run(self, codec: PayloadCodec, seed: int, nonnegative: int) -> None:
-        try:
-            group = self.communicator._background_group
-            self._nbytes, self._collectives = self.communicator._lowp_mean_(
-                self.buffer, codec, group, seed, nonnegative
-            )
-        except BaseException as error:  # re-raised on the training thread by wait()
-            self._error = error
-
-    def _complete(self) -> tuple[int, int, str]:
-        assert self._thread is not None
-        self._thread.join()
-        if self._error is not None:
-            raise RuntimeError(
-                f"The background average (tag {self.tag!r}) failed: {self._error}"
-            ) from self._error
-        return self._nbytes, self._collectives, ""

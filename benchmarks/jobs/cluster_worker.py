@@ -1,4 +1,5 @@
-"""One process of the emulated-cluster benchmark (``bench_cluster.py`` starts one per emulated node).
+"""One process of the emulated-cluster benchmark (``bench_cluster`` starts one per emulated node, as
+``python -m benchmarks.jobs.cluster_worker ...`` with the repository root on ``PYTHONPATH``).
 
 Trains the benchmark's MLP on scikit-learn's digits with Lightning under one named configuration (see
 :data:`CONFIGS`), one process per node (``Trainer(num_nodes=N, devices=1)``, rendezvous from the
@@ -36,25 +37,20 @@ import torch
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
-# the repository (benchmarks.harness) and examples/ (train_digits' strategy builder), also when run directly
-_REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(_REPO), str(_REPO / "examples")]
-
 import lightning as L  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy, Strategy  # noqa: E402
-from train_digits import build_strategy as build_digits_strategy  # noqa: E402
 
-from benchmarks.harness import BARE_TRAINER  # noqa: E402
+from benchmarks.jobs import BARE_TRAINER  # noqa: E402
+from benchmarks.jobs.digits import build_strategy as build_digits_strategy  # noqa: E402
+from examples.digits.data import DigitsDataModule  # noqa: E402
+from examples.digits.model import MLPClassifier  # noqa: E402
 from lightning_commsgd import (  # noqa: E402
     CommunicationMonitor,
     CommunicationStrategy,
     Communicator,
-    LocalSGDStrategy,
-    OverlapLocalSGDStrategy,
+    create_strategy,
 )
-from lightning_commsgd.data import DigitsDataModule  # noqa: E402
-from lightning_commsgd.models import MLPClassifier  # noqa: E402
 from lightning_commsgd.payload import PAYLOAD_DTYPES  # noqa: E402
 
 __all__ = ["CONFIGS", "build_strategy", "main"]
@@ -127,18 +123,20 @@ def build_strategy(name: str, tau: int) -> Strategy:
     payload = suffix if suffix in PAYLOAD_DTYPES else None
     family = family if payload else name
     if family == "local_sgd_params":
-        return LocalSGDStrategy(tau=tau, momentum="local", payload_dtype=payload)
+        return create_strategy("local_sgd", tau=tau, momentum="local", payload_dtype=payload)
     if family == "local_sgd" and payload:
-        return LocalSGDStrategy(tau=tau, payload_dtype=payload)
+        return create_strategy("local_sgd", tau=tau, payload_dtype=payload)
     if family == "hierarchical":
-        return LocalSGDStrategy(tau=tau, global_every=4)
+        return create_strategy("local_sgd", tau=tau, global_every=4)
     if family == "overlap":
-        return OverlapLocalSGDStrategy(tau=tau, payload_dtype=payload)
+        return create_strategy("overlap_local_sgd", tau=tau, payload_dtype=payload)
     if family == "overlap_momentum":
-        return OverlapLocalSGDStrategy(tau=tau, alpha=0.3, anchor_momentum=0.9, payload_dtype=payload)
+        return create_strategy(
+            "overlap_local_sgd", tau=tau, alpha=0.3, anchor_momentum=0.9, payload_dtype=payload
+        )
     if family == "overlap_cocod":
-        return OverlapLocalSGDStrategy(tau=tau, correction="cocod", payload_dtype=payload)
-    # local_sgd, gossip, elastic and the compressed ones: as train_digits builds them
+        return create_strategy("overlap_local_sgd", tau=tau, correction="cocod", payload_dtype=payload)
+    # local_sgd, gossip, elastic and the compressed ones: as the digits job builds them
     return build_digits_strategy(name, tau)
 
 

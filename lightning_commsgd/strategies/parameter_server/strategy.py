@@ -38,7 +38,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.nn import Module
@@ -54,47 +53,25 @@ from lightning_commsgd.algorithms.parameter_server import (
 from lightning_commsgd.algorithms.ps_runtime import ServerRuntime, WorkerClient, connect
 from lightning_commsgd.algorithms.straggler import ExponentialDelay
 from lightning_commsgd.comm import Communicator, skip_group_destruction_at_exit
-from lightning_commsgd.strategies.base import CommunicationStrategy
-from lightning_commsgd.strategies.launcher import ReportingScriptLauncher
+from lightning_commsgd.internals import (
+    weights_only_kwargs,
+)
+from lightning_commsgd.strategies.process import ProcessGroupStrategy
 
 __all__ = ["PS_CHECKPOINT_KEY", "AsyncSGDStrategy", "KSyncSGDStrategy", "ParameterServerStrategy"]
 
 PS_CHECKPOINT_KEY = "lightning_commsgd_ps"
 SERVER_RANK = 0
 SERVER_PLACEMENTS = ("colocated", "dedicated")
-# the base strategy's options that make no sense with a server model, with their (accepted) defaults
-_UNSUPPORTED: dict[str, Any] = {
-    "eval_on": "consensus", "redundancy": None, "sampling": None, "original_world_size": None,
-    "failed_workers": [], "min_coverage": 1.0, "batch_sizes": None, "check_replicas": False,
-}  # fmt: skip
 
 
 class _ServerJob:
-    """The strategy's algorithm object: the parameter server (rank 0) and this rank's worker."""
-
-    consensus_every: int | None = None
-    last_consensus: tuple[int, float] | None = None
-    in_sync = False
+    """One fit's parameter server (rank 0's runtime) and this rank's worker client, over ``params``."""
 
     def __init__(
         self, runtime: ServerRuntime | None, client: WorkerClient | None, params: list[Tensor]
     ) -> None:
         self.runtime, self.client, self.params = runtime, client, params
-
-    def after_optimizer_step(self) -> bool:
-        return False
-
-    def record_loss(self, loss: Any) -> None:
-        return None
-
-    def finalize(self) -> None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
 
     def load_model(self, flat: Tensor) -> None:
         copy_flat_into(self.params, flat)
@@ -108,7 +85,7 @@ class _ServerJob:
         )
 
 
-class ParameterServerStrategy(CommunicationStrategy):
+class ParameterServerStrategy(ProcessGroupStrategy):
     """Parameter-server SGD with a server thread on rank 0 (see the module docstring for what global
     step, epochs, validation and checkpoints mean here). Use :class:`KSyncSGDStrategy` or
     :class:`AsyncSGDStrategy`.
@@ -145,16 +122,6 @@ class ParameterServerStrategy(CommunicationStrategy):
     ) -> None:
         if server not in SERVER_PLACEMENTS:
             raise ValueError(f"Arg `server` must be one of {list(SERVER_PLACEMENTS)}, got {server!r}.")
-        bad = sorted(
-            name
-            for name, default in _UNSUPPORTED.items()
-            if name in kwargs
-            and (list(kwargs[name]) if name == "failed_workers" else kwargs[name]) != default
-        )
-        if bad:
-            raise ValueError(
-                f"{type(self).__name__} does not support {bad}: the server's model is the model."
-            )
         # k's type and lower bound now; k <= P when the Trainer is built and P is known
         check_variant(1 if k is None else k, mode, workers=None)
         if staleness_lr is not None and not isinstance(staleness_lr, StalenessAwareLR):
@@ -168,6 +135,7 @@ class ParameterServerStrategy(CommunicationStrategy):
                 f"Arg `straggler_mu` must be None or a finite rate > 0 (1/seconds), got {straggler_mu!r}."
             )
         super().__init__(**kwargs)
+        self._launcher_ends_job = False  # a lost worker is the server's business
         self.k, self.mode, self.staleness_lr = k, mode, staleness_lr
         self.straggler_mu, self.straggler_seed = straggler_mu, straggler_seed
         self.server = server
@@ -203,18 +171,20 @@ class ParameterServerStrategy(CommunicationStrategy):
 
     # -- before any process group --------------------------------------------------------------------
     @override
-    def _configure_launcher(self) -> None:
+    def check_before_launch(self) -> None:
         if self.dedicated and self.world_size < 2:
             raise ValueError('server="dedicated" needs at least 2 processes (a server and a worker).')
         check_variant(self.effective_k, self.mode, self.num_workers)
-        super()._configure_launcher()
-        if isinstance(self._launcher, ReportingScriptLauncher):  # a lost worker is the server's business
-            self._launcher._end_job = False
+        super().check_before_launch()
 
-    # -- setup -------------------------------------------------------------------------------------------
+    # -- setup (ProcessGroupStrategy.setup calls it) ------------------------------------------------------
     @override
-    def build_algorithm(self, module: Module, optimizers: list[Optimizer], communicator: Communicator) -> Any:
-        trainer = self.lightning_module.trainer
+    def start_training(self, trainer: pl.Trainer, communicator: Communicator) -> None:
+        self._job = self._start_job(trainer, list(self.optimizers), communicator)
+
+    def _start_job(
+        self, trainer: pl.Trainer, optimizers: list[Optimizer], communicator: Communicator
+    ) -> _ServerJob:
         if len(optimizers) != 1:
             raise ValueError(
                 f"{type(self).__name__} runs one optimizer on the server, got {len(optimizers)}."
@@ -245,8 +215,7 @@ class ParameterServerStrategy(CommunicationStrategy):
             ]
         if self.straggler_mu is not None:
             self._delay = ExponentialDelay(self.straggler_mu, self.straggler_seed, self.global_rank)
-        self._job = _ServerJob(runtime, client, params)
-        return self._job
+        return _ServerJob(runtime, client, params)
 
     @override
     def on_train_start(self) -> None:
@@ -310,8 +279,7 @@ class ParameterServerStrategy(CommunicationStrategy):
         elif not client.stopped:
             client.newer_model(job.load_model)
         _follow_server_version(trainer, client.version)
-        if self._watchdog is not None:
-            self._watchdog.step = client.version
+        self.faults.step = client.version
         if client.stopped:
             trainer.should_stop = True
         return loss
@@ -338,8 +306,7 @@ class ParameterServerStrategy(CommunicationStrategy):
         if job.runtime.failure is not None:
             raise job.runtime.failure
         _follow_server_version(trainer, job.runtime.server.version)
-        if self._watchdog is not None:
-            self._watchdog.step = job.runtime.server.version
+        self.faults.step = job.runtime.server.version
         if job.runtime.done:
             trainer.should_stop = True
         return None
@@ -347,7 +314,7 @@ class ParameterServerStrategy(CommunicationStrategy):
     # -- the end of training ----------------------------------------------------------------------------
     @override
     def on_train_end(self) -> None:
-        DDPStrategy.on_train_end(self)
+        super().on_train_end()
         job = self._job
         if job is None:
             return
@@ -367,13 +334,14 @@ class ParameterServerStrategy(CommunicationStrategy):
         if self.global_rank == SERVER_RANK:
             super().on_exception(exception)  # the server is gone: every rank must stop
             return
-        DDPStrategy.on_exception(self, exception)  # a worker's failure: the server drops it
+        # a worker's failure: the server drops it and the other ranks go on (no abort notice); the
+        # process group is left to the operating system at exit
         skip_group_destruction_at_exit()
 
     # -- validation: rank 0 looks at the server's model ---------------------------------------------------
     @override
     def on_validation_start(self) -> None:
-        DDPStrategy.on_validation_start(self)
+        super().on_validation_start()
         job = self._job
         if job is not None and job.runtime is not None and self._training:
             self._val_stash = [p.detach().clone() for p in job.params]
@@ -389,7 +357,7 @@ class ParameterServerStrategy(CommunicationStrategy):
                 for p, saved in zip(job.params, self._val_stash):
                     p.copy_(saved)
             self._val_stash = None
-        DDPStrategy.on_validation_end(self)
+        super().on_validation_end()
 
     # -- Lightning's collectives are rank-local while the ranks run unsynchronised ------------------------
     @override
@@ -440,24 +408,20 @@ class ParameterServerStrategy(CommunicationStrategy):
                 "server": state,
                 "epoch_schedulers": [s.state_dict() for s in self._epoch_schedulers],
                 "ledger": self.communicator.ledger.state_dict(),
-                "sampler": self._sampler_position(),
+                "sampler": self.data.state(
+                    self.lightning_module.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+                ),
             }
-        DDPStrategy.save_checkpoint(self, checkpoint, filepath, storage_options=storage_options)
-
-    def _sampler_position(self) -> dict[str, Any] | None:
-        if self._train_batches is None:
-            return None
-        progress = self.lightning_module.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self._train_batches.epoch, "position": progress.ready}
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = DDPStrategy.load_checkpoint(self, checkpoint_path, weights_only=weights_only)
+        checkpoint = super().load_checkpoint(checkpoint_path, **weights_only_kwargs(weights_only))
         extra = checkpoint.get(PS_CHECKPOINT_KEY)
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if extra is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             self._pending_server_state = extra
-            self._pending_sampler_state = extra.get("sampler")
+            self.data.load(extra.get("sampler"))
             if self.global_rank == SERVER_RANK:
                 self.communicator.ledger.load_state_dict(extra["ledger"])
         return checkpoint
@@ -491,6 +455,7 @@ class KSyncSGDStrategy(ParameterServerStrategy):
     """
 
     strategy_name = "ksync_sgd"
+    fixed_arguments = ("mode",)  # K-sync is mode "sync"
 
     def __init__(self, k: int | None = None, **kwargs: Any) -> None:
         super().__init__(k=k, mode="sync", **kwargs)
@@ -511,6 +476,7 @@ class AsyncSGDStrategy(ParameterServerStrategy):
     """
 
     strategy_name = "async_sgd"
+    fixed_arguments = ("mode",)  # chosen by `variant`
 
     def __init__(
         self,

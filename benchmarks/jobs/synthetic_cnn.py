@@ -1,11 +1,12 @@
-"""Train a small CNN on synthetic CIFAR-sized images (32x32x3, 10 classes) under any strategy of
-``train_digits.py``: DDP, local SGD, gossip, EASGD, DORE, DIANA, QSGD, MEM-SGD or DoubleSqueeze.
+"""The synthetic CNN benchmark job: a small CNN on synthetic 32x32x3 images under any strategy, JSON results.
 
-Examples::
+It takes every option of the digits job (:mod:`benchmarks.jobs.digits`): DDP, local SGD, gossip, EASGD,
+DORE, DIANA, QSGD, MEM-SGD or DoubleSqueeze. The benchmarks run it through :mod:`benchmarks.runner`; by
+hand, from the repository root::
 
-    python examples/synthetic_cnn.py --strategy ddp --max-steps 200
-    python examples/synthetic_cnn.py --strategy dore --max-steps 200 --trace --json /tmp/cnn_dore.json
-    python examples/synthetic_cnn.py --strategy mem_sgd --topk-ratio 0.01 --devices 2
+    python -m benchmarks.jobs.synthetic_cnn --strategy ddp --max-steps 200
+    python -m benchmarks.jobs.synthetic_cnn --strategy dore --max-steps 200 --trace --json /tmp/cnn_dore.json
+    python -m benchmarks.jobs.synthetic_cnn --strategy mem_sgd --topk-ratio 0.01 --devices 2
 
 The data are generated in-process and deterministically (no download, no torchvision): every class has a
 smooth random colour pattern (an 8x8x3 grid of Gaussian values upsampled bilinearly to 32x32); a sample is
@@ -21,15 +22,15 @@ classifier; about 190k parameters with the defaults (depth 3, width 32, hidden 1
 0.9, like the digits MLP, with a default learning rate of 0.02.
 
 Everything else (strategies and their options, ``--json``, ``--trace``, ``--val-every-steps``, the
-results' keys) is ``train_digits.py``'s: this script hands it a different :class:`Workload`. Lightning
-re-runs this script once per extra rank, as it does ``train_digits.py``.
+results' keys) is the digits job's: this job hands it a different :class:`~benchmarks.jobs.digits.Workload`.
+Lightning re-runs ``python -m benchmarks.jobs.synthetic_cnn ...`` once per extra rank, as it does the
+digits job.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,13 +39,9 @@ from lightning.pytorch import LightningDataModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-# Run as a script (and re-run per rank by Lightning): train_digits.py sits next to this file.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import train_digits  # noqa: E402
-
-from lightning_commsgd.data.digits import label_skew_order  # noqa: E402
-from lightning_commsgd.models.classification import ClassifierModule  # noqa: E402
+from benchmarks.jobs import digits
+from examples.digits.data import label_skew_order
+from examples.digits.model import ClassifierModule
 
 __all__ = [
     "CNN_WORKLOAD",
@@ -125,7 +122,7 @@ class SyntheticImageDataModule(LightningDataModule):
             ``data_seed + 2``, so the two sets share the task but not their samples.
         repeat: how many times the training set is repeated per epoch.
         label_skew_shards: non-iid training data for ``k`` workers (0: the random order), as in
-            :class:`~lightning_commsgd.data.DigitsDataModule`.
+            :class:`~examples.digits.data.DigitsDataModule`.
     """
 
     def __init__(
@@ -238,9 +235,9 @@ class SmallCNN(ClassifierModule):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """``train_digits.py``'s options (``--hidden`` and ``--depth`` mean the CNN's) plus the data's and
+    """The digits job's options (``--hidden`` and ``--depth`` mean the CNN's) plus the data's and
     the model's own; see ``--help``."""
-    parser = train_digits.build_parser(__doc__.splitlines()[0])
+    parser = digits.build_parser(__doc__.splitlines()[0])
     # --hidden: the hidden Linear; --depth: convolution blocks. The digits' defaults (128, 2) would give
     # a 545k-parameter model whose first Linear dominates; 3 blocks keep it near 190k. lr 0.05 (the
     # digits' default) makes this CNN blow up after a few hundred steps under plain DDP; 0.02 does not.
@@ -260,7 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cnn.add_argument("--noise", type=float, default=3.0, help="pixel noise standard deviation (default 3)")
     cnn.add_argument("--max-shift", type=int, default=8, help="largest shift of a pattern in pixels (8)")
     cnn.add_argument("--data-seed", type=int, default=0, help="seed of the class patterns and samples")
-    args = train_digits.check_args(parser, parser.parse_args(argv))
+    args = digits.check_args(parser, parser.parse_args(argv))
     for name in ("width", "train_size", "val_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -271,7 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-CNN_WORKLOAD = train_digits.Workload(
+CNN_WORKLOAD = digits.Workload(
     name="synthetic_cnn",
     make_model=lambda args: SmallCNN(width=args.width, depth=args.depth, hidden=args.hidden, lr=args.lr),
     make_datamodule=lambda args: SyntheticImageDataModule(
@@ -297,7 +294,7 @@ CNN_WORKLOAD = train_digits.Workload(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
-    return train_digits.main(argv, CNN_WORKLOAD, parse_args)
+    return digits.main(argv, CNN_WORKLOAD, parse_args)
 
 
 if __name__ == "__main__":

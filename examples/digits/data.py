@@ -1,7 +1,8 @@
 """scikit-learn's 8x8 handwritten digits as a :class:`~lightning.pytorch.LightningDataModule`.
 
-The data set ships inside scikit-learn (1797 samples, 64 features, 10 classes), so examples, tests and
-benchmarks run offline and in seconds on a laptop CPU.
+The data set ships inside scikit-learn (1797 samples, 64 features, 10 classes), so the example, the tests
+and the benchmarks (``benchmarks/jobs/``, which also use ``repeat`` and ``label_skew_shards``) run offline
+and in seconds on a laptop CPU.
 """
 
 from __future__ import annotations
