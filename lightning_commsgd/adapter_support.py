@@ -29,6 +29,7 @@ from torch import Tensor
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_KEY",
+    "AlgorithmSettings",
     "DEFAULT_SYNC_TIMEOUT",
     "MIN_RENDEZVOUS_TIMEOUT",
     "consensus_state_dict",
@@ -91,3 +92,14 @@ def reduce_kind(reduce_op: Any) -> str | None:
 def is_world_group(group: Any) -> bool:
     """Lightning passes the default group as ``None`` or as ``dist.group.WORLD``."""
     return group is None or group is dist.group.WORLD
+
+
+class AlgorithmSettings:
+    """Mixin of the adapters: the algorithm config's settings read as the strategy's
+    (``LocalSGDStrategy(tau=8).tau``), from its ``algorithm_config`` attribute."""
+
+    def __getattr__(self, name: str) -> Any:
+        config = self.__dict__.get("algorithm_config")
+        if config is not None and not name.startswith("_") and name in vars(config):
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

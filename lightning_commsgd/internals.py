@@ -49,8 +49,9 @@ those tests on the oldest end in CI. 2.5.0 / 2.5.0.post0 pass them too, but thei
 - ``DDPStrategy``'s hooks ``_setup_model``, ``_register_ddp_hooks``, ``_configure_launcher``: overridden by
   :class:`DDPWithoutWrapperHooks`. Missing from every parent class: RuntimeError when the strategy class is
   defined (a TypeError there when ``DDPStrategy`` comes before the mixin in the bases).
-- Fabric (``lightning.fabric.strategies.DDPStrategy``, the signatures read in 2.4.0, 2.5.0, 2.5.6 and 2.6.0,
-  run on 2.6.6): its hooks ``_configure_launcher`` and ``_setup_distributed`` (with ``_set_world_ranks``,
+- Fabric (``lightning.fabric.strategies.DDPStrategy``, the signatures read in 2.4.0, 2.5.0, 2.5.6 and 2.6.0;
+  ``tests/test_fabric.py``, a ``lightning_smoke`` file, run on 2.5.1 and 2.6.6): its hooks
+  ``_configure_launcher`` and ``_setup_distributed`` (with ``_set_world_ranks``,
   ``_get_process_group_backend`` and the ``_process_group_backend`` attribute it sets) are overridden by
   :class:`FabricDDPHooks`; its ``_backward_sync_control`` (what ``fabric.no_backward_sync`` enters) is
   replaced by :func:`replace_backward_sync_control`. Missing: RuntimeError (at class definition for the

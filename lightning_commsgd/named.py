@@ -20,8 +20,9 @@ import typing
 from typing import Any
 
 from lightning_commsgd.algorithms.protocol import AlgorithmConfig
+from lightning_commsgd.registry import ENTRIES
 
-__all__ = ["named_strategy"]
+__all__ = ["named_strategy", "registered_strategy"]
 
 
 def _args_section(doc: str | None) -> list[str]:
@@ -128,3 +129,12 @@ def named_strategy(
         "algorithm_type": config_cls,
     }
     return type(adapter)(class_name, (adapter,), namespace)
+
+
+def registered_strategy(name: str, adapter: type, module: str) -> type:
+    """The named strategy of registry entry ``name`` under ``adapter``: its class name, its algorithm's
+    arguments (what each adapter package defines its public classes with)."""
+    entry = ENTRIES[name]
+    if entry.algorithm is None:
+        raise ValueError(f"Registry entry {name!r} has no algorithm config to build a named strategy from.")
+    return named_strategy(entry.algorithm, adapter, entry.class_name, module, name)

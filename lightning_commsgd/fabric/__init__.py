@@ -22,24 +22,16 @@ from typing import Any
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 
 from lightning_commsgd.fabric.strategy import CommunicationStrategy, consensus_state_dict
-from lightning_commsgd.named import named_strategy
+from lightning_commsgd.named import registered_strategy
 from lightning_commsgd.registry import ENTRIES
 
-
-def _named(name: str) -> type:
-    """The Fabric adapter of registry entry ``name`` (its class name, its algorithm's arguments)."""
-    entry = ENTRIES[name]
-    assert entry.algorithm is not None
-    return named_strategy(entry.algorithm, CommunicationStrategy, entry.class_name, __name__, name)
-
-
-LocalSGDStrategy = _named("local_sgd")
-DecentralizedSGDStrategy = _named("decentralized_sgd")
-ElasticAveragingStrategy = _named("elastic_averaging")
-OverlapLocalSGDStrategy = _named("overlap_local_sgd")
-DoubleResidualStrategy = _named("dore")
-DianaStrategy = _named("diana")
-CompressedSGDStrategy = _named("compressed_sgd")
+LocalSGDStrategy = registered_strategy("local_sgd", CommunicationStrategy, __name__)
+DecentralizedSGDStrategy = registered_strategy("decentralized_sgd", CommunicationStrategy, __name__)
+ElasticAveragingStrategy = registered_strategy("elastic_averaging", CommunicationStrategy, __name__)
+OverlapLocalSGDStrategy = registered_strategy("overlap_local_sgd", CommunicationStrategy, __name__)
+DoubleResidualStrategy = registered_strategy("dore", CommunicationStrategy, __name__)
+DianaStrategy = registered_strategy("diana", CommunicationStrategy, __name__)
+CompressedSGDStrategy = registered_strategy("compressed_sgd", CommunicationStrategy, __name__)
 
 __all__ = [
     "CommunicationStrategy",

@@ -48,7 +48,6 @@ rank 0's other entries) with ``load_resized_state_dict`` of rank 0's algorithm s
 
 from __future__ import annotations
 
-import atexit
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -70,6 +69,7 @@ from lightning_commsgd.adapter_support import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_KEY,
     DEFAULT_SYNC_TIMEOUT,
+    AlgorithmSettings,
     consensus_state_dict,
     is_world_group,
     reduce_kind,
@@ -85,7 +85,7 @@ from lightning_commsgd.algorithms.protocol import (
 )
 from lightning_commsgd.checkpoint_io import AtomicCheckpointIO
 from lightning_commsgd.comm import Communicator, destroy_process_group_at_exit
-from lightning_commsgd.internals import FabricDDPHooks, replace_backward_sync_control
+from lightning_commsgd.internals import FabricDDPHooks, replace_backward_sync_control, weights_only_kwargs
 from lightning_commsgd.rendezvous import init_process_group
 from lightning_commsgd.watchdog import FailureWatchdog
 
@@ -113,7 +113,7 @@ class _ExchangeControl:
         return self._strategy._accumulating_context()
 
 
-class CommunicationStrategy(FabricDDPHooks, DDPStrategy):
+class CommunicationStrategy(AlgorithmSettings, FabricDDPHooks, DDPStrategy):
     """Any protocol algorithm under Lightning Fabric: ``Fabric(strategy=CommunicationStrategy(LocalSGD(8)))``.
 
     The named strategies (``LocalSGDStrategy(tau=8)``, ...) are this class with the algorithm's arguments in
@@ -201,13 +201,6 @@ class CommunicationStrategy(FabricDDPHooks, DDPStrategy):
         self._accumulating = False  # inside fabric.no_backward_sync(..., enabled=True)
         self._exchanged = False  # after_backward ran since the latest optimizer step
 
-    def __getattr__(self, name: str) -> Any:
-        # the algorithm's settings read as the strategy's: LocalSGDStrategy(tau=8).tau
-        config = self.__dict__.get("algorithm_config")
-        if config is not None and not name.startswith("_") and name in vars(config):
-            return getattr(config, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
     # -- public accessors -----------------------------------------------------------------------------
     @property
     def algorithm(self) -> CommAlgorithm | None:
@@ -283,12 +276,7 @@ class CommunicationStrategy(FabricDDPHooks, DDPStrategy):
         if self._communicator is None:
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 self._watchdog = FailureWatchdog.for_process_group(store_grace=self.sync_timeout)
-                self._watchdog.start()
-                # Fabric never tears the strategy down: the watchdog thread stops at exit, before the
-                # interpreter's finalization would end it inside a store call (a daemon thread ended there
-                # aborts the process: "terminate called without an active exception"), and before the
-                # process group is destroyed (atexit runs the later registration first)
-                atexit.register(self._stop_watchdog)
+                self._watchdog.start()  # Fabric never tears the strategy down: it stops itself at exit
             self._communicator = Communicator(
                 device=self.root_device, timeout=self.sync_timeout, monitor=self._watchdog
             )
@@ -326,7 +314,6 @@ class CommunicationStrategy(FabricDDPHooks, DDPStrategy):
     @override
     def teardown(self) -> None:
         self._stop_watchdog()
-        atexit.unregister(self._stop_watchdog)
         super().teardown()
 
     # -- the model and its optimizers: fabric.setup(...) -------------------------------------------------
@@ -575,8 +562,7 @@ class CommunicationStrategy(FabricDDPHooks, DDPStrategy):
         and rank 0's entries (another world size); the algorithm's state and the ledger with it. Returns
         what ``state`` did not ask for. ``fabric.load(path)`` without ``state`` returns the file as written,
         and ``fabric.load_raw`` loads a raw module or optimizer file, both untouched by the strategy."""
-        # Lightning < 2.6 has no weights_only here: passed on only when given
-        only = {} if weights_only is None else {"weights_only": weights_only}
+        only = weights_only_kwargs(weights_only)  # Lightning < 2.6 does not take it
         if not state or isinstance(state, (Module, Optimizer)):
             return super().load_checkpoint(path, state, strict=strict, **only)
         checkpoint = self.checkpoint_io.load_checkpoint(path, **only)
@@ -623,7 +609,6 @@ class CommunicationStrategy(FabricDDPHooks, DDPStrategy):
         else:
             self._pending_algorithm_state = (mine["algorithm"], resized)
         return view
-
 
     # -- the registry -----------------------------------------------------------------------------------
     @classmethod

@@ -32,6 +32,7 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_commsgd.adapter_support import AlgorithmSettings
 from lightning_commsgd.algorithms.base import check_choice
 from lightning_commsgd.algorithms.protocol import (
     AlgorithmConfig,
@@ -73,7 +74,7 @@ class _DeferredStep:
         return getattr(self._optimizer, name)
 
 
-class CommunicationStrategy(ProcessGroupStrategy):
+class CommunicationStrategy(AlgorithmSettings, ProcessGroupStrategy):
     """Any protocol algorithm under the Lightning Trainer: ``CommunicationStrategy(LocalSGD(tau=8))``.
 
     The named strategies (``LocalSGDStrategy(tau=8)``, ...) are this class with the algorithm's arguments
@@ -124,13 +125,6 @@ class CommunicationStrategy(ProcessGroupStrategy):
         self._eval_stash: dict[str, Tensor] | None = None
         self._in_training_step = False
         self._warned_step_reduce = False
-
-    def __getattr__(self, name: str) -> Any:
-        # the algorithm's settings read as the strategy's: LocalSGDStrategy(tau=8).tau
-        config = self.__dict__.get("algorithm_config")
-        if config is not None and not name.startswith("_") and name in vars(config):
-            return getattr(config, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def redundancy(self) -> RedundancyInfusion | None:
