@@ -151,3 +151,13 @@ def test_a_new_algorithm_needs_no_adapter_change(tmp_path):
         algorithm = trainer.strategy.algorithm
         assert (algorithm.steps, algorithm.rounds, algorithm.finalized) == (7, 2, True)
     assert named(every=5).every == 5 and "every" in inspect.signature(named.__init__).parameters
+
+
+@pytest.mark.parametrize("cls", [lc.KSyncSGDStrategy, lc.AsyncSGDStrategy], ids=lambda c: c.__name__)
+def test_an_argument_a_strategy_fixes_is_refused_by_name(cls):
+    """K-sync and async SGD choose the parameter server's `mode` themselves: passing it is an unexpected
+    argument (with the accepted list), not Python's "got multiple values"."""
+    message = rf"{cls.__name__} got an unexpected argument 'mode'; it accepts: .*\bk\b"
+    with pytest.raises(TypeError, match=message):
+        cls(mode="async")
+    assert "mode" not in strategy_arguments(cls)
