@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := lightning_commsgd tests examples benchmarks
 
-.PHONY: venv demo test test-extended test-oldest-lightning lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-cluster bench-ps clean distclean
+.PHONY: venv demo test test-extended test-oldest-lightning lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-cluster bench-diloco bench-ps clean distclean
 
 venv: $(STAMP)
 
@@ -23,13 +23,19 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q -e ".[examples,dev]"
 	touch $@
 
+# make test pip-installs torchft 0.2.0 (test-only, not in pyproject) into .venv/torchft-ref for test_torchft_parity.py.
+TORCHFT_REF := $(VENV)/torchft-ref
+$(TORCHFT_REF)/.installed: $(STAMP) tests/reference/install_torchft_ref.sh
+	PY=$(VPY) TORCHFT_REF_DIR=$(TORCHFT_REF) bash tests/reference/install_torchft_ref.sh
+	touch $@
+
 demo: venv
 	$(VPY) examples/demo.py
 
 lint: venv
 	$(VPY) -m ruff check $(LINT_PATHS)
 
-test: venv
+test: venv $(TORCHFT_REF)/.installed
 	$(VPY) -m ruff check $(LINT_PATHS)
 	$(VPY) -m pytest -x -q --durations=50 -m "not fault_matrix and not extended" tests
 
@@ -80,6 +86,10 @@ bench-overhead: venv
 # Needs root: network namespaces and tc rate limits emulate the nodes and their links.
 bench-cluster: venv
 	$(VPY) -m benchmarks.bench_cluster $(BENCH_ARGS)
+
+# Needs root, as bench-cluster: DDP, local SGD, DiLoCo and Streaming DiLoCo on a small LM and the digits MLP.
+bench-diloco: venv
+	$(VPY) -m benchmarks.bench_diloco $(BENCH_ARGS)
 
 # Caches and build leftovers; the virtualenv stays (see distclean).
 clean:

@@ -1,13 +1,12 @@
-"""Compare DDP and local SGD on the digits data set and print a markdown table.
-
-Trains the digits MLP (``examples/digits/``) twice with the same seed and budget, each run a fresh Python
-process that launches its own CPU processes: once under Lightning's ``DDPStrategy`` (all-reduce of the
-gradients every step) and once under ``LocalSGDStrategy`` (parameter average every ``tau`` steps)::
+"""Compare DDP and local SGD on the digits data set and print a markdown table::
 
     python examples/demo.py            # make demo; needs the package and scikit-learn (.[examples])
     python examples/demo.py --tau 16 --epochs 5
 
-A run is this script with ``--run ddp|local_sgd``: Lightning re-runs that command line for rank 1.
+Trains the digits MLP (``examples/digits/``) with the same seed and budget under Lightning's
+``DDPStrategy`` (gradients all-reduced every step) and ``LocalSGDStrategy`` (parameters averaged every
+``tau`` steps). Each run is this script with ``--run ddp|local_sgd`` in a fresh process, which launches its
+own CPU ranks (Lightning re-runs that command line for rank 1).
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ import lightning
 import torch
 from digits.data import DigitsDataModule  # examples/digits/, next to this script
 from digits.model import MLPClassifier
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_commsgd import CommunicationMonitor, LocalSGDStrategy
@@ -35,23 +35,14 @@ from lightning_commsgd.comm import shutdown_process_group
 torch.set_num_threads(1)  # one thread per rank: two ranks must not fight over the cores
 
 
-class TrainLoopTimer(Callback):
-    """Seconds from ``on_train_start`` to ``on_train_end``: fit without starting the ranks."""
-
-    def on_train_start(self, trainer, pl_module):  # noqa: ANN001
-        self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module):  # noqa: ANN001
-        self.seconds = time.perf_counter() - self.start
-
-
 def train(args: argparse.Namespace) -> int:
     """One run (every rank executes it); rank 0 writes its figures to ``--json``."""
     lightning.seed_everything(args.seed, verbose=False)  # the same weights and data on every rank
     data = DigitsDataModule(batch_size=32, seed=args.seed, repeat=args.repeat)
     model = MLPClassifier(hidden=args.hidden, depth=args.depth, lr=0.05)
     strategy = DDPStrategy() if args.run == "ddp" else LocalSGDStrategy(tau=args.tau)
-    monitor, timer = CommunicationMonitor(), TrainLoopTimer()  # the monitor counts DDP's buckets too
+    # the monitor counts DDP's buckets too; the timer, the training loop alone (fit without starting ranks)
+    monitor, timer = CommunicationMonitor(), Timer()
     trainer = Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.epochs,
         callbacks=[monitor, timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -64,8 +55,8 @@ def train(args: argparse.Namespace) -> int:
     val_acc = trainer.validate(model, datamodule=data, verbose=False)[0]["val_acc"]
     if trainer.is_global_zero:
         result = {"strategy": args.run, "tau": None if args.run == "ddp" else args.tau, "wall_s": wall_s}
-        result.update(train_loop_s=timer.seconds, bytes_sent_per_rank=int(sent), rounds=int(rounds))
-        result.update(final_val_acc=float(val_acc), steps=trainer.global_step)
+        result.update(train_loop_s=timer.time_elapsed("train"), steps=trainer.global_step)
+        result.update(bytes_sent_per_rank=int(sent), rounds=int(rounds), final_val_acc=float(val_acc))
         result["num_params"] = sum(p.numel() for p in model.parameters())
         Path(args.json).write_text(json.dumps(result))
     shutdown_process_group()  # every rank leaves together

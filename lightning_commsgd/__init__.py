@@ -23,12 +23,15 @@ from lightning_commsgd.algorithms import (
     CommAlgorithm,
     CompressedSGD,
     DecentralizedSGD,
+    DiLoCo,
     ElasticAveraging,
     LocalSGD,
     NonFiniteError,
     OverlapLocalSGD,
     PeriodicAverager,
+    SlowMo,
     StalenessAwareLR,
+    StreamingDiLoCo,
 )
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.compression import (
@@ -67,6 +70,7 @@ __all__ = [
     "Compressor",
     "ConstantPeriod",
     "DecentralizedSGD",
+    "DiLoCo",
     "ElasticAveraging",
     "Identity",
     "IncreasingPeriod",
@@ -80,7 +84,9 @@ __all__ = [
     "RandomK",
     "RedundancyInfusion",
     "ScaledSign",
+    "SlowMo",
     "StalenessAwareLR",
+    "StreamingDiLoCo",
     "TopK",
     "Topology",
     "create_strategy",
@@ -90,6 +96,7 @@ __all__ = [
     "CommunicationStrategy",
     "CompressedSGDStrategy",
     "DecentralizedSGDStrategy",
+    "DiLoCoStrategy",
     "DianaStrategy",
     "DoubleResidualStrategy",
     "ElasticAveragingStrategy",
@@ -97,6 +104,8 @@ __all__ = [
     "LocalSGDStrategy",
     "OverlapLocalSGDStrategy",
     "ParameterServerStrategy",
+    "SlowMoStrategy",
+    "StreamingDiLoCoStrategy",
 ]
 
 try:
@@ -116,12 +125,15 @@ if LIGHTNING_AVAILABLE:
         CompressedSGDStrategy,
         DecentralizedSGDStrategy,
         DianaStrategy,
+        DiLoCoStrategy,
         DoubleResidualStrategy,
         ElasticAveragingStrategy,
         KSyncSGDStrategy,
         LocalSGDStrategy,
         OverlapLocalSGDStrategy,
         ParameterServerStrategy,
+        SlowMoStrategy,
+        StreamingDiLoCoStrategy,
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from lightning_commsgd.algorithms.protocol import AlgorithmConfig
 from lightning_commsgd.registry import ENTRIES
 
-__all__ = ["named_strategy", "registered_strategy"]
+__all__ = ["named_strategy", "registered_strategies", "registered_strategy"]
 
 
 def _args_section(doc: str | None) -> list[str]:
@@ -138,3 +138,14 @@ def registered_strategy(name: str, adapter: type, module: str) -> type:
     if entry.algorithm is None:
         raise ValueError(f"Registry entry {name!r} has no algorithm config to build a named strategy from.")
     return named_strategy(entry.algorithm, adapter, entry.class_name, module, name)
+
+
+def registered_strategies(adapter: type, module: str) -> dict[str, type]:
+    """Every named strategy of the registry under ``adapter`` by class name (one per entry with an algorithm
+    that is not a preset): what an adapter package puts in its namespace, so a registry entry is all a new
+    algorithm needs to appear as ``MyAlgoStrategy`` in both adapters."""
+    return {
+        entry.class_name: registered_strategy(name, adapter, module)
+        for name, entry in ENTRIES.items()
+        if entry.algorithm is not None and not entry.preset
+    }

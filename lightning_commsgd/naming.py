@@ -33,7 +33,6 @@ ARGUMENTS: dict[str, Argument] = {
                          'averaged, or mixed with W), "local" (untouched) or "zero" (reset)', "u"),
     "average_buffers": Argument("floating-point buffers (BatchNorm statistics) take part in the rounds"),
     "replica_weights": Argument('"uniform" mean of the replicas, or weighted by the "samples" each took'),
-    "payload_dtype": Argument("the format a round's changes travel in: fp32 (None), bf16, fp16, int8, int4"),
     "global_every": Argument("hierarchical averaging: every this many rounds averages over all ranks", "H"),
     "group_size": Argument("ranks per hierarchical block (consecutive ranks, a node by default)", "g"),
     "on_nonfinite": Argument('a replica with NaN/Inf before a round: "raise" on every rank, or "skip" it'),
@@ -44,8 +43,10 @@ ARGUMENTS: dict[str, Argument] = {
                       "alpha"),
     "anchor_momentum": Argument("momentum of the anchor's update (Overlap Local-SGD)", "beta"),
     "correction": Argument('how an arrived average is applied: "pull" (the paper) or "cocod"'),
-    "compressor": Argument("the compressor Q of the workers' messages (gradients or their residuals)", "Q"),
-    "model_compressor": Argument("the compressor of the master's model residual", "Q_m"),
+    "compressor": Argument("the codec Q of what each rank sends (a round's change, a gradient or its "
+                           "residual): a name (bf16, fp16, int8, int4) or a Compressor; None: exact fp32",
+                           "Q"),
+    "model_compressor": Argument("the codec of the master's model residual (a name or a Compressor)", "Q_m"),
     "server_compressor": Argument("the compressor of the aggregate sent back (with its own error feedback)",
                                   "Q_s"),
     "master": Argument('where the aggregate or master update is formed: "rank0" (gather, then broadcast) or '
@@ -56,6 +57,20 @@ ARGUMENTS: dict[str, Argument] = {
     "rates": Argument('unset shift_rate / model_rate from the "paper"\'s experiments or the "theory"'),
     "error_feedback": Argument("each rank adds its last compression error to its next gradient", "e_i"),
     "seed": Argument("base of the compressors' random streams (rank r: seed + 1 + r)"),
+    # outer optimizers (DiLoCo, Streaming DiLoCo, SlowMo)
+    "outer_optimizer": Argument("builds the optimizer that steps the anchor with the mean pseudo-gradient "
+                                "(default: SGD lr 0.7, momentum 0.9, Nesterov)", "OuterOpt"),
+    "outer_lr_scheduler": Argument("builds an LR scheduler for the outer optimizer, stepped after each outer "
+                                   "step"),
+    "fragments": Argument("Streaming DiLoCo: the model's fragments, synchronised at staggered times (a "
+                          "count of strided layer groups, or lists of parameter-name prefixes)", "F"),
+    "sync_delay": Argument("inner steps a fragment's mean travels before its outer step (overlap)",
+                           "tau (d)"),
+    "local_weight": Argument("weight of the local value when a fragment's new global value arrives: "
+                             "x <- (1 - w) global + w local", "alpha"),
+    "backup_device": Argument("where the anchor and the outer optimizer's state live (e.g. cpu)"),
+    "slow_lr": Argument("SlowMo's slow learning rate", "alpha"),
+    "slow_momentum": Argument("SlowMo's slow momentum", "beta"),
     # the parameter-server family
     "k": Argument("gradients per server update (K-sync, K-async, K-batch-async)", "K"),
     "variant": Argument('"k-async" or "k-batch" (K-batch-async)'),

@@ -1,16 +1,21 @@
-"""How the values of a low-precision mean travel: the ``payload_dtype`` option of the averaging strategies.
+"""How the values of a low-precision mean travel: the ``compressor`` of the averaging strategies.
 
-The averaging strategies send each rank's *change since the latest consensus* (never the model itself) in
-a narrow format and accumulate the mean in fp32 (:meth:`Communicator.all_reduce_mean_lowp_`):
+The averaging strategies (local SGD, Overlap Local-SGD) send each rank's *change since the latest
+consensus* (never the model itself) through a codec and accumulate the mean in fp32
+(:meth:`Communicator.all_reduce_mean_lowp_`). The codec is a compressor, by name
+(:mod:`lightning_commsgd.compression.names`) or as an object:
 
-- ``"bf16"`` / ``"fp16"``: each value cast to 16 bits (round to nearest): 2 bytes per value, relative error
-  about 2^-8 / 2^-11 per value;
+- ``"bf16"`` / ``"fp16"`` (:class:`~lightning_commsgd.compression.Cast`): each value cast to 16 bits (round
+  to nearest): 2 bytes per value, relative error about 2^-8 / 2^-11 per value;
 - ``"int8"``: :class:`~lightning_commsgd.compression.BlockInt8`, one fp32 scale per 256 values and one byte
   per value with stochastic rounding: 1.016 bytes per value, unbiased, error below 1/127 of the block's
   largest change;
 - ``"int4"``: :class:`~lightning_commsgd.compression.BlockInt4`, one fp32 scale per 64 values and 4 bits per
   value with stochastic rounding: 0.5625 bytes per value (7.1x fewer than fp32), unbiased, error below 1/7
-  of the block's largest change.
+  of the block's largest change;
+- any other *unbiased* compressor (``QSGD``, ``PNormQuantizer``, ``RandomK``, other block sizes). A biased
+  one (``TopK``, ``ScaledSign``) would bias the average by its error at every round, with nothing to feed it
+  back: it is refused here and belongs to the compressed-SGD strategies, which have error feedback.
 
 Stochastic rounding draws from a generator seeded by :func:`rounding_seed` (the round's step, the rank and
 the message phase): every run, resumed or not, rounds identically, and a single-process simulation can
@@ -21,7 +26,7 @@ Non-negative state travels differently (:data:`NONNEGATIVE_PAYLOAD`). Adam's sec
 precision: Adam divides by sqrt(v) + eps, so a v rounded to 0 turns a step of about lr into one of
 |g| lr / eps (a block quantizer sends every change below 1/14 of its block's largest as 0 or a sign flip:
 about half of ``exp_avg_sq`` came back as exactly 0 in every int4 round, and training diverged to a loss of
-5e12), and fp16 flushes every value below 6e-8 to 0. Under every ``payload_dtype`` these tensors therefore
+5e12), and fp16 flushes every value below 6e-8 to 0. Under every codec these tensors therefore
 travel as their *values* (not their changes) cast to bf16: fp32's exponent range, relative error at most
 2^-9 per value, and a mean of positive values is positive. For Adam with ``momentum="average"`` that is a
 third of the averaged values at 2 bytes each (int4: 1.04 bytes per value over the round instead of 0.56).
@@ -36,10 +41,11 @@ import torch
 from torch import Tensor
 
 from lightning_commsgd.compression.base import Compressor
-from lightning_commsgd.compression.quantizers import BlockInt4, BlockInt8
+from lightning_commsgd.compression.cast import Cast
+from lightning_commsgd.compression.names import as_compressor
+from lightning_commsgd.compression.quantizers import BlockInt8
 
 __all__ = [
-    "PAYLOAD_DTYPES",
     "NONNEGATIVE_PAYLOAD",
     "CastPayload",
     "CompressedPayload",
@@ -47,21 +53,26 @@ __all__ = [
     "payload_codec",
     "rounding_generator",
     "rounding_seed",
-    "validate_payload_dtype",
+    "averaging_compressor",
 ]
 
-PAYLOAD_DTYPES: tuple[str, ...] = ("bf16", "fp16", "int8", "int4")
-#: the format of non-negative state (second moments, running variances) under every ``payload_dtype``:
-#: their values cast to bf16 (see the module docstring)
+#: the format of non-negative state (second moments, running variances) under every codec: their values
+#: cast to bf16 (see the module docstring)
 NONNEGATIVE_PAYLOAD = "bf16"
 
 
-def validate_payload_dtype(payload_dtype: Any) -> str | None:
-    """``payload_dtype`` if it is ``None`` or one of :data:`PAYLOAD_DTYPES`, else a ValueError listing
-    them."""
-    if payload_dtype is None or (isinstance(payload_dtype, str) and payload_dtype in PAYLOAD_DTYPES):
-        return payload_dtype
-    raise ValueError(f"Arg `payload_dtype` must be None or one of {PAYLOAD_DTYPES}, got {payload_dtype!r}.")
+def averaging_compressor(value: Any, name: str = "compressor") -> Compressor | None:
+    """The codec of an averaging round: ``None`` (exact), a codec name, a 16-bit :class:`Cast` or an unbiased
+    compressor; a biased compressor raises a ValueError naming ``name`` (see the module docstring)."""
+    compressor = as_compressor(value, name, allow_none=True)
+    if compressor is None or isinstance(compressor, Cast) or compressor.unbiased:
+        return compressor
+    raise ValueError(
+        f"Arg `{name}` of an averaging round must be unbiased (or a 16-bit cast): {compressor!r} is biased, "
+        "and a round has no error feedback to correct it. Use an unbiased compressor (QSGD, BlockInt8, "
+        "PNormQuantizer, RandomK) or a compressed-SGD strategy (CompressedSGD, DORE), which feed the error "
+        "back."
+    )
 
 
 class PayloadCodec(ABC):
@@ -137,22 +148,17 @@ class CompressedPayload(PayloadCodec):
         return torch.empty(self.payload_nbytes(numel), dtype=torch.uint8, device=device)
 
 
-def payload_codec(payload: str | torch.dtype | PayloadCodec) -> PayloadCodec:
-    """The codec of a ``payload_dtype`` name (or of a torch dtype, cast; a codec is returned as is)."""
+def payload_codec(payload: str | torch.dtype | Compressor | PayloadCodec) -> PayloadCodec:
+    """The codec of a codec name or compressor (a 16-bit :class:`Cast` or torch dtype is sent as the cast
+    values themselves; a codec is returned as is)."""
     if isinstance(payload, PayloadCodec):
         return payload
     if isinstance(payload, torch.dtype):
         return CastPayload(payload)
-    name = validate_payload_dtype(payload)
-    if name == "bf16":
-        return CastPayload(torch.bfloat16)
-    if name == "fp16":
-        return CastPayload(torch.float16)
-    if name == "int8":
-        return CompressedPayload(BlockInt8(block_size=256))
-    # Blocks of 64: 4 bits leave 7 levels each side, so a smaller block keeps one large value from
-    # flattening its neighbours to 0 (tight worst-case variance constant 0.26 instead of 0.75 at 256).
-    return CompressedPayload(BlockInt4(block_size=64))
+    compressor = as_compressor(payload, "payload")
+    if isinstance(compressor, Cast):
+        return CastPayload(compressor.torch_dtype)
+    return CompressedPayload(compressor)
 
 
 def rounding_seed(seed: int, rank: int, phase: int) -> int:

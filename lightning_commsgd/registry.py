@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lightning_commsgd.algorithms.compressed_sgd import CompressedSGD
+from lightning_commsgd.algorithms.diloco import DiLoCo, SlowMo, StreamingDiLoCo
 from lightning_commsgd.algorithms.dore import DIANA, DORE
 from lightning_commsgd.algorithms.elastic import ElasticAveraging
 from lightning_commsgd.algorithms.gossip import DecentralizedSGD
@@ -72,6 +73,14 @@ _ENTRIES: list[StrategyEntry] = [
     _E("overlap_local_sgd", "OverlapLocalSGDStrategy",
        "Overlap Local-SGD: tau=8, the average runs behind the next 8 local steps, pull alpha=0.5",
        OverlapLocalSGD),
+    _E("diloco", "DiLoCoStrategy",
+       "DiLoCo: an outer Nesterov SGD (lr 0.7, momentum 0.9) on the mean pseudo-gradient every 500 steps",
+       DiLoCo),
+    _E("streaming_diloco", "StreamingDiLoCoStrategy",
+       "Streaming DiLoCo: 2 strided fragments, H=100, each sync overlapped with 1 step, merged 50/50",
+       StreamingDiLoCo),
+    _E("slowmo", "SlowMoStrategy", "SlowMo: slow momentum 0.5, slow lr 1 over exact averaging every 48 steps",
+       SlowMo),
     _E("dore", "DoubleResidualStrategy",
        "DORE: inf-norm ternary quantization (blocks of 256) both ways, rank 0 as master, the paper's rates",
        DORE, lambda: {"compressor": _inf_norm()}),

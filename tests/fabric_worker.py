@@ -14,6 +14,7 @@ A case with ``save_at=k`` saves with ``fabric.save`` after step k, runs on to th
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
 import torch
@@ -26,10 +27,12 @@ from toy_problem import BATCH_SIZE, lightning_batches, make_dataset, make_net, m
 
 from lightning_commsgd import QSGD, AdaComm, PNormQuantizer, TopK, create_strategy  # noqa: E402
 from lightning_commsgd.fabric import (  # noqa: E402
+    DiLoCoStrategy,
     DoubleResidualStrategy,
     ElasticAveragingStrategy,
     LocalSGDStrategy,
     OverlapLocalSGDStrategy,
+    StreamingDiLoCoStrategy,
 )
 
 WORLD_SIZE = 2
@@ -41,6 +44,12 @@ def _sgd(module):
 
 def _sgd_plain(module):
     return torch.optim.SGD(module.parameters(), lr=0.1)
+
+
+#: DiLoCo's outer optimizer, the paper's
+NESTEROV = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)
+#: Streaming DiLoCo's fragments of the toy net (Fabric hands the algorithm the plain nn.Sequential)
+FRAGMENTS = [["0"], ["2"]]
 
 
 #: name -> the strategy, the optimizer, steps, and options (see run_case)
@@ -94,6 +103,28 @@ CASES = {
         opt=_sgd,
         steps=5,
         save_at=2,
+    ),
+    # outer steps at 4 and 8; saved mid-period (the anchor and the outer momentum in the checkpoint)
+    "diloco": dict(
+        strategy=lambda: DiLoCoStrategy(tau=4, outer_optimizer=NESTEROV),
+        opt=_sgd,
+        steps=10,
+        save_at=6,
+    ),
+    # H=4, K=2, d=1: fragment 0 sends at 1, 5, 9 and lands a step later, fragment 1 at 3, 7; saved at 5
+    # with fragment 0 in flight (its int4 mean is in the checkpoint and lands at 6 after the load)
+    "streaming_diloco": dict(
+        strategy=lambda: StreamingDiLoCoStrategy(
+            tau=4,
+            fragments=FRAGMENTS,
+            sync_delay=1,
+            local_weight=0.5,
+            outer_optimizer=NESTEROV,
+            compressor="int4",
+        ),
+        opt=_sgd,
+        steps=10,
+        save_at=5,
     ),
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 import threading
@@ -195,7 +196,7 @@ def main() -> None:
     ap.add_argument("--sampling", default=None)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="one b per rank")
     ap.add_argument("--replica-weights", default="uniform")
-    ap.add_argument("--payload-dtype", default=None)
+    ap.add_argument("--compressor", default=None)
     ap.add_argument("--global-every", type=int, default=1)
     ap.add_argument("--group-size", type=int, default=None)
     ap.add_argument("--original-world-size", type=int, default=None)
@@ -206,7 +207,17 @@ def main() -> None:
     ap.add_argument("--ps-server", default="colocated", help="colocated | dedicated")
     ap.add_argument("--straggler-mu", type=float, default=None)
     ap.add_argument("--no-gather", action="store_true", help="no all_gather in validation_step")
-    ap.add_argument("--momentum", default="average")
+    # not given: each strategy's default ("average" for local SGD and gossip, "local" for DiLoCo and SlowMo)
+    ap.add_argument("--momentum", default=None)
+    # DiLoCo / Streaming DiLoCo: the outer SGD (default the paper's: lr 0.7, momentum 0.9, Nesterov)
+    ap.add_argument("--outer-lr", type=float, default=0.7)
+    ap.add_argument("--outer-momentum", type=float, default=0.9)
+    ap.add_argument("--outer-nesterov", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--fragments", default="2", help="Streaming DiLoCo: F, or a JSON list of prefix lists")
+    ap.add_argument("--sync-delay", type=int, default=1, help="Streaming DiLoCo: d")
+    ap.add_argument("--local-weight", type=float, default=0.5, help="Streaming DiLoCo: w")
+    ap.add_argument("--slow-lr", type=float, default=1.0, help="SlowMo: alpha")
+    ap.add_argument("--slow-momentum", type=float, default=0.5, help="SlowMo: beta")
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "sgd_plain", "adam", "rmsprop"])
     ap.add_argument("--batch-norm", action="store_true")
     ap.add_argument("--max-steps", type=int, default=10)
@@ -248,6 +259,10 @@ def main() -> None:
         "eval_on": args.eval_on,
     }
     tau = AdaComm(tau0=args.tau, interval_steps=args.adacomm_interval) if args.adacomm_interval else args.tau
+    outer_optimizer = functools.partial(
+        torch.optim.SGD, lr=args.outer_lr, momentum=args.outer_momentum, nesterov=args.outer_nesterov
+    )
+    outer = {"outer_optimizer": outer_optimizer, "compressor": args.compressor}
     per_strategy = {
         "ksync_sgd": {"k": args.k, "server": args.ps_server, "start_method": args.start_method},
         "async_sgd": {
@@ -256,12 +271,17 @@ def main() -> None:
             "straggler_mu": args.straggler_mu,
             "start_method": args.start_method,
         },
-        "decentralized_sgd": {"topology": args.topology, "tau": args.tau, "momentum": args.momentum, **ours},
+        "decentralized_sgd": {
+            "topology": args.topology,
+            "tau": args.tau,
+            "momentum": args.momentum or "average",
+            **ours,
+        },
         "overlap_local_sgd": {
             "tau": args.tau,
             "alpha": args.overlap_alpha,
             "anchor_momentum": args.anchor_momentum,
-            "payload_dtype": args.payload_dtype,
+            "compressor": args.compressor,
             "correction": args.correction,
             **ours,
         },
@@ -278,11 +298,28 @@ def main() -> None:
         "mem_sgd": {"compressor": TopK(0.2), **ours},
         "local_sgd": {
             "tau": tau,
-            "momentum": args.momentum,
+            "momentum": args.momentum or "average",
             "replica_weights": args.replica_weights,
-            "payload_dtype": args.payload_dtype,
+            "compressor": args.compressor,
             "global_every": args.global_every,
             "group_size": args.group_size,
+            **ours,
+        },
+        "diloco": {"tau": tau, "momentum": args.momentum or "local", **outer, **ours},
+        "streaming_diloco": {
+            "tau": args.tau,
+            "fragments": json.loads(args.fragments),  # 2, or [["net.0"], ["net.2"]]
+            "sync_delay": args.sync_delay,
+            "local_weight": args.local_weight,
+            "momentum": args.momentum or "local",
+            **outer,
+            **ours,
+        },
+        "slowmo": {
+            "tau": tau,
+            "slow_lr": args.slow_lr,
+            "slow_momentum": args.slow_momentum,
+            "momentum": args.momentum or "local",
             **ours,
         },
     }

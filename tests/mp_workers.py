@@ -307,7 +307,7 @@ def nonfinite_round_worker(rank: int, world_size: int, kind: str) -> dict[str, A
     if kind == "elastic":
         algorithm = ElasticAverager(model, [optimizer], comm, tau=1)
     else:
-        algorithm = OverlapAverager(model, [optimizer], comm, tau=1, alpha=0.5, payload_dtype=kind or None)
+        algorithm = OverlapAverager(model, [optimizer], comm, tau=1, alpha=0.5, compressor=kind or None)
     rounds_ok = 0
     for step in range(4):
         model(torch.randn(4, 3) + rank).square().sum().backward()

@@ -71,11 +71,11 @@ def _train(rank: int, case: dict[str, Any], x: Tensor, y: Tensor, steps: int, ta
     comm = Communicator()
     if case["strategy"] == "local_sgd":
         algorithm: Any = PeriodicAverager(
-            model, [optimizer], comm, tau=tau, momentum=case["momentum"], payload_dtype=case["payload"]
+            model, [optimizer], comm, tau=tau, momentum=case["momentum"], compressor=case["payload"]
         )
     else:
         algorithm = OverlapAverager(
-            model, [optimizer], comm, tau=tau, momentum=case["momentum"], payload_dtype=case["payload"]
+            model, [optimizer], comm, tau=tau, momentum=case["momentum"], compressor=case["payload"]
         )
     shard = torch.arange(rank, N_SAMPLES, 2)
     gen = torch.Generator().manual_seed(100 + rank)

@@ -35,6 +35,7 @@ from lightning_commsgd import (  # noqa: E402
     CompressedSGDStrategy,
     DecentralizedSGDStrategy,
     DianaStrategy,
+    DiLoCoStrategy,
     DoubleResidualStrategy,
     ElasticAveragingStrategy,
     LocalSGDStrategy,
@@ -43,6 +44,7 @@ from lightning_commsgd import (  # noqa: E402
     PostLocalSGD,
     RedundancyInfusion,
     ScaledSign,
+    StreamingDiLoCoStrategy,
     TopK,
 )
 
@@ -54,12 +56,12 @@ SAMPLES = 60  # 20 per rank: 5 batches, so epochs end at steps 5 and 10
 CONFIGS = {
     # before the first round (2), tau-1 (3), tau (4), tau+1 and an epoch end (5), mid-period and mid-epoch (7)
     "local_sgd": (lambda: LocalSGDStrategy(tau=4), [2, 3, 4, 5, 7]),
-    "local_sgd_int8": (lambda: LocalSGDStrategy(tau=4, payload_dtype="int8"), [3, 4, 6]),
-    "local_sgd_int4": (lambda: LocalSGDStrategy(tau=4, payload_dtype="int4"), [6]),
+    "local_sgd_int8": (lambda: LocalSGDStrategy(tau=4, compressor="int8"), [3, 4, 6]),
+    "local_sgd_int4": (lambda: LocalSGDStrategy(tau=4, compressor="int4"), [6]),
     # hierarchical rounds (blocks of 1 rank, every 2nd round global) and sample-weighted rounds
     "hierarchical": (lambda: LocalSGDStrategy(tau=2, global_every=2, group_size=1), [3, 5]),
     "weighted": (lambda: LocalSGDStrategy(tau=4, replica_weights="samples"), [3, 6]),
-    "local_sgd_bf16": (lambda: LocalSGDStrategy(tau=4, payload_dtype="bf16", momentum="zero"), [4, 7]),
+    "local_sgd_bf16": (lambda: LocalSGDStrategy(tau=4, compressor="bf16", momentum="zero"), [4, 7]),
     # AdaComm decides every 3 steps from the losses (decisions after rounds at steps >= 3, 6, 9)
     "adacomm": (lambda: LocalSGDStrategy(tau=AdaComm(tau0=2, interval_steps=3)), [2, 3, 6, 7]),
     # post-local SGD: tau 1 until step 5, then 3
@@ -69,12 +71,23 @@ CONFIGS = {
     "gossip_ring_tau": (lambda: DecentralizedSGDStrategy(topology="ring", tau=3), [2, 3, 4]),
     "elastic": (lambda: ElasticAveragingStrategy(tau=4), [3, 4, 5]),
     # a round in flight at every step after the first round
-    "overlap": (lambda: OverlapLocalSGDStrategy(tau=4, alpha=0.5, payload_dtype="bf16"), [3, 4, 5, 6]),
+    "overlap": (lambda: OverlapLocalSGDStrategy(tau=4, alpha=0.5, compressor="bf16"), [3, 4, 5, 6]),
     "overlap_int8": (
-        lambda: OverlapLocalSGDStrategy(tau=4, alpha=0.3, anchor_momentum=0.9, payload_dtype="int8"),
+        lambda: OverlapLocalSGDStrategy(tau=4, alpha=0.3, anchor_momentum=0.9, compressor="int8"),
         [4, 6],
     ),
     "overlap_cocod": (lambda: OverlapLocalSGDStrategy(tau=4, correction="cocod"), [4, 6]),
+    # outer steps at 4, 8, 12: right after one (anchor and outer Nesterov momentum), mid-period and mid-epoch
+    "diloco": (lambda: DiLoCoStrategy(tau=4), [4, 7]),
+    # H=4, 2 fragments (K=2), d=1: fragment 0 sends at 1, 5, 9, 13 and lands at 2, 6, 10; fragment 1 sends
+    # at 3, 7, 11 and lands at 4, 8, 12. Resumes with fragment 1 in flight (3, mid-epoch), right after
+    # fragment 0 landed (6, the first step of epoch 2), and with fragment 1 in flight mid-epoch (7)
+    "streaming_diloco": (
+        lambda: StreamingDiLoCoStrategy(
+            tau=4, fragments=[["net.0"], ["net.2"]], sync_delay=1, local_weight=0.5, compressor="int4"
+        ),
+        [3, 6, 7],
+    ),
     # compression residuals (worker h_i, server h, model error e)
     "dore": (lambda: DoubleResidualStrategy(PNormQuantizer(float("inf"), 16), master="rank0"), [2, 6]),
     "dore_replicated": (

@@ -111,7 +111,7 @@ def simulate_local_sgd(
     momentum: str = "average",
     average_buffers: bool = True,
     weights: str = "uniform",
-    payload_dtype: str | None = None,
+    compressor: str | None = None,
     group_size: int | None = None,
     global_every: int = 1,
 ) -> list[list[Tensor]]:
@@ -127,7 +127,7 @@ def simulate_local_sgd(
         average_buffers: average floating-point buffers at rounds.
         weights: ``"uniform"`` or ``"samples"`` (each replica weighted by the samples of its batches since
             the latest round, the first dimension of a batch's first tensor).
-        payload_dtype: ``"bf16"``/``"fp16"``/``"int8"``: average as the package's ``payload_dtype`` states
+        compressor: ``"bf16"``/``"fp16"``/``"int8"``: average as the package's ``compressor`` states
             it: each replica's change since the latest consensus (parameters, then the averaged signed
             optimizer state, then the signed buffers, in one flat vector) averaged by
             :func:`lowp_mean_reference` with the round's step as seed and added to the consensus (the
@@ -146,7 +146,7 @@ def simulate_local_sgd(
     out: list[list[Tensor]] = [[] for _ in range(p)]
     samples = [0.0] * p
 
-    # payload_dtype: the consensus before any round is x_0, the initial buffers and zero optimizer state
+    # compressor: the consensus before any round is x_0, the initial buffers and zero optimizer state
     initial = [prm.detach().clone() for prm in replicas[0].parameters()]
     initial_buffers = [b.detach().clone() for b in _split_buffers(replicas[0])[0]]
     anchor: Tensor | None = None
@@ -199,7 +199,7 @@ def simulate_local_sgd(
                 continue
             w = list(samples) if weights == "samples" else None
             samples = [0.0] * p
-            if payload_dtype is not None:
+            if compressor is not None:
                 sections = [packed(r) for r in range(p)]
                 per_rank = [signed + nonnegative for signed, nonnegative in sections]
                 nonnegative_numel = sum(t.numel() for t in sections[0][1])
@@ -216,7 +216,7 @@ def simulate_local_sgd(
                             torch.zeros(nonnegative_numel),
                         ]
                     )
-                anchor = _flat_lowp_mean_(per_rank, anchor, payload_dtype, t + 1, nonnegative_numel)
+                anchor = _flat_lowp_mean_(per_rank, anchor, compressor, t + 1, nonnegative_numel)
                 anchor[anchor.numel() - nonnegative_numel :] = 0  # those travel as values
             else:
                 for params in zip(*(m.parameters() for m in replicas)):
@@ -248,7 +248,7 @@ def simulate_overlap_local_sgd(
     alpha: float,
     beta: float = 0.0,
     lr: float = 0.1,
-    payload_dtype: str | None = None,
+    compressor: str | None = None,
     correction: str = "pull",
 ) -> list[list[Tensor]]:
     """Overlap Local-SGD from the paper's description: every tau steps, the anchor becomes the average
@@ -265,7 +265,7 @@ def simulate_overlap_local_sgd(
         alpha: pull strength.
         beta: anchor momentum.
         lr: the learning rate the anchor momentum divides by.
-        payload_dtype: ``"bf16"``/``"fp16"``/``"int8"`` payloads as the package states them: each replica's
+        compressor: ``"bf16"``/``"fp16"``/``"int8"`` payloads as the package states them: each replica's
             change since the anchor (parameters then floating buffers, one flat vector) averaged by
             :func:`lowp_mean_reference` with the round's step as seed; anchor + mean is the next anchor.
         correction: ``"pull"`` (above) or ``"cocod"``: when the average z of the models sent at the
@@ -314,12 +314,12 @@ def simulate_overlap_local_sgd(
                             outgoing.append(x.detach().clone())
                 sent.append(outgoing)
             snapshots = [[part.clone() for part in outgoing] for outgoing in sent]
-            if payload_dtype is None:
+            if compressor is None:
                 in_flight = [torch.stack(parts).sum(0) / p for parts in zip(*sent)]
             else:
                 flat_anchor = torch.cat([z.reshape(-1).float() for z in anchor])
                 rows = [torch.cat([x.reshape(-1).float() for x in parts]) - flat_anchor for parts in sent]
-                consensus = flat_anchor + lowp_mean_reference(rows, payload_dtype, seed=t + 1)
+                consensus = flat_anchor + lowp_mean_reference(rows, compressor, seed=t + 1)
                 in_flight, offset = [], 0
                 for z in anchor:
                     in_flight.append(consensus[offset : offset + z.numel()].view_as(z))

@@ -16,6 +16,12 @@ from benchmarks import bench_cluster, emulated_cluster
 from benchmarks.emulated_cluster import ClusterUnavailable
 from benchmarks.jobs.cluster_worker import CONFIGS, build_strategy
 from lightning_commsgd import LocalSGDStrategy, OverlapLocalSGDStrategy
+from lightning_commsgd.compression import codec_name
+
+
+def _codec_of(config_name: str) -> str:
+    """The codec a cluster config's name ends with (``"fp32"``: none)."""
+    return next((d for d in ("bf16", "int8", "int4") if config_name.endswith(d)), "fp32")
 
 
 def test_steps_per_epoch_follows_the_padded_distributed_sampler():
@@ -99,11 +105,11 @@ def test_every_configuration_builds_its_strategy(name):
         assert (strategy._model_averaging_period == 8) == (name == "post_local_sgd")
     if name.startswith("overlap"):
         assert isinstance(strategy, OverlapLocalSGDStrategy)
-        assert strategy.payload_dtype == next((d for d in ("bf16", "int8", "int4") if name.endswith(d)), None)
+        assert codec_name(strategy.compressor) == _codec_of(name)
         assert strategy.correction == ("cocod" if "cocod" in name else "pull")
     if name.startswith("local_sgd") or name == "hierarchical":
         assert isinstance(strategy, LocalSGDStrategy) and strategy.tau == 8
-        assert strategy.payload_dtype == next((d for d in ("bf16", "int8", "int4") if name.endswith(d)), None)
+        assert codec_name(strategy.compressor) == _codec_of(name)
 
 
 def test_unknown_configuration():

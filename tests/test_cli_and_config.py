@@ -21,6 +21,7 @@ from lightning_commsgd import (
     OverlapLocalSGDStrategy,
     RedundancyInfusion,
 )
+from lightning_commsgd.compression import TopK
 
 CONFIG = REPO_ROOT / "configs" / "local_sgd.yaml"
 # The configs name the digits example's classes as model.MLPClassifier and data.DigitsDataModule: the
@@ -37,18 +38,12 @@ def test_registry_name_gives_local_sgd_with_default_tau():
 
 
 def test_cli_override_reaches_the_strategy():
-    out = run_script(
-        [
-            str(DIGITS_CLI),
-            "fit",
-            "--config",
-            str(CONFIG),
-            "--trainer.strategy.tau=16",
-            "--print_config",
-        ]
-    ).stdout
+    # a codec name where the strategy also takes a Compressor object (one vocabulary, from YAML too)
+    overrides = ["--trainer.strategy.tau=16", "--trainer.strategy.compressor=int4"]
+    out = run_script([str(DIGITS_CLI), "fit", "--config", str(CONFIG), *overrides, "--print_config"]).stdout
     assert "class_path: lightning_commsgd.LocalSGDStrategy" in out
     assert "tau: 16" in out and "tau: 8" not in out
+    assert "compressor: int4" in out
 
 
 @pytest.mark.multiprocess
@@ -84,12 +79,13 @@ def test_cli_fit_runs_two_processes_with_overridden_tau(tmp_path):
         ({"replica_weights": "batch"}, ValueError, "replica_weights"),
         ({"weights": "samples"}, TypeError, "unexpected argument 'weights'; did you mean 'replica_weights'"),
         ({"check_replicas": "yes"}, TypeError, "check_replicas"),
-        ({"payload_dtype": "int2"}, ValueError, "payload_dtype"),
-        ({"payload_dtype": torch.bfloat16}, ValueError, "payload_dtype"),
+        ({"compressor": "int2"}, ValueError, "compressor"),
+        ({"compressor": torch.bfloat16}, TypeError, "compressor"),
+        ({"compressor": TopK(0.1)}, ValueError, "compressor"),
         ({"global_every": 0}, ValueError, "global_every"),
         ({"global_every": 2, "group_size": 0}, ValueError, "group_size"),
-        ({"global_every": 2, "payload_dtype": "bf16"}, ValueError, "payload_dtype"),
-        ({"payload_dtype": "bf16", "replica_weights": "samples"}, ValueError, "payload_dtype"),
+        ({"global_every": 2, "compressor": "bf16"}, ValueError, "compressor"),
+        ({"compressor": "bf16", "replica_weights": "samples"}, ValueError, "compressor"),
         ({"redundancy": -0.1}, ValueError, "redundancy"),
         ({"redundancy": 1.0}, ValueError, "redundancy"),
         ({"redundancy": float("nan")}, ValueError, "redundancy"),
@@ -262,7 +258,7 @@ def test_yaml_schedule_is_instantiated_with_overrides():
         ({"anchor_momentum": 1.0}, "anchor_momentum"),
         ({"anchor_momentum": -0.1}, "anchor_momentum"),
         ({"tau": 0}, "tau"),
-        ({"payload_dtype": "int2"}, "payload_dtype"),
+        ({"compressor": "int2"}, "compressor"),
         ({"correction": "average"}, "correction"),
         ({"correction": "cocod", "anchor_momentum": 0.5}, "anchor_momentum"),
         ({"momentum": "average"}, r"`momentum`.*'local'.*'zero'.*LocalSGDStrategy"),
@@ -295,7 +291,10 @@ def _cli_subprocess(args: list[str], cwd) -> subprocess.CompletedProcess:  # noq
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
     ("extra", "log_dir"),
-    [([], "lightning_logs/local_sgd/version_0"), (["--trainer.logger=false"], "lightning_logs/version_0")],
+    [
+        ([], "lightning_logs/local_sgd/version_0"),
+        pytest.param(["--trainer.logger=false"], "lightning_logs/version_0", marks=pytest.mark.extended),
+    ],
     ids=["config_logger", "no_logger"],
 )
 def test_cli_writes_config_yaml_to_the_log_dir_not_the_cwd(tmp_path, extra, log_dir):
@@ -323,11 +322,11 @@ def test_cli_writes_config_yaml_to_the_log_dir_not_the_cwd(tmp_path, extra, log_
     ("override", "expected"),
     [
         ("--trainer.strategy.tau=0", "LocalSGDStrategy: Arg `tau` must be an int >= 1"),
-        ("--trainer.strategy.payload_dtype=int3",
-         "LocalSGDStrategy: Arg `payload_dtype` must be None or one of ('bf16', 'fp16', 'int8', 'int4'), "
-         "got 'int3'."),
+        ("--trainer.strategy.compressor=int3",
+         "LocalSGDStrategy: Arg `compressor` must be one of ('bf16', 'fp16', 'int8', 'int4') or a "
+         "Compressor, got 'int3'."),
     ],
-    ids=["tau", "payload_dtype"],
+    ids=["tau", "compressor"],
 )  # fmt: skip
 def test_cli_bad_value_prints_one_line_and_exits_2(tmp_path, override, expected):
     proc = _cli_subprocess(["fit", "--config", str(CONFIG), override], cwd=tmp_path)

@@ -9,14 +9,18 @@ import pytest
 import torch
 
 from lightning_commsgd.compression import (
+    CODEC_NAMES,
     QSGD,
     BlockInt4,
     BlockInt8,
+    Cast,
     Identity,
     PNormQuantizer,
     RandomK,
     ScaledSign,
     TopK,
+    as_compressor,
+    codec_name,
 )
 from lightning_commsgd.compression.bitpack import pack_bits, unpack_bits
 from lightning_commsgd.payload import CompressedPayload, payload_codec, rounding_generator
@@ -34,7 +38,7 @@ UNBIASED = [
     RandomK(0.25),
     Identity(),
 ]
-BIASED = [TopK(0.1), TopK(1.0), ScaledSign(), ScaledSign(block_size=10)]
+BIASED = [TopK(0.1), TopK(1.0), ScaledSign(), ScaledSign(block_size=10), Cast("bf16")]
 SIZES = [1, 7, 64, 65, 1000]
 
 
@@ -67,6 +71,8 @@ def test_payload_sizes_equal_the_analytic_formulas(numel):
         TopK(0.5): 8 * math.ceil(0.5 * numel),
         ScaledSign(): 4 + math.ceil(numel / 8),
         Identity(): 4 * numel,
+        Cast("bf16"): 2 * numel,
+        Cast("fp16"): 2 * numel,
     }
     x = torch.randn(numel)
     for compressor, nbytes in expected.items():
@@ -231,11 +237,41 @@ def test_zero_vector_compresses_to_zero():
         (lambda: TopK(1.5), "ratio"),
         (lambda: TopK(float("nan")), "ratio"),
         (lambda: ScaledSign(block_size=0), "block_size"),
+        (lambda: Cast("int8"), "`dtype`"),
+        (lambda: Cast(torch.float32), "`dtype`"),
+        (lambda: as_compressor("int3"), r"`compressor` must be one of \('bf16', 'fp16', 'int8', 'int4'\)"),
     ],
 )
 def test_bad_compressor_arguments(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_a_codec_name_is_its_compressor():
+    """One vocabulary: the names the averaging strategies take are compressor objects for every strategy."""
+    assert CODEC_NAMES == ("bf16", "fp16", "int8", "int4")
+    expected = {"bf16": Cast("bf16"), "fp16": Cast("fp16"), "int8": BlockInt8(256), "int4": BlockInt4(64)}
+    x = torch.randn(1000)
+    for name, compressor in expected.items():
+        resolved = as_compressor(name)
+        assert repr(resolved) == repr(compressor) and codec_name(resolved) == name
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        assert torch.equal(resolved.encode(x, g1), compressor.encode(x, g2))
+    assert codec_name(None) == "fp32" and codec_name(BlockInt4(32)) == "BlockInt4(block_size=32)"
+    assert as_compressor(None, allow_none=True) is None
+    with pytest.raises(TypeError, match="`model_compressor`"):
+        as_compressor(None, "model_compressor")
+    with pytest.raises(TypeError, match="`compressor`"):
+        as_compressor(torch.bfloat16)
+
+
+def test_cast_rounds_to_nearest_16_bit_value():
+    x = torch.randn(300) * 1e3
+    assert torch.equal(Cast("bf16").compress(x), x.to(torch.bfloat16).float())
+    assert torch.equal(Cast(torch.float16).compress(x), x.to(torch.float16).float())
+    # fp16 overflows above 65504, so it promises no contraction; bf16 keeps fp32's range
+    assert Cast("fp16").contraction(10) is None and Cast("fp16").compress(torch.tensor([1e5])).isinf().all()
+    assert not Cast("bf16").compress(torch.tensor([1e30])).isinf().any()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from compression_simulation import simulate_compressed_sgd, simulate_dore
 from conftest import REPO_ROOT, TESTS_DIR, run_script
+from diloco_simulation import simulate_diloco
+from fabric_worker import FRAGMENTS, NESTEROV
 from lightning.fabric import Fabric
 from lightning.fabric.plugins.precision import MixedPrecision
 from lightning.fabric.strategies import STRATEGY_REGISTRY
@@ -240,17 +242,58 @@ def test_compressed_sgd_with_gradient_accumulation_matches_the_reference(records
     assert _max_diff(mem, reference) <= 1e-6
 
 
+def _int4_bytes(numel: int) -> int:
+    """An int4 payload of ``numel`` values: a 4-byte scale per 64 values, two values a byte."""
+    return 4 * -(-numel // 64) + -(-numel // 2)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", ["diloco", "streaming_diloco"])
+def test_diloco_and_streaming_diloco_match_the_simulation_bitwise(records, case):
+    """DiLoCo (H=4, the paper's outer Nesterov SGD) and Streaming DiLoCo (2 fragments, H=4, sync_delay=1,
+    local_weight=0.5, int4 pseudo-gradients) under Fabric: every step and finalize() bitwise the
+    single-process simulation of docs/ALGORITHMS.md section 9; one exact all-reduce per outer step, or one
+    fragment's int4 payload per streaming round."""
+    recs = records[0][case]
+    steps, tau = 10, 4
+    kwargs = {"tau": tau, "make_outer": NESTEROV}
+    if case == "streaming_diloco":
+        kwargs.update(fragments=FRAGMENTS, sync_delay=1, local_weight=0.5, compressor="int4")
+    sim = simulate_diloco(lambda: make_net(100), _sgd, _batches(steps), mse, **kwargs)
+    assert _max_diff(recs, [s[:-1] for s in sim]) == 0.0
+    for rec, ref in zip(recs, sim):
+        assert len(rec["params"]) == steps and torch.equal(rec["final"], ref[-1].to(rec["final"].dtype))
+    assert torch.equal(recs[0]["final"], recs[1]["final"])
+    assert float((recs[0]["params"][2] - recs[1]["params"][2]).abs().max()) > 1e-4  # replicas drift apart
+    ledger = recs[0]["ledger"]
+    if case == "diloco":  # outer steps at 4 and 8, fit's final one: the pseudo-gradient and 2 finite flags
+        outer, final, round_bytes = ledger["by_tag"]["outer_step"], ledger["by_tag"]["final"], (NUMEL + 2) * 4
+        assert (outer["rounds"], final["rounds"]) == (steps // tau, 1)
+        assert (outer["bytes_sent"], final["bytes_sent"]) == ((steps // tau) * round_bytes, round_bytes)
+        assert torch.equal(recs[0]["params"][tau - 1], recs[1]["params"][tau - 1])
+    else:  # fragment 0 (Linear 6 -> 16) sends at 1, 5, 9, fragment 1 (Linear 16 -> 1) at 3, 7
+        fragment_bytes = [_int4_bytes(6 * 16 + 16), _int4_bytes(16 + 1)]
+        outer = ledger["by_tag"]["outer_step"]
+        assert outer["rounds"] == 5 and outer["bytes_sent"] == 3 * fragment_bytes[0] + 2 * fragment_bytes[1]
+        assert ledger["by_tag"]["final"]["bytes_sent"] == sum(fragment_bytes)
+    metrics = recs[0]["metrics"]
+    assert all(m["outer_lr"] == pytest.approx(0.7) for m in metrics)
+    assert metrics[0]["pseudo_gradient_norm"] == 0.0 and metrics[-1]["pseudo_gradient_norm"] > 0
+
+
 # -- checkpoints --------------------------------------------------------------------------------------------
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
     ("case", "round_tag"),
     [("local_sgd", "average"), ("elastic", "elastic"), ("overlap", "overlap_average"),
-     ("dore", "dore_gradient"), ("mem_sgd", "compressed_gradient")],
+     ("dore", "dore_gradient"), ("mem_sgd", "compressed_gradient"),
+     ("diloco", "outer_step"), ("streaming_diloco", "outer_step")],
 )  # fmt: skip
 def test_save_and_load_resume_bitwise(records, case, round_tag):
     """fabric.save after step k, then a new Fabric, strategy, model (other weights) and optimizer that
     fabric.load the file: the next steps and the final model are bitwise the uninterrupted run's, the
-    caller's own entries come back, the ledger keeps counting."""
+    caller's own entries come back, the ledger keeps counting. (Streaming DiLoCo is saved with a fragment
+    in flight.)"""
     for rec in records[0][case]:
         resumed = rec["resumed"]
         k = resumed["step"]

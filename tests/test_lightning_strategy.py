@@ -368,31 +368,33 @@ def test_decentralized_strategies_take_the_redundant_sampler(run_worker, tmp_pat
     assert all(rec["batch_sizes"] == [8] * 4 for rec in records)
 
 
-def _payload_bytes(payload_dtype: str, chunk: int) -> int:
+def _payload_bytes(compressor: str, chunk: int) -> int:
     """Bytes of one encoded chunk of ``chunk`` values."""
-    if payload_dtype == "int8":
+    if compressor == "int8":
         return 4 * -(-chunk // 256) + chunk  # an fp32 scale per 256 values, a byte per value
-    if payload_dtype == "int4":
+    if compressor == "int4":
         return 4 * -(-chunk // 64) + -(-chunk // 2)  # an fp32 scale per 64 values, two values per byte
     return 2 * chunk
 
 
-def _lowp_round(payload_dtype: str, numel: int, world_size: int) -> tuple[int, int]:
+def _lowp_round(compressor: str, numel: int, world_size: int) -> tuple[int, int]:
     """Message batches and payload bytes each rank sends in one low-precision mean of ``numel`` values:
     two ranks all-gather the encoded values (one batch: the toy model fits in one piece); more ranks
     reduce-scatter encoded chunks of ceil(numel / p) values and all-gather their means (two batches)."""
     if world_size == 2:
-        return 1, _payload_bytes(payload_dtype, numel)
-    return 2, 2 * (world_size - 1) * _payload_bytes(payload_dtype, -(-numel // world_size))
+        return 1, _payload_bytes(compressor, numel)
+    return 2, 2 * (world_size - 1) * _payload_bytes(compressor, -(-numel // world_size))
 
 
 # how far a run may drift from the exact average (the rounding of the change over a few rounds)
 _PAYLOAD_GAP = {"bf16": 2e-2, "fp16": 3e-3, "int8": 5e-2, "int4": 5e-2}
 
 
-@pytest.mark.parametrize(("payload_dtype", "world_size"), [("bf16", 2), ("int8", 4)])
-def test_low_precision_payload_matches_its_simulation(run_worker, tmp_path, payload_dtype, world_size):
-    """payload_dtype: each rank's change since the latest consensus travels in 16 or 8 bits and is summed
+@pytest.mark.parametrize(
+    ("compressor", "world_size"), [("bf16", 2), pytest.param("int8", 4, marks=pytest.mark.extended)]
+)
+def test_low_precision_payload_matches_its_simulation(run_worker, tmp_path, compressor, world_size):
+    """compressor: each rank's change since the latest consensus travels in 16 or 8 bits and is summed
     in fp32; the run equals the simulation of exactly that (int8: the same seeded stochastic rounding),
     stays within the rounding of the change from the exact average, and sends half (16 bits) or about a
     quarter (int8) of the bytes (2 ranks: an all-gather of the encoded change, one batch of messages as the
@@ -400,18 +402,18 @@ def test_low_precision_payload_matches_its_simulation(run_worker, tmp_path, payl
     steps, tau = 9, 3
     records = run_worker(
         "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps),
-        "--payload-dtype", payload_dtype, "--check-replicas", out=tmp_path / "run",
+        "--compressor", compressor, "--check-replicas", out=tmp_path / "run",
     )  # fmt: skip
     # the debug check hashed every rank's parameters after each round and at the end of fit: all equal
     assert all(rec["ledger"]["by_tag"]["replica_check"]["rounds"] == steps // tau + 1 for rec in records)
     batches = [[step[0] for step in rank] for rank in lightning_batches(world_size, steps)]
-    low = simulate_local_sgd(make_net(100), _sgd, batches, mse, tau=tau, payload_dtype=payload_dtype)
+    low = simulate_local_sgd(make_net(100), _sgd, batches, mse, tau=tau, compressor=compressor)
     exact = simulate_local_sgd(make_net(100), _sgd, batches, mse, tau=tau)
     assert _max_diff(records, low) <= 1e-6
     gap = _max_diff(records, exact)
-    assert 0 < gap <= _PAYLOAD_GAP[payload_dtype]
+    assert 0 < gap <= _PAYLOAD_GAP[compressor]
     numel = 2 * sum(p.numel() for p in make_net(100).parameters())  # parameters and momentum
-    batches, per_round = _lowp_round(payload_dtype, numel, world_size)
+    batches, per_round = _lowp_round(compressor, numel, world_size)
     for rec in records:
         in_batch = [c for c in rec["calls"] if c["in_batch"]]
         # each round: the message batches, then the replica check's all-gather
@@ -420,9 +422,9 @@ def test_low_precision_payload_matches_its_simulation(run_worker, tmp_path, payl
         assert rec["ledger"]["by_tag"]["average"]["bytes_sent"] == (steps // tau) * per_round
 
 
-@pytest.mark.parametrize(("payload_dtype", "world_size"), [("int4", 2), ("int8", 3)])
+@pytest.mark.parametrize(("compressor", "world_size"), [("int4", 2), ("int8", 3)])
 def test_adam_low_precision_payload_keeps_second_moments_positive(
-    run_worker, tmp_path, payload_dtype, world_size
+    run_worker, tmp_path, compressor, world_size
 ):
     """Adam + BatchNorm under a block-quantized payload: the signed values (parameters, exp_avg) travel as
     rounded changes, the non-negative ones (exp_avg_sq, running_var) as bf16 values; the run equals the
@@ -431,17 +433,17 @@ def test_adam_low_precision_payload_keeps_second_moments_positive(
     steps, tau = 9, 3
     records = run_worker(
         "--devices", str(world_size), "--tau", str(tau), "--max-steps", str(steps), "--optimizer", "adam",
-        "--batch-norm", "--payload-dtype", payload_dtype, out=tmp_path / "run",
+        "--batch-norm", "--compressor", compressor, out=tmp_path / "run",
     )  # fmt: skip
     batches = [[step[0] for step in rank] for rank in lightning_batches(world_size, steps)]
     net = make_net(100, batch_norm=True)
-    low = simulate_local_sgd(net, _adam, batches, mse, tau=tau, payload_dtype=payload_dtype)
+    low = simulate_local_sgd(net, _adam, batches, mse, tau=tau, compressor=compressor)
     assert _max_diff(records, low) <= 1e-6
     n_params = sum(p.numel() for p in net.parameters())
     n_var = sum(m.running_var.numel() for m in net.modules() if isinstance(m, torch.nn.BatchNorm1d))
     signed = 2 * n_params + (sum(b.numel() for b in net.buffers() if b.is_floating_point()) - n_var)
     nonnegative = n_params + n_var  # exp_avg_sq and running_var
-    _, signed_bytes = _lowp_round(payload_dtype, signed, world_size)
+    _, signed_bytes = _lowp_round(compressor, signed, world_size)
     _, value_bytes = _lowp_round("bf16", nonnegative, world_size)
     per_round = signed_bytes + value_bytes
     for rec in records:
@@ -467,7 +469,7 @@ def test_hierarchical_averaging_matches_simulation(run_worker, tmp_path):
     assert all(torch.equal(r["final_params"], records[0]["final_params"]) for r in records)
 
 
-@pytest.mark.parametrize(("world_size", "beta"), [(2, 0.0), (3, 0.5)])
+@pytest.mark.parametrize(("world_size", "beta"), [(2, 0.0), pytest.param(3, 0.5, marks=pytest.mark.extended)])
 def test_overlap_local_sgd_matches_simulation(run_worker, tmp_path, world_size, beta):
     """Overlap Local-SGD: one all-reduce per round, started at the round and applied at the next; the run
     equals the simulation of the paper's update (with and without anchor momentum), and after fit every
@@ -492,11 +494,14 @@ def test_overlap_local_sgd_matches_simulation(run_worker, tmp_path, world_size, 
     assert records[0]["ledger"]["by_tag"]["overlap_average"]["rounds"] == steps // tau
 
 
-@pytest.mark.parametrize(("payload_dtype", "world_size", "beta"), [("int4", 2, 0.0), ("fp16", 3, 0.5)])
+@pytest.mark.parametrize(
+    ("compressor", "world_size", "beta"),
+    [("int4", 2, 0.0), pytest.param("fp16", 3, 0.5, marks=pytest.mark.extended)],
+)
 def test_overlap_low_precision_payload_matches_its_simulation(
-    run_worker, tmp_path, payload_dtype, world_size, beta
+    run_worker, tmp_path, compressor, world_size, beta
 ):
-    """Overlap with payload_dtype: the change since the anchor travels in 4 or 16 bits (2 ranks: all-gather;
+    """Overlap with compressor: the change since the anchor travels in 4 or 16 bits (2 ranks: all-gather;
     3: reduce-scatter + all-gather; fp32 accumulation) on the helper thread; the run equals the simulation
     of exactly that rounding, stays within it of the fp32 overlap run, sends a seventh or half the bytes
     (fit's last average too), and no collective of a round runs on the training thread. (int8 shares
@@ -505,20 +510,20 @@ def test_overlap_low_precision_payload_matches_its_simulation(
     records = run_worker(
         "--strategy", "overlap_local_sgd", "--devices", str(world_size), "--tau", str(tau),
         "--max-steps", str(steps),
-        "--overlap-alpha", "0.6", "--anchor-momentum", str(beta), "--payload-dtype", payload_dtype,
+        "--overlap-alpha", "0.6", "--anchor-momentum", str(beta), "--compressor", compressor,
         "--check-replicas", out=tmp_path / "run",
     )  # fmt: skip
     # replicas differ between rounds (the average lands a round late): only fit's final average is checked
     assert all(rec["ledger"]["by_tag"]["replica_check"]["rounds"] == 1 for rec in records)
     batches = [[step[0] for step in rank] for rank in lightning_batches(world_size, steps)]
     kwargs = {"tau": tau, "alpha": 0.6, "beta": beta}
-    low = simulate_overlap_local_sgd(make_net(100), _sgd, batches, mse, payload_dtype=payload_dtype, **kwargs)
+    low = simulate_overlap_local_sgd(make_net(100), _sgd, batches, mse, compressor=compressor, **kwargs)
     exact = simulate_overlap_local_sgd(make_net(100), _sgd, batches, mse, **kwargs)
     assert _max_diff(records, low) <= 1e-6
-    assert 0 < _max_diff(records, exact) <= _PAYLOAD_GAP[payload_dtype]
+    assert 0 < _max_diff(records, exact) <= _PAYLOAD_GAP[compressor]
     rounds = steps // tau
     numel = sum(p.numel() for p in make_net(100).parameters())  # parameters only: momentum stays local
-    batches, per_round = _lowp_round(payload_dtype, numel, world_size)
+    batches, per_round = _lowp_round(compressor, numel, world_size)
     for rec in records:
         background = [c["fn"] for c in rec["calls"] if c["thread"] == "commsgd-overlap_average"]
         assert background == ["batch_isend_irecv"] * batches * rounds
@@ -532,16 +537,18 @@ def test_overlap_low_precision_payload_matches_its_simulation(
     # ... and lands within that format's rounding of the replicas' exact mean, but not on it
     exact_final = torch.stack([low[r][-1] for r in range(world_size)]).mean(0)
     final_gap = float((records[0]["final_params"] - exact_final).abs().max())
-    assert 0 < final_gap <= _PAYLOAD_GAP[payload_dtype]
+    assert 0 < final_gap <= _PAYLOAD_GAP[compressor]
 
 
-@pytest.mark.parametrize(("world_size", "payload_dtype"), [(2, None), (3, "bf16")])
-def test_overlap_cocod_correction_matches_simulation(run_worker, tmp_path, world_size, payload_dtype):
+@pytest.mark.parametrize(
+    ("world_size", "compressor"), [(2, None), pytest.param(3, "bf16", marks=pytest.mark.extended)]
+)
+def test_overlap_cocod_correction_matches_simulation(run_worker, tmp_path, world_size, compressor):
     """correction="cocod": the arrived average replaces the model each rank sent a round earlier and the
     local progress since is kept; the run equals the simulation of that rule (fp32, and bf16 payloads on 3
     ranks) and is not the paper's pull."""
     steps, tau = 13, 3
-    extra = ["--payload-dtype", payload_dtype] if payload_dtype else []
+    extra = ["--compressor", compressor] if compressor else []
     records = run_worker(
         "--strategy", "overlap_local_sgd", "--devices", str(world_size), "--tau", str(tau),
         "--max-steps", str(steps),
@@ -549,7 +556,7 @@ def test_overlap_cocod_correction_matches_simulation(run_worker, tmp_path, world
     )  # fmt: skip
     batches = [[step[0] for step in rank] for rank in lightning_batches(world_size, steps)]
     sim = simulate_overlap_local_sgd(
-        make_net(100), _sgd, batches, mse, tau=tau, alpha=0.5, payload_dtype=payload_dtype, correction="cocod"
+        make_net(100), _sgd, batches, mse, tau=tau, alpha=0.5, compressor=compressor, correction="cocod"
     )
     assert _max_diff(records, sim) <= 1e-6
     pull = simulate_overlap_local_sgd(make_net(100), _sgd, batches, mse, tau=tau, alpha=0.5)

@@ -1,9 +1,10 @@
 """Exact resume for every strategy of the package (issue 9, item 2): from checkpoints before the first round,
 at tau - 1, tau, tau + 1, mid-period and mid-epoch, at schedule switch points, at each phase of a time-varying
-graph, with a round in flight, with compression residuals and with the RI-SGD sampler mid-epoch. One launch
-of 3 processes under torchrun runs every configuration (``tests/resume_worker.py``); a resumed fit must equal
-the uninterrupted one bitwise: parameters after every step, losses, final parameters, optimizer state,
-algorithm state and rounds."""
+graph, with a round in flight, with compression residuals, with the RI-SGD sampler mid-epoch, right after a
+DiLoCo outer step, and with a Streaming DiLoCo fragment in flight (sent, not landed) and right after one
+landed. One launch of 3 processes under torchrun runs every configuration (``tests/resume_worker.py``); a
+resumed fit must equal the uninterrupted one bitwise: parameters after every step, losses, final parameters,
+optimizer state, algorithm state and rounds."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ from lightning_commsgd import (  # noqa: E402
     Communicator,
     create_strategy,
 )
-from lightning_commsgd.payload import PAYLOAD_DTYPES  # noqa: E402
+from lightning_commsgd.compression import CODEC_NAMES  # noqa: E402
 
 __all__ = ["CONFIGS", "build_strategy", "main"]
 
@@ -62,31 +62,31 @@ CONFIGS: dict[str, str] = {
     "local_sgd": "LocalSGDStrategy(tau): params + momentum, fp32, blocking",
     "local_sgd_params": 'LocalSGDStrategy(tau, momentum="local"): params only, fp32, blocking',
     "local_sgd_params_int8": (
-        'LocalSGDStrategy(tau, momentum="local", payload_dtype="int8"): params only, 8-bit, blocking'
+        'LocalSGDStrategy(tau, momentum="local", compressor="int8"): params only, 8-bit, blocking'
     ),
     "local_sgd_params_int4": (
-        'LocalSGDStrategy(tau, momentum="local", payload_dtype="int4"): params only, 4-bit, blocking'
+        'LocalSGDStrategy(tau, momentum="local", compressor="int4"): params only, 4-bit, blocking'
     ),
-    "local_sgd_bf16": 'LocalSGDStrategy(tau, payload_dtype="bf16"): params + momentum, bf16, blocking',
-    "local_sgd_int8": 'LocalSGDStrategy(tau, payload_dtype="int8"): params + momentum, 8-bit, blocking',
-    "local_sgd_int4": 'LocalSGDStrategy(tau, payload_dtype="int4"): params + momentum, 4-bit, blocking',
+    "local_sgd_bf16": 'LocalSGDStrategy(tau, compressor="bf16"): params + momentum, bf16, blocking',
+    "local_sgd_int8": 'LocalSGDStrategy(tau, compressor="int8"): params + momentum, 8-bit, blocking',
+    "local_sgd_int4": 'LocalSGDStrategy(tau, compressor="int4"): params + momentum, 4-bit, blocking',
     "hierarchical": "LocalSGDStrategy(tau, global_every=4): rounds within a node, every 4th over all",
     "overlap": "OverlapLocalSGDStrategy(tau, alpha=0.5): params, fp32, in the background",
-    "overlap_bf16": 'OverlapLocalSGDStrategy(tau, alpha=0.5, payload_dtype="bf16"): in the background',
+    "overlap_bf16": 'OverlapLocalSGDStrategy(tau, alpha=0.5, compressor="bf16"): in the background',
     "overlap_momentum_bf16": (
-        'OverlapLocalSGDStrategy(tau, alpha=0.3, anchor_momentum=0.9, payload_dtype="bf16"): the paper\'s'
+        'OverlapLocalSGDStrategy(tau, alpha=0.3, anchor_momentum=0.9, compressor="bf16"): the paper\'s'
         " momentum variant"
     ),
-    "overlap_int8": 'OverlapLocalSGDStrategy(tau, alpha=0.5, payload_dtype="int8"): in the background',
+    "overlap_int8": 'OverlapLocalSGDStrategy(tau, alpha=0.5, compressor="int8"): in the background',
     "overlap_momentum_int8": (
-        'OverlapLocalSGDStrategy(tau, alpha=0.3, anchor_momentum=0.9, payload_dtype="int8"): 8-bit changes'
+        'OverlapLocalSGDStrategy(tau, alpha=0.3, anchor_momentum=0.9, compressor="int8"): 8-bit changes'
     ),
-    "overlap_int4": 'OverlapLocalSGDStrategy(tau, alpha=0.5, payload_dtype="int4"): in the background',
+    "overlap_int4": 'OverlapLocalSGDStrategy(tau, alpha=0.5, compressor="int4"): in the background',
     "overlap_momentum_int4": (
-        'OverlapLocalSGDStrategy(tau, alpha=0.3, anchor_momentum=0.9, payload_dtype="int4"): 4-bit changes'
+        'OverlapLocalSGDStrategy(tau, alpha=0.3, anchor_momentum=0.9, compressor="int4"): 4-bit changes'
     ),
     "overlap_cocod": 'OverlapLocalSGDStrategy(tau, correction="cocod"): params, fp32, in the background',
-    "overlap_cocod_bf16": 'OverlapLocalSGDStrategy(tau, correction="cocod", payload_dtype="bf16")',
+    "overlap_cocod_bf16": 'OverlapLocalSGDStrategy(tau, correction="cocod", compressor="bf16")',
     "gossip": "DecentralizedSGDStrategy(ring, tau)",
     "elastic": "ElasticAveragingStrategy(tau)",
     "dore": "DoubleResidualStrategy (2-bit inf-norm quantizer both ways), every step",
@@ -118,24 +118,24 @@ def build_strategy(name: str, tau: int) -> Strategy:
         )
     if name not in CONFIGS:
         raise ValueError(f"Arg `config` must be one of {sorted(CONFIGS)}, got {name!r}.")
-    # "<family>_<payload>": the payload_dtype is the name's suffix
+    # "<family>_<payload>": the compressor is the name's suffix
     family, _, suffix = name.rpartition("_")
-    payload = suffix if suffix in PAYLOAD_DTYPES else None
+    payload = suffix if suffix in CODEC_NAMES else None
     family = family if payload else name
     if family == "local_sgd_params":
-        return create_strategy("local_sgd", tau=tau, momentum="local", payload_dtype=payload)
+        return create_strategy("local_sgd", tau=tau, momentum="local", compressor=payload)
     if family == "local_sgd" and payload:
-        return create_strategy("local_sgd", tau=tau, payload_dtype=payload)
+        return create_strategy("local_sgd", tau=tau, compressor=payload)
     if family == "hierarchical":
         return create_strategy("local_sgd", tau=tau, global_every=4)
     if family == "overlap":
-        return create_strategy("overlap_local_sgd", tau=tau, payload_dtype=payload)
+        return create_strategy("overlap_local_sgd", tau=tau, compressor=payload)
     if family == "overlap_momentum":
         return create_strategy(
-            "overlap_local_sgd", tau=tau, alpha=0.3, anchor_momentum=0.9, payload_dtype=payload
+            "overlap_local_sgd", tau=tau, alpha=0.3, anchor_momentum=0.9, compressor=payload
         )
     if family == "overlap_cocod":
-        return create_strategy("overlap_local_sgd", tau=tau, correction="cocod", payload_dtype=payload)
+        return create_strategy("overlap_local_sgd", tau=tau, correction="cocod", compressor=payload)
     # local_sgd, gossip, elastic and the compressed ones: as the digits job builds them
     return build_digits_strategy(name, tau)
 

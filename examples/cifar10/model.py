@@ -1,11 +1,6 @@
-"""A torchvision ResNet for 32x32 images as a :class:`~lightning.pytorch.LightningModule`.
-
-torchvision is imported inside :class:`ResNetClassifier`'s constructor, not here: this module (and so
-every ``configs/cifar10/*.yaml``) imports and parses without it, and only building the network needs it.
-torchvision is an optional extra (``pip install "lightning_commsgd[cifar10]"``) and must match torch: a
-torchvision wheel is built for one torch release (this project's machines use torch 2.14.1 with
-torchvision 0.29.1; the CPU build torch 2.13.0+cpu has no working torchvision).
-"""
+"""A torchvision ResNet for 32x32 images as a :class:`~lightning.pytorch.LightningModule`. torchvision (an
+optional extra that must match torch) is imported when the model is built, so that this module and every
+``configs/cifar10/*.yaml`` import and parse without it."""
 
 from __future__ import annotations
 
@@ -17,21 +12,11 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-__all__ = ["ARCHS", "SCHEDULES", "ResNetClassifier", "TorchvisionMissingError", "lr_factor"]
-
 # torchvision's ResNet family: all share the conv1/maxpool stem that the CIFAR variant replaces.
 ARCHS = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-)
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+)  # fmt: skip
 SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -63,12 +48,10 @@ def lr_factor(
     milestones: tuple[float, ...] = (0.5, 0.75),
     gamma: float = 0.1,
 ) -> float:
-    """The learning rate at optimizer step ``step`` as a fraction of the base rate.
-
-    A linear warm-up from ``1 / warmup_steps`` to 1 over the first ``warmup_steps`` steps, then
-    ``"cosine"`` (from 1 down to 0 at ``total_steps``), ``"step"`` (times ``gamma`` at each fraction of
-    ``total_steps`` in ``milestones``) or ``"constant"``.
-    """
+    """The learning rate at optimizer step ``step`` as a fraction of the base rate: a linear warm-up from
+    ``1 / warmup_steps`` to 1 over the first ``warmup_steps`` steps, then ``"cosine"`` (from 1 down to 0 at
+    ``total_steps``), ``"step"`` (times ``gamma`` at each fraction of ``total_steps`` in ``milestones``) or
+    ``"constant"``."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "cosine":
@@ -79,31 +62,10 @@ def lr_factor(
     return 1.0
 
 
-class ClassifierModule(LightningModule):
-    """Cross-entropy steps of a module whose ``forward`` returns class logits: the training loss (not
-    synced: a per-step all-reduce would add communication to every strategy) and the validation loss and
-    accuracy, averaged over the epoch and the ranks."""
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y))
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        acc = (logits.argmax(dim=-1) == y).float().mean()
-        self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, batch_size=len(y))
-        self.log("val_acc", acc, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=len(y))
-
-
-class ResNetClassifier(ClassifierModule):
-    """A torchvision ResNet with the CIFAR stem (3x3 convolution, stride 1, no max-pool), trained with SGD.
-
-    The learning-rate schedule is per optimizer step over the trainer's whole run
-    (``trainer.estimated_stepping_batches``: ``max_epochs`` times the batches per epoch, or ``max_steps``
-    when that comes first), so it follows ``--trainer.max_epochs`` without being told.
+class ResNetClassifier(LightningModule):
+    """A torchvision ResNet with the CIFAR stem (3x3 convolution, stride 1, no max-pool), trained with SGD
+    and cross-entropy. It logs the training loss (not synced: a per-step all-reduce would add communication
+    to every strategy) and the validation loss and accuracy, averaged over the epoch and the ranks.
 
     Args:
         arch: a torchvision ResNet constructor name (see ``ARCHS``); randomly initialised, no weights
@@ -113,15 +75,13 @@ class ResNetClassifier(ClassifierModule):
         momentum: SGD momentum.
         weight_decay: L2 penalty on every parameter.
         nesterov: Nesterov momentum (needs ``momentum > 0``).
-        schedule: ``"cosine"`` (to zero at the end of training), ``"step"`` (times ``gamma`` at each
-            fraction of training in ``milestones``) or ``"constant"``.
+        schedule: ``"cosine"`` (to zero at the end of training), ``"step"`` or ``"constant"``.
         warmup_steps: optimizer steps of linear warm-up before the schedule (0: none).
         milestones: fractions of the run where the ``"step"`` schedule multiplies the rate by ``gamma``.
         gamma: the ``"step"`` schedule's factor.
 
     Raises:
-        TorchvisionMissingError: (an ``ImportError``) torchvision is missing or does not match torch; the
-            message says what to install.
+        TorchvisionMissingError: torchvision is missing or does not match torch (an ``ImportError``).
     """
 
     def __init__(
@@ -161,8 +121,23 @@ class ResNetClassifier(ClassifierModule):
         """Class logits ``(batch, num_classes)`` of normalised images ``(batch, 3, 32, 32)``."""
         return self.net(x)
 
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        acc = (logits.argmax(dim=-1) == y).float().mean()
+        self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, batch_size=len(y))
+        self.log("val_acc", acc, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=len(y))
+
     def configure_optimizers(self) -> dict[str, Any]:
-        """SGD and a per-step learning-rate schedule over ``trainer.estimated_stepping_batches``."""
+        """SGD and a learning-rate schedule (:func:`lr_factor`) per optimizer step over the whole run,
+        ``trainer.estimated_stepping_batches`` (``max_epochs`` times the batches per epoch, or ``max_steps``
+        when that comes first), so that it follows ``--trainer.max_epochs`` without being told."""
         hp = self.hparams
         optimizer = torch.optim.SGD(
             self.parameters(),

@@ -18,13 +18,8 @@ _MAX_PIXEL = 16.0
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the full digits data set as ``(features, labels)``.
-
-    Features are float32 in ``[0, 1]`` with shape ``(1797, 64)``; labels are int64 in ``[0, 9]``.
-
-    Raises:
-        ImportError: scikit-learn is not installed (it is an optional dependency).
-    """
+    """The full digits data set: features ``(1797, 64)`` float32 in ``[0, 1]``, labels int64 in ``[0, 9]``.
+    Raises an ImportError if scikit-learn (an optional dependency) is not installed."""
     # Imported lazily: scikit-learn is an optional extra, and the core package must import without it.
     try:
         from sklearn.datasets import load_digits
@@ -74,15 +69,11 @@ class DigitsDataModule(LightningDataModule):
         num_workers: ``DataLoader`` worker processes (must be >= 0; 0 loads in the main process).
         repeat: how many times the training set is repeated per epoch (must be >= 1), so that benchmarks
             can make epochs longer without changing the data distribution.
-        label_skew_shards: non-iid training data for ``k`` workers (must be an int >= 0; 0, the default,
-            keeps the random order). With ``k >= 1`` the training set (not the validation set) is
-            reordered by :func:`label_skew_order` so that strided shard ``j`` of ``k`` (positions ``j,
-            j + k, j + 2k, ...``, the shards RI-SGD's sampler hands out) is the ``j``-th block of the
-            label-sorted training data, truncated to a multiple of ``k`` samples (at most ``k - 1``
-            dropped, chosen at random by the split). The reordering comes before ``repeat``: with a
-            length divisible by ``k`` every repeat keeps the same strided shards. Lightning's default
-            ``DistributedSampler`` shuffles globally and undoes the skew; it takes a strided placement
-            (e.g. a strategy with ``redundancy``/``original_world_size``) for workers to see it.
+        label_skew_shards: non-iid training data for ``k`` workers (an int >= 0; 0, the default, keeps the
+            random order): the training set is reordered by :func:`label_skew_order` (the samples it drops
+            chosen at random by the split), before ``repeat``, so every repeat keeps the same strided
+            shards. Lightning's ``DistributedSampler`` shuffles globally and undoes the skew; workers see
+            it under a strided placement (a strategy with ``redundancy``/``original_world_size``).
     """
 
     def __init__(
@@ -103,11 +94,7 @@ class DigitsDataModule(LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if repeat < 1:
             raise ValueError(f"repeat must be >= 1, got {repeat}")
-        if (
-            isinstance(label_skew_shards, bool)
-            or not isinstance(label_skew_shards, int)
-            or label_skew_shards < 0
-        ):
+        if type(label_skew_shards) is not int or label_skew_shards < 0:  # bool is an int, but no count
             raise ValueError(f"label_skew_shards must be an int >= 0, got {label_skew_shards!r}")
         self.save_hyperparameters()
         self.batch_size = batch_size
@@ -139,24 +126,20 @@ class DigitsDataModule(LightningDataModule):
         self.train_dataset = train if self.repeat == 1 else ConcatDataset([train] * self.repeat)
         self.val_dataset = TensorDataset(features[val_idx], labels[val_idx])
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; in multi-process runs Lightning swaps in a ``DistributedSampler``."""
-        assert self.train_dataset is not None, "call setup() first"
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        assert dataset is not None, "call setup() first"
         return DataLoader(
-            self.train_dataset,
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; in multi-process runs Lightning swaps in a ``DistributedSampler``."""
+        return self._loader(self.train_dataset, shuffle=True)
+
     def val_dataloader(self) -> DataLoader:
         """Validation batches in a fixed order."""
-        assert self.val_dataset is not None, "call setup() first"
-        return DataLoader(
-            self.val_dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self._loader(self.val_dataset, shuffle=False)

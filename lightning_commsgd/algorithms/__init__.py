@@ -8,6 +8,7 @@ and its config (an :class:`~lightning_commsgd.algorithms.protocol.AlgorithmConfi
 from lightning_commsgd.algorithms.base import PeriodicAlgorithm
 from lightning_commsgd.algorithms.compressed import CompressedAlgorithm
 from lightning_commsgd.algorithms.compressed_sgd import CompressedGradientSGD, CompressedSGD
+from lightning_commsgd.algorithms.diloco import DiLoCo, OuterStepAverager, SlowMo, StreamingDiLoCo
 from lightning_commsgd.algorithms.dore import DIANA, DORE, DoubleResidualCompression
 from lightning_commsgd.algorithms.elastic import ElasticAverager, ElasticAveraging
 from lightning_commsgd.algorithms.finite import NonFiniteError
@@ -32,6 +33,7 @@ __all__ = [
     "CompressedGradientSGD",
     "CompressedSGD",
     "DecentralizedSGD",
+    "DiLoCo",
     "DoubleResidualCompression",
     "ElasticAverager",
     "ElasticAveraging",
@@ -39,12 +41,15 @@ __all__ = [
     "LocalSGD",
     "NonFiniteError",
     "OverlapAverager",
+    "OuterStepAverager",
     "OverlapLocalSGD",
     "ParameterServer",
     "PeriodicAlgorithm",
     "PeriodicAverager",
     "ReplicaState",
+    "SlowMo",
     "StalenessAwareLR",
+    "StreamingDiLoCo",
     "TooFewWorkersError",
     "World",
 ]

@@ -29,6 +29,7 @@ from lightning_commsgd.algorithms.finite import NonFiniteError
 from lightning_commsgd.algorithms.protocol import CommAlgorithm
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.compression.base import Compressor
+from lightning_commsgd.compression.names import as_compressor
 from lightning_commsgd.flat import FlatBuffer
 
 __all__ = ["CompressedAlgorithm"]
@@ -212,9 +213,9 @@ class CompressedAlgorithm(CommAlgorithm):
 
 
 def check_compressor(compressor: Any, name: str = "compressor") -> Compressor:
-    if not isinstance(compressor, Compressor):
-        raise TypeError(
-            f"Arg `{name}` must be a lightning_commsgd.compression.Compressor (e.g. PNormQuantizer(), "
-            f"QSGD(), TopK(0.01)), got {type(compressor).__name__}."
-        )
-    return compressor
+    """The compressor ``compressor`` is or names (a codec name of
+    :mod:`lightning_commsgd.compression.names`: bf16, fp16, int8, int4); a TypeError/ValueError naming
+    ``name`` otherwise."""
+    resolved = as_compressor(compressor, name)
+    assert resolved is not None  # allow_none is off
+    return resolved

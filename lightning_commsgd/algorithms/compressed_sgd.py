@@ -155,11 +155,12 @@ class CompressedSGD(AlgorithmConfig):
     aggregate with the user's optimizer.
 
     Args:
-        compressor: Q, e.g. ``QSGD(levels=4)`` or ``TopK(0.01)``.
+        compressor: Q, a compressor (e.g. ``QSGD(levels=4)`` or ``TopK(0.01)``) or a codec name (``"int8"``,
+            ``"int4"``, ``"bf16"``, ``"fp16"``; see :mod:`lightning_commsgd.compression.names`).
         error_feedback: keep each rank's compression error and add it to its next gradient (needed for
             biased compressors: top-k, sign).
-        server_compressor: Q_s, compress the aggregate too, with its own error feedback (DoubleSqueeze);
-            ``None`` leaves it uncompressed.
+        server_compressor: Q_s (a compressor or codec name), compress the aggregate too, with its own error
+            feedback (DoubleSqueeze); ``None`` leaves it uncompressed.
         master: where the aggregate is formed: ``"replicated"`` (default: one all-gather a step, every rank
             aggregates) or ``"rank0"`` (a gather to rank 0 and a broadcast of the (compressed) aggregate, the
             parameter-server form).
@@ -171,9 +172,9 @@ class CompressedSGD(AlgorithmConfig):
 
     def __init__(
         self,
-        compressor: Compressor,
+        compressor: Compressor | str,
         error_feedback: bool = False,
-        server_compressor: Compressor | None = None,
+        server_compressor: Compressor | str | None = None,
         master: Literal["rank0", "replicated"] = "replicated",
         seed: int = 0,
     ) -> None:

@@ -344,8 +344,11 @@ class DORE(AlgorithmConfig):
     master's update: x_{k+1} = optimizer step from x_hat_k with gradient g_hat.
 
     Args:
-        compressor: Q for the workers' gradient residuals Delta_i, e.g. ``PNormQuantizer(p=inf, 256)``.
-        model_compressor: Q_m for the master's model residual q; default: the same as ``compressor``.
+        compressor: Q for the workers' gradient residuals Delta_i, a compressor (e.g.
+            ``PNormQuantizer(p=inf, 256)``) or a codec name (``"int8"``, ``"int4"``, ``"bf16"``,
+            ``"fp16"``; see :mod:`lightning_commsgd.compression.names`).
+        model_compressor: Q_m for the master's model residual q (a compressor or codec name); default: the
+            same as ``compressor``.
         master: where the master update runs: ``"rank0"`` (default, the paper's topology: a gather up and a
             broadcast down each step; rank 0 holds the optimizer state) or ``"replicated"`` (an all-gather
             each step; every rank runs the master step with a shared random stream; nothing is sent down).
@@ -363,8 +366,8 @@ class DORE(AlgorithmConfig):
 
     def __init__(
         self,
-        compressor: Compressor,
-        model_compressor: Compressor | None = None,
+        compressor: Compressor | str,
+        model_compressor: Compressor | str | None = None,
         master: ServerMode = "rank0",
         shift_rate: float | None = None,
         model_rate: float | None = None,
@@ -409,7 +412,8 @@ class DIANA(DORE):
     h_i, and an uncompressed model: DORE with ``model_compressor=Identity()``, beta = 1, eta = 0.
 
     Args:
-        compressor: Q for the gradient residuals, e.g. ``PNormQuantizer(p=inf, 256)``.
+        compressor: Q for the gradient residuals, a compressor (e.g. ``PNormQuantizer(p=inf, 256)``) or a
+            codec name (``"int8"``, ``"int4"``).
         master: ``"rank0"`` (default: the master broadcasts the fp32 model change each step) or
             ``"replicated"``.
         shift_rate: alpha, h's step; default 1/(2(C+1)), DIANA's theory. Above 1/(C+1) warns.
@@ -420,7 +424,7 @@ class DIANA(DORE):
 
     def __init__(
         self,
-        compressor: Compressor,
+        compressor: Compressor | str,
         master: ServerMode = "rank0",
         shift_rate: float | None = None,
         seed: int = 0,

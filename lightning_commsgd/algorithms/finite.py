@@ -20,7 +20,7 @@ No rank ever continues with a poisoned model after such a round.
 Where the flags ride: every exact-mean round of ``PeriodicAverager`` (uniform, sample-weighted,
 hierarchical) and the final round of every periodic algorithm; EASGD's sum of the replicas (raise only);
 Overlap Local-SGD's fp32 average (raise only; seen when that average arrives, at the next round). Rounds
-with a rounded payload (``payload_dtype``) have no room for them: a poisoned rank raises before sending and
+with a rounded payload (a ``compressor``) have no room for them: a poisoned rank raises before sending and
 the others stop in that round with the watchdog's ``RankFailureError`` naming it. The compressed strategies
 carry their own status byte (:mod:`lightning_commsgd.algorithms.compressed`). A gossip message carries
 its sender's flag (4 bytes): the poisoned rank and its neighbours stop before mixing, and the other ranks,

@@ -22,11 +22,12 @@ one-round-old anchor (with beta = 0 it discards alpha of each round's progress);
 the mean model exactly where the local steps took it, so it converges like blocking local SGD while the
 average travels in the background. alpha and beta do not apply to it.
 
-With ``payload_dtype="bf16"``/``"fp16"``/``"int8"``/``"int4"`` each worker sends its change since the anchor,
-d_i = sent_i - z, in that format (:meth:`Communicator.all_reduce_mean_lowp_`, fp32 accumulation, on a helper
-thread over a second process group; :mod:`lightning_commsgd.payload`) and the next anchor is z + mean_i(d_i):
-half (16 bits), about a quarter (int8) or a seventh (int4) of the bytes, so the average hides behind fewer
-local steps. Only the change is rounded (relative error about 2^-8 of ||d|| for bf16, 2^-11 for fp16; int8 and
+With a ``compressor`` (``"bf16"``/``"fp16"``/``"int8"``/``"int4"`` or an unbiased compressor object) each
+worker sends its change since the anchor, d_i = sent_i - z, through it
+(:meth:`Communicator.all_reduce_mean_lowp_`, fp32 accumulation, on a helper thread over a second process
+group; :mod:`lightning_commsgd.payload`) and the next anchor is z + mean_i(d_i): half (16 bits), about a
+quarter (int8) or a seventh (int4) of the bytes, so the average hides behind fewer local steps. Only the
+change is rounded (relative error about 2^-8 of ||d|| for bf16, 2^-11 for fp16; int8 and
 int4 round stochastically, unbiased, within 1/127 resp. 1/7 of each block's largest change), and every rank
 decodes the same messages, so the anchors stay equal across ranks. Fit's last average sends the changes since
 the anchor in the same format. Non-negative buffers (BatchNorm's ``running_var``) travel as their values in
@@ -55,7 +56,8 @@ from lightning_commsgd.algorithms.finite import finite_flags
 from lightning_commsgd.algorithms.protocol import AlgorithmConfig, World
 from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator, PendingLowpMean, PendingMean
-from lightning_commsgd.payload import validate_payload_dtype
+from lightning_commsgd.compression.base import Compressor
+from lightning_commsgd.payload import averaging_compressor
 from lightning_commsgd.schedules import PeriodSchedule
 
 __all__ = [
@@ -134,8 +136,9 @@ class OverlapAverager(PeriodicAlgorithm):
         alpha: pull strength alpha in (0, 1) (1 would send the anchor back unchanged: no progress).
         beta: anchor momentum beta in [0, 1) (the paper's momentum variant; 0: plain).
         average_buffers: treat floating buffers (BatchNorm statistics) like parameters.
-        payload_dtype: ``None`` (fp32 average), ``"bf16"`` / ``"fp16"``, ``"int8"`` or ``"int4"``: the
-            change since the anchor travels in that format, accumulated in fp32 (see the module docstring).
+        compressor: Q, ``None`` (fp32 average), a codec name (``"bf16"`` / ``"fp16"``, ``"int8"``, ``"int4"``)
+            or an unbiased compressor: the change since the anchor travels through it, accumulated in fp32
+            (see the module docstring).
         correction: how the arrived average is applied: ``"pull"`` (the paper's x <- (1-alpha) x + alpha z)
             or ``"cocod"`` (x <- x + z - x^(k): swap the sent model for the average, keep the progress since).
         momentum: the optimizer state at a round: ``"local"`` (default, the paper: never touched) or
@@ -152,13 +155,13 @@ class OverlapAverager(PeriodicAlgorithm):
         alpha: float = 0.5,
         beta: float = 0.0,
         average_buffers: bool = True,
-        payload_dtype: str | None = None,
+        compressor: str | Compressor | None = None,
         correction: str = "pull",
         momentum: str = "local",
     ) -> None:
         self.alpha, self.beta = validate_pull(alpha, beta)
         self.correction = validate_correction(correction, self.beta)
-        self.payload_dtype = validate_payload_dtype(payload_dtype)
+        self.compressor = averaging_compressor(compressor)
         self.momentum = validate_overlap_momentum(momentum)
         super().__init__(ReplicaState(module, optimizers, self.momentum, average_buffers), communicator, tau)
         tensors = self.replica.averaged_tensors()
@@ -188,7 +191,7 @@ class OverlapAverager(PeriodicAlgorithm):
         self._pending = None
         # 16-bit payloads carry the mean change since the anchor, fp32 ones the mean itself and the finite
         # flags (divided by p with it): a replica that was poisoned when it sent raises on every rank here
-        if self.payload_dtype:
+        if self.compressor is not None:
             split = arrived.numel() - self._nonnegative  # the non-negative tail arrives as values
             self.anchor = torch.cat([self.anchor[:split] + arrived[:split], arrived[split:]])
         else:
@@ -220,13 +223,13 @@ class OverlapAverager(PeriodicAlgorithm):
         else:
             outgoing = x.clone()
         self._unpack(tensors, x)
-        if self.payload_dtype:
+        if self.compressor is not None:
             self._refuse_nonfinite([x])
             split = outgoing.numel() - self._nonnegative
             outgoing[:split] -= self.anchor[:split]
             self._pending = self.communicator.all_reduce_mean_lowp_async(
                 outgoing,
-                self.payload_dtype,
+                self.compressor,
                 tag="overlap_average",
                 seed=self.step,
                 nonnegative=self._nonnegative,
@@ -246,13 +249,13 @@ class OverlapAverager(PeriodicAlgorithm):
     def finalize(self) -> None:
         """The average in flight lands, then one blocking average of the replicas as they are: every
         replica equal. (Neither correction is applied first: the mean follows anyway, and cocod's correction
-        has mean zero.) Exact in fp32; with ``payload_dtype``, each replica's change since the anchor travels
-        in that format like a round's, so the last average costs what a round does."""
+        has mean zero.) Exact in fp32; with a ``compressor``, each replica's change since the anchor travels
+        through it like a round's, so the last average costs what a round does."""
         self._arrived_anchor()
         if self.in_sync:
             return
         tensors = self.replica.averaged_tensors()
-        if self.payload_dtype:
+        if self.compressor is not None:
             self._refuse_nonfinite(tensors)
             packed = self._pack(tensors)
             split = packed.numel() - self._nonnegative
@@ -260,7 +263,7 @@ class OverlapAverager(PeriodicAlgorithm):
             delta[:split] -= self.anchor[:split]
             seed = self.step + self.FINAL_SEED_OFFSET
             self.communicator.all_reduce_mean_lowp_(
-                delta, self.payload_dtype, tag="final", seed=seed, nonnegative=self._nonnegative
+                delta, self.compressor, tag="final", seed=seed, nonnegative=self._nonnegative
             )
             delta[:split] += self.anchor[:split]
             packed.copy_(delta)
@@ -287,7 +290,7 @@ class OverlapAverager(PeriodicAlgorithm):
         self.anchor = state["anchor"].to(device)
         self.velocity = None if state["velocity"] is None else state["velocity"].to(device)
         in_flight = state.get("in_flight")
-        # the average was complete when saved (the mean, or the mean change with payload_dtype): it arrives
+        # the average was complete when saved (the mean, or the mean change with a compressor): it arrives
         # at once at the next round
         self._pending = None if in_flight is None else _Arrived(in_flight.to(device))
         self.synced_at_step = int(state.get("synced_at_step", 0))
@@ -318,8 +321,9 @@ class OverlapLocalSGD(AlgorithmConfig):
         anchor_momentum: beta in [0, 1), the paper's momentum variant on the anchor; 0 (default) averages
             the pulled models.
         average_buffers: BatchNorm statistics ride with the parameters.
-        payload_dtype: ``None`` (default, fp32), ``"bf16"`` / ``"fp16"``, ``"int8"`` or ``"int4"``: each
-            rank's change since the anchor travels in that format, summed in fp32 (see
+        compressor: Q, ``None`` (default, fp32), a codec name (``"bf16"`` / ``"fp16"``, ``"int8"``,
+            ``"int4"``) or an unbiased :class:`~lightning_commsgd.compression.Compressor`: each rank's change
+            since the anchor travels through it, summed in fp32 (see
             :mod:`lightning_commsgd.payload`); the messages run on a helper thread over a second process
             group, hidden behind the next tau local steps.
         correction: ``"pull"`` (default, the paper) or ``"cocod"``: apply the arrived average as CoCoD-SGD
@@ -339,7 +343,7 @@ class OverlapLocalSGD(AlgorithmConfig):
         alpha: float = 0.5,
         anchor_momentum: float = 0.0,
         average_buffers: bool = True,
-        payload_dtype: str | None = None,
+        compressor: str | Compressor | None = None,
         correction: str = "pull",
         momentum: str = "local",
     ) -> None:
@@ -347,7 +351,7 @@ class OverlapLocalSGD(AlgorithmConfig):
         names = ("alpha", "anchor_momentum")
         self.alpha, self.anchor_momentum = validate_pull(alpha, anchor_momentum, names=names)
         self.average_buffers = bool(average_buffers)
-        self.payload_dtype = validate_payload_dtype(payload_dtype)
+        self.compressor = averaging_compressor(compressor)
         self.correction = validate_correction(correction, self.anchor_momentum)
         self.momentum = validate_overlap_momentum(momentum)
 
@@ -362,7 +366,7 @@ class OverlapLocalSGD(AlgorithmConfig):
             alpha=self.alpha,
             beta=self.anchor_momentum,
             average_buffers=self.average_buffers,
-            payload_dtype=self.payload_dtype,
+            compressor=self.compressor,
             correction=self.correction,
             momentum=self.momentum,
         )

@@ -37,7 +37,8 @@ from lightning_commsgd.algorithms.finite import NONFINITE_POLICIES, finite_flags
 from lightning_commsgd.algorithms.protocol import AlgorithmConfig, World
 from lightning_commsgd.algorithms.replica import MOMENTUM_MODES, MomentumMode, ReplicaState, check_averageable
 from lightning_commsgd.comm import Communicator
-from lightning_commsgd.payload import validate_payload_dtype
+from lightning_commsgd.compression.base import Compressor
+from lightning_commsgd.payload import averaging_compressor
 from lightning_commsgd.schedules import PeriodSchedule
 
 __all__ = [
@@ -75,18 +76,18 @@ class PeriodicAverager(PeriodicAlgorithm):
             weighted by the samples n_j it processed since the latest round, for per-worker batch sizes
             B_j: sum_j n_j x_j / sum_j n_j; report them with :meth:`record_samples`). The weight travels
             in fp32 with the payload, so a bf16/fp16 model's round is sent in fp32 in this mode.
-        payload_dtype: ``None`` (default: the buffer's own dtype, exact mean), ``"bf16"`` / ``"fp16"``,
-            ``"int8"`` or ``"int4"`` (see :mod:`lightning_commsgd.payload`): each rank sends its change since
-            the latest consensus, d_i = x_i - x_anchor, in that format; the mean of the d_i is accumulated in
-            fp32 (:meth:`Communicator.all_reduce_mean_lowp_`) and x <- x_anchor + mean (so only the *change*,
-            not x itself, is rounded: a relative error of about 2^-8 (bf16) or 2^-11 (fp16) of the change per
-            round; int8 / int4 round stochastically, unbiased, within 1/127 / 1/7 of each block's largest
-            change). Half (16 bits), about a quarter (int8) or a seventh (int4) of the bytes of an fp32
-            all-reduce; costs one fp32 copy of the averaged tensors (the anchor, checkpointed). Non-negative
-            state (Adam's ``exp_avg_sq`` / ``max_exp_avg_sq``, BatchNorm's ``running_var``) travels as its
-            values in bf16 instead, which keeps it positive with relative precision (a block-quantized
-            change rounds small second moments to 0 and Adam then divides by its eps; see
-            :mod:`lightning_commsgd.payload`).
+        compressor: Q, ``None`` (default: the buffer's own dtype, exact mean), a codec name (``"bf16"`` /
+            ``"fp16"``, ``"int8"``, ``"int4"``) or an unbiased compressor (see
+            :mod:`lightning_commsgd.payload`): each rank sends its change since the latest consensus, d_i =
+            x_i - x_anchor, through it; the mean of the d_i is accumulated in fp32
+            (:meth:`Communicator.all_reduce_mean_lowp_`) and x <- x_anchor + mean (so only the *change*, not x
+            itself, is rounded: a relative error of about 2^-8 (bf16) or 2^-11 (fp16) of the change per round;
+            int8 / int4 round stochastically, unbiased, within 1/127 / 1/7 of each block's largest change).
+            Half (16 bits), about a quarter (int8) or a seventh (int4) of the bytes of an fp32 all-reduce;
+            costs one fp32 copy of the averaged tensors (the anchor, checkpointed). Non-negative state (Adam's
+            ``exp_avg_sq`` / ``max_exp_avg_sq``, BatchNorm's ``running_var``) travels as its values in bf16
+            instead, which keeps it positive with relative precision (a block-quantized change rounds small
+            second moments to 0 and Adam then divides by its eps; see :mod:`lightning_commsgd.payload`).
         group_size: g, ranks per block for hierarchical averaging (consecutive ranks, e.g. one node); must
             divide the world size. ``None`` (default): flat averaging.
         global_every: H, every H-th round averages over all ranks; the others average within the block
@@ -95,7 +96,7 @@ class PeriodicAverager(PeriodicAlgorithm):
             :class:`~lightning_commsgd.algorithms.finite.NonFiniteError` in that round, naming the
             ranks and the step) or ``"skip"`` (the round averages the finite replicas only and the poisoned
             ones continue from that average); the flags ride in the round's buffer, 4 p bytes more. With a
-            ``payload_dtype`` the flags cannot ride in the rounded payload: a poisoned rank raises before
+            ``compressor`` the flags cannot ride in the rounded payload: a poisoned rank raises before
             sending (the others then stop at that round with a ``RankFailureError`` naming it), and
             ``"skip"`` is refused.
 
@@ -113,7 +114,7 @@ class PeriodicAverager(PeriodicAlgorithm):
         momentum: MomentumMode = "average",
         average_buffers: bool = True,
         weights: str = "uniform",
-        payload_dtype: str | None = None,
+        compressor: str | Compressor | None = None,
         group_size: int | None = None,
         global_every: int = 1,
         on_nonfinite: str = "raise",
@@ -124,31 +125,31 @@ class PeriodicAverager(PeriodicAlgorithm):
         if group_size is not None:
             validate_period(group_size, "group_size")
         self.hierarchical = group_size is not None and self.global_every > 1
-        if self.hierarchical and payload_dtype is not None:
-            raise ValueError("Arg `payload_dtype` does not combine with hierarchical averaging (group_size).")
+        self.compressor = averaging_compressor(compressor)
+        if self.hierarchical and self.compressor is not None:
+            raise ValueError("Arg `compressor` does not combine with hierarchical averaging (group_size).")
         self.weights = check_choice(weights, "weights", WEIGHT_MODES)
-        self.payload_dtype = validate_payload_dtype(payload_dtype)
-        if self.payload_dtype is not None and self.weights != "uniform":
-            raise ValueError('Arg `payload_dtype` works with weights="uniform" only.')
-        if self.payload_dtype is not None and nonfinite == "skip":
+        if self.compressor is not None and self.weights != "uniform":
+            raise ValueError('Arg `compressor` works with weights="uniform" only.')
+        if self.compressor is not None and nonfinite == "skip":
             raise ValueError(
                 'Arg `on_nonfinite="skip"` needs exact rounds: the finite flags cannot ride in a '
-                f"payload_dtype={self.payload_dtype!r} payload; use on_nonfinite='raise'."
+                f"payload compressed by {self.compressor!r}; use on_nonfinite='raise'."
             )
         self.samples_since_round = 0
         super().__init__(ReplicaState(module, optimizers, self.momentum, average_buffers), communicator, tau)
         self.on_nonfinite = nonfinite
-        # payload_dtype: the consensus before the first round is x_0 (equal on every rank), zero optimizer
+        # compressor: the consensus before the first round is x_0 (equal on every rank), zero optimizer
         # state and the initial signed buffers; kept only in that mode (a copy of the model)
         self._initial = (
             (
                 [t.detach().clone() for t in self.replica.params],
                 [b.detach().clone() for b in self.replica.buffers],
             )
-            if self.payload_dtype is not None
+            if self.compressor is not None
             else ([], [])
         )
-        self.anchor: torch.Tensor | None = None  # fp32 consensus of the latest round (payload_dtype only)
+        self.anchor: torch.Tensor | None = None  # fp32 consensus of the latest round (compressed rounds only)
         # collective: every rank builds its block's communicator here
         self.group_communicator = communicator.split(group_size) if self.hierarchical else communicator
         self.last_global_step = 0
@@ -208,7 +209,7 @@ class PeriodicAverager(PeriodicAlgorithm):
             local_params = self._pack(tensors)[:head].clone() if measure else None
             if self.weights == "samples":
                 mean = self._weighted_mean_(tensors, tag, comm)
-            elif self.payload_dtype is not None:
+            elif self.compressor is not None:
                 mean = self._low_precision_mean_(tensors, tag, sum(t.numel() for t in nonnegative))
             else:
                 mean = self._exact_mean_(tensors, tag, comm)
@@ -250,7 +251,7 @@ class PeriodicAverager(PeriodicAlgorithm):
         return body
 
     def _low_precision_mean_(self, tensors: list[torch.Tensor], tag: str, nonnegative: int) -> torch.Tensor:
-        """Signed values: x <- x_anchor + mean_i(x_i - x_anchor), the changes sent in ``payload_dtype``;
+        """Signed values: x <- x_anchor + mean_i(x_i - x_anchor), the changes sent through ``compressor``;
         non-negative ones (second moments, running variances: the last ``nonnegative`` values of
         ``tensors``): v <- mean_i(v_i), the values sent in bf16
         (:data:`~lightning_commsgd.payload.NONNEGATIVE_PAYLOAD`). Summed in fp32."""
@@ -261,7 +262,7 @@ class PeriodicAverager(PeriodicAlgorithm):
         # the anchor's non-negative section is kept at 0, so those values travel as they are
         delta = buffer.to(torch.float32) - self.anchor
         self.communicator.all_reduce_mean_lowp_(
-            delta, self.payload_dtype, tag=tag, seed=self.step, nonnegative=nonnegative
+            delta, self.compressor, tag=tag, seed=self.step, nonnegative=nonnegative
         )
         self.anchor += delta
         buffer.copy_(self.anchor)
@@ -325,9 +326,10 @@ class LocalSGD(AlgorithmConfig):
             optimizer state and buffers) weighted by the samples n_j its rank processed since the latest
             round, x <- sum_j n_j x_j / sum_j n_j (RI-SGD's heterogeneous mini-batch extension; use with
             per-rank batch sizes). The count rides in the averaged buffer (4 more bytes).
-        payload_dtype: ``None`` (exact fp32 mean), ``"bf16"`` / ``"fp16"``, ``"int8"`` or ``"int4"``: each
-            rank sends its change since the latest round in that format, accumulated in fp32 (see
-            :class:`PeriodicAverager` and :mod:`lightning_commsgd.payload`).
+        compressor: Q, what each rank's change since the latest round travels through, accumulated in fp32:
+            ``None`` (exact fp32 mean), a codec name (``"bf16"`` / ``"fp16"``, ``"int8"``, ``"int4"``) or an
+            unbiased :class:`~lightning_commsgd.compression.Compressor` (see :class:`PeriodicAverager` and
+            :mod:`lightning_commsgd.payload`).
         global_every: H, hierarchical local SGD: every H-th round averages over all ranks, the others only
             within a block of ``group_size`` ranks; 1 (default) is flat.
         group_size: g, ranks per block (consecutive global ranks); default: the devices per node, so the
@@ -351,7 +353,7 @@ class LocalSGD(AlgorithmConfig):
         momentum: MomentumMode = "average",
         average_buffers: bool = True,
         replica_weights: str = "uniform",
-        payload_dtype: str | None = None,
+        compressor: str | Compressor | None = None,
         global_every: int = 1,
         group_size: int | None = None,
         on_nonfinite: str = "raise",
@@ -360,18 +362,18 @@ class LocalSGD(AlgorithmConfig):
         self.momentum = validate_momentum_mode(momentum)
         self.average_buffers = bool(average_buffers)
         self.replica_weights = check_choice(replica_weights, "replica_weights", WEIGHT_MODES)
-        self.payload_dtype = validate_payload_dtype(payload_dtype)
-        if self.payload_dtype is not None and self.replica_weights != "uniform":
-            raise ValueError('Arg `payload_dtype` works with replica_weights="uniform" only.')
+        self.compressor = averaging_compressor(compressor)
+        if self.compressor is not None and self.replica_weights != "uniform":
+            raise ValueError('Arg `compressor` works with replica_weights="uniform" only.')
         self.global_every = validate_period(global_every, "global_every")
         self.group_size = None if group_size is None else validate_period(group_size, "group_size")
-        if self.global_every > 1 and self.payload_dtype is not None:
+        if self.global_every > 1 and self.compressor is not None:
             raise ValueError(
-                "Arg `payload_dtype` does not combine with hierarchical averaging (global_every > 1)."
+                "Arg `compressor` does not combine with hierarchical averaging (global_every > 1)."
             )
         self.on_nonfinite = check_choice(on_nonfinite, "on_nonfinite", NONFINITE_POLICIES)
-        if self.payload_dtype is not None and self.on_nonfinite == "skip":
-            raise ValueError('Arg `on_nonfinite="skip"` needs exact rounds (payload_dtype=None).')
+        if self.compressor is not None and self.on_nonfinite == "skip":
+            raise ValueError('Arg `on_nonfinite="skip"` needs exact rounds (compressor=None).')
 
     def block_size(self, world: World) -> int:
         """Ranks per hierarchical block: ``group_size``, else the devices of one node."""
@@ -398,7 +400,7 @@ class LocalSGD(AlgorithmConfig):
             momentum=self.momentum,
             average_buffers=self.average_buffers,
             weights=self.replica_weights,
-            payload_dtype=self.payload_dtype,
+            compressor=self.compressor,
             group_size=self.block_size(world) if self.global_every > 1 else None,
             global_every=self.global_every,
             on_nonfinite=self.on_nonfinite,

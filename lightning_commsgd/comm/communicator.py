@@ -38,6 +38,7 @@ from lightning_commsgd.ledger import CommLedger
 from lightning_commsgd.payload import PayloadCodec, payload_codec
 
 if TYPE_CHECKING:
+    from lightning_commsgd.compression.base import Compressor
     from lightning_commsgd.watchdog import FailureWatchdog
 
 __all__ = ["Communicator", "ReduceKind"]
@@ -203,17 +204,17 @@ class Communicator:
     def all_reduce_mean_lowp_(
         self,
         buffer: Tensor,
-        payload: str | torch.dtype | PayloadCodec,
+        payload: str | torch.dtype | Compressor | PayloadCodec,
         *,
         tag: str,
         seed: int = 0,
         nonnegative: int = 0,
     ) -> Tensor:
-        """Replace the float ``buffer`` by its mean over ranks, sending ``payload``-encoded values (a
-        ``payload_dtype`` name of :mod:`lightning_commsgd.payload`: bf16, fp16, int8 or int4; or a torch
-        dtype) and accumulating in fp32. Every rank decodes the same messages and sums them in rank order,
-        so the result is identical on every rank. Stochastic rounding (int8, int4) draws from generators
-        seeded by ``seed``, the rank and the phase (:func:`~lightning_commsgd.payload.rounding_seed`).
+        """Replace the float ``buffer`` by its mean over ranks, sending ``payload``-encoded values (a codec
+        name of :mod:`lightning_commsgd.compression.names`: bf16, fp16, int8 or int4; a compressor; or a torch
+        dtype) and accumulating in fp32. Every rank decodes the same messages and sums them in rank order, so
+        the result is identical on every rank. Stochastic rounding (int8, int4) draws from generators seeded
+        by ``seed``, the rank and the phase (:func:`~lightning_commsgd.payload.rounding_seed`).
 
         - Two ranks: an *all-gather* of the encoded values (each rank encodes its whole buffer once and
           sends it to the other; the mean is (decode(x_0) + decode(x_1)) / 2). One batch of messages, each
@@ -255,7 +256,7 @@ class Communicator:
     def all_reduce_mean_lowp_async(
         self,
         buffer: Tensor,
-        payload: str | torch.dtype | PayloadCodec,
+        payload: str | torch.dtype | Compressor | PayloadCodec,
         *,
         tag: str,
         seed: int = 0,

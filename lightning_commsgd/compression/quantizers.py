@@ -138,7 +138,7 @@ class BlockInt8(Compressor):
     is below s.
 
     This is QSGD's stochastic rounding with L levels scaled by the block's inf-norm instead of its
-    2-norm, so small blocks of similar values keep their resolution. It is the ``payload_dtype="int8"``
+    2-norm, so small blocks of similar values keep their resolution. It is the ``compressor="int8"``
     of :class:`~lightning_commsgd.LocalSGDStrategy` and :class:`~lightning_commsgd.OverlapLocalSGDStrategy`.
 
     Wire format: one fp32 scale per block, then one signed byte per value: ``4 ceil(d / b) + d`` bytes
@@ -211,7 +211,7 @@ class BlockInt4(BlockInt8):
 
     Wire format: one fp32 scale per block, then the codes q + 7 in [0, 14], the even-indexed value in a
     byte's low nibble: ``4 ceil(d / b) + ceil(d / 2)`` bytes (7.1x smaller than fp32 for b = 64, the
-    ``payload_dtype="int4"`` block size).
+    ``compressor="int4"`` block size).
 
     Variance constant C = (sqrt(49 + b - 1) - 7) / 14 (0.26 for b = 64; see :class:`BlockInt8`): a worst
     case (one value at the scale's 7 steps, the rest at 0.4 steps). A block of Gaussian values has max |x_j|

@@ -2,8 +2,9 @@
 parameter-server family.
 
 - :class:`CommunicationStrategy` (``strategies/base.py``): ``CommunicationStrategy(LocalSGD(tau=8))``.
-- Named strategies, one per algorithm of :mod:`lightning_commsgd.registry` (``LocalSGDStrategy(tau=8)``, ...),
-  made by :func:`~lightning_commsgd.named.named_strategy`.
+- Named strategies, one per algorithm of :mod:`lightning_commsgd.registry` (``LocalSGDStrategy(tau=8)``,
+  ``DiLoCoStrategy``, ...: every entry that is not a preset), made by
+  :func:`~lightning_commsgd.named.registered_strategies` from the configs' signatures.
 - :mod:`.parameter_server`: ``KSyncSGDStrategy``, ``AsyncSGDStrategy`` (a sibling on the process base).
 
 Importing this package registers every name of the registry with Lightning's ``StrategyRegistry``, so
@@ -12,7 +13,7 @@ Importing this package registers every name of the registry with Lightning's ``S
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_commsgd.named import registered_strategy
+from lightning_commsgd.named import registered_strategies
 from lightning_commsgd.registry import ENTRIES
 from lightning_commsgd.strategies.base import CommunicationStrategy
 from lightning_commsgd.strategies.parameter_server import (
@@ -22,28 +23,19 @@ from lightning_commsgd.strategies.parameter_server import (
 )
 from lightning_commsgd.strategies.process import ProcessGroupStrategy
 
-LocalSGDStrategy = registered_strategy("local_sgd", CommunicationStrategy, __name__)
-DecentralizedSGDStrategy = registered_strategy("decentralized_sgd", CommunicationStrategy, __name__)
-ElasticAveragingStrategy = registered_strategy("elastic_averaging", CommunicationStrategy, __name__)
-OverlapLocalSGDStrategy = registered_strategy("overlap_local_sgd", CommunicationStrategy, __name__)
-DoubleResidualStrategy = registered_strategy("dore", CommunicationStrategy, __name__)
-DianaStrategy = registered_strategy("diana", CommunicationStrategy, __name__)
-CompressedSGDStrategy = registered_strategy("compressed_sgd", CommunicationStrategy, __name__)
+# LocalSGDStrategy, DiLoCoStrategy, ...: one per registry entry with an algorithm (lightning_commsgd.registry)
+NAMED_STRATEGIES: dict[str, type] = registered_strategies(CommunicationStrategy, __name__)
+globals().update(NAMED_STRATEGIES)
 
 __all__ = [
     "AsyncSGDStrategy",
     "CommunicationStrategy",
-    "CompressedSGDStrategy",
-    "DecentralizedSGDStrategy",
-    "DianaStrategy",
-    "DoubleResidualStrategy",
-    "ElasticAveragingStrategy",
     "KSyncSGDStrategy",
-    "LocalSGDStrategy",
-    "OverlapLocalSGDStrategy",
+    "NAMED_STRATEGIES",
     "ParameterServerStrategy",
     "ProcessGroupStrategy",
     "register_strategies",
+    *sorted(NAMED_STRATEGIES),
 ]
 
 
