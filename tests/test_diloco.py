@@ -5,6 +5,7 @@ exists."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -210,6 +211,33 @@ def test_metrics_and_a_single_process_run():
     metrics = algorithm.metrics()
     assert metrics["tau"] == 2 and metrics["outer_lr"] == 0.7 and metrics["pseudo_gradient_norm"] > 0
     assert algorithm.rounds == 2 and algorithm.in_sync
+
+
+def test_the_outer_lr_scheduler_steps_after_every_outer_step_and_resumes():
+    """outer_lr_scheduler: built on the outer optimizer, stepped after each outer step; its state is in the
+    algorithm's state, so a resumed run continues the same outer lr."""
+    halve = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+
+    def run(steps, state=None):
+        net = make_net()
+        inner = sgd_momentum(net)
+        algorithm = DiLoCo(tau=2, outer_optimizer=NESTEROV, outer_lr_scheduler=halve).build(
+            net, [inner], Communicator(), World(1)
+        )
+        if state is not None:
+            algorithm.load_state_dict(state)
+        for batch in make_batches(1, steps)[0]:
+            inner.zero_grad()
+            mse(net, batch).backward()
+            inner.step()
+            algorithm.after_optimizer_step()
+        return algorithm
+
+    after_three_outer_steps = run(6)
+    assert after_three_outer_steps.metrics()["outer_lr"] == 0.7 * 0.5**3
+    resumed = run(0, copy.deepcopy(after_three_outer_steps.state_dict()))
+    assert resumed.metrics()["outer_lr"] == 0.7 * 0.5**3
+    assert resumed.outer_schedulers[0].last_epoch == 3
 
 
 def test_a_period_schedule_chooses_h():
