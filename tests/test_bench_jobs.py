@@ -27,6 +27,7 @@ def test_digits_job_reports_local_sgd_traffic(tmp_path):
     assert 0.0 <= result["final_val_acc"] <= 1.0
 
 
+@pytest.mark.extended
 def test_digits_job_adacomm_trace(tmp_path):
     """The AdaComm benchmark's input: a per-step trace whose tau follows the schedule."""
     out = tmp_path / "result.json"
@@ -43,6 +44,7 @@ def test_digits_job_adacomm_trace(tmp_path):
     assert rounds == sorted(rounds) and rounds[-1] == result["averaging_rounds"] >= 2
 
 
+@pytest.mark.extended
 def test_digits_job_gossip_reports_its_traffic(tmp_path):
     """The decentralized benchmark's input: gossip bytes split from the final exact average."""
     out = tmp_path / "result.json"
@@ -58,6 +60,7 @@ def test_digits_job_gossip_reports_its_traffic(tmp_path):
     assert result["final_bytes_sent_per_rank"] == result["ledger"]["by_tag"]["final"]["bytes_sent"] > 0
 
 
+@pytest.mark.extended
 def test_digits_job_ri_sgd_non_iid_val_trace(tmp_path):
     """The redundancy benchmark's input: RI-SGD on label-skewed shards, validated every few steps."""
     out = tmp_path / "result.json"

@@ -97,6 +97,7 @@ def test_trajectory_matches_simulation_two_ranks(run_worker, start_method, momen
     assert ledger["final"]["rounds"] == 1
 
 
+@pytest.mark.extended
 def test_four_ranks_adam_matches_simulation(run_worker):
     steps, tau = 8, 4
     records = run_worker(
@@ -267,7 +268,9 @@ def test_elastic_strategy_checkpoints_one_centre_variable(run_worker, tmp_path):
     assert torch.equal(centres[0], centres[1])  # every rank's copy of z is bitwise the same
 
 
-@pytest.mark.parametrize(("redundancy", "sampling"), [(0.5, "stratified"), (0.25, "union")])
+@pytest.mark.parametrize(
+    ("redundancy", "sampling"), [pytest.param(0.5, "stratified", marks=pytest.mark.extended), (0.25, "union")]
+)
 def test_redundant_data_trajectory_matches_simulation(run_worker, tmp_path, redundancy, sampling):
     """RI-SGD under Lightning: the strategy swaps in the redundant sampler (the DataModule is unchanged)
     and the run equals the simulation on the RI-SGD batches; stratified batches are b (1 + mu p) big."""
@@ -285,7 +288,7 @@ def test_redundant_data_trajectory_matches_simulation(run_worker, tmp_path, redu
 
 @pytest.mark.parametrize(
     ("world_size", "redundancy", "sampling", "batch_sizes"),
-    [(2, 0.5, "stratified", [2, 6]), (3, 0.0, "union", [3, 4, 6])],
+    [(2, 0.5, "stratified", [2, 6]), pytest.param(3, 0.0, "union", [3, 4, 6], marks=pytest.mark.extended)],
 )
 def test_heterogeneous_batches_weighted_by_samples_match_simulation(
     run_worker, tmp_path, world_size, redundancy, sampling, batch_sizes

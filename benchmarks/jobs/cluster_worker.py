@@ -192,6 +192,27 @@ class _CountLightningAveraging(Callback):
             averager.average_parameters = _AveragingCounter(averager, self.monitor.ledger, nbytes)
 
 
+def consensus_and_traces(
+    trainer: Trainer, model: torch.nn.Module, rows: list[Any]
+) -> list[list[Any]] | None:
+    """After fit, untimed: the replicas of a strategy that keeps them equal only up to rounding (DDP,
+    post-local SGD) averaged into the consensus model (ours end equal), and every rank's step trace rows
+    gathered to rank 0 (``None`` elsewhere)."""
+    communicator = Communicator()
+    if not isinstance(trainer.strategy, CommunicationStrategy):
+        for p in model.parameters():
+            communicator.all_reduce_(p.data, "mean", tag="eval_consensus")
+    return communicator.gather_object(rows, tag="eval_consensus")
+
+
+def mean_step_rows(traces: list[list[Any]]) -> list[list[float]]:
+    """Per step: (mean wall-clock, mean loss over ranks, rank 0's bytes sent so far)."""
+    return [
+        [sum(r[1] for r in rows) / len(rows), sum(r[2] for r in rows) / len(rows), rows[0][3]]
+        for rows in zip(*traces)
+    ]
+
+
 @torch.no_grad()
 def _evaluate(model: MLPClassifier, data: DigitsDataModule) -> dict[str, float]:
     """Loss on the whole training set (one copy of it) and validation accuracy / loss."""
@@ -264,19 +285,9 @@ def main(argv: list[str] | None = None) -> None:
         by_tag={tag: vars(stats) for tag, stats in ledger.by_tag.items()},
     )
     # untimed, outside the ledger read above: the consensus model and the ranks' loss curves
-    communicator = Communicator()
-    if not isinstance(trainer.strategy, CommunicationStrategy):  # DDP / post-local SGD: average replicas
-        for p in model.parameters():
-            communicator.all_reduce_(p.data, "mean", tag="eval_consensus")
-    traces = communicator.gather_object(trace.rows, tag="eval_consensus")
-    if communicator.rank == 0:
-        assert traces is not None
-        per_step = list(zip(*traces))
-        # per step: (mean wall-clock, mean loss over ranks, rank 0's bytes sent so far)
-        results["steps"] = [
-            [sum(r[1] for r in rows) / len(rows), sum(r[2] for r in rows) / len(rows), rows[0][3]]
-            for rows in per_step
-        ]
+    traces = consensus_and_traces(trainer, model, trace.rows)
+    if traces is not None:  # rank 0
+        results["steps"] = mean_step_rows(traces)
         results["seconds_per_rank"] = [rows[-1][1] for rows in traces]
         results.update(_evaluate(model, data))
         args.json.write_text(json.dumps(results))

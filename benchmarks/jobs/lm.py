@@ -442,8 +442,8 @@ def build_workload(args: argparse.Namespace) -> tuple[LightningModule, Lightning
 
 def main(argv: list[str] | None = None) -> None:
     from benchmarks.jobs import BARE_TRAINER
-    from benchmarks.jobs.cluster_worker import StepTrace
-    from lightning_commsgd import CommunicationMonitor, CommunicationStrategy, Communicator
+    from benchmarks.jobs.cluster_worker import StepTrace, consensus_and_traces, mean_step_rows
+    from lightning_commsgd import CommunicationMonitor
 
     args = build_parser().parse_args(argv)
     L.seed_everything(args.seed, verbose=False)
@@ -478,18 +478,9 @@ def main(argv: list[str] | None = None) -> None:
         rounds=ledger.rounds,
         by_tag={tag: vars(stats) for tag, stats in ledger.by_tag.items()},
     )
-    communicator = Communicator()  # untimed, after the ledger was read
-    if not isinstance(trainer.strategy, CommunicationStrategy):  # DDP: replicas agree up to rounding
-        for p in model.parameters():
-            communicator.all_reduce_(p.data, "mean", tag="eval_consensus")
-    traces = communicator.gather_object(trace.rows, tag="eval_consensus")
-    if communicator.rank == 0:
-        assert traces is not None
-        per_step = list(zip(*traces))
-        results["steps"] = [
-            [sum(r[1] for r in rows) / len(rows), sum(r[2] for r in rows) / len(rows), rows[0][3]]
-            for rows in per_step
-        ]
+    traces = consensus_and_traces(trainer, model, trace.rows)  # untimed, after the ledger was read
+    if traces is not None:  # rank 0
+        results["steps"] = mean_step_rows(traces)
         results.update(evaluate(model, data))
         args.json.write_text(json.dumps(_finite(results)))
     from lightning_commsgd.comm import shutdown_process_group
