@@ -181,8 +181,9 @@ class OuterStepAverager(PeriodicAlgorithm):
 
     @staticmethod
     def _anchor_views(anchor: Tensor, fragment: Fragment) -> list[Tensor]:
-        """The anchor as tensors shaped like the fragment's parameters (views of its flat storage), the
-        outer optimizer's parameters: per-tensor optimizers (LAMB, weight decay) see the model's shapes."""
+        """A flat fragment-sized tensor (the anchor, or the mean pseudo-gradient) as tensors shaped like the
+        fragment's parameters, views of its storage: the outer optimizer's parameters and their gradients,
+        so per-tensor optimizers (LAMB, weight decay) see the model's shapes."""
         views, offset = [], 0
         for p in fragment.params:
             views.append(anchor[offset : offset + p.numel()].view(p.shape))
@@ -322,8 +323,8 @@ class OuterStepAverager(PeriodicAlgorithm):
             gradient = mean[:n].to(self.backup_device)
             if self.scale_by_inner_lr:
                 self._slowmo_scaling(f, gradient)
-            for view, offset in zip(self.anchor_params[f], _offsets(fragment)):
-                view.grad = gradient[offset : offset + view.numel()].view(view.shape)
+            for view, grad in zip(self.anchor_params[f], self._anchor_views(gradient, fragment)):
+                view.grad = grad
             self.outer_optimizers[f].step()
             for view in self.anchor_params[f]:
                 view.grad = None
@@ -416,14 +417,6 @@ class OuterStepAverager(PeriodicAlgorithm):
         self.last_pseudo_gradient_norm = float(state["last_pseudo_gradient_norm"])
 
 
-def _offsets(fragment: Fragment) -> list[int]:
-    offsets, offset = [], 0
-    for p in fragment.params:
-        offsets.append(offset)
-        offset += p.numel()
-    return offsets
-
-
 def check_streaming_period(schedule: PeriodSchedule, fragments: int, sync_delay: int) -> None:
     """Streaming (F > 1 or a delay) needs a constant H that F divides, and d < H / F."""
     if fragments == 1 and sync_delay == 0:
@@ -438,8 +431,7 @@ def check_streaming_period(schedule: PeriodSchedule, fragments: int, sync_delay:
     if sync_delay >= schedule.tau // fragments:
         raise ValueError(
             f"Arg `sync_delay` ({sync_delay}) must be below tau / fragments ({schedule.tau // fragments}): "
-            "one "
-            "fragment is in flight at a time."
+            "one fragment is in flight at a time."
         )
 
 
