@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := lightning_commsgd tests examples benchmarks
 
-.PHONY: venv demo test test-extended test-oldest-lightning lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-cluster bench-diloco bench-ps clean distclean
+.PHONY: venv demo test test-extended test-oldest-lightning lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-codecs bench-cluster bench-diloco bench-ps clean distclean
 
 venv: $(STAMP)
 
@@ -82,6 +82,10 @@ bench-compression: venv
 
 bench-overhead: venv
 	$(VPY) -m benchmarks.bench_overhead $(BENCH_ARGS)
+
+# Encode / decode GB/s of every compressor and payload format on one thread, bits per value against entropy.
+bench-codecs: venv
+	$(VPY) -m benchmarks.bench_codecs $(BENCH_ARGS)
 
 # Needs root: network namespaces and tc rate limits emulate the nodes and their links.
 bench-cluster: venv

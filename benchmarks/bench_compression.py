@@ -476,6 +476,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.02,
         help="learning rate of the CNN workload (its own default; lr 0.05 makes it blow up under plain SGD)",
     )
+    parser.add_argument(
+        "--wire",
+        choices=("packed", "entropy"),
+        default="packed",
+        help="how the compressed methods' payloads travel: packed (fixed size) or entropy (entropy-coded;"
+        " the same trajectories, fewer bytes)",
+    )
     parser.add_argument("--window", type=int, default=25, help="steps in the loss moving average")
     parser.add_argument(
         "--val-every", type=int, default=50, help="validate every N steps (0: only at the end)"
@@ -546,7 +553,9 @@ def _run_workload(args: argparse.Namespace, workload: Workload) -> dict[str, lis
                 flush=True,
             )
             try:
-                runs[method.label].append(workload.runner([*method.args, *common], timeout_s=args.timeout))
+                wire = [] if method.key == BASELINE else ["--wire", args.wire]
+                run_args = [*method.args, *wire, *common]
+                runs[method.label].append(workload.runner(run_args, timeout_s=args.timeout))
             except JobError as err:
                 if method.key == BASELINE:
                     raise
@@ -643,6 +652,13 @@ def _report(
         "",
         f"- command: `{command}` ({bench_s / 60:.1f} min in all)",
         f"- machine: {machine_description()}",
+        f"- wire format of the compressed methods: `{args.wire}`"
+        + (
+            " (entropy-coded messages: the trajectories are those of `packed`, bit for bit; the bytes are the"
+            " coded messages', with their length headers)"
+            if args.wire == "entropy"
+            else " (the compressors' fixed-size payloads)"
+        ),
         f"- loss: rank 0's training loss of each step (its own batch), trailing moving average over"
         f" {args.window} steps",
         "",

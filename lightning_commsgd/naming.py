@@ -57,6 +57,8 @@ ARGUMENTS: dict[str, Argument] = {
     "rates": Argument('unset shift_rate / model_rate from the "paper"\'s experiments or the "theory"'),
     "error_feedback": Argument("each rank adds its last compression error to its next gradient", "e_i"),
     "seed": Argument("base of the compressors' random streams (rank r: seed + 1 + r)"),
+    "wire": Argument('how compressed payloads travel: "packed" (fixed size) or "entropy" (entropy-coded, '
+                     "variable size; the same trajectory bit for bit)"),
     # outer optimizers (DiLoCo, Streaming DiLoCo, SlowMo)
     "outer_optimizer": Argument("builds the optimizer that steps the anchor with the mean pseudo-gradient "
                                 "(default: SGD lr 0.7, momentum 0.9, Nesterov)", "OuterOpt"),

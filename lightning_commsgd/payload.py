@@ -34,6 +34,7 @@ third of the averaged values at 2 bytes each (int4: 1.04 bytes per value over th
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -132,8 +133,9 @@ class CompressedPayload(PayloadCodec):
     def __init__(self, compressor: Compressor) -> None:
         self.compressor = compressor
         self.stochastic = compressor.unbiased
-        # block quantizers encode block by block, drawing one uniform per value in order
-        self.segment_align = compressor.block_size if isinstance(compressor, BlockInt8) else None
+        # block quantizers encode block by block, drawing one uniform per value in order, four per word of
+        # the generator (compression.base.uniform): pieces of whole blocks and whole words
+        self.segment_align = math.lcm(compressor.block_size, 4) if isinstance(compressor, BlockInt8) else None
 
     def payload_nbytes(self, numel: int) -> int:
         return self.compressor.payload_nbytes(numel)

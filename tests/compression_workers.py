@@ -14,6 +14,7 @@ from lightning_commsgd.compression import QSGD, Identity, PNormQuantizer, Random
 
 COMPRESSORS = {
     "pnorm": lambda: PNormQuantizer(float("inf"), 16),
+    "pnorm256": lambda: PNormQuantizer(float("inf"), 256),  # the DORE paper's blocks
     "qsgd": lambda: QSGD(levels=2, bucket_size=32),
     "identity": Identity,
     "topk": lambda: TopK(0.2),
@@ -36,6 +37,7 @@ def build(case: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.O
             eta=case.get("eta", 1.0),
             rates=case.get("rates", "paper"),
             seed=case.get("seed", 0),
+            wire=case.get("wire", "packed"),
         )
     return CompressedGradientSGD(
         [optimizer],
@@ -45,6 +47,7 @@ def build(case: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.O
         server_compressor=COMPRESSORS[case["server_compressor"]]() if case.get("server_compressor") else None,
         server=case.get("server", "replicated"),
         seed=case.get("seed", 0),
+        wire=case.get("wire", "packed"),
     )
 
 
@@ -167,3 +170,35 @@ def nan_worker(
             torch.equal(opt_before[k], v["momentum_buffer"]) for k, v in enumerate(optimizer.state.values())
         ),
     }
+
+
+def wire_worker(
+    rank: int, world_size: int, cases: list[dict[str, Any]], steps: int
+) -> dict[str, dict[str, Any]]:
+    """Each case under both wire formats on a 9.6k-parameter model (large enough for coding to pay):
+    the trajectory (every step's parameters) and the ledger's bytes."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    batches = [
+        (torch.randn(16, 64, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(steps)
+    ]
+    results: dict[str, dict[str, Any]] = {}
+    for case in cases:
+        for wire in ("packed", "entropy"):
+            torch.manual_seed(7)
+            model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            algorithm = build({**case, "wire": wire}, model, optimizer)
+            params = []
+            for x, y in batches:
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                algorithm.after_backward()
+                if algorithm.should_step:
+                    optimizer.step()
+                algorithm.after_optimizer_step()
+                params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+            results[f"{case['id']}-{wire}"] = {
+                "params": torch.stack(params),
+                "ledger": algorithm.communicator.ledger.as_dict(),
+            }
+    return results

@@ -42,6 +42,7 @@ from lightning.pytorch import Callback, Trainer  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy, Strategy  # noqa: E402
 
 from benchmarks.jobs import BARE_TRAINER  # noqa: E402
+from benchmarks.jobs.digits import CompressionOptions  # noqa: E402
 from benchmarks.jobs.digits import build_strategy as build_digits_strategy  # noqa: E402
 from examples.digits.data import DigitsDataModule  # noqa: E402
 from examples.digits.model import MLPClassifier  # noqa: E402
@@ -94,6 +95,10 @@ CONFIGS: dict[str, str] = {
     "qsgd": "CompressedSGDStrategy(QSGD(4 levels)), every step",
     "mem_sgd": "CompressedSGDStrategy(TopK(1%), error feedback), every step",
     "double_squeeze": "CompressedSGDStrategy(ScaledSign both ways, error feedback), every step",
+    **{
+        f"{name}_entropy": f'{name}, wire="entropy": entropy-coded payloads (the same trajectory)'
+        for name in ("dore", "diana", "qsgd", "mem_sgd", "double_squeeze")
+    },
 }
 
 
@@ -120,6 +125,8 @@ def build_strategy(name: str, tau: int) -> Strategy:
         raise ValueError(f"Arg `config` must be one of {sorted(CONFIGS)}, got {name!r}.")
     # "<family>_<payload>": the compressor is the name's suffix
     family, _, suffix = name.rpartition("_")
+    if suffix == "entropy":  # a compressed one with entropy-coded payloads
+        return build_digits_strategy(family, tau, compression=CompressionOptions(wire="entropy"))
     payload = suffix if suffix in CODEC_NAMES else None
     family = family if payload else name
     if family == "local_sgd_params":

@@ -189,6 +189,7 @@ class CompressionOptions:
         eta: DORE's error-compensation weight, its ``error_weight`` (default 1).
         rates: DORE's default alpha/beta: ``"paper"`` (0.1, 1) or ``"theory"`` (1/(2(C+1)), 1/(C_m+1)).
         seed: base of the compressors' random streams.
+        wire: how the payloads travel: ``"packed"`` or ``"entropy"`` (entropy-coded).
     """
 
     server: str | None = None
@@ -201,6 +202,7 @@ class CompressionOptions:
     eta: float | None = None
     rates: str = "paper"
     seed: int = 0
+    wire: str = "packed"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CompressionOptions:
@@ -220,6 +222,7 @@ class CompressionOptions:
             eta=args.dore_eta,
             rates=args.dore_rates or "paper",
             seed=args.seed,
+            wire=args.wire or "packed",
         )
 
 
@@ -284,6 +287,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="rank0 (a parameter server: gather up, broadcast down) or replicated (all-gather, every rank"
         " aggregates); default rank0 for dore, diana and double_squeeze, replicated for qsgd and mem_sgd",
+    )
+    compression.add_argument(
+        "--wire",
+        choices=("packed", "entropy"),
+        default=None,
+        help="how the payloads travel: packed (fixed size; default) or entropy (entropy-coded)",
     )
     compression.add_argument(
         "--compressor-block",
@@ -423,6 +432,7 @@ def _check_strategy_options(parser: argparse.ArgumentParser, args: argparse.Name
         ("--gossip-momentum", args.gossip_momentum, ("gossip",)),
         ("--alpha", args.alpha, ("elastic",)),
         ("--server", args.server, COMPRESSED_STRATEGIES),
+        ("--wire", args.wire, COMPRESSED_STRATEGIES),
         ("--compressor-block", args.compressor_block, ("dore", "diana", "double_squeeze")),
         ("--qsgd-levels", args.qsgd_levels, ("qsgd",)),
         ("--qsgd-bucket", args.qsgd_bucket, ("qsgd",)),
@@ -554,7 +564,7 @@ def build_strategy(
 def _build_compressed(name: str, options: CompressionOptions, ri_sgd: dict[str, Any]) -> Strategy:
     """One of :data:`COMPRESSED_STRATEGIES` from ``options`` (see :func:`build_strategy`)."""
     server = options.server or DEFAULT_SERVER[name]
-    common: dict[str, Any] = {"master": server, "seed": options.seed, **ri_sgd}
+    common: dict[str, Any] = {"master": server, "seed": options.seed, "wire": options.wire, **ri_sgd}
     if name in ("dore", "diana"):
         quantizer = PNormQuantizer(p=float("inf"), block_size=options.block)
         if name == "diana":

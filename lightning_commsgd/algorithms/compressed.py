@@ -27,9 +27,10 @@ from torch.optim import Optimizer
 
 from lightning_commsgd.algorithms.finite import NonFiniteError
 from lightning_commsgd.algorithms.protocol import CommAlgorithm
-from lightning_commsgd.comm import Communicator
+from lightning_commsgd.comm import Communicator, all_gather_varlen, broadcast_varlen, gather_varlen
 from lightning_commsgd.compression.base import Compressor
 from lightning_commsgd.compression.names import as_compressor
+from lightning_commsgd.compression.wire import WireFormat, as_wire_format
 from lightning_commsgd.flat import FlatBuffer
 
 __all__ = ["CompressedAlgorithm"]
@@ -45,6 +46,9 @@ class CompressedAlgorithm(CommAlgorithm):
             stream ``seed`` (the same on every rank, so replicated masters draw identically).
         buffers: floating-point module buffers (BatchNorm running statistics): not part of x, they stay
             per rank during training and are averaged once by :meth:`finalize` (tag ``final``).
+        wire: how payloads travel (:mod:`lightning_commsgd.compression.wire`): ``"packed"`` (default, the
+            compressor's fixed-size payload) or ``"entropy"`` (entropy-coded, variable size; the trajectory
+            is bit for bit the same, only bytes and time change).
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class CompressedAlgorithm(CommAlgorithm):
         seed: int = 0,
         *,
         buffers: Sequence[Tensor] = (),
+        wire: WireFormat | str = "packed",
     ) -> None:
         if len(optimizers) != 1:
             raise TypeError(
@@ -65,6 +70,7 @@ class CompressedAlgorithm(CommAlgorithm):
         if not self.params:
             raise ValueError("The optimizer has no parameters.")
         self.communicator = communicator
+        self.wire = as_wire_format(wire)
         self.rank, self.world_size = communicator.rank, communicator.world_size
         self.numel = sum(p.numel() for p in self.params)
         self.device = self.params[0].device
@@ -110,6 +116,33 @@ class CompressedAlgorithm(CommAlgorithm):
 
     def set_params(self, flat: Tensor) -> None:
         self._write(flat, into_grad=False)
+
+    # -- payloads on the wire: the wire format, and the collectives for its fixed or variable sizes ----
+    def to_wire(self, payload: Tensor, compressor: Compressor) -> Tensor:
+        return self.wire.pack(payload, compressor, self.numel)
+
+    def from_wire(self, data: Tensor, compressor: Compressor) -> Tensor:
+        return self.wire.unpack(data, compressor, self.numel)
+
+    def all_gather_messages(self, message: Tensor, tag: str) -> list[Tensor]:
+        if self.wire.variable_size:
+            return all_gather_varlen(self.communicator, message, tag=tag)
+        return self.communicator.all_gather(message, tag=tag)
+
+    def gather_messages(self, message: Tensor, tag: str) -> list[Tensor] | None:
+        """Every rank's message on rank 0 (``None`` elsewhere)."""
+        if self.wire.variable_size:
+            return gather_varlen(self.communicator, message, 0, tag=tag)
+        return self.communicator.gather(message, dst=0, tag=tag)
+
+    def broadcast_message(self, message: Tensor | None, fixed_size: int, tag: str) -> Tensor:
+        """Rank 0's ``message`` on every rank; elsewhere ``message`` is ``None`` and a packed wire's message
+        is known to be ``fixed_size`` bytes long."""
+        if self.wire.variable_size:
+            return broadcast_varlen(self.communicator, message, 0, tag=tag)
+        if message is None:
+            message = torch.zeros(fixed_size, dtype=torch.uint8, device=self.device)
+        return self.communicator.broadcast_(message, src=0, tag=tag)
 
     # -- the finite flag ------------------------------------------------------------------------------
     @staticmethod

@@ -9,6 +9,8 @@
   :class:`PendingLowpMean` and its helper thread).
 - :mod:`~lightning_commsgd.comm.lifecycle`: the process group's end (:func:`shutdown_process_group`,
   :func:`destroy_process_group_at_exit`, :func:`skip_group_destruction_at_exit`).
+- :mod:`~lightning_commsgd.comm.varlen`: collectives of byte messages whose length differs between ranks
+  (entropy-coded payloads).
 - :mod:`~lightning_commsgd.comm.ddp_baseline`: :func:`counting_ddp_allreduce_hook`, Lightning's
   ``DDPStrategy`` traffic counted for comparisons.
 """
@@ -21,14 +23,18 @@ from lightning_commsgd.comm.lifecycle import (
     shutdown_process_group,
     skip_group_destruction_at_exit,
 )
+from lightning_commsgd.comm.varlen import all_gather_varlen, broadcast_varlen, gather_varlen
 
 __all__ = [
     "Communicator",
     "PendingLowpMean",
     "PendingMean",
     "ReduceKind",
+    "all_gather_varlen",
+    "broadcast_varlen",
     "counting_ddp_allreduce_hook",
     "destroy_process_group_at_exit",
+    "gather_varlen",
     "shutdown_process_group",
     "skip_group_destruction_at_exit",
 ]

@@ -3,6 +3,14 @@
 A compressor's payload is one ``uint8`` tensor: what crosses the network is exactly its bytes. Codes of
 ``width`` bits (1..8) are packed densely, least significant bit first; ``ceil(count * width / 8)``
 bytes. Everything is plain tensor arithmetic, so it runs on CPU and CUDA alike.
+
+Speed (4 M codes on one CPU core; the bit-by-bit form took 30-100 ms): widths 1, 2 and 4 put code j of
+each byte from every (8 / width)-th code, one strided shift-OR per position (about 2 ms). The other widths
+use that eight codes of ``width`` bits fill exactly ``width`` bytes: the codes, one per byte, are read as
+64-bit words of eight codes each, and three shift-OR-mask steps on those words (pairs, quads, then all
+eight; "SIMD within a register") squeeze each word's codes into its low ``width`` bytes (about 4 ms).
+Unpacking runs the steps backwards. The words are read in the machine's byte order (little-endian on
+every platform torch supports).
 """
 
 from __future__ import annotations
@@ -25,27 +33,83 @@ def _check_width(width: int) -> None:
         raise ValueError(f"Arg `width` must be 1..8 bits, got {width}.")
 
 
-def pack_bits(codes: Tensor, width: int) -> Tensor:
-    """``codes`` (integers in ``[0, 2**width)``) packed into ``ceil(len * width / 8)`` bytes."""
+def _lanes(lane_bits: int, low_bits: int) -> int:
+    """A 64-bit mask with the low ``low_bits`` bits of every ``lane_bits``-bit lane set."""
+    return sum(((1 << low_bits) - 1) << shift for shift in range(0, 64, lane_bits))
+
+
+# the squeeze steps: lanes of 8, 16, 32 bits each hold one, two, four codes at their bottom; a step moves
+# the upper half-lane's codes (``half`` bits up) down next to the lower half's (``filled`` bits of codes)
+_HALVES = (8, 16, 32)
+
+
+def _code_bytes(codes: Tensor, count: int) -> Tensor:
+    """The codes as ``uint8`` (a view of ``uint8`` or ``bool`` codes), zero-padded to a multiple of 8."""
+    if codes.dtype == torch.bool:
+        codes = codes.view(torch.uint8)
+    if count % 8 == 0:
+        return codes.to(torch.uint8).contiguous()
+    padded = torch.zeros(count + (-count) % 8, dtype=torch.uint8, device=codes.device)
+    padded[:count] = codes
+    return padded
+
+
+def pack_bits(codes: Tensor, width: int, out: Tensor | None = None) -> Tensor:
+    """``codes`` (integers in ``[0, 2**width)``; ``uint8`` and ``bool`` are read without a copy) packed into
+    ``ceil(len * width / 8)`` bytes, least significant bit first; written into ``out`` (a ``uint8`` tensor of
+    that length) when given."""
     _check_width(width)
-    codes = codes.reshape(-1).to(torch.int32)
-    shifts = torch.arange(width, device=codes.device, dtype=torch.int32)
-    bits = ((codes.unsqueeze(1) >> shifts) & 1).reshape(-1).to(torch.uint8)
-    pad = (-bits.numel()) % 8
-    if pad:
-        bits = torch.cat([bits, bits.new_zeros(pad)])
-    weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32)).to(torch.uint8)
-    # at most 255 per byte: sum in int32, then narrow
-    return (bits.reshape(-1, 8).to(torch.int32) * weights.to(torch.int32)).sum(1).to(torch.uint8)
+    codes = codes.reshape(-1)
+    count = codes.numel()
+    nbytes = -(-count * width // 8)
+    if out is None:
+        out = torch.empty(nbytes, dtype=torch.uint8, device=codes.device)
+    if width == 8:
+        return out.copy_(codes)
+    raw = _code_bytes(codes, count)
+    if 8 % width == 0:  # 1, 2 or 4 bits: code j of each byte is every (8 / width)-th code, shifted
+        per_byte = 8 // width
+        first = raw[0::per_byte][:nbytes]
+        out.copy_(first)
+        for j in range(1, per_byte):
+            out.bitwise_or_(raw[j::per_byte][:nbytes] << (j * width))
+        return out
+    word = raw.view(torch.int64)
+    for step, half in enumerate(_HALVES):
+        filled = width << step  # bits of codes at the bottom of each half-lane
+        lanes = _lanes(2 * half, half)
+        upper = (word >> half).bitwise_and_(lanes)  # codes < 2^width <= 128: the sign bit is 0
+        word = (word & lanes).bitwise_or_(upper.bitwise_left_shift_(filled))
+    return out.copy_(word.view(torch.uint8).view(-1, 8)[:, :width].reshape(-1)[:nbytes])
 
 
 def unpack_bits(data: Tensor, width: int, count: int) -> Tensor:
-    """The first ``count`` codes of ``width`` bits from ``data`` (as int64)."""
+    """The first ``count`` codes of ``width`` bits from ``data``, as ``uint8``."""
     _check_width(width)
-    shifts = torch.arange(8, device=data.device, dtype=torch.int32)
-    bits = ((data.to(torch.int32).unsqueeze(1) >> shifts) & 1).reshape(-1)[: count * width]
-    weights = 1 << torch.arange(width, device=data.device, dtype=torch.int64)
-    return (bits.reshape(count, width).to(torch.int64) * weights).sum(1)
+    if width == 8:
+        return data.reshape(-1)[:count].to(torch.uint8)
+    if 8 % width == 0:
+        per_byte, mask = 8 // width, (1 << width) - 1
+        body = data.reshape(-1)[: -(-count * width // 8)]
+        codes = torch.empty(body.numel() * per_byte, dtype=torch.uint8, device=data.device)
+        for j in range(per_byte):
+            codes[j::per_byte] = (body >> (j * width)).bitwise_and_(mask)
+        return codes[:count]
+    groups = -(-count // 8)
+    raw = torch.zeros(groups, 8, dtype=torch.uint8, device=data.device)
+    body = data.reshape(-1)[: -(-count * width // 8)]
+    full = body.numel() // width
+    raw[:full, :width] = body[: full * width].view(full, width)
+    if full < groups:  # the last group's bytes, fewer than ``width``
+        tail = body[full * width :]
+        raw[full, : tail.numel()] = tail
+    word = raw.view(torch.int64).view(-1)
+    for step in reversed(range(len(_HALVES))):  # the squeeze steps undone, last first
+        half, filled = _HALVES[step], width << step
+        lanes = _lanes(2 * half, filled)
+        upper = (word >> filled).bitwise_and_(lanes)
+        word = (word & lanes).bitwise_or_(upper.bitwise_left_shift_(half))
+    return word.view(torch.uint8)[:count]
 
 
 def float32_to_bytes(values: Tensor) -> Tensor:

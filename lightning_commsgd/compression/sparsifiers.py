@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,17 +32,62 @@ def _k(ratio: float, numel: int) -> int:
     return min(numel, max(1, math.ceil(ratio * numel - 1e-9)))
 
 
-def _largest_first_index_ties(magnitude: Tensor, k: int) -> Tensor:
-    """Indices (increasing) of the ``k`` largest entries of ``magnitude``; among entries equal to the k-th
-    largest, the lowest indices win. NaN ranks as an infinite magnitude. O(d): a top-k finds the threshold."""
-    if k == 0:
-        return torch.zeros(0, dtype=torch.long, device=magnitude.device)
-    magnitude = torch.where(magnitude.isnan(), torch.full_like(magnitude, math.inf), magnitude)
+def _exact_largest(magnitude: Tensor, k: int) -> Tensor:
+    """Indices (increasing) of the ``k`` largest of ``magnitude`` (no NaN); the lowest indices win ties."""
     threshold = magnitude.topk(k, sorted=False).values.min()
     keep = magnitude > threshold
     tied = (magnitude == threshold).nonzero().squeeze(1)
     keep[tied[: k - int(keep.sum())]] = True
     return keep.nonzero().squeeze(1)
+
+
+# below this many entries, or when more than this fraction is kept, the plain top-k is as fast
+_SAMPLED_MIN_NUMEL = 1 << 14
+_SAMPLED_MAX_RATIO = 1 / 8
+
+
+def _largest_first_index_ties(magnitude: Tensor, k: int) -> Tensor:
+    """Indices (increasing) of the ``k`` largest entries of ``magnitude``; among entries equal to the k-th
+    largest, the lowest indices win. NaN ranks as an infinite magnitude.
+
+    Fast path: every 64th entry estimates a magnitude t that a little more than k entries reach; the exact
+    selection then runs on the entries >= t only. Whenever at least k entries reach t, those contain the k
+    largest and every entry tied with the k-th, so the result is exactly the full selection's (in index
+    order, so the tie rule holds); otherwise (an unrepresentative sample) the full selection runs.
+    """
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=magnitude.device)
+    magnitude = torch.nan_to_num(magnitude, nan=math.inf, posinf=math.inf)
+    numel = magnitude.numel()
+    if numel >= _SAMPLED_MIN_NUMEL and k <= numel * _SAMPLED_MAX_RATIO:
+        sample = magnitude[::64]
+        # the sample's share of k, with room for its error (about sqrt of the count)
+        expected = k * sample.numel() / numel
+        rank = min(sample.numel(), math.ceil(expected + 3 * math.sqrt(expected) + 8))
+        reach = sample.topk(rank, sorted=False).values.min()
+        candidates = (magnitude >= reach).nonzero().squeeze(1)
+        if candidates.numel() >= k:
+            return candidates[_exact_largest(magnitude[candidates], k)]
+    return _exact_largest(magnitude, k)
+
+
+def _sample_without_replacement(numel: int, k: int, generator: torch.Generator | None, device: Any) -> Tensor:
+    """``k`` distinct indices of ``[0, numel)``, every k-subset equally likely, in increasing order.
+
+    Sparse case (k <= numel / 4): k + a few indices drawn with replacement; their distinct values are a
+    uniformly random subset of their size (the draw is exchangeable), and a uniformly random k of them a
+    uniformly random k-subset; a draw with fewer than k distinct values is redrawn. O(k log k) instead of a
+    permutation of all numel indices.
+    """
+    if 4 * k > numel:
+        return torch.randperm(numel, generator=generator, device=device)[:k].sort().values
+    while True:
+        extra = 2 * k * k // numel + 32  # about k^2 / (2 numel) repeats are expected
+        distinct = torch.unique(torch.randint(0, numel, (k + extra,), generator=generator, device=device))
+        if distinct.numel() >= k:
+            break
+    chosen = torch.randperm(distinct.numel(), generator=generator, device=device)[:k]
+    return distinct[chosen.sort().values]
 
 
 class _Sparse(Compressor):
@@ -67,7 +113,7 @@ class _Sparse(Compressor):
 
 class RandomK(_Sparse):
     """Random-k sparsification: k = ceil(ratio d) coordinates chosen uniformly without replacement, scaled
-    by d / k so that E Q(x) = x; C = d / k - 1. Wire: 8k bytes.
+    by d / k so that E Q(x) = x; C = d / k - 1. Wire: 8k bytes, the indices in increasing order.
 
     Args:
         ratio: fraction of the coordinates kept, in (0, 1].
@@ -79,7 +125,7 @@ class RandomK(_Sparse):
         flat = x.detach().reshape(-1).float()
         numel = flat.numel()
         k = _k(self.ratio, numel)
-        indices = torch.randperm(numel, generator=generator, device=flat.device)[:k]
+        indices = _sample_without_replacement(numel, k, generator, flat.device)
         return self._pack(indices, flat[indices] * (numel / k))
 
     def variance_bound(self, numel: int) -> float:
@@ -146,15 +192,22 @@ class ScaledSign(Compressor):
         counts = torch.full((blocks.shape[0],), float(block), device=blocks.device)
         counts[-1] = numel - block * (blocks.shape[0] - 1)
         scales = blocks.abs().sum(dim=1) / counts
-        positive = (blocks >= 0).to(torch.int32).reshape(-1)[:numel]  # s(0) = +1: one bit has no zero
-        return torch.cat([float32_to_bytes(scales), pack_bits(positive, 1)])
+        positive = torch.ge(blocks, 0).view(-1)[:numel]  # s(0) = +1: one bit has no zero
+        payload = torch.empty(self.payload_nbytes(numel), dtype=torch.uint8, device=blocks.device)
+        payload[: 4 * scales.numel()] = float32_to_bytes(scales)
+        pack_bits(positive, 1, out=payload[4 * scales.numel() :])
+        return payload
 
     def decode(self, payload: Tensor, numel: int) -> Tensor:
         block = self._block(numel)
         nb = num_blocks(numel, block)
         scales = bytes_to_float32(payload[: 4 * nb])
-        sign = unpack_bits(payload[4 * nb :], 1, numel).to(torch.float32) * 2 - 1
-        return sign * scales.repeat_interleave(block)[:numel]
+        bits = unpack_bits(payload[4 * nb :], 1, numel)
+        values = torch.empty(nb * block, dtype=torch.float32, device=payload.device)
+        values[:numel].copy_(bits)
+        # (2 bit - 1) s = +-s, in place per block
+        scale = scales.unsqueeze(1)
+        return values.view(nb, block).mul_(2 * scale).sub_(scale).view(-1)[:numel]
 
     def contraction(self, numel: int) -> float:
         return 1 / self._block(numel)
