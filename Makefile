@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := lightning_commsgd tests examples benchmarks
 
-.PHONY: venv demo test test-extended test-oldest-lightning lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-codecs bench-cluster bench-diloco bench-ps clean distclean
+.PHONY: venv demo test test-extended test-oldest-lightning lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-codecs bench-cluster bench-diloco bench-ps bench-scaling clean distclean
 
 venv: $(STAMP)
 
@@ -94,6 +94,11 @@ bench-cluster: venv
 # Needs root, as bench-cluster: DDP, local SGD, DiLoCo and Streaming DiLoCo on a small LM and the digits MLP.
 bench-diloco: venv
 	$(VPY) -m benchmarks.bench_diloco $(BENCH_ARGS)
+
+# The scaling model's predicted curves (no root, seconds); BENCH_ARGS="--validate" checks it against emulated
+# clusters of 2, 3 and 4 nodes (root, as bench-cluster; a few minutes).
+bench-scaling: venv
+	$(VPY) -m benchmarks.bench_scaling $(BENCH_ARGS)
 
 # Caches and build leftovers; the virtualenv stays (see distclean).
 clean:

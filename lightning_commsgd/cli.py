@@ -208,7 +208,16 @@ def main(args: list[str] | None = None) -> None:
     configs run through ``python examples/digits/cli.py``, whose folder holds their model and data).
 
     A refused argument prints ``commsgd: error: <class>: <message>`` on stderr and exits with status 2.
+
+    ``commsgd plan ...`` runs the scaling model instead (:mod:`lightning_commsgd.planning.cli`: predicted
+    time per epoch of every strategy, recommended tau and payload format); no Trainer is built.
     """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "plan":
+        from lightning_commsgd.planning.cli import main as plan_main
+
+        plan_main(argv[1:])
+        return
     try:
         CommSGDCLI(
             LightningModule,
