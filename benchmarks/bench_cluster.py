@@ -193,16 +193,18 @@ def _run_nodes(
     label: str,
     devices: int = 1,
     copies: int = 1,
+    extra_env: dict[str, str] | None = None,
 ) -> float:
     """Start ``copies`` processes per node (``argv_for(node, copy)``; Lightning adds the node's other
-    ``devices - 1`` ranks itself), wait for all; returns the job's wall-clock. Raises on failure."""
+    ``devices - 1`` ranks itself; ``extra_env`` added to their environment), wait for all; returns the job's
+    wall-clock. Raises on failure."""
     start = time.perf_counter()
     procs, logs = [], []
     for node in range(cluster.nodes):
         for copy in range(copies):
             log = open(logdir / f"{label}_node{node}_{copy}.log", "w")  # noqa: SIM115  (closed below)
             logs.append(log)
-            env = _worker_env(cluster, node, port, devices)
+            env = {**_worker_env(cluster, node, port, devices), **(extra_env or {})}
             argv = argv_for(node, copy)
             procs.append(cluster.popen(node, argv, env=env, stdout=log, stderr=subprocess.STDOUT))
     try:

@@ -236,6 +236,30 @@ def _evaluate(model: MLPClassifier, data: DigitsDataModule) -> dict[str, float]:
     return out
 
 
+#: a folder: each rank runs fit under cProfile and writes its statistics there (benchmarks.profile_cluster)
+PROFILE_ENV = "COMMSGD_PROFILE_DIR"
+
+
+def _profiled_fit(trainer: Trainer, model: L.LightningModule, data: Any, folder: Path) -> None:
+    """``trainer.fit`` under cProfile; the rank's ``rank<r>.prof`` (pstats) and ``rank<r>.txt`` (the top
+    functions by own time and by cumulative time) go into ``folder``."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    trainer.fit(model, datamodule=data)
+    profiler.disable()
+    folder.mkdir(parents=True, exist_ok=True)
+    rank = trainer.global_rank
+    profiler.dump_stats(folder / f"rank{rank}.prof")
+    text = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(40)
+    (folder / f"rank{rank}.txt").write_text(text.getvalue())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -272,7 +296,11 @@ def main(argv: list[str] | None = None) -> None:
         trainer = Trainer(
             devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, callbacks=callbacks, **common
         )
-    trainer.fit(model, datamodule=data)
+    profile_dir = os.environ.get(PROFILE_ENV)
+    if profile_dir:
+        _profiled_fit(trainer, model, data, Path(profile_dir))
+    else:
+        trainer.fit(model, datamodule=data)
     train_seconds = time.perf_counter() - trace.start
     results: dict[str, Any] = {
         "config": "compute_floor" if args.no_communication else args.config,

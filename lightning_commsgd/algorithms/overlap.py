@@ -193,7 +193,8 @@ class OverlapAverager(PeriodicAlgorithm):
         # flags (divided by p with it): a replica that was poisoned when it sent raises on every rank here
         if self.compressor is not None:
             split = arrived.numel() - self._nonnegative  # the non-negative tail arrives as values
-            self.anchor = torch.cat([self.anchor[:split] + arrived[:split], arrived[split:]])
+            self.anchor[:split].add_(arrived[:split])  # in place: a round allocates nothing model-sized here
+            self.anchor[split:].copy_(arrived[split:])
         else:
             p = self.communicator.world_size
             self._check_flags(arrived[-p:] * p, self.communicator)
@@ -218,8 +219,10 @@ class OverlapAverager(PeriodicAlgorithm):
             self._snapshot = x.clone()
         if self.velocity is not None:
             lr = self._learning_rate()
-            self.velocity.mul_(self.beta).add_((self.anchor - x) / lr)
-            outgoing = self.anchor - lr * self.velocity
+            # the same arithmetic as (anchor - x) / lr and anchor - lr v, in one scratch buffer
+            scratch = torch.sub(self.anchor, x).div_(lr)
+            self.velocity.mul_(self.beta).add_(scratch)
+            outgoing = torch.sub(self.anchor, torch.mul(self.velocity, lr, out=scratch), out=scratch)
         else:
             outgoing = x.clone()
         self._unpack(tensors, x)
@@ -287,7 +290,7 @@ class OverlapAverager(PeriodicAlgorithm):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         device = self.anchor.device
-        self.anchor = state["anchor"].to(device)
+        self.anchor = state["anchor"].to(device).clone()  # updated in place by rounds: never the caller's
         self.velocity = None if state["velocity"] is None else state["velocity"].to(device)
         in_flight = state.get("in_flight")
         # the average was complete when saved (the mean, or the mean change with a compressor): it arrives

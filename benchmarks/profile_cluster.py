@@ -1,0 +1,81 @@
+"""Where a configuration's train loop goes on the emulated cluster: one run of ``jobs/cluster_worker.py``
+per node, optionally under cProfile (both nodes), with the ledger's time inside each collective.
+
+    sudo python -m benchmarks.profile_cluster --config local_sgd_int4 --rate 100mbit --max-steps 270
+
+Prints, for rank 0: the train loop, the compute floor's (each node alone, in the same cluster), the
+seconds inside collectives by ledger tag against their bytes / measured link rate, and the rest (per-step
+work outside collectives: Lightning, the strategy's hooks). With ``--profile`` each rank's cProfile
+statistics go to ``--out`` (``profile_<config>/rank<r>.txt``: the top functions by own and by cumulative
+time; ``rank<r>.prof`` for pstats). cProfile slows Python-heavy code, so a profiled run says where the
+time goes and an unprofiled one how much there is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_cluster import WORKER, _calibrate, _run_nodes
+from benchmarks.emulated_cluster import EmulatedCluster, check_available
+from benchmarks.jobs.cluster_worker import CONFIGS, PROFILE_ENV
+
+
+def _run(
+    cluster: EmulatedCluster, args: argparse.Namespace, config: str | None, folder: Path, port: int
+) -> dict[str, Any]:
+    """One run (``config`` None: the compute floor, every node alone); rank 0's results (the floor: the
+    slowest node's train loop)."""
+    label = config or "floor"
+    extra = ["--no-communication"] if config is None else ["--config", config]
+    common = [*extra, "--num-nodes", "2", "--tau", str(args.tau), "--max-steps", str(args.max_steps)]
+
+    def argv_for(node: int, _copy: int) -> list[str]:
+        return [sys.executable, "-m", WORKER, *common, "--json", str(folder / f"{label}_node{node}.json")]
+
+    env = {PROFILE_ENV: str(folder / f"profile_{label}")} if args.profile and config else None
+    _run_nodes(cluster, argv_for, port, 900, folder, label, extra_env=env)
+    rows = [json.loads(path.read_text()) for path in sorted(folder.glob(f"{label}_node*.json"))]
+    rows[0]["train_seconds"] = max(row["train_seconds"] for row in rows)
+    return rows[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), required=True)
+    parser.add_argument("--rate", default="100mbit")
+    parser.add_argument("--tau", type=int, default=8)
+    parser.add_argument("--max-steps", type=int, default=270)
+    parser.add_argument("--profile", action="store_true", help="run the configuration under cProfile")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the outputs (default: a temp dir)")
+    args = parser.parse_args(argv)
+    check_available()
+    folder = args.out or Path(tempfile.mkdtemp(prefix="commsgd_profile_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    with EmulatedCluster(nodes=2, rate=args.rate) as cluster:
+        rate = _calibrate(cluster, 29611, folder)
+        floor = _run(cluster, args, None, folder, 29612)
+        run = _run(cluster, args, args.config, folder, 29613)
+    print(f"{args.config} at {args.rate} (link {rate / 1e6:.2f} MB/s per direction), {args.max_steps} steps:")
+    print(f"  train loop {run['train_seconds']:.2f} s; compute floor {floor['train_seconds']:.2f} s")
+    inside = 0.0
+    for tag, stats in sorted(run["by_tag"].items(), key=lambda kv: -kv[1]["seconds"]):
+        moved = max(stats["bytes_sent"], stats["bytes_received"])
+        inside += stats["seconds"]
+        print(
+            f"  {tag:24s} {stats['seconds']:7.2f} s in {stats['collectives']:5d} calls;"
+            f" bytes / link rate {moved / rate:6.2f} s"
+        )
+    rest = run["train_seconds"] - floor["train_seconds"] - inside
+    print(f"  outside collectives, beyond the floor: {rest:.2f} s")
+    if args.profile:
+        print(f"  profiles: {folder}/profile_{args.config}/rank0.txt, rank1.txt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
