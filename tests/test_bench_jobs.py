@@ -110,3 +110,11 @@ def test_digits_job_dore_sends_a_fraction_of_ddps_bytes(tmp_path):
         trace[-1]["mean_round_bytes_sent"] == dore["mean_round_bytes_sent_per_rank"] == (payload + 2) * steps
     )
     assert trace[-1]["max_round_bytes_sent"] == (payload + 3) * steps
+
+
+def test_every_registered_strategy_is_timed_by_bench_overhead_or_has_no_local_step():
+    """A newly registered strategy must get an overhead mode, or be listed with why it has no local step."""
+    from benchmarks.jobs.overhead import MODES, NO_LOCAL_STEPS, unclassified
+
+    assert unclassified() == []
+    assert "plain" in MODES and "local_sgd_2" in MODES and NO_LOCAL_STEPS
