@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_commsgd.algorithms.finite import NonFiniteError
+from lightning_commsgd.algorithms.finite import NonFiniteError, all_finite
 from lightning_commsgd.algorithms.protocol import CommAlgorithm
 from lightning_commsgd.comm import Communicator, all_gather_varlen, broadcast_varlen, gather_varlen
 from lightning_commsgd.compression.base import Compressor
@@ -164,7 +164,7 @@ class CompressedAlgorithm(CommAlgorithm):
 
     @staticmethod
     def is_finite(x: Tensor) -> bool:
-        return bool(torch.isfinite(x).all())
+        return all_finite([x])  # max and min: no mask tensor (run on every step's gradient)
 
     @property
     def uncompressed_bytes_per_step(self) -> int:

@@ -275,8 +275,11 @@ class DoubleResidualCompression(CompressedAlgorithm):
                 self.raise_non_finite("gradient", bad)
             return  # rank 0: report it to the workers in the model phase, then raise
         mean_delta = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
-        for body in payloads:  # rank order: every replicated master sums identically
-            mean_delta += self.compressor.decode(self.from_wire(body, self.compressor), self.numel)
+        for r, body in enumerate(payloads):  # rank order: every replicated master sums identically
+            if r == self.rank and self._pending_delta is not None:  # its own payload, decoded already
+                mean_delta += self._pending_delta
+            else:
+                mean_delta += self.compressor.decode(self.from_wire(body, self.compressor), self.numel)
         mean_delta /= self.world_size
         assert self.h_master is not None and self.x_hat is not None
         self.set_grads(self.h_master + mean_delta)  # g_hat
