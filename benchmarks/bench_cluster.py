@@ -229,14 +229,15 @@ def _run_nodes(
     return wall
 
 
-def _calibrate(cluster: EmulatedCluster, port: int, logdir: Path) -> float:
-    out = logdir / "calibrate_node0_0.log"
+def run_script_on_nodes(cluster: EmulatedCluster, script: str, port: int, logdir: Path, label: str) -> str:
+    """Run the Python ``script`` on every node (``argv``: node, nodes, node 0's address, port); node 0's
+    output."""
     _run_nodes(
         cluster,
         lambda node, _copy: [
             sys.executable,
             "-c",
-            _CALIBRATE,
+            script,
             str(node),
             str(cluster.nodes),
             cluster.address(0),
@@ -245,9 +246,13 @@ def _calibrate(cluster: EmulatedCluster, port: int, logdir: Path) -> float:
         port,
         120,
         logdir,
-        "calibrate",
+        label,
     )
-    return float(out.read_text().strip().splitlines()[-1])
+    return (logdir / f"{label}_node0_0.log").read_text()
+
+
+def _calibrate(cluster: EmulatedCluster, port: int, logdir: Path) -> float:
+    return float(run_script_on_nodes(cluster, _CALIBRATE, port, logdir, "calibrate").strip().splitlines()[-1])
 
 
 def build_parser() -> argparse.ArgumentParser:

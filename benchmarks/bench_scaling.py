@@ -300,21 +300,9 @@ def plot_curves(args: argparse.Namespace) -> Path:
 
 
 def _calibrate_link(cluster: Any, port: int, logdir: Path) -> tuple[float, float]:
-    from benchmarks.bench_cluster import _run_nodes
+    from benchmarks.bench_cluster import run_script_on_nodes
 
-    def argv_for(node: int, _copy: int) -> list[str]:
-        return [
-            sys.executable,
-            "-c",
-            _CALIBRATE,
-            str(node),
-            str(cluster.nodes),
-            cluster.address(0),
-            str(port),
-        ]
-
-    _run_nodes(cluster, argv_for, port, 120, logdir, f"link{cluster.nodes}")
-    fields = (logdir / f"link{cluster.nodes}_node0_0.log").read_text().split()
+    fields = run_script_on_nodes(cluster, _CALIBRATE, port, logdir, f"link{cluster.nodes}").split()
     return float(fields[-2]), float(fields[-1])
 
 

@@ -166,6 +166,33 @@ class Prediction:
     rounds: float
     floor_seconds: float
 
+    @classmethod
+    def of_rounds(
+        cls,
+        strategy: str,
+        workers: int,
+        floor: float,
+        rounds: float,
+        seconds: float,
+        sent: float,
+        bottleneck: str,
+        busiest: float,
+    ) -> Prediction:
+        """An epoch of ``rounds`` identical rounds on top of the compute ``floor``: each adds ``seconds``
+        of unhidden communication, ``sent`` bytes per worker and ``busiest`` bytes on the ``bottleneck``."""
+        return cls(
+            strategy=strategy,
+            workers=workers,
+            epoch_seconds=floor + rounds * seconds,
+            compute_seconds=floor,
+            comm_seconds=rounds * seconds,
+            bytes_per_worker=rounds * sent,
+            bottleneck=bottleneck,
+            bottleneck_bytes=rounds * busiest,
+            rounds=float(rounds),
+            floor_seconds=floor,
+        )
+
     @property
     def slowdown(self) -> float:
         """Epoch time over the compute floor's (steps per worker x t_c): 1.0 is communication for free."""

@@ -151,18 +151,7 @@ class CompressedSGD:
             bottleneck, busiest = "every worker's link (ring all-gather)", (n - 1) * up
         floor = steps * workload.step_seconds
         sent = up if self.master == "rank0" else (n - 1) * up
-        return Prediction(
-            strategy=self.label,
-            workers=n,
-            epoch_seconds=floor + steps * seconds,
-            compute_seconds=floor,
-            comm_seconds=steps * seconds,
-            bytes_per_worker=steps * sent,
-            bottleneck=bottleneck,
-            bottleneck_bytes=steps * busiest,
-            rounds=float(steps),
-            floor_seconds=floor,
-        )
+        return Prediction.of_rounds(self.label, n, floor, steps, seconds, sent, bottleneck, busiest)
 
 
 def dore(

@@ -92,17 +92,8 @@ class DDP:
         seconds += (self.buckets(workload.params) - 1) * 2 * (n - 1) * link.latency
         unhidden = max(0.0, seconds - self.overlap * workload.step_seconds)
         floor = steps * workload.step_seconds
-        return Prediction(
-            strategy=self.label,
-            workers=n,
-            epoch_seconds=floor + steps * unhidden,
-            compute_seconds=floor,
-            comm_seconds=steps * unhidden,
-            bytes_per_worker=steps * sent,
-            bottleneck="every worker's link (ring all-reduce)",
-            bottleneck_bytes=steps * sent,
-            rounds=float(steps),
-            floor_seconds=floor,
+        return Prediction.of_rounds(
+            self.label, n, floor, steps, unhidden, sent, "every worker's link (ring all-reduce)", sent
         )
 
 
@@ -152,17 +143,8 @@ class Averaging:
             form = "ring all-reduce"
         else:
             form = "all-gather" if n == 2 else "reduce-scatter + all-gather"
-        return Prediction(
-            strategy=self.label,
-            workers=n,
-            epoch_seconds=floor + rounds * unhidden,
-            compute_seconds=floor,
-            comm_seconds=rounds * unhidden,
-            bytes_per_worker=rounds * sent,
-            bottleneck=f"every worker's link ({form})",
-            bottleneck_bytes=rounds * sent,
-            rounds=rounds,
-            floor_seconds=floor,
+        return Prediction.of_rounds(
+            self.label, n, floor, rounds, unhidden, sent, f"every worker's link ({form})", sent
         )
 
 
@@ -249,15 +231,7 @@ class Gossip:
         steps = workload.steps(n)
         rounds = steps / self.tau
         floor = steps * workload.step_seconds
-        return Prediction(
-            strategy=self.label,
-            workers=n,
-            epoch_seconds=floor + rounds * seconds,
-            compute_seconds=floor,
-            comm_seconds=rounds * seconds,
-            bytes_per_worker=rounds * degree * message,
-            bottleneck=f"each worker's link ({degree} message(s) a round)",
-            bottleneck_bytes=rounds * degree * message,
-            rounds=rounds,
-            floor_seconds=floor,
+        bottleneck = f"each worker's link ({degree} message(s) a round)"
+        return Prediction.of_rounds(
+            self.label, n, floor, rounds, seconds, degree * message, bottleneck, degree * message
         )
