@@ -129,7 +129,7 @@ class CompressedGradientSGD(CompressedAlgorithm):
             down = self.broadcast_message(down, size + self.world_size, tag="server_gradient")
             body, flags = down[: -self.world_size], down[-self.world_size :].tolist()
             bad = [r for r, flag in enumerate(flags) if flag]
-            if not bad:
+            if not bad and self.rank != 0:  # rank 0 keeps the payload it formed; the others decode it
                 aggregate_payload = self.from_wire(body, server_q)
         if bad:
             self.raise_non_finite("gradient", bad)
