@@ -7,7 +7,7 @@ Prints, for rank 0: the train loop, the compute floor's (each node alone, in the
 seconds inside collectives by ledger tag against their bytes / measured link rate, and the rest (per-step
 work outside collectives: Lightning, the strategy's hooks). With ``--profile`` each rank's cProfile
 statistics go to ``--out`` (``profile_<config>/rank<r>.txt``: the top functions by own and by cumulative
-time; ``rank<r>.prof`` for pstats). cProfile slows Python-heavy code, so a profiled run says where the
+time; ``rank<r>.prof`` for pstats), and the floor's to ``profile_floor/`` for a side-by-side diff. cProfile slows Python-heavy code, so a profiled run says where the
 time goes and an unprofiled one how much there is.
 """
 
@@ -37,7 +37,7 @@ def _run(
     def argv_for(node: int, _copy: int) -> list[str]:
         return [sys.executable, "-m", WORKER, *common, "--json", str(folder / f"{label}_node{node}.json")]
 
-    env = {PROFILE_ENV: str(folder / f"profile_{label}")} if args.profile and config else None
+    env = {PROFILE_ENV: str(folder / f"profile_{label}")} if args.profile else None
     _run_nodes(cluster, argv_for, port, 900, folder, label, extra_env=env)
     rows = [json.loads(path.read_text()) for path in sorted(folder.glob(f"{label}_node*.json"))]
     rows[0]["train_seconds"] = max(row["train_seconds"] for row in rows)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     rest = run["train_seconds"] - floor["train_seconds"] - inside
     print(f"  outside collectives, beyond the floor: {rest:.2f} s")
     if args.profile:
-        print(f"  profiles: {folder}/profile_{args.config}/rank0.txt, rank1.txt")
+        print(f"  profiles: {folder}/profile_{args.config}/rank0.txt, rank1.txt (the floor's: profile_floor/)")
     return 0
 
 

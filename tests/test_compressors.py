@@ -51,12 +51,35 @@ def _vectors(numel: int) -> dict[str, torch.Tensor]:
     return {"gaussian": torch.randn(numel, generator=g), "spike": spike, "sparse": sparse}
 
 
+@pytest.mark.parametrize("count", [1, 7, 8, 1001, 4096])
 @pytest.mark.parametrize("width", range(1, 9))
-def test_bit_packing_round_trips_every_width(width):
-    codes = torch.randint(0, 2**width, (1001,), generator=torch.Generator().manual_seed(width))
+def test_bit_packing_round_trips_every_width(width, count):
+    codes = torch.randint(0, 2**width, (count,), generator=torch.Generator().manual_seed(width))
     packed = pack_bits(codes, width)
-    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(1001 * width / 8)
-    assert torch.equal(unpack_bits(packed, width, 1001), codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(count * width / 8)
+    assert torch.equal(unpack_bits(packed, width, count), codes)
+    # the layout: code i at bits [i * width, (i + 1) * width) of the little-endian bit stream
+    bits = [(int(packed[b]) >> k) & 1 for b in range(packed.numel()) for k in range(8)]
+    expected = [(int(c) >> k) & 1 for c in codes for k in range(width)]
+    assert bits[: len(expected)] == expected and not any(bits[len(expected) :])
+
+
+def test_scratch_buffers_are_reused_per_thread_and_not_kept_when_large(monkeypatch):
+    import threading
+
+    from lightning_commsgd.compression import base
+
+    first = base.scratch("test", 100, torch.float32, torch.device("cpu"))
+    again = base.scratch("test", 50, torch.int64, torch.device("cpu"))
+    assert again.data_ptr() == first.data_ptr() and again.dtype == torch.int64 and again.numel() == 50
+    other: list[torch.Tensor] = []
+    thread = threading.Thread(target=lambda: other.append(base.scratch("test", 100, torch.float32, "cpu")))
+    thread.start()
+    thread.join()
+    assert other[0].data_ptr() != first.data_ptr()  # the helper thread encodes into its own buffers
+    monkeypatch.setattr(base, "SCRATCH_MAX_BYTES", 100)
+    big = base.scratch("test", 100, torch.float32, torch.device("cpu"))
+    assert big.data_ptr() != first.data_ptr() and big.numel() == 100
 
 
 @pytest.mark.parametrize("numel", SIZES)

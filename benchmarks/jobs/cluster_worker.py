@@ -99,6 +99,9 @@ CONFIGS: dict[str, str] = {
         f"{name}_entropy": f'{name}, wire="entropy": entropy-coded payloads (the same trajectory)'
         for name in ("dore", "diana", "qsgd", "mem_sgd", "double_squeeze")
     },
+    "dore_replicated": 'dore, master="replicated": every rank all-gathers the workers\' payloads and runs the '
+    "master's step itself (the same trajectory; no model payload goes down)",
+    "dore_replicated_entropy": 'dore_replicated, wire="entropy"',
 }
 
 
@@ -125,6 +128,11 @@ def build_strategy(name: str, tau: int) -> Strategy:
         raise ValueError(f"Arg `config` must be one of {sorted(CONFIGS)}, got {name!r}.")
     # "<family>_<payload>": the compressor is the name's suffix
     family, _, suffix = name.rpartition("_")
+    if family.endswith("_replicated"):  # a compressed one whose master's step runs on every rank
+        options = CompressionOptions(server="replicated", wire=suffix)
+        return build_digits_strategy(family.removesuffix("_replicated"), tau, compression=options)
+    if suffix == "replicated":
+        return build_digits_strategy(family, tau, compression=CompressionOptions(server="replicated"))
     if suffix == "entropy":  # a compressed one with entropy-coded payloads
         return build_digits_strategy(family, tau, compression=CompressionOptions(wire="entropy"))
     payload = suffix if suffix in CODEC_NAMES else None

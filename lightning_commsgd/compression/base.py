@@ -15,6 +15,7 @@ Error constants, as the DORE/DIANA papers state them:
 from __future__ import annotations
 
 import math
+import threading
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -106,13 +107,42 @@ class Identity(Compressor):
         return 1.0
 
 
+#: a CPU work buffer larger than this is allocated per call instead of kept (a model of 64 M values and
+#: more would keep 256 MB per buffer and thread; at that size a call's own work dwarfs its page faults)
+SCRATCH_MAX_BYTES = 256 * 2**20
+_scratch = threading.local()
+
+
+def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A buffer of ``numel`` values that this thread's encodes reuse under ``name`` (contents undefined).
+
+    Why: on CPU a fresh model-sized buffer costs its page faults, about 1 ms per 5 MB, because glibc returns
+    freed memory above its trim threshold to the kernel: an encode that allocates three or four such
+    buffers spent a third of its time faulting pages in. The buffers are per thread (the averaging helper
+    thread encodes while the training thread does) and must not outlive the call that took them; on CUDA
+    (whose caching allocator already reuses memory) and above :data:`SCRATCH_MAX_BYTES` a fresh buffer is
+    returned."""
+    nbytes = numel * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes > SCRATCH_MAX_BYTES:
+        return torch.empty(numel, dtype=dtype, device=device)
+    buffers: dict[str, Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    held = buffers.get(name)
+    if held is None or held.numel() < nbytes:
+        held = buffers[name] = torch.empty(nbytes, dtype=torch.uint8)
+    return held[:nbytes].view(dtype)
+
+
 def blocks_of(x: Tensor, block_size: int) -> Tensor:
-    """``x`` flattened to fp32 and zero-padded into ``(ceil(numel / block_size), block_size)``."""
+    """``x`` flattened to fp32 and zero-padded into ``(ceil(numel / block_size), block_size)`` (a view of
+    ``x`` when no padding is needed, else a :func:`scratch` buffer: read it within the call)."""
     flat = x.detach().reshape(-1).float()
     num_blocks = max(1, math.ceil(flat.numel() / block_size))
     pad = num_blocks * block_size - flat.numel()
     if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
+        padded = scratch("blocks_of", num_blocks * block_size, torch.float32, flat.device)
+        padded[: flat.numel()].copy_(flat)
+        padded[flat.numel() :].zero_()
+        flat = padded
     return flat.view(num_blocks, block_size)
 
 
@@ -136,11 +166,12 @@ def uniform(
     value misses v by at most 2^-17 of a quantization step (torch.rand's own grid is 2^-24; fp32 holds
     v / scale to 2^-24 relative), which no compressor's variance or any test can see.
 
-    ``offset`` is added for free (it folds into the affine map from the 16-bit lanes).
+    ``offset`` is added for free (it folds into the affine map from the 16-bit lanes). The samples live in a
+    :func:`scratch` buffer: the caller uses them up within its call.
     """
     numel = math.prod(shape)
-    words = torch.empty(-(-numel // 4), dtype=torch.int64, device=like.device)
+    words = scratch("uniform_words", -(-numel // 4), torch.int64, like.device)
     words.random_(-(2**63), None, generator=generator)  # all 64 bits (the default range leaves the top bit 0)
-    samples = torch.empty(shape, dtype=torch.float32, device=like.device)
+    samples = scratch("uniform_samples", numel, torch.float32, like.device).view(shape)
     samples.view(-1).copy_(words.view(torch.int16)[:numel])  # k - 2^15
     return samples.mul_(2.0**-UNIFORM_BITS).add_(0.5 + 2.0 ** -(UNIFORM_BITS + 1) + offset)

@@ -56,9 +56,9 @@ class PNormQuantizer(Compressor):
     """Blockwise p-norm quantization (Mishchenko et al. 2019, used by DIANA and DORE): in each block,
     Q(x)_j = ||x||_p sign(x_j) xi_j with xi_j ~ Bernoulli(|x_j| / ||x||_p). Unbiased.
 
-    Wire format per tensor of d values: one fp32 norm per block, then every value as a 2-bit code (0: 0,
-    1: +norm, 2: -norm): ``4 ceil(d / block_size) + ceil(d / 4)`` bytes (about 16x smaller than fp32 for
-    block_size 256). Most codes are 0 (for Gaussian values in blocks of 256, about 70%): their entropy is
+    Wire format per tensor of d values: one fp32 norm per block, then every value as a 2-bit code, xi_j + 1
+    (0: -norm, 1: 0, 2: +norm): ``4 ceil(d / block_size) + ceil(d / 4)`` bytes (about 16x smaller than fp32 for
+    block_size 256). Most codes are 1 (value 0; for Gaussian values in blocks of 256, about 70%): their entropy is
     about 1.2 bits, which the ``"entropy"`` wire format (:mod:`lightning_commsgd.compression.wire`) reaches.
 
     Variance constant over a block of b values (b = min(block_size, d)): C = (sqrt(b) - 1) / 2 for
@@ -84,13 +84,14 @@ class PNormQuantizer(Compressor):
         numel = x.numel()
         blocks = blocks_of(x, self.block_size)
         norms = _absmax(blocks) if math.isinf(self.p) else torch.linalg.vector_norm(blocks, ord=self.p, dim=1)
-        # x_j is kept (as sign(x_j) ||x||_p) when u_j ||x||_p < |x_j|: probability |x_j| / ||x||_p; a zero
-        # block has threshold 0 and keeps nothing
-        threshold = uniform(tuple(blocks.shape), blocks, generator).mul_(norms.unsqueeze(1))
-        plus = torch.gt(blocks, threshold).view(torch.uint8)  # bool read as bytes, no copy
-        minus = torch.lt(blocks, threshold.neg_()).view(torch.uint8)
-        # codes 0 (zero), 1 (+norm), 2 (-norm)
-        codes = plus.bitwise_or_(minus.bitwise_left_shift_(1)).view(-1)[:numel]
+        inverse = 1 / torch.where(norms > 0, norms, torch.ones_like(norms))  # a zero block keeps nothing
+        # v = x_j / ||x||_p lies in [-1, 1], and floor(v + u) is sign(x_j) with probability |v|, else 0:
+        # Mishchenko et al.'s xi_j. Computed as the truncation of v + u + 1 (> 0: u >= 2^-17), so the code
+        # is that value + 1 in {0, 1, 2} (one addcmul and one conversion: a third of comparing |x_j| with
+        # u ||x||_p and assembling sign and keep bits). The clamp (on bytes) guards fp32's v = 1 + ulp.
+        shifted = uniform(tuple(blocks.shape), blocks, generator, offset=1.0)
+        shifted.addcmul_(blocks, inverse.unsqueeze(1))
+        codes = shifted.to(torch.int8).view(torch.uint8).clamp_(max=2).view(-1)[:numel]
         payload, body = _payload(norms, math.ceil(2 * numel / 8))
         pack_bits(codes, 2, out=body)
         return payload
@@ -99,10 +100,7 @@ class PNormQuantizer(Compressor):
         nb = num_blocks(numel, self.block_size)
         norms = bytes_to_float32(payload[: 4 * nb])
         codes = unpack_bits(payload[4 * nb :], 2, numel)
-        # code 0, 1, 2 -> 0, +1, -1: (code & 1) - (code >> 1), in place on the bytes
-        minus = codes >> 1
-        ternary = codes.bitwise_and_(1).view(torch.int8).sub_(minus.view(torch.int8))
-        return _scaled_by_block(ternary, norms, self.block_size, numel)
+        return _scaled_by_block(codes, norms, self.block_size, numel, offset=1.0)  # (code - 1) ||x||_p
 
     def variance_bound(self, numel: int) -> float:
         b = min(self.block_size, max(numel, 1))
