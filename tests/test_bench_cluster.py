@@ -165,3 +165,28 @@ def test_short_run_on_two_emulated_nodes(tmp_path):
     assert float(rows["local_sgd"]["MB sent per rank (ledger)"]) < 0.5 * float(
         rows["ddp"]["MB sent per rank (ledger)"]
     )
+
+
+def test_codec_seconds_counts_each_encode_and_decode_once(tmp_path):
+    import cProfile
+    import time
+
+    import torch
+
+    from benchmarks.profile_cluster import codec_seconds
+    from lightning_commsgd.payload import payload_codec
+
+    codec = payload_codec("int4")  # its encode calls BlockInt4.encode: nested, counted once
+    x = torch.randn(200_000)
+    generator = torch.Generator().manual_seed(0)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(5):
+        codec.decode(codec.encode(x, generator), x.numel())
+    time.sleep(0.05)  # not codec work
+    profiler.disable()
+    elapsed = time.perf_counter() - start
+    profiler.dump_stats(tmp_path / "rank0.prof")
+    seconds = codec_seconds(tmp_path / "rank0.prof")
+    assert 0 < seconds < elapsed - 0.045

@@ -358,3 +358,14 @@ def test_scaled_sign_sends_an_exact_zero_as_plus_one_and_scales_a_partial_block_
     doc = ScaledSign.__doc__ or ""
     assert "+1" in doc and "partial last block" in doc
     assert "lowest indices" in (TopK.__doc__ or "")
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("compressor", [*UNBIASED, *BIASED], ids=repr)
+def test_decode_into_writes_exactly_what_decode_returns(compressor, numel):
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    payload = compressor.encode(x, torch.Generator().manual_seed(1))
+    out = torch.full((numel,), float("nan"))
+    result = compressor.decode_into(payload, numel, out)
+    assert result.data_ptr() == out.data_ptr()  # written in place, nothing left of the old contents
+    assert torch.equal(out, compressor.decode(payload, numel))

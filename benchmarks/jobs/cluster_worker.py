@@ -88,6 +88,9 @@ CONFIGS: dict[str, str] = {
     ),
     "overlap_cocod": 'OverlapLocalSGDStrategy(tau, correction="cocod"): params, fp32, in the background',
     "overlap_cocod_bf16": 'OverlapLocalSGDStrategy(tau, correction="cocod", compressor="bf16")',
+    "overlap_cocod_int4": (
+        'OverlapLocalSGDStrategy(tau, correction="cocod", compressor="int4"): 4-bit changes'
+    ),
     "gossip": "DecentralizedSGDStrategy(ring, tau)",
     "elastic": "ElasticAveragingStrategy(tau)",
     "dore": "DoubleResidualStrategy (2-bit inf-norm quantizer both ways), every step",
@@ -99,8 +102,10 @@ CONFIGS: dict[str, str] = {
         f"{name}_entropy": f'{name}, wire="entropy": entropy-coded payloads (the same trajectory)'
         for name in ("dore", "diana", "qsgd", "mem_sgd", "double_squeeze")
     },
-    "dore_replicated": 'dore, master="replicated": every rank all-gathers the workers\' payloads and runs the '
-    "master's step itself (the same trajectory; no model payload goes down)",
+    "dore_replicated": (
+        'dore, master="replicated": every rank all-gathers the workers\' payloads and runs the master\'s step'
+        " itself (the same trajectory; no model payload goes down)"
+    ),
     "dore_replicated_entropy": 'dore_replicated, wire="entropy"',
 }
 

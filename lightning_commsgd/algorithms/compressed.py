@@ -83,17 +83,30 @@ class CompressedAlgorithm(CommAlgorithm):
         self.last_consensus: tuple[int, float] | None = None
 
     # -- flat views ---------------------------------------------------------------------------------
-    def flat_grads(self) -> Tensor:
+    def flat_grads(self, out: Tensor | None = None) -> Tensor:
         """g: the parameters' gradients in one fp32 vector (a parameter without a gradient counts as 0,
-        so every rank sends the same layout)."""
+        so every rank sends the same layout); written into ``out`` when given (see :meth:`step_buffer`)."""
         parts = [
             (p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
             for p in self.params
         ]
-        return torch.cat(parts)
+        return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
 
-    def flat_params(self) -> Tensor:
-        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
+    def flat_params(self, out: Tensor | None = None) -> Tensor:
+        parts = [p.detach().reshape(-1).float() for p in self.params]
+        return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
+
+    def step_buffer(self, name: str) -> Tensor:
+        """A model-sized fp32 vector for work within one step, the same one every step under ``name`` on
+        CPU (its contents do not survive into a later use of the name); a fresh one on an accelerator, whose
+        caching allocator reuses memory anyway. Why: on CPU each fresh model-sized vector costs its page
+        faults (about 1 ms per 5 MB), several times per step on the critical path of a per-step method."""
+        if self.device.type != "cpu":
+            return torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        buffers = self.__dict__.setdefault("_step_buffers", {})
+        if name not in buffers:
+            buffers[name] = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        return buffers[name]
 
     def _write(self, flat: Tensor, into_grad: bool) -> None:
         """Copy ``flat`` into the parameters (or their ``.grad``), cast to each parameter's dtype."""

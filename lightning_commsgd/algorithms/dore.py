@@ -251,16 +251,17 @@ class DoubleResidualCompression(CompressedAlgorithm):
         assert self.h_local is not None
         if self.x_hat is None:
             self.x_hat = self.flat_params()
-        grad = self.flat_grads()  # a fresh vector: the steps below reuse it in place
+        grad = self.flat_grads(out=self.step_buffer("grad"))  # the steps below reuse it in place
         finite = self.is_finite(grad)
         delta = grad.sub_(self.h_local) if finite else grad.zero_()
         payload = self.compressor.encode(delta, self.worker_generator)
-        self._pending_delta = self.compressor.decode(payload, self.numel)
         message = self.with_status(self.to_wire(payload, self.compressor), finite)
         if self.server == "replicated":
             messages: list[Tensor] | None = self.all_gather_messages(message, tag="dore_gradient")
         else:
             messages = self.gather_messages(message, tag="dore_gradient")
+        # Delta_hat_i, decoded once the message has left: a worker decodes it while the master works
+        self._pending_delta = self.compressor.decode_into(payload, self.numel, self.step_buffer("own_delta"))
         self._bad_gradient_ranks = []
         if messages is None:  # a worker in rank0 mode: the master's verdict comes with q_hat
             return
@@ -280,7 +281,8 @@ class DoubleResidualCompression(CompressedAlgorithm):
             if r == self.rank and self._pending_delta is not None:  # its own payload, decoded already
                 mean_delta += self._pending_delta
             else:
-                mean_delta += self.compressor.decode(self.from_wire(body, self.compressor), self.numel)
+                payload = self.from_wire(body, self.compressor)
+                mean_delta += self.compressor.decode_into(payload, self.numel, self.step_buffer("peer_delta"))
         mean_delta /= self.world_size
         assert self.h_master is not None and self.x_hat is not None
         self.set_grads(torch.add(self.h_master, mean_delta, out=grad))  # g_hat (grad's buffer is free)
@@ -298,18 +300,19 @@ class DoubleResidualCompression(CompressedAlgorithm):
     def after_optimizer_step(self) -> bool:
         """q, q_hat, e and x_hat on the master; q_hat to the workers (rank0 mode); parameters <- x_hat."""
         assert self.x_hat is not None and self.h_local is not None
-        q_hat: Tensor | None = None
+        # the master's model payload: decoded (q_hat, e) only once the workers have it, so that they do not
+        # wait for the decode; e stays untouched until the broadcast said every rank is finite
+        own_payload: Tensor | None = None
+        q: Tensor | None = None
         if self.steps_optimizer:
             bad = list(self._bad_gradient_ranks)
             if not bad:
                 assert self.error is not None
                 # q = x_{k+1} - x_hat + eta e, in place on a fresh vector (e untouched until q is finite)
                 eta_e = torch.mul(self.error, self.eta, out=self._scratch())
-                q = self.flat_params().sub_(self.x_hat).add_(eta_e)
+                q = self.flat_params(out=self.step_buffer("q")).sub_(self.x_hat).add_(eta_e)
                 if self.is_finite(q):
-                    payload = self.model_compressor.encode(q, self.master_generator)
-                    q_hat = self.model_compressor.decode(payload, self.numel)
-                    torch.sub(q, q_hat, out=self.error)
+                    payload = own_payload = self.model_compressor.encode(q, self.master_generator)
                 else:
                     payload = torch.zeros(self.model_compressor.payload_nbytes(self.numel), dtype=torch.uint8)
                     bad = [-1]  # the master's own model residual
@@ -328,11 +331,15 @@ class DoubleResidualCompression(CompressedAlgorithm):
             if bad:
                 what = "model residual" if -1 in bad else "gradient"
                 self.raise_non_finite(what, [0] if -1 in bad else bad)
-            if q_hat is None:
-                q_hat = self.model_compressor.decode(self.from_wire(body, self.model_compressor), self.numel)
-        elif q_hat is None:  # replicated: the master residual itself was not finite, identically everywhere
+            if own_payload is None:  # a worker
+                own_payload = self.from_wire(body, self.model_compressor)
+        elif own_payload is None:  # replicated: the master residual was not finite, identically everywhere
             self.raise_non_finite("model residual", list(range(self.world_size)))
-        assert q_hat is not None and self._pending_delta is not None
+        assert own_payload is not None and self._pending_delta is not None
+        q_hat = self.model_compressor.decode_into(own_payload, self.numel, self.step_buffer("q_hat"))
+        if q is not None:  # a master: e = q - q_hat
+            assert self.error is not None
+            torch.sub(q, q_hat, out=self.error)
         self.x_hat += q_hat.mul_(self.beta)  # q_hat and Delta_hat_i are fresh and used up here
         self.h_local += self._pending_delta.mul_(self.alpha)
         self._pending_delta = None

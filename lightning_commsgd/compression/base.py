@@ -68,6 +68,12 @@ class Compressor(ABC):
     def decode(self, payload: Tensor, numel: int) -> Tensor:
         """Q(x) as a 1-D fp32 tensor of ``numel`` values, on the payload's device."""
 
+    def decode_into(self, payload: Tensor, numel: int, out: Tensor) -> Tensor:
+        """:meth:`decode` written into ``out`` (``numel`` fp32 values on the payload's device), which is
+        returned. Callers that decode every step into one buffer use it: on CPU a fresh model-sized result
+        costs its page faults. This default copies; the quantizers write in place."""
+        return out.copy_(self.decode(payload, numel))
+
     def compress(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``decode(encode(x))``: what the receiving side will see."""
         return self.decode(self.encode(x, generator), x.numel())

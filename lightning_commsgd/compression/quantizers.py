@@ -26,22 +26,32 @@ def _absmax(blocks: Tensor) -> Tensor:
 
 
 def _scaled_by_block(
-    codes: Tensor, scales: Tensor, block_size: int, numel: int, offset: float = 0.0
+    codes: Tensor, scales: Tensor, block_size: int, numel: int, offset: float = 0.0, out: Tensor | None = None
 ) -> Tensor:
-    """fp32 ``(codes - offset) * scale of the code's block`` for ``numel`` integer codes.
+    """fp32 ``(codes - offset) * scale of the code's block`` for ``numel`` integer codes (into ``out``, a
+    contiguous fp32 vector of ``numel`` values, when given).
 
     Speed: one conversion into a fresh buffer, then in-place broadcast multiplies over the zero-padded
     blocks (on CPU an in-place broadcast is 4x faster than one that allocates its result, and a
     repeat_interleave of the scales costs twice as much).
     """
     nb = scales.numel()
-    values = torch.empty(nb * block_size, dtype=torch.float32, device=codes.device)
-    values[:numel].copy_(codes)
-    values[numel:].fill_(offset)
-    per_block = values.view(nb, block_size)
+    full = numel // block_size
+    if out is None or full == nb:  # no partial block, or a fresh result with room for the padding
+        values = out if out is not None else torch.empty(nb * block_size, device=codes.device)
+        values[:numel].copy_(codes)
+        values[numel:].fill_(offset)
+        per_block = values.view(nb, block_size)
+        if offset:
+            per_block.sub_(offset)
+        return per_block.mul_(scales.unsqueeze(1)).view(-1)[:numel]
+    # into ``out`` with a partial last block: the full blocks in place, the tail on its own
+    out.copy_(codes)
     if offset:
-        per_block.sub_(offset)
-    return per_block.mul_(scales.unsqueeze(1)).view(-1)[:numel]
+        out.sub_(offset)
+    out[: full * block_size].view(full, block_size).mul_(scales[:full].unsqueeze(1))
+    out[full * block_size :].mul_(scales[full])
+    return out
 
 
 def _payload(side: Tensor, codes_nbytes: int) -> tuple[Tensor, Tensor]:
@@ -56,10 +66,11 @@ class PNormQuantizer(Compressor):
     """Blockwise p-norm quantization (Mishchenko et al. 2019, used by DIANA and DORE): in each block,
     Q(x)_j = ||x||_p sign(x_j) xi_j with xi_j ~ Bernoulli(|x_j| / ||x||_p). Unbiased.
 
-    Wire format per tensor of d values: one fp32 norm per block, then every value as a 2-bit code, xi_j + 1
-    (0: -norm, 1: 0, 2: +norm): ``4 ceil(d / block_size) + ceil(d / 4)`` bytes (about 16x smaller than fp32 for
-    block_size 256). Most codes are 1 (value 0; for Gaussian values in blocks of 256, about 70%): their entropy is
-    about 1.2 bits, which the ``"entropy"`` wire format (:mod:`lightning_commsgd.compression.wire`) reaches.
+    Wire format per tensor of d values: one fp32 norm per block, then every value as a 2-bit code,
+    sign(x_j) xi_j + 1 (0: -norm, 1: 0, 2: +norm): ``4 ceil(d / block_size) + ceil(d / 4)`` bytes (about 16x
+    smaller than fp32 for block_size 256). Most codes are 1 (value 0; for Gaussian values in blocks of 256,
+    about 70%): their entropy is about 1.2 bits, which the ``"entropy"`` wire format
+    (:mod:`lightning_commsgd.compression.wire`) reaches.
 
     Variance constant over a block of b values (b = min(block_size, d)): C = (sqrt(b) - 1) / 2 for
     p = inf, sqrt(b) - 1 for 2 <= p < inf, b^(1/p) - 1 for 1 <= p < 2.
@@ -97,10 +108,16 @@ class PNormQuantizer(Compressor):
         return payload
 
     def decode(self, payload: Tensor, numel: int) -> Tensor:
+        return self._decode(payload, numel, None)
+
+    def decode_into(self, payload: Tensor, numel: int, out: Tensor) -> Tensor:
+        return self._decode(payload, numel, out)
+
+    def _decode(self, payload: Tensor, numel: int, out: Tensor | None) -> Tensor:
         nb = num_blocks(numel, self.block_size)
         norms = bytes_to_float32(payload[: 4 * nb])
         codes = unpack_bits(payload[4 * nb :], 2, numel)
-        return _scaled_by_block(codes, norms, self.block_size, numel, offset=1.0)  # (code - 1) ||x||_p
+        return _scaled_by_block(codes, norms, self.block_size, numel, offset=1.0, out=out)  # (code - 1) norm
 
     def variance_bound(self, numel: int) -> float:
         b = min(self.block_size, max(numel, 1))
@@ -219,10 +236,17 @@ class BlockInt8(Compressor):
         return payload
 
     def decode(self, payload: Tensor, numel: int) -> Tensor:
+        return self._decode(payload, numel, None)
+
+    def decode_into(self, payload: Tensor, numel: int, out: Tensor) -> Tensor:
+        return self._decode(payload, numel, out)
+
+    def _decode(self, payload: Tensor, numel: int, out: Tensor | None) -> Tensor:
         nb = num_blocks(numel, self.block_size)
         scales = bytes_to_float32(payload[: 4 * nb])
         codes = self._unpack(payload[4 * nb : 4 * nb + self._codes_nbytes(numel)], numel)
-        return _scaled_by_block(codes, scales, self.block_size, numel, offset=self.LEVELS)  # (q + L - L) s
+        # (q + L - L) s
+        return _scaled_by_block(codes, scales, self.block_size, numel, offset=self.LEVELS, out=out)
 
     def variance_bound(self, numel: int) -> float:
         b = min(self.block_size, max(numel, 1))
