@@ -67,7 +67,9 @@ def test_entropy_wire_round_trips_every_payload_bit_for_bit(compressor, numel):
     [
         # inf-norm ternary codes in blocks of 256 (DORE's): mostly zeros, four codes per byte
         (PNormQuantizer(), 2.125, 1.07, 1.35),
-        (QSGD(levels=4), 4.0625, 1.12, 1.9),
+        # QSGD-4: codes sign(x) l + s, mostly s (level 0), two per byte; Huffman's whole bits per byte pair
+        # stay about 1.5x over their low entropy (0.8 bits), at 1.2 bits per value
+        (QSGD(levels=4), 4.0625, 1.6, 1.3),
         (BlockInt4(), 4.5, 1.02, 4.1),
         # top-k 1%: per kept entry, the gap to the previous index (about log2(e / 0.01) = 8.1 bits) and fp32
         (TopK(0.01), 0.64, 1.0, 0.4),

@@ -1,7 +1,7 @@
 """The empirical entropy of a payload's codes: the size a memoryless entropy coder could reach.
 
 For each compressor the payload splits into *side values* (fp32 block norms and scales, the sparsifiers'
-kept values) counted at their 32 bits, and *codes* (ternary codes, QSGD sign-and-level codes, int8 / int4
+kept values) counted at their 32 bits, and *codes* (ternary codes, QSGD signed-level codes, int8 / int4
 codes, sign bits, the gaps between sorted indices, 16-bit cast values) whose zeroth-order empirical
 entropy sum_i -log2(count_i / N) over the payload's own histogram is the bound. A coder that sees codes
 jointly (four ternary codes per byte) can go below it where neighbouring codes are correlated; one that

@@ -132,8 +132,12 @@ class QSGD(Compressor):
     """QSGD (Alistarh et al. 2017) with s levels per bucket: Q(x)_j = ||x||_2 sign(x_j) l_j / s, l_j the
     stochastic rounding of s |x_j| / ||x||_2 to an integer in [0, s]. Unbiased.
 
-    Wire format: one fp32 norm per bucket, then a sign bit and ceil(log2(s + 1)) level bits per value:
-    ``4 ceil(d / bucket_size) + ceil(d (1 + ceil(log2(s + 1))) / 8)`` bytes.
+    Wire format: one fp32 norm per bucket, then per value the signed level plus s, sign(x_j) l_j + s in
+    [0, 2s], in ceil(log2(2 s + 1)) = 1 + ceil(log2(s + 1)) bits (the size of a sign bit and the level bits,
+    without their two zeros): ``4 ceil(d / bucket_size) + ceil(d (1 + ceil(log2(s + 1))) / 8)`` bytes.
+    sign(x_j) l_j is the stochastic rounding of s x_j / ||x||_2 itself (floor(v + u) rounds -n - f down with
+    probability f, as rounding |v| up would), computed as the truncation of v + u + s, so the encoder needs
+    neither |x| nor the signs.
 
     Variance constant (the QSGD paper's Lemma 3.1 over a bucket of b values): C = min(b / s^2, sqrt(b) / s).
 
@@ -162,12 +166,11 @@ class QSGD(Compressor):
         blocks = blocks_of(x, self.bucket_size)
         norms = torch.linalg.vector_norm(blocks, dim=1)
         levels_per_unit = self.levels / torch.where(norms > 0, norms, torch.ones_like(norms))
-        # floor(s |x_j| / ||x||_2 + u), by truncation (it is >= 0); the clamp (on bytes, cheap) only guards
-        # against s + u rounding up to s + 1 in fp32
-        levels = uniform(tuple(blocks.shape), blocks, generator)
-        levels.addcmul_(blocks.abs(), levels_per_unit.unsqueeze(1))
-        codes = levels.to(torch.int16).to(torch.uint8).clamp_(max=self.levels).bitwise_left_shift_(1)
-        codes.bitwise_or_(torch.lt(blocks, 0).view(torch.uint8))
+        # floor(s x_j / ||x||_2 + u) + s, by truncation of a value >= 0 (u >= 2^-17 and s x_j / ||x||_2 >=
+        # -s up to fp32 rounding); the clamp (on bytes, cheap) only guards 2s + u rounding up to 2s + 1
+        shifted = uniform(tuple(blocks.shape), blocks, generator, offset=self.levels)
+        shifted.addcmul_(blocks, levels_per_unit.unsqueeze(1))
+        codes = shifted.to(torch.int16).to(torch.uint8).clamp_(max=2 * self.levels)
         payload, body = _payload(norms, math.ceil(numel * self._width / 8))
         pack_bits(codes.view(-1)[:numel], self._width, out=body)
         return payload
@@ -176,10 +179,8 @@ class QSGD(Compressor):
         nb = num_blocks(numel, self.bucket_size)
         norms = bytes_to_float32(payload[: 4 * nb])
         codes = unpack_bits(payload[4 * nb :], self._width, numel)
-        negative = (codes & 1).view(torch.int8)
-        # two's complement: level XOR -1 plus 1 is -level, for the negative ones only
-        signed = codes.bitwise_right_shift_(1).view(torch.int8).bitwise_xor_(-negative).add_(negative)
-        return _scaled_by_block(signed, norms / self.levels, self.bucket_size, numel)
+        # (sign(x_j) l_j + s - s) ||x||_2 / s
+        return _scaled_by_block(codes, norms / self.levels, self.bucket_size, numel, offset=self.levels)
 
     def variance_bound(self, numel: int) -> float:
         b = min(self.bucket_size, max(numel, 1))
