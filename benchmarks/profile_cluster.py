@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -79,14 +80,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=270)
     parser.add_argument("--profile", action="store_true", help="run the configuration under cProfile")
     parser.add_argument("--out", type=Path, default=None, help="folder for the outputs (default: a temp dir)")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        help="floor and configuration runs back to back, this many times: each pair's ratio is taken within"
+        " minutes of one machine state (a shared VM drifts 10-30%% between blocks of runs)",
+    )
     args = parser.parse_args(argv)
+    if args.pairs < 1:
+        raise ValueError(f"Arg `pairs` must be >= 1, got {args.pairs}.")
     check_available()
     folder = args.out or Path(tempfile.mkdtemp(prefix="commsgd_profile_"))
     folder.mkdir(parents=True, exist_ok=True)
+    ratios: list[float] = []
     with EmulatedCluster(nodes=2, rate=args.rate) as cluster:
         rate = _calibrate(cluster, 29611, folder)
-        floor = _run(cluster, args, None, folder, 29612)
-        run = _run(cluster, args, args.config, folder, 29613)
+        for pair in range(args.pairs):
+            floor = _run(cluster, args, None, folder, 29612 + 2 * pair)
+            run = _run(cluster, args, args.config, folder, 29613 + 2 * pair)
+            ratios.append(run["train_seconds"] / floor["train_seconds"])
+            if args.pairs > 1:
+                print(
+                    f"  pair {pair}: train loop {run['train_seconds']:.2f} s,"
+                    f" floor {floor['train_seconds']:.2f} s: {ratios[-1]:.3f}x",
+                    flush=True,
+                )
+    if args.pairs > 1:
+        print(
+            f"  train loop / floor over {args.pairs} pairs: {statistics.mean(ratios):.3f}x"
+            f" (sd {statistics.stdev(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f});"
+            " the last pair:"
+        )
     print(f"{args.config} at {args.rate} (link {rate / 1e6:.2f} MB/s per direction), {args.max_steps} steps:")
     print(
         f"  train loop {run['train_seconds']:.2f} s; compute floor {floor['train_seconds']:.2f} s"
