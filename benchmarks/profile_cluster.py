@@ -7,9 +7,10 @@ Prints, for rank 0: the train loop, the compute floor's (each node alone, in the
 seconds inside collectives by ledger tag against their bytes / measured link rate, and the rest (per-step
 work outside collectives: Lightning, the strategy's hooks). With ``--profile`` each rank's cProfile
 statistics go to ``--out`` (``profile_<config>/rank<r>.txt``: the top functions by own and by cumulative
-time; ``rank<r>.prof`` for pstats), and the floor's to ``profile_floor/`` for a side-by-side diff.
-cProfile slows Python-heavy code, so a profiled run says where the time goes and an unprofiled one how
-much there is.
+time; ``rank<r>.prof`` for pstats), and the floor's to ``profile_floor/`` for a side-by-side diff (one
+node's: each node of the floor runs alone as rank 0, so the last to finish writes ``rank0``). cProfile
+slows Python-heavy code, so a profiled run says where the time goes and an unprofiled one how much there
+is.
 """
 
 from __future__ import annotations

@@ -110,6 +110,10 @@ def test_every_configuration_builds_its_strategy(name):
     if name.startswith("local_sgd") or name == "hierarchical":
         assert isinstance(strategy, LocalSGDStrategy) and strategy.tau == 8
         assert codec_name(strategy.compressor) == _codec_of(name)
+    if name.startswith("dore"):
+        config = strategy.algorithm_config
+        assert config.master == ("replicated" if "replicated" in name else "rank0")
+        assert type(config.wire).__name__ == ("EntropyWire" if name.endswith("_entropy") else "PackedWire")
 
 
 def test_unknown_configuration():
@@ -190,3 +194,10 @@ def test_codec_seconds_counts_each_encode_and_decode_once(tmp_path):
     profiler.dump_stats(tmp_path / "rank0.prof")
     seconds = codec_seconds(tmp_path / "rank0.prof")
     assert 0 < seconds < elapsed - 0.045
+
+
+def test_profile_cluster_refuses_fewer_than_one_pair_before_touching_the_cluster():
+    from benchmarks import profile_cluster
+
+    with pytest.raises(ValueError, match="pairs"):
+        profile_cluster.main(["--config", "dore", "--pairs", "0"])

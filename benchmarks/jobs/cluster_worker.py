@@ -132,14 +132,15 @@ def build_strategy(name: str, tau: int) -> Strategy:
     if name not in CONFIGS:
         raise ValueError(f"Arg `config` must be one of {sorted(CONFIGS)}, got {name!r}.")
     # "<family>_<payload>": the compressor is the name's suffix
+    # a compressed one: "<name>[_replicated][_entropy]" (master's step on every rank; entropy-coded payloads)
+    base = name.removesuffix("_entropy")
+    wire = "entropy" if base != name else "packed"
+    compressed = base.removesuffix("_replicated")
+    if compressed != name:
+        server = "replicated" if compressed != base else None
+        options = CompressionOptions(server=server, wire=wire)
+        return build_digits_strategy(compressed, tau, compression=options)
     family, _, suffix = name.rpartition("_")
-    if family.endswith("_replicated"):  # a compressed one whose master's step runs on every rank
-        options = CompressionOptions(server="replicated", wire=suffix)
-        return build_digits_strategy(family.removesuffix("_replicated"), tau, compression=options)
-    if suffix == "replicated":
-        return build_digits_strategy(family, tau, compression=CompressionOptions(server="replicated"))
-    if suffix == "entropy":  # a compressed one with entropy-coded payloads
-        return build_digits_strategy(family, tau, compression=CompressionOptions(wire="entropy"))
     payload = suffix if suffix in CODEC_NAMES else None
     family = family if payload else name
     if family == "local_sgd_params":
