@@ -234,3 +234,15 @@ def test_dore_with_redundant_data_matches_the_reference(run_worker, tmp_path):
         make_net(100), _sgd, batches, mse, PNORM, PNORM, alpha=0.1, beta=1.0, eta=1.0
     )
     assert _max_diff(records, reference) <= 1e-6
+
+
+def test_step_buffers_are_model_sized_and_reused_on_cpu():
+    """DORE's per-step vectors come from ``step_buffer``: on CPU the same fp32 vector under a name every step
+    (a fresh model-sized vector a step costs its page faults), a distinct one per name."""
+    algorithm = _dore_algorithm(DoubleResidualStrategy(PNORM))
+    grad = algorithm.step_buffer("grad")
+    assert grad.dtype == torch.float32 and grad.numel() == algorithm.numel
+    assert algorithm.step_buffer("grad").data_ptr() == grad.data_ptr()
+    assert algorithm.step_buffer("q_hat").data_ptr() != grad.data_ptr()
+    flat = algorithm.flat_params(out=grad)
+    assert flat.data_ptr() == grad.data_ptr() and torch.equal(flat, algorithm.flat_params())

@@ -90,11 +90,10 @@ class CompressedAlgorithm(CommAlgorithm):
             (p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
             for p in self.params
         ]
-        return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
+        return torch.cat(parts, out=out)
 
     def flat_params(self, out: Tensor | None = None) -> Tensor:
-        parts = [p.detach().reshape(-1).float() for p in self.params]
-        return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
+        return torch.cat([p.detach().reshape(-1).float() for p in self.params], out=out)
 
     def step_buffer(self, name: str) -> Tensor:
         """A model-sized fp32 vector for work within one step, the same one every step under ``name`` on

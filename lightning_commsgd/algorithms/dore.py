@@ -227,7 +227,6 @@ class DoubleResidualCompression(CompressedAlgorithm):
         self.h_master: Tensor | None = zeros.clone() if is_master else None  # h
         self.error: Tensor | None = zeros.clone() if is_master else None  # e
         self._pending_delta: Tensor | None = None  # Delta_hat_i, applied to h_i once the step is known good
-        self._scratch_buffer: Tensor | None = None
         self._bad_gradient_ranks: list[int] = []
 
     round_tags = ("dore_gradient", "dore_model", "final")
@@ -276,7 +275,7 @@ class DoubleResidualCompression(CompressedAlgorithm):
             if self.server == "replicated":
                 self.raise_non_finite("gradient", bad)
             return  # rank 0: report it to the workers in the model phase, then raise
-        mean_delta = self._scratch().zero_()
+        mean_delta = self.step_buffer("master").zero_()
         for r, body in enumerate(payloads):  # rank order: every replicated master sums identically
             if r == self.rank and self._pending_delta is not None:  # its own payload, decoded already
                 mean_delta += self._pending_delta
@@ -288,13 +287,6 @@ class DoubleResidualCompression(CompressedAlgorithm):
         self.set_grads(torch.add(self.h_master, mean_delta, out=grad))  # g_hat (grad's buffer is free)
         self.h_master += mean_delta.mul_(self.alpha)
         self.set_params(self.x_hat)  # the optimizer steps from x_hat_k
-
-    def _scratch(self) -> Tensor:
-        """A model-sized fp32 buffer the master reuses every step (a fresh one per step costs its page
-        faults: about 1 ms per 5 MB on CPU)."""
-        if self._scratch_buffer is None:
-            self._scratch_buffer = torch.empty(self.numel, dtype=torch.float32, device=self.device)
-        return self._scratch_buffer
 
     # -- the master's model residual, then every rank's x_hat -----------------------------------------------
     def after_optimizer_step(self) -> bool:
@@ -309,7 +301,8 @@ class DoubleResidualCompression(CompressedAlgorithm):
             if not bad:
                 assert self.error is not None
                 # q = x_{k+1} - x_hat + eta e, in place on a fresh vector (e untouched until q is finite)
-                eta_e = torch.mul(self.error, self.eta, out=self._scratch())
+                # (the buffer that held the mean Delta_hat in after_backward: used up there)
+                eta_e = torch.mul(self.error, self.eta, out=self.step_buffer("master"))
                 q = self.flat_params(out=self.step_buffer("q")).sub_(self.x_hat).add_(eta_e)
                 if self.is_finite(q):
                     payload = own_payload = self.model_compressor.encode(q, self.master_generator)

@@ -52,11 +52,6 @@ def _fold_shifts(width: int) -> list[int]:
     return [(8 - width) << k for k in range((8 // width).bit_length() - 1)]
 
 
-def _signed(mask: int, bits: int) -> int:
-    """``mask`` as the two's complement value of a ``bits``-bit signed integer (torch's scalar type)."""
-    return mask - (1 << bits) if mask >= 1 << (bits - 1) else mask
-
-
 def _pack_lanes(raw: Tensor, width: int, nbytes: int, out: Tensor) -> Tensor:
     lane_bytes = 8 // width
     lane = raw.view(_LANE_TYPES[width])  # codes < 2^width: the lanes' sign bits are 0
@@ -71,9 +66,10 @@ def _unpack_lanes(body: Tensor, width: int, count: int) -> Tensor:
     lane.view(torch.uint8)[0::lane_bytes] = body
     for k, shift in reversed(list(enumerate(_fold_shifts(width)))):
         # undo fold k: the codes move back up, and each (8 << k)-bit group keeps its low (width << k) bits
-        group = 8 << k
-        mask = sum(((1 << (width << k)) - 1) << start for start in range(0, bits, group))
-        lane = (lane << shift).bitwise_or_(lane).bitwise_and_(_signed(mask, bits))
+        mask = _lanes(8 << k, width << k) & ((1 << bits) - 1)
+        if mask >= 1 << (bits - 1):  # as the two's complement value of the signed lane type
+            mask -= 1 << bits
+        lane = (lane << shift).bitwise_or_(lane).bitwise_and_(mask)
     return lane.view(torch.uint8)[:count]
 
 

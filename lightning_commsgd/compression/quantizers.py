@@ -4,6 +4,7 @@ blockwise 8-bit and 4-bit absmax quantization (the int8 / int4 payloads of the a
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 
 import torch
 from torch import Tensor
@@ -62,7 +63,22 @@ def _payload(side: Tensor, codes_nbytes: int) -> tuple[Tensor, Tensor]:
     return payload, payload[head:]
 
 
-class PNormQuantizer(Compressor):
+class _BlockScaled(Compressor):
+    """A quantizer whose decode is integer codes times their block's scale (:func:`_scaled_by_block`):
+    :meth:`decode` and :meth:`decode_into` are both its ``_decode``, into a fresh vector or into ``out``."""
+
+    def decode(self, payload: Tensor, numel: int) -> Tensor:
+        return self._decode(payload, numel, None)
+
+    def decode_into(self, payload: Tensor, numel: int, out: Tensor) -> Tensor:
+        return self._decode(payload, numel, out)
+
+    @abstractmethod
+    def _decode(self, payload: Tensor, numel: int, out: Tensor | None) -> Tensor:
+        """Q(x) from ``payload``, written into ``out`` when given."""
+
+
+class PNormQuantizer(_BlockScaled):
     """Blockwise p-norm quantization (Mishchenko et al. 2019, used by DIANA and DORE): in each block,
     Q(x)_j = ||x||_p sign(x_j) xi_j with xi_j ~ Bernoulli(|x_j| / ||x||_p). Unbiased.
 
@@ -107,12 +123,6 @@ class PNormQuantizer(Compressor):
         pack_bits(codes, 2, out=body)
         return payload
 
-    def decode(self, payload: Tensor, numel: int) -> Tensor:
-        return self._decode(payload, numel, None)
-
-    def decode_into(self, payload: Tensor, numel: int, out: Tensor) -> Tensor:
-        return self._decode(payload, numel, out)
-
     def _decode(self, payload: Tensor, numel: int, out: Tensor | None) -> Tensor:
         nb = num_blocks(numel, self.block_size)
         norms = bytes_to_float32(payload[: 4 * nb])
@@ -128,7 +138,7 @@ class PNormQuantizer(Compressor):
         return b ** (1 / self.p) - 1
 
 
-class QSGD(Compressor):
+class QSGD(_BlockScaled):
     """QSGD (Alistarh et al. 2017) with s levels per bucket: Q(x)_j = ||x||_2 sign(x_j) l_j / s, l_j the
     stochastic rounding of s |x_j| / ||x||_2 to an integer in [0, s]. Unbiased.
 
@@ -175,19 +185,20 @@ class QSGD(Compressor):
         pack_bits(codes.view(-1)[:numel], self._width, out=body)
         return payload
 
-    def decode(self, payload: Tensor, numel: int) -> Tensor:
+    def _decode(self, payload: Tensor, numel: int, out: Tensor | None) -> Tensor:
         nb = num_blocks(numel, self.bucket_size)
         norms = bytes_to_float32(payload[: 4 * nb])
         codes = unpack_bits(payload[4 * nb :], self._width, numel)
         # (sign(x_j) l_j + s - s) ||x||_2 / s
-        return _scaled_by_block(codes, norms / self.levels, self.bucket_size, numel, offset=self.levels)
+        scales = norms / self.levels
+        return _scaled_by_block(codes, scales, self.bucket_size, numel, offset=self.levels, out=out)
 
     def variance_bound(self, numel: int) -> float:
         b = min(self.bucket_size, max(numel, 1))
         return min(b / self.levels**2, math.sqrt(b) / self.levels)
 
 
-class BlockInt8(Compressor):
+class BlockInt8(_BlockScaled):
     """Blockwise 8-bit quantization with stochastic rounding: in each block of b values, the scale is
     s = max_j |x_j| / L and Q(x)_j = s q_j, q_j the stochastic rounding of x_j / s to an integer in
     [-L, L] (floor(x_j / s + u), u ~ U[0, 1)), L = 127 levels each side. Unbiased, and each value's error
@@ -235,12 +246,6 @@ class BlockInt8(Compressor):
         payload, body = _payload(scales, self._codes_nbytes(numel))
         self._pack_into(shifted.view(-1)[:numel], body)
         return payload
-
-    def decode(self, payload: Tensor, numel: int) -> Tensor:
-        return self._decode(payload, numel, None)
-
-    def decode_into(self, payload: Tensor, numel: int, out: Tensor) -> Tensor:
-        return self._decode(payload, numel, out)
 
     def _decode(self, payload: Tensor, numel: int, out: Tensor | None) -> Tensor:
         nb = num_blocks(numel, self.block_size)
