@@ -22,6 +22,7 @@ records:
     sudo python -m benchmarks.bench_cluster                        # 100mbit and 1gbit, every config
     sudo python -m benchmarks.bench_cluster --rates 100mbit --configs ddp local_sgd overlap_bf16
     sudo python -m benchmarks.bench_cluster --rates 1gbit --seeds 0 1 2 3 4   # final loss over 5 seeds
+    sudo python -m benchmarks.bench_cluster --rates none 1gbit --configs dore   # + the link-free work
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ __all__ = [
     "loss_cells",
     "main",
     "merge_seeds",
+    "bound_seconds",
+    "is_serial_chain",
     "predicted_seconds",
     "smoothed",
     "steps_per_epoch",
@@ -91,6 +94,18 @@ OVERLAP_CONFIGS = (
     "overlap_cocod",
     "overlap_cocod_bf16",
 )
+# gather up to rank 0, then broadcast down: the two directions follow each other on the link
+SERIAL_CHAIN_CONFIGS = ("dore", "diana", "double_squeeze")
+FREE_LINK = "none"  # --rates none: no tbf (the bare veth), to measure what the link does not cost
+
+
+def is_serial_chain(config: str) -> bool:
+    """Whether ``config`` sends its bytes up and down one after the other every step (a master on rank 0:
+    gather, then broadcast), so that both directions' wire time adds, instead of the full-duplex
+    all-reduce / all-gather whose directions overlap."""
+    return config.removesuffix("_entropy") in SERIAL_CHAIN_CONFIGS
+
+
 # a timed all-reduce between the namespaces: bytes per second of payload per direction
 _CALIBRATE = """
 import sys, time, torch, torch.distributed as dist
@@ -135,8 +150,12 @@ def predicted_seconds(
     floor_s: float, row: dict[str, Any], bandwidth: float, tau: int, steps: int
 ) -> tuple[float, float | None]:
     """(blocking, overlapped) predictions: floor + bytes / B, and for the overlap strategies floor +
-    rounds x max(0, bytes per round / B - tau x step time). Bytes: rank 0's larger direction."""
-    moved = max(row["bytes_sent"], row["bytes_received"])
+    rounds x max(0, bytes per round / B - tau x step time). Bytes: rank 0's larger direction, or both
+    directions for a serial chain (:func:`is_serial_chain`)."""
+    if is_serial_chain(row["config"]):
+        moved = row["bytes_sent"] + row["bytes_received"]
+    else:
+        moved = max(row["bytes_sent"], row["bytes_received"])
     blocking = floor_s + moved / bandwidth
     if row["config"] not in OVERLAP_CONFIGS:
         return blocking, None
@@ -147,6 +166,62 @@ def predicted_seconds(
     hidden = tau * floor_s / steps
     rest = moved - max(stats["bytes_sent"], stats["bytes_received"])  # setup, final average
     return blocking, floor_s + stats["rounds"] * max(0.0, per_round - hidden) + rest / bandwidth
+
+
+def bound_seconds(floor_s: float, row: dict[str, Any], bandwidth: float, tau: int, steps: int) -> float:
+    """A configuration's bound: the compute floor plus the wire time it does not hide (the overlapped
+    prediction where there is one, else the blocking one; see :func:`predicted_seconds`)."""
+    blocking, overlapped = predicted_seconds(floor_s, row, bandwidth, tau, steps)
+    return blocking if overlapped is None else overlapped
+
+
+def cpu_breakdown(sections: list[dict[str, Any]], tau: int, steps: int) -> str | None:
+    """A table of where each configuration's time beyond its bound goes, when ``--rates`` had
+    :data:`FREE_LINK`: on the bare link a configuration's train loop minus its bound there is the work the
+    link does not explain (codecs, residual arithmetic, copies, thread hand-offs, Lightning's per-step
+    work, on the one core of a node); adding it to the bound at each shaped rate gives the CPU-inclusive
+    bound the measured loop is compared with."""
+    free = next((s for s in sections if s["rate"] == FREE_LINK), None)
+    if free is None or len(sections) < 2:
+        return None
+    free_rows = {row["config"]: row for row in free["rows"]}
+    free_floor = free_rows["compute_floor"]["train_seconds"]
+    cells = []
+    for section in sections:
+        if section is free:
+            continue
+        floor = section["rows"][0]["train_seconds"]
+        for row in section["rows"][1:]:
+            free_row = free_rows.get(row["config"])
+            if free_row is None:
+                continue
+            free_bound = bound_seconds(free_floor, free_row, free["bandwidth"], tau, steps)
+            cpu = free_row["train_seconds"] - free_bound
+            bound = bound_seconds(floor, row, section["bandwidth"], tau, steps)
+            loop = row["train_seconds"]
+            cells.append(
+                [
+                    row["config"],
+                    section["rate"],
+                    f"{loop:.1f}",
+                    f"{bound:.1f}",
+                    f"{loop / bound:.2f}",
+                    f"{cpu:.1f}",
+                    f"{bound + cpu:.1f}",
+                    f"{loop / (bound + cpu):.2f}",
+                ]
+            )
+    headers = [
+        "configuration",
+        "rate",
+        "train loop s",
+        "bound s (floor + unhidden wire)",
+        "loop / bound",
+        "beyond the bound on the bare link s",
+        "bound + that s",
+        "loop / (bound + that)",
+    ]
+    return markdown_table(headers, cells)
 
 
 def merge_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -259,7 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"], help="link rates (tc syntax)")
+    parser.add_argument(
+        "--rates",
+        nargs="+",
+        default=["100mbit", "1gbit"],
+        help="link rates (tc syntax); 'none': the bare link (no tbf), which adds a table of the work"
+        " beyond each bound",
+    )
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="configurations to run")
     parser.add_argument("--nodes", type=int, default=2, help="emulated nodes")
     parser.add_argument("--devices", type=int, default=1, help="processes per node (hierarchical needs > 1)")
@@ -338,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     sections, port, failures = [], 29700, []
     logdir = Path(tempfile.mkdtemp(prefix="bench_cluster_"))
     for rate in args.rates:
-        with EmulatedCluster(nodes=args.nodes, rate=rate) as cluster:
+        with EmulatedCluster(nodes=args.nodes, rate=None if rate == FREE_LINK else rate) as cluster:
             port += 1
             bandwidth = _calibrate(cluster, port, logdir)
             print(
@@ -477,7 +558,14 @@ def _section(
         )
     pngs = _plots(rate, rows, args, logdir) if plots else []
     table = markdown_table(headers, cells)
-    return {"rate": rate, "bandwidth": bandwidth, "table": table, "plots": pngs, "params": floor["params"]}
+    return {
+        "rate": rate,
+        "bandwidth": bandwidth,
+        "table": table,
+        "plots": pngs,
+        "params": floor["params"],
+        "rows": rows,
+    }
 
 
 def _plots(rate: str, rows: list[dict[str, Any]], args: argparse.Namespace, logdir: Path) -> list[Path]:
@@ -545,11 +633,25 @@ def _report(args: argparse.Namespace, argv: list[str], steps: int, sections: lis
             *plots_note(section["plots"]),
             "",
         ]
+    breakdown = cpu_breakdown(sections, args.tau, steps) if args.devices == 1 else None
+    if breakdown is not None:
+        lines += [
+            "## Beyond the bound: the work the link does not explain",
+            "",
+            f"On the bare link (`{FREE_LINK}`: no tbf) a configuration's train loop minus its bound there"
+            " is its work on the node's one core that no wire time explains (codecs, residual arithmetic,"
+            " copies, thread hand-offs, Lightning's per-step work); the bound + that is the CPU-inclusive"
+            " bound at each shaped rate.",
+            "",
+            breakdown,
+            "",
+        ]
     lines += [
         "Columns: job s = both processes from start to exit (imports, rendezvous, fit, evaluation);"
         " train loop s = rank 0 from `on_train_start` to the end of `fit` (final average included);"
         " predicted = the"
-        " compute floor's train loop + rank 0's bytes (larger direction) / measured link rate (one process"
+        " compute floor's train loop + rank 0's bytes (larger direction; both directions for a master on"
+        " rank 0, whose gather and broadcast follow each other) / measured link rate (one process"
         " per node only), and for the"
         " overlap strategies floor + rounds x max(0, round bytes / rate - tau x step time); MB link tx ="
         " bytes the busier node's link sent (/proc/net/dev: payload + TCP/IP headers + rendezvous + the"

@@ -201,3 +201,31 @@ def test_profile_cluster_refuses_fewer_than_one_pair_before_touching_the_cluster
 
     with pytest.raises(ValueError, match="pairs"):
         profile_cluster.main(["--config", "dore", "--pairs", "0"])
+
+
+def test_a_master_on_rank0_pays_both_directions_in_series():
+    assert bench_cluster.is_serial_chain("dore") and bench_cluster.is_serial_chain("dore_entropy")
+    assert not bench_cluster.is_serial_chain("dore_replicated")
+    assert not bench_cluster.is_serial_chain("qsgd_entropy")  # all-gathered: both directions at once
+    row = {"config": "dore", "bytes_sent": 20e6, "bytes_received": 10e6, "by_tag": {}}
+    assert bench_cluster.predicted_seconds(3.0, row, 10e6, 8, 100) == (6.0, None)
+
+
+def test_the_bare_link_gives_each_configuration_its_work_beyond_the_bound():
+    def section(rate: str, bandwidth: float, floor: float, loop: float) -> dict:
+        rows = [
+            {"config": "compute_floor", "train_seconds": floor},
+            {"config": "local_sgd", "train_seconds": loop, "bytes_sent": 10e6, "bytes_received": 10e6,
+             "by_tag": {}},
+        ]  # fmt: skip
+        return {"rate": rate, "bandwidth": bandwidth, "rows": rows}
+
+    # bare link: bound 2 + 10 MB / 1 GB/s = 2.01 s, loop 3.01 s: 1 s of work the link does not explain
+    free = section("none", 1e9, 2.0, 3.01)
+    shaped = section("1gbit", 100e6, 2.2, 3.5)  # bound 2.2 + 0.1 = 2.3; + 1 s = 3.3
+    assert bench_cluster.cpu_breakdown([shaped], 8, 100) is None
+    table = bench_cluster.cpu_breakdown([free, shaped], 8, 100)
+    row = next(line for line in table.splitlines() if line.startswith("| local_sgd"))
+    assert [c.strip() for c in row.strip("|").split("|")] == [
+        "local_sgd", "1gbit", "3.5", "2.3", "1.52", "1.0", "3.3", "1.06",
+    ]  # fmt: skip
