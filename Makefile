@@ -20,7 +20,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" || $(VPY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(VPY) -m pip install -q -e ".[examples,dev]"
+	$(VPY) -m pip install -q -e ".[examples,dev,ft]"
 	touch $@
 
 # make test pip-installs torchft 0.2.0 (test-only, not in pyproject) into .venv/torchft-ref for test_torchft_parity.py.

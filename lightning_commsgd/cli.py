@@ -211,12 +211,19 @@ def main(args: list[str] | None = None) -> None:
 
     ``commsgd plan ...`` runs the scaling model instead (:mod:`lightning_commsgd.planning.cli`: predicted
     time per epoch of every strategy, recommended tau and payload format); no Trainer is built.
+    ``commsgd lighthouse ...`` starts the torchft Lighthouse replica groups meet at
+    (:mod:`lightning_commsgd.ft.cli`).
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "plan":
         from lightning_commsgd.planning.cli import main as plan_main
 
         plan_main(argv[1:])
+        return
+    if argv and argv[0] == "lighthouse":
+        from lightning_commsgd.ft.cli import main as lighthouse_main
+
+        lighthouse_main(argv[1:])
         return
     try:
         CommSGDCLI(

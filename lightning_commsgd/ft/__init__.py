@@ -1,0 +1,42 @@
+"""Replica groups that fail and rejoin while training goes on, on torchft (``pip install
+lightning_commsgd[ft]``).
+
+Each replica group is its own training job; the rounds *between* groups (DiLoCo's outer steps, local SGD's
+averaging) run through a torchft ``Manager``, with a quorum per round. A group that dies is left out of the
+next round and the others go on; a restarted group heals from a live peer and joins the next round.
+
+- :class:`ReplicaGroupSettings`, :class:`GroupConnection`, :func:`start_lighthouse` (:mod:`.connect`): where
+  and how a group meets the others;
+- :class:`QuorumRounds` (:mod:`.quorum`): quorum, all-reduce and commit of one round, counted in the ledger;
+- :class:`GroupOuterStep` (:mod:`.groups`): DiLoCo / local SGD between groups on top of them.
+
+Importing this package does not import torchft; building a connection does (with a clear error when the
+extra is missing).
+"""
+
+from lightning_commsgd.ft._torchft import TORCHFT_VERSION, require_torchft
+from lightning_commsgd.ft.connect import GroupConnection, ReplicaGroupSettings, start_lighthouse
+from lightning_commsgd.ft.groups import GroupOuterStep, averaging_outer_optimizer, fingerprint_mismatch
+from lightning_commsgd.ft.quorum import (
+    Membership,
+    QuorumEvent,
+    QuorumRounds,
+    QuorumUnavailableError,
+    ReplicaGroupError,
+)
+
+__all__ = [
+    "TORCHFT_VERSION",
+    "GroupConnection",
+    "GroupOuterStep",
+    "Membership",
+    "QuorumEvent",
+    "QuorumRounds",
+    "QuorumUnavailableError",
+    "ReplicaGroupError",
+    "ReplicaGroupSettings",
+    "averaging_outer_optimizer",
+    "fingerprint_mismatch",
+    "require_torchft",
+    "start_lighthouse",
+]

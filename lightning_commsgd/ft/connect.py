@@ -1,0 +1,160 @@
+"""A replica group's connection to the others: its torchft ``Manager`` (quorums through the Lighthouse,
+collectives between groups on a gloo group torchft reconfigures per quorum, and the HTTP server a healing
+peer fetches state from), and a Lighthouse for jobs that start their own.
+
+Settings are checked before anything connects, with errors that name the argument.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from lightning_commsgd.ft._torchft import require_torchft
+from lightning_commsgd.ft.quorum import QuorumUnavailableError
+
+__all__ = ["GroupConnection", "ReplicaGroupSettings", "start_lighthouse"]
+
+
+@dataclass(frozen=True)
+class ReplicaGroupSettings:
+    """Where a replica group meets the others, checked when built.
+
+    Attributes:
+        lighthouse: the Lighthouse's address, ``"http://host:port"``.
+        group: this group's index, an int >= 0 (distinct per group; a restarted group keeps its index).
+        min_groups: the fewest live groups a round may run with (torchft's ``min_replica_size``).
+        timeout: seconds for one collective between groups, a commit, or fetching a peer's state.
+        quorum_timeout: seconds a quorum may take to form (a round waits this long for the Lighthouse and the
+            other groups; longer than the time between rounds, or a slow group is dropped).
+    """
+
+    lighthouse: str
+    group: int
+    min_groups: int = 1
+    timeout: float = 60.0
+    quorum_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lighthouse, str) or not self.lighthouse.startswith(("http://", "https://")):
+            raise ValueError(
+                f"Arg `lighthouse` must be an address 'http://host:port', got {self.lighthouse!r}."
+            )
+        for name, low in (("group", 0), ("min_groups", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Arg `{name}` must be an int >= {low}, got {value!r}.")
+        for name in ("timeout", "quorum_timeout"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ValueError(f"Arg `{name}` must be a number of seconds > 0, got {value!r}.")
+
+
+class GroupConnection:
+    """This process's torchft ``Manager`` for its group (``rank`` of ``world_size`` processes in the group).
+
+    A one-process group (the default) hosts its own key-value store; the processes of a larger group share
+    one at ``store_addr:store_port`` (e.g. the one torch.distributed already runs for the group).
+    """
+
+    def __init__(
+        self,
+        settings: ReplicaGroupSettings,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        store_addr: str | None = None,
+        store_port: int | None = None,
+        hostname: str = "localhost",
+    ) -> None:
+        torch_dist = require_torchft("torch.distributed")
+        manager_module = require_torchft("torchft.manager")
+        process_group = require_torchft("torchft.process_group")
+        self.settings = settings
+        timeout = timedelta(seconds=settings.timeout)
+        self.store: Any = None
+        if store_addr is None:
+            if world_size != 1:
+                raise ValueError(
+                    "Args `store_addr` / `store_port` are needed for a group of several processes."
+                )
+            self.store = torch_dist.TCPStore(
+                host_name=hostname, port=0, is_master=True, wait_for_workers=False, timeout=timeout
+            )
+            store_addr, store_port = hostname, self.store.port
+        options: dict[str, Any] = {
+            "load_state_dict": None,  # the group's algorithm registers its own (GroupOuterStep.register_with)
+            "state_dict": None,
+            "min_replica_size": settings.min_groups,
+            "use_async_quorum": False,  # a round needs its quorum (and any healing) before it sends
+            "timeout": timeout,
+            "quorum_timeout": timedelta(seconds=settings.quorum_timeout),
+            "connect_timeout": timeout,
+            "rank": rank,
+            "world_size": world_size,
+            "store_addr": store_addr,
+            "store_port": store_port,
+            "lighthouse_addr": settings.lighthouse,
+            "replica_id": f"commsgd_group_{settings.group}",  # torchft reads the group index from the digits
+            "port": 0,
+            "hostname": hostname,
+            "init_sync": False,  # the groups start from the same seeded model; a late one heals instead
+            "max_retries": None,  # the rounds count their own attempts
+        }
+        try:
+            self.manager = manager_module.Manager(
+                pg=process_group.ProcessGroupGloo(timeout=timeout), **options
+            )
+        except (
+            RuntimeError
+        ) as err:  # torchft's servers raise RuntimeError when the Lighthouse does not answer
+            raise QuorumUnavailableError(
+                f"Replica group {settings.group} cannot reach the Lighthouse at {settings.lighthouse} within "
+                f"{settings.timeout:g} s (is it running, and is the address right?): {err}"
+            ) from err
+
+    def close(self) -> None:
+        """Shut the manager's servers and threads down."""
+        self.manager.shutdown(wait=False)
+
+
+def start_lighthouse(
+    port: int = 0,
+    *,
+    min_groups: int = 1,
+    join_timeout_ms: int = 1000,
+    heartbeat_timeout_ms: int = 5000,
+    bind_host: str = "[::]",
+) -> Any:
+    """Start a torchft Lighthouse in this process (``.address()`` gives what the groups connect to;
+    ``.shutdown()`` stops it).
+
+    Args:
+        port: the port to listen on (0: any free one).
+        min_groups: the fewest groups a quorum may have.
+        join_timeout_ms: how long a quorum waits for groups beyond the minimum to join.
+        heartbeat_timeout_ms: a group silent this long is taken for dead and left out of the next quorum.
+        bind_host: the address to listen on (``"[::]"``: every interface).
+    """
+    for name, value, low in (
+        ("port", port, 0),
+        ("min_groups", min_groups, 1),
+        ("join_timeout_ms", join_timeout_ms, 0),
+        ("heartbeat_timeout_ms", heartbeat_timeout_ms, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"Arg `{name}` must be an int >= {low}, got {value!r}.")
+    coordination = require_torchft("torchft.coordination")  # the public re-export
+    return coordination.LighthouseServer(
+        bind=f"{bind_host}:{port}",
+        min_replicas=min_groups,
+        join_timeout_ms=join_timeout_ms,
+        heartbeat_timeout_ms=heartbeat_timeout_ms,
+    )

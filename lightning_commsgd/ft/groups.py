@@ -1,0 +1,310 @@
+"""DiLoCo and local SGD between replica groups that fail and rejoin (rounds through :mod:`.quorum`).
+
+Every H inner steps each live group sends its pseudo-gradient Delta_g = x^(t-1) - x_g, and the outer
+optimizer steps the anchor with the mean over the groups that *contributed* to the round::
+
+    x^(t) = OuterOpt(x^(t-1), (1/|C_t|) sum_{g in C_t} Delta_g)
+
+C_t is the set of groups that were live in round t and already held the run's state before it. A group that
+died is not in C_t (the survivors go on without a restart); a group that dies inside a round makes the
+round's commit fail, and the survivors run the round again from their unchanged state with a new quorum. A
+group that (re)starts while the others are past their first round takes a live peer's whole state when the
+next quorum forms (heals: anchor, outer and inner optimizer state, model, step and schedule, and any state
+the adapter registers, such as the sampler position), takes part in that round with weight 0, and lands
+the same outer step: from then on it is in lockstep with the others. Local SGD is the same with outer SGD
+lr 1, no momentum (:func:`averaging_outer_optimizer`).
+
+If no quorum forms (the Lighthouse is lost, or fewer groups than the minimum are live), the group keeps
+training locally: the round is missed, the anchor stays, and the next round carries the steps since the last
+one. After ``max_missed_rounds`` missed rounds in a row the group stops with
+:class:`~lightning_commsgd.ft.quorum.QuorumUnavailableError`.
+
+Each contributing group's weight rides in the round's buffer (one extra value), so the mean is exact
+whatever torchft counts as a participant.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_commsgd.algorithms.diloco import OuterOptimizerFactory, OuterStepAverager, _InFlight
+from lightning_commsgd.comm import Communicator
+from lightning_commsgd.ft.quorum import Membership, QuorumRounds, QuorumUnavailableError, ReplicaGroupError
+from lightning_commsgd.schedules import PeriodSchedule, RoundInfo
+
+__all__ = ["GroupOuterStep", "averaging_outer_optimizer", "fingerprint_mismatch"]
+
+#: the key the group's state is registered under with the torchft manager
+STATE_KEY = "lightning_commsgd"
+# fingerprint fields are hashed to 20 bits: n x h^2 stays exact in float64 for up to 2^12 groups
+_HASH_BITS = 20
+
+
+def averaging_outer_optimizer(params: Any) -> Optimizer:
+    """Outer SGD, lr 1, no momentum: the outer step is plain model averaging (local SGD)."""
+    return torch.optim.SGD(params, lr=1.0)
+
+
+def _hash(text: str) -> int:
+    return zlib.crc32(text.encode()) & ((1 << _HASH_BITS) - 1)
+
+
+def fingerprint_mismatch(mine: dict[str, str], theirs: dict[str, str]) -> list[str]:
+    """The fingerprint fields on which two groups differ (missing fields count as different)."""
+    keys = sorted(set(mine) | set(theirs))
+    return [k for k in keys if mine.get(k) != theirs.get(k)]
+
+
+class GroupOuterStep(OuterStepAverager):
+    """One replica group's side of DiLoCo / local SGD between groups (see the module docstring).
+
+    Args:
+        module: this group's model replica x_g.
+        optimizers: the inner optimizers.
+        communicator: the communicator *inside* the group (world size 1 for a one-process group).
+        rounds: the rounds between groups (a :class:`~lightning_commsgd.ft.quorum.QuorumRounds`).
+        tau: H, inner steps between outer steps (an int or a schedule).
+        outer_optimizer: builds the outer optimizer from the anchor's tensors (DiLoCo's default: SGD lr 0.7,
+            momentum 0.9, Nesterov; :func:`averaging_outer_optimizer` for local SGD).
+        round_attempts: attempts of one round (a group dying inside it fails an attempt) before the group
+            raises :class:`~lightning_commsgd.ft.quorum.ReplicaGroupError`.
+        max_missed_rounds: rounds in a row without a quorum the group trains through locally before it
+            stops (0: stop at the first).
+        start_groups: groups the job launches: at the start, :meth:`join` waits up to ``start_timeout``
+            seconds for that many in one quorum, so that they start together (a group later than that heals
+            from the others when it comes).
+        start_timeout: see ``start_groups``.
+        momentum, average_buffers, backup_device: as for :class:`~lightning_commsgd.algorithms.diloco.DiLoCo`.
+    """
+
+    round_tags = ("outer_step", "final", "ft_fingerprint")
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizers: Sequence[Optimizer],
+        communicator: Communicator,
+        rounds: QuorumRounds,
+        *,
+        tau: int | PeriodSchedule = 500,
+        outer_optimizer: OuterOptimizerFactory | None = None,
+        round_attempts: int = 3,
+        max_missed_rounds: int = 3,
+        start_groups: int = 1,
+        start_timeout: float = 60.0,
+        momentum: str = "local",
+        average_buffers: bool = True,
+        backup_device: str | torch.device | None = None,
+    ) -> None:
+        if isinstance(round_attempts, bool) or not isinstance(round_attempts, int) or round_attempts < 1:
+            raise ValueError(f"Arg `round_attempts` must be an int >= 1, got {round_attempts!r}.")
+        if (
+            isinstance(max_missed_rounds, bool)
+            or not isinstance(max_missed_rounds, int)
+            or max_missed_rounds < 0
+        ):
+            raise ValueError(f"Arg `max_missed_rounds` must be an int >= 0, got {max_missed_rounds!r}.")
+        if isinstance(start_groups, bool) or not isinstance(start_groups, int) or start_groups < 1:
+            raise ValueError(f"Arg `start_groups` must be an int >= 1, got {start_groups!r}.")
+        timeout_ok = isinstance(start_timeout, (int, float)) and not isinstance(start_timeout, bool)
+        if not timeout_ok or start_timeout < 0:
+            raise ValueError(f"Arg `start_timeout` must be a number of seconds >= 0, got {start_timeout!r}.")
+        kwargs: dict[str, Any] = {} if outer_optimizer is None else {"outer_optimizer": outer_optimizer}
+        super().__init__(
+            module,
+            optimizers,
+            communicator,
+            tau=tau,
+            momentum=momentum,
+            average_buffers=average_buffers,
+            backup_device=backup_device,
+            **kwargs,
+        )
+        self.module = module
+        self.rounds_between_groups = rounds
+        self.round_attempts = round_attempts
+        self.max_missed_rounds = max_missed_rounds
+        self.start_groups, self.start_timeout = start_groups, float(start_timeout)
+        self.missed_rounds = 0  # in a row
+        self.last_contributors = 0
+        #: (step, contributing groups, whether this group contributed) of every completed round
+        self.round_history: list[tuple[int, int, bool]] = []
+        self._pending: Membership | None = None  # a quorum begun by join(), used by the next round
+        # "start" while join() gathers the groups, then "train"; a group that heals takes its peer's
+        self._phase = "start"
+        self._peer_phase = "start"
+        self._extra_state: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
+        self.fingerprint = self._fingerprint()
+
+    # -- what identifies a run: groups that differ here must not average -----------------------------
+    def _fingerprint(self) -> dict[str, str]:
+        named = list(self.module.named_parameters())
+        outer = self.outer_optimizers[0]
+        return {
+            "model": ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in named),
+            "tau": f"{type(self.schedule).__name__}:{self.tau}",
+            "outer_optimizer": f"{type(outer).__name__}:{sorted(outer.defaults.items())}",
+            "inner_optimizers": ",".join(type(o).__name__ for o in self.replica.optimizers),
+            "momentum": str(self.replica.momentum),
+        }
+
+    def register_extra_state(self, name: str, save: Callable[[], Any], load: Callable[[Any], None]) -> None:
+        """State the adapter owns that a healing group must take from its peer (e.g. the sampler position):
+        ``save()`` on the live peer, ``load(value)`` on the group that heals."""
+        if name in self._extra_state:
+            raise ValueError(f"Extra state {name!r} is registered already.")
+        self._extra_state[name] = (save, load)
+
+    # -- the state a group heals from ----------------------------------------------------------------
+    def group_state(self) -> dict[str, Any]:
+        """Everything a healing group takes from this one (copies: the peer goes on training meanwhile)."""
+        with torch.no_grad():
+            return {
+                "phase": self._phase,
+                "fingerprint": dict(self.fingerprint),
+                "algorithm": self.state_dict(),
+                "module": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
+                "optimizers": [copy.deepcopy(opt.state_dict()) for opt in self.replica.optimizers],
+                "extra": {name: save() for name, (save, _) in self._extra_state.items()},
+            }
+
+    def load_group_state(self, state: dict[str, Any]) -> None:
+        """Take a live peer's :meth:`group_state` (called by the torchft manager while a quorum forms)."""
+        mismatch = fingerprint_mismatch(self.fingerprint, state["fingerprint"])
+        if mismatch:
+            theirs = state["fingerprint"]
+            details = "; ".join(
+                f"{k}: this group {self.fingerprint.get(k)!r}, the live groups {theirs.get(k)!r}"
+                for k in mismatch
+            )
+            raise ReplicaGroupError(f"This group cannot join: its configuration differs ({details}).")
+        self.load_state_dict(state["algorithm"])
+        self.module.load_state_dict(state["module"])
+        for opt, saved in zip(self.replica.optimizers, state["optimizers"]):
+            opt.load_state_dict(saved)
+        self._peer_phase = state["phase"]
+        for name, (_, load) in self._extra_state.items():
+            load(state["extra"][name])
+        self.rounds_between_groups.note_healed()
+
+    def register_with(self, manager: Any) -> None:
+        """Register :meth:`group_state` / :meth:`load_group_state` with the torchft manager (healing)."""
+        manager.register_state_dict_fn(STATE_KEY, self.load_group_state, self.group_state)
+
+    # -- joining -------------------------------------------------------------------------------------
+    def join(self) -> Membership:
+        """Before this group's first step: meet the other groups.
+
+        In a fresh job the groups check that they run the same configuration, and wait (up to
+        ``start_timeout``) until ``start_groups`` of them are in one quorum, so that they start together. A
+        group that (re)starts while the others train heals from a live peer, takes part in their round with
+        weight 0 and lands its outer step: from then on it is in lockstep with them.
+        """
+        rounds = self.rounds_between_groups
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                membership = rounds.begin()
+            except QuorumUnavailableError as err:
+                raise QuorumUnavailableError(f"Replica group could not join at start: {err}") from err
+            if membership.healed and self._peer_phase == "train":
+                self._pending = membership
+                self.communicate("outer_step")
+                self.last_round_step = self.step
+                self.rounds += 1
+                self.schedule.after_round(RoundInfo(self.step, self.rounds, self.communicator))
+                break
+            waiting = membership.groups < self.start_groups and time.monotonic() < deadline
+            if not self._check_fingerprints(waiting):  # no group waits for more any longer
+                break
+            time.sleep(0.05)
+        self._phase = "train"
+        return membership
+
+    def _check_fingerprints(self, waiting: bool) -> bool:
+        """One small all-reduce: for each fingerprint field, the sums of h, h^2 and 1 over the groups (the
+        groups agree on a field iff n sum h^2 = (sum h)^2), and how many groups still wait for more. Returns
+        whether any does (then every group of the quorum meets again)."""
+        keys = sorted(self.fingerprint)
+        hashes = [float(_hash(self.fingerprint[k])) for k in keys]
+        rows = [[h, h * h] for h in hashes] + [[1.0, float(waiting)]]
+        stats = torch.tensor(rows, dtype=torch.float64)
+        rounds = self.rounds_between_groups
+        rounds.sum_(stats, tag="ft_fingerprint")
+        if not rounds.commit():
+            raise ReplicaGroupError(
+                "The replica groups' first round failed (a group died while the job started)."
+            )
+        n = float(stats[-1, 0])
+        differ = [k for k, (total, squares) in zip(keys, stats[:-1].tolist()) if n * squares != total * total]
+        if differ:
+            raise ReplicaGroupError(
+                f"The replica groups run different configurations: {', '.join(differ)} differ between groups "
+                f"(this group: {', '.join(f'{k}={self.fingerprint[k]!r}' for k in differ)})."
+            )
+        return float(stats[-1, 1]) > 0
+
+    # -- a round between groups ----------------------------------------------------------------------
+    def communicate(self, tag: str) -> None:
+        """One outer step with the groups of the next quorum; a missed quorum leaves the state as it is."""
+        tag = "final" if tag == "final" else "outer_step"
+        fragment = self.fragments[0]
+        self._refuse_nonfinite(fragment.tensors)
+        n = fragment.param_numel
+        with torch.no_grad():
+            message = self._pack_fragment(0).clone()
+            message[:n] = self.anchors[0].to(self.device) - message[:n]
+        try:
+            mean = self._mean_over_groups(message, tag=tag)
+        except QuorumUnavailableError:
+            self.missed_rounds += 1
+            if self.missed_rounds > self.max_missed_rounds:
+                raise
+            return
+        self.missed_rounds = 0
+        self.in_flight = _InFlight(0, self.step, lambda: mean)
+        self._land(tag=tag)
+
+    def _mean_over_groups(self, message: Tensor, *, tag: str) -> Tensor:
+        """The mean of the contributing groups' messages: weight 1 each, 0 for a group that healed in this
+        round (it holds its peer's state, so its message would count the peer twice)."""
+        rounds = self.rounds_between_groups
+        healed = False
+        for _ in range(self.round_attempts):
+            membership, self._pending = self._pending or rounds.begin(), None
+            healed = healed or membership.healed
+            weight = 0.0 if healed else 1.0
+            buffer = torch.cat([message * weight, message.new_full((1,), weight)])
+            rounds.sum_(buffer, tag=tag)
+            if rounds.commit():
+                contributors = float(buffer[-1])
+                if contributors < 0.5:
+                    raise ReplicaGroupError(f"No replica group contributed to the round at step {self.step}.")
+                self.last_contributors = round(contributors)
+                self.round_history.append((self.step, self.last_contributors, not healed))
+                return buffer[:-1].div_(contributors)
+        raise ReplicaGroupError(
+            f"The round at step {self.step} failed {self.round_attempts} times in a row (groups kept failing "
+            "inside it); raise `round_attempts` if groups restart this often."
+        )
+
+    def finalize(self) -> None:
+        """The last round, if steps ran since the latest one (tag ``final``)."""
+        if not all(self._fresh):
+            self.communicate("final")
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            **super().metrics(),
+            **self.rounds_between_groups.metrics(),
+            "ft_contributors": float(self.last_contributors),
+            "ft_missed_rounds": float(self.missed_rounds),
+        }

@@ -1,0 +1,80 @@
+"""Single-process simulation of ``ft_group_worker.py`` runs for a given membership history.
+
+Each group g runs optimizer step s while it is live (``first_step[g] <= s < last_step[g]``); the round after
+step T (T a multiple of tau) averages the pseudo-gradients of the groups in ``contributors(T)`` and steps the
+one shared anchor with the outer optimizer; every group live after the round restarts from the anchor. A
+group that joins in the round after step T (healing) takes the anchor and the inner momentum of the group it
+healed from, and runs from step T on. No torchft, no processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from ft_group_worker import batch, build_model
+from torch import nn
+
+
+def simulate(
+    *,
+    groups: int,
+    steps: int,
+    tau: int,
+    contributors: Callable[[int], list[int]],
+    last_step: dict[int, int] | None = None,
+    joins: dict[int, tuple[int, int]] | None = None,
+    outer: str = "diloco",
+) -> dict[int, list[torch.Tensor]]:
+    """Final parameters of every group live at the end.
+
+    Args:
+        groups: groups at the start.
+        steps: the run's optimizer steps.
+        tau: H.
+        contributors: the groups whose pseudo-gradients the round after step T averages (ascending order).
+        last_step: g -> the steps g completed before it died (its steps 0 .. last_step - 1 ran).
+        joins: g -> (T, source): g (re)joins in the round after step T, healing from group ``source``.
+        outer: ``"diloco"`` (SGD lr 0.7, momentum 0.9, Nesterov) or ``"average"`` (SGD lr 1).
+    """
+    last_step, joins = last_step or {}, joins or {}
+    models = {g: build_model() for g in range(groups)}
+    inner = {g: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for g, m in models.items()}
+    anchor = [p.detach().clone() for p in build_model().parameters()]
+    if outer == "average":
+        outer_opt = torch.optim.SGD(anchor, lr=1.0)
+    else:
+        outer_opt = torch.optim.SGD(anchor, lr=0.7, momentum=0.9, nesterov=True)
+    live = set(range(groups))
+    for s in range(steps):
+        for g in sorted(live):
+            x, y = batch(g, s)
+            inner[g].zero_grad()
+            nn.functional.mse_loss(models[g](x), y).backward()
+            inner[g].step()
+        step = s + 1
+        live -= {g for g, last in last_step.items() if step == last}  # died (until it rejoins, if it does)
+        if step % tau:
+            continue
+        members = contributors(step)
+        with torch.no_grad():
+            for i, a in enumerate(anchor):
+                total = sum((a - list(models[g].parameters())[i]) for g in members)
+                a.grad = total / len(members)
+            outer_opt.step()
+            for a in anchor:
+                a.grad = None
+            for g, (join_step, source) in joins.items():
+                if join_step == step:
+                    models[g] = build_model()
+                    inner[g] = torch.optim.SGD(models[g].parameters(), lr=0.1, momentum=0.9)
+                    source_params = list(models[source].parameters())
+                    for p, q in zip(models[g].parameters(), source_params):
+                        inner[g].state[p]["momentum_buffer"] = (
+                            inner[source].state[q]["momentum_buffer"].clone()
+                        )
+                    live.add(g)
+            for g in live:
+                for p, a in zip(models[g].parameters(), anchor):
+                    p.copy_(a)
+    return {g: [p.detach().clone() for p in models[g].parameters()] for g in sorted(live)}

@@ -1,0 +1,234 @@
+"""Replica groups on torchft: groups die, the others go on; a restarted group heals and rejoins.
+
+Each group is one process running ``ft_group_worker.py`` (a plain loop under ``GroupOuterStep``) against a
+torchft Lighthouse started in the test process. Every run is compared with ``ft_simulation.py`` replaying the
+same membership history. Sums over three groups go through gloo in its own order, so models are compared to
+float32 rounding (rtol 1e-5; a wrong membership differs by 1e-2); states a group copies from a peer are
+compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ft_simulation import simulate
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "ft_group_worker.py"
+TAU, STEPS = 4, 24
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def lighthouse(monkeypatch):
+    from lightning_commsgd.ft import start_lighthouse
+
+    monkeypatch.setenv("RUST_LOG", "warn")  # the Lighthouse logs every quorum at INFO
+    # min 2 groups; a group silent for 1 s is dead; a quorum waits up to 20 s for live groups still joining
+    server = start_lighthouse(min_groups=2, join_timeout_ms=20_000, heartbeat_timeout_ms=1000)
+    yield server.address()
+    server.shutdown()
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", RUST_LOG="error", TORCHFT_USE_OTEL="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _launch(address: str, group: int, out: Path, *extra: str, steps: int = STEPS) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        str(WORKER),
+        "--group",
+        str(group),
+        "--lighthouse",
+        address,
+        "--min-groups",
+        "2",
+    ]
+    command += ["--tau", str(TAU), "--steps", str(steps), "--out", str(out), *extra]
+    log = open(out.with_suffix(".log"), "w")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen(command, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _launch_groups(
+    address: str,
+    outs: dict[str, Path],
+    groups: int,
+    special: dict[int, list[str]],
+    *common: str,
+    steps: int = STEPS,
+) -> dict[str, subprocess.Popen]:
+    """Groups 0 .. groups - 1 starting together, group g with ``special.get(g)`` arguments besides
+    ``common``."""
+    common = ("--start-groups", str(groups), *common)
+    return {
+        str(g): _launch(address, g, outs[str(g)], *common, *special.get(g, []), steps=steps)
+        for g in range(groups)
+    }
+
+
+def _wait(processes: dict[str, subprocess.Popen], deadline: float, outs: dict[str, Path]) -> dict[str, int]:
+    codes = {}
+    for name, process in processes.items():
+        try:
+            codes[name] = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for other in processes.values():
+                other.kill()
+            logs = {n: outs[n].with_suffix(".log").read_text()[-3000:] for n in processes}
+            pytest.fail(f"replica group {name} did not finish; logs: {logs}")
+    return codes
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, weights_only=False)
+
+
+def _assert_models_equal(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_three_groups_without_failures_match_the_simulation(lighthouse, tmp_path):
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(3)}
+    procs = _launch_groups(lighthouse, outs, 3, {})
+    codes = _wait(procs, time.monotonic() + 120, outs)
+    assert codes == {"0": 0, "1": 0, "2": 0}
+    records = {g: _load(outs[str(g)]) for g in range(3)}
+    expected = simulate(groups=3, steps=STEPS, tau=TAU, contributors=lambda step: [0, 1, 2])
+    for g, record in records.items():
+        assert [h[:2] for h in record["history"]] == [(t, 3) for t in range(TAU, STEPS + 1, TAU)]
+        _assert_models_equal(record["final"], expected[g])
+        # bytes and rounds are in the ledger: one fingerprint check, STEPS / TAU outer steps
+        assert record["ledger"]["outer_step"][0] == STEPS // TAU
+        assert record["ledger"]["ft_fingerprint"][0] >= 1  # again while groups were still arriving
+    assert all(torch.equal(a, b) for a, b in zip(records[0]["final"], records[2]["final"]))
+
+
+def test_a_group_killed_mid_period_is_left_out_and_the_others_finish(lighthouse, tmp_path):
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(3)}
+    # group 2 dies during step index 9 (after 9 steps): rounds after steps 4 and 8 had it, 12 on do not
+    procs = _launch_groups(lighthouse, outs, 3, {2: ["--die-at-step", "10"]})
+    codes = _wait(procs, time.monotonic() + 120, outs)
+    assert codes["0"] == codes["1"] == 0 and codes["2"] != 0
+    expected = simulate(
+        groups=3,
+        steps=STEPS,
+        tau=TAU,
+        contributors=lambda step: [0, 1, 2] if step <= 8 else [0, 1],
+        last_step={2: 9},
+    )
+    for g in (0, 1):
+        record = _load(outs[str(g)])
+        assert [h[1] for h in record["history"]] == [3, 3, 2, 2, 2, 2]
+        _assert_models_equal(record["final"], expected[g])
+        assert any(e["changed"] and e["groups"] == 2 for e in record["events"])
+
+
+def test_a_group_killed_inside_a_round_makes_the_others_run_it_again_without_it(lighthouse, tmp_path):
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(3)}
+    # group 2 dies in round 2 after its quorum formed, before its all-reduce: the others' attempt fails
+    procs = _launch_groups(lighthouse, outs, 3, {2: ["--die-in-round", "2"]})
+    codes = _wait(procs, time.monotonic() + 150, outs)
+    assert codes["0"] == codes["1"] == 0 and codes["2"] != 0
+    expected = simulate(
+        groups=3, steps=STEPS, tau=TAU, contributors=lambda step: [0, 1, 2] if step <= 4 else [0, 1],
+        last_step={2: 8},
+    )  # fmt: skip
+    for g in (0, 1):
+        record = _load(outs[str(g)])
+        assert [h[1] for h in record["history"]] == [3, 2, 2, 2, 2, 2]
+        assert record["metrics"]["ft_failed_commits"] >= 1
+        _assert_models_equal(record["final"], expected[g])
+
+
+def test_a_restarted_group_heals_from_a_live_peer_and_rejoins(lighthouse, tmp_path):
+    steps, slow = 40, ["--step-sleep", "0.2"]  # slow enough that the restarted group joins mid-run
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(3)}
+    outs["2b"] = tmp_path / "g2b.pt"
+    procs = _launch_groups(lighthouse, outs, 3, {2: ["--die-at-step", "10"]}, *slow, steps=steps)
+    died = procs["2"].wait(timeout=120)
+    assert died != 0
+    death = time.time()
+    procs["2b"] = _launch(lighthouse, 2, outs["2b"], *slow, steps=steps)
+    codes = _wait({k: v for k, v in procs.items() if k != "2"}, time.monotonic() + 150, outs)
+    assert codes == {"0": 0, "1": 0, "2b": 0}
+    records = {name: _load(outs[name]) for name in ("0", "1", "2b")}
+    healer = records["2b"]
+    assert healer["joined"]["healed"], "the restarted group should have healed from a live peer"
+    join_step, source = healer["joined"]["step"], healer["healed_from"]
+    assert join_step % TAU == 0 and 8 < join_step < steps and source in (0, 1)
+    # healing: after its first round the restarted group's state equals its source's bit for bit
+    mine = healer["after_round"][0]
+    theirs = next(s for s in records[str(source)]["after_round"] if s["step"] == join_step)
+    assert (mine["step"], mine["rounds"]) == (theirs["step"], theirs["rounds"])
+    for key in ("params", "momentum", "outer"):
+        assert all(torch.equal(a, b) for a, b in zip(mine[key], theirs[key])), key
+    assert torch.equal(mine["anchor"], theirs["anchor"])
+
+    # the whole run is the simulation of that membership history
+    def contributors(step: int) -> list[int]:
+        return [0, 1, 2] if step <= 8 or step > join_step else [0, 1]
+
+    expected = simulate(
+        groups=3,
+        steps=steps,
+        tau=TAU,
+        contributors=contributors,
+        last_step={2: 9},
+        joins={2: (join_step, source)},
+    )
+    for name, g in (("0", 0), ("1", 1), ("2b", 2)):
+        _assert_models_equal(records[name]["final"], expected[g])
+    survivor = records["0"]
+    assert [h[1] for h in survivor["history"]] == [len(contributors(t)) for t in range(TAU, steps + 1, TAU)]
+    heal = next(e for e in healer["events"] if e["healed"])
+    assert heal["heal_seconds"] > 0
+    print(f"restarted group rejoined at step {join_step}, {heal['wall_time'] - death:.1f} s after the death")
+
+
+def test_a_group_with_another_model_is_refused_at_the_start_naming_the_mismatch(lighthouse, tmp_path):
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(2)}
+    procs = _launch_groups(lighthouse, outs, 2, {1: ["--hidden", "32"]})
+    codes = _wait(procs, time.monotonic() + 120, outs)
+    assert codes["0"] != 0 and codes["1"] != 0
+    for g in range(2):
+        log = outs[str(g)].with_suffix(".log").read_text()
+        assert "ReplicaGroupError" in log and "run different configurations: model" in log, log[-2000:]
+
+
+def test_a_rejoining_group_with_another_model_is_refused_naming_the_mismatch(lighthouse, tmp_path):
+    steps, slow = 40, ["--step-sleep", "0.1"]
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(2)}
+    outs["2"] = tmp_path / "g2.pt"
+    procs = _launch_groups(lighthouse, outs, 2, {}, *slow, steps=steps)
+    time.sleep(4.0)  # the two groups are past their first round
+    stranger = _launch(lighthouse, 2, outs["2"], "--hidden", "32", steps=steps)
+    assert stranger.wait(timeout=120) != 0
+    log = outs["2"].with_suffix(".log").read_text()
+    assert "cannot join: its configuration differs (model:" in log, log[-2000:]
+    codes = _wait(procs, time.monotonic() + 120, outs)
+    assert codes == {"0": 0, "1": 0}
+
+
+def test_an_unreachable_lighthouse_ends_the_group_with_a_clear_error(tmp_path):
+    out = tmp_path / "g0.pt"
+    process = subprocess.Popen(
+        [sys.executable, str(WORKER), "--group", "0", "--lighthouse", "http://localhost:9", "--timeout", "3",
+         "--quorum-timeout", "3", "--out", str(out)],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output, _ = process.communicate(timeout=90)
+    assert process.returncode != 0
+    assert (
+        "QuorumUnavailableError: Replica group 0 cannot reach the Lighthouse at http://localhost:9" in output
+    )
