@@ -232,3 +232,15 @@ def test_an_unreachable_lighthouse_ends_the_group_with_a_clear_error(tmp_path):
     assert (
         "QuorumUnavailableError: Replica group 0 cannot reach the Lighthouse at http://localhost:9" in output
     )
+
+
+def test_the_fault_tolerance_example_kills_restarts_and_ends_on_one_model():
+    example = HERE.parent / "examples" / "fault_tolerance" / "run.py"
+    result = subprocess.run(
+        [sys.executable, str(example), "--steps", "400", "--kill-at-step", "48", "--restart-after", "1"],
+        env=_env(), capture_output=True, text=True, timeout=200,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "[run] killed group 1 (SIGKILL)" in output and "round with 2 groups" in output
+    assert "group 1 healed from group" in output and "every group ends on the same model: yes" in output

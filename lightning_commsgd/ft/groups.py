@@ -26,6 +26,7 @@ whatever torchft counts as a participant.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -207,6 +208,8 @@ class GroupOuterStep(OuterStepAverager):
         ``start_timeout``) until ``start_groups`` of them are in one quorum, so that they start together. A
         group that (re)starts while the others train heals from a live peer, takes part in their round with
         weight 0 and lands its outer step: from then on it is in lockstep with them.
+
+        Returns the quorum it joined; ``healed`` is True only for a group that joined a running job.
         """
         rounds = self.rounds_between_groups
         deadline = time.monotonic() + self.start_timeout
@@ -224,6 +227,8 @@ class GroupOuterStep(OuterStepAverager):
                 break
             waiting = membership.groups < self.start_groups and time.monotonic() < deadline
             if not self._check_fingerprints(waiting):  # no group waits for more any longer
+                # a group that came while the others were still starting took their x_0: a fresh start
+                membership = dataclasses.replace(membership, healed=False)
                 break
             time.sleep(0.05)
         self._phase = "train"
