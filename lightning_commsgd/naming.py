@@ -122,16 +122,47 @@ def strategy_arguments(cls: type) -> list[str]:
     return names
 
 
+#: sets of strategies the table names instead of listing them (the README defines each above the table)
+STRATEGY_SETS: dict[str, tuple[str, ...]] = {
+    "periodic": (
+        "LocalSGD",
+        "DecentralizedSGD",
+        "ElasticAveraging",
+        "OverlapLocalSGD",
+        "DiLoCo",
+        "StreamingDiLoCo",
+        "SlowMo",
+    ),
+}
+
+
+def _who(takers: list[str], everyone: list[str]) -> str:
+    """The strategies column: "every strategy", a named set, "all but" at most two, or the list."""
+    if not takers:
+        return "-"
+    if set(takers) == set(everyone):
+        return "every strategy"
+    for name, members in STRATEGY_SETS.items():
+        if set(takers) == set(members):
+            return f"*{name}*"
+    missing = [name for name in everyone if name not in takers]
+    if len(missing) <= 2 < len(takers):
+        return "all but " + ", ".join(missing)
+    return ", ".join(takers)
+
+
 def naming_table(classes: Iterable[type]) -> str:
     """The README's table: argument, meaning, paper symbol, the strategies (of ``classes``) that take it."""
     takers: dict[str, list[str]] = {name: [] for name in ARGUMENTS}
+    everyone = []
     for cls in classes:
+        everyone.append(cls.__name__.removesuffix("Strategy"))
         for name in strategy_arguments(cls):
             if name in takers:
                 takers[name].append(cls.__name__.removesuffix("Strategy"))
     lines = ["| argument | meaning | paper | strategies |", "|---|---|---|---|"]
     for name, argument in ARGUMENTS.items():
-        who = ", ".join(takers[name]) if takers[name] else "-"
+        who = _who(takers[name], everyone)
         lines.append(f"| `{name}` | {argument.meaning} | {argument.symbol or '-'} | {who} |")
     return "\n".join(lines)
 

@@ -225,3 +225,9 @@ def test_commsgd_lighthouse_starts_prints_its_address_and_stops_on_sigterm():
     assert process.returncode == 0 and "lighthouse stopped" in out
     bad = subprocess.run([*command[:-1], "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "`min_groups` must be an int >= 1" in bad.stderr
+
+
+def test_the_advertised_host_name_is_checked():
+    with pytest.raises(ValueError, match="`hostname`"):
+        ReplicaGroupSettings(lighthouse="http://h:1", group=0, hostname="")
+    assert ReplicaGroupSettings(lighthouse="http://h:1", group=0, hostname="10.0.0.2").hostname == "10.0.0.2"

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--groups", type=int, default=3, help="groups the job starts with")
     ap.add_argument("--min-groups", type=int, default=2, help="fewest groups a round may run with")
     ap.add_argument("--lighthouse", required=True, help="the Lighthouse's address, http://host:port")
+    ap.add_argument("--hostname", default=None, help="address the other groups reach this one at")
     ap.add_argument("--tau", type=int, default=8, help="H, inner steps between outer steps")
     ap.add_argument("--steps", type=int, default=400, help="optimizer steps of the run")
     ap.add_argument(
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         min_groups=args.min_groups,
         timeout=30,
         quorum_timeout=60,
+        hostname=args.hostname,
     )
     connection = GroupConnection(settings)
     communicator = Communicator()

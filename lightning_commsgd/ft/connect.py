@@ -8,6 +8,8 @@ Settings are checked before anything connects, with errors that name the argumen
 from __future__ import annotations
 
 import math
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -29,6 +31,8 @@ class ReplicaGroupSettings:
         timeout: seconds for one collective between groups, a commit, or fetching a peer's state.
         quorum_timeout: seconds a quorum may take to form (a round waits this long for the Lighthouse and the
             other groups; longer than the time between rounds, or a slow group is dropped).
+        hostname: the address the other groups reach this group at (its key-value store, its manager and the
+            server a healing peer fetches state from); ``None``: this machine's host name.
     """
 
     lighthouse: str
@@ -36,6 +40,7 @@ class ReplicaGroupSettings:
     min_groups: int = 1
     timeout: float = 60.0
     quorum_timeout: float = 300.0
+    hostname: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.lighthouse, str) or not self.lighthouse.startswith(("http://", "https://")):
@@ -46,6 +51,10 @@ class ReplicaGroupSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Arg `{name}` must be an int >= {low}, got {value!r}.")
+        if self.hostname is not None and (not isinstance(self.hostname, str) or not self.hostname):
+            raise ValueError(
+                f"Arg `hostname` must be a non-empty host name or address, got {self.hostname!r}."
+            )
         for name in ("timeout", "quorum_timeout"):
             value = getattr(self, name)
             if (
@@ -61,7 +70,8 @@ class GroupConnection:
     """This process's torchft ``Manager`` for its group (``rank`` of ``world_size`` processes in the group).
 
     A one-process group (the default) hosts its own key-value store; the processes of a larger group share
-    one at ``store_addr:store_port`` (e.g. the one torch.distributed already runs for the group).
+    one at ``store_addr:store_port`` (e.g. the one torch.distributed already runs for the group). Every
+    address this group hands to the others uses ``settings.hostname``.
     """
 
     def __init__(
@@ -72,12 +82,13 @@ class GroupConnection:
         world_size: int = 1,
         store_addr: str | None = None,
         store_port: int | None = None,
-        hostname: str = "localhost",
     ) -> None:
         torch_dist = require_torchft("torch.distributed")
         manager_module = require_torchft("torchft.manager")
         process_group = require_torchft("torchft.process_group")
+        checkpointing = require_torchft("torchft.checkpointing")
         self.settings = settings
+        hostname = settings.hostname or socket.gethostname()
         timeout = timedelta(seconds=settings.timeout)
         self.store: Any = None
         if store_addr is None:
@@ -107,6 +118,7 @@ class GroupConnection:
             "hostname": hostname,
             "init_sync": False,  # the groups start from the same seeded model; a late one heals instead
             "max_retries": None,  # the rounds count their own attempts
+            "checkpoint_transport": _advertised_transport(checkpointing.HTTPTransport, hostname, timeout),
         }
         try:
             self.manager = manager_module.Manager(
@@ -123,6 +135,19 @@ class GroupConnection:
     def close(self) -> None:
         """Shut the manager's servers and threads down."""
         self.manager.shutdown(wait=False)
+
+
+def _advertised_transport(http_transport: type, hostname: str, timeout: timedelta) -> Any:
+    """torchft's HTTP checkpoint transport (what a healing peer fetches this group's state from), advertising
+    ``hostname`` instead of ``socket.gethostname()``, which other machines or network namespaces may not
+    resolve to this one."""
+
+    class AdvertisedHTTPTransport(http_transport):  # type: ignore[misc, valid-type]
+        def address(self) -> str:
+            url = urllib.parse.urlsplit(super().address())
+            return url._replace(netloc=f"{hostname}:{url.port}").geturl()
+
+    return AdvertisedHTTPTransport(timeout=timeout, num_chunks=0)
 
 
 def start_lighthouse(
