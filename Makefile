@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := lightning_commsgd tests examples benchmarks
 
-.PHONY: venv demo test test-extended test-oldest-lightning lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-codecs bench-cluster bench-diloco bench-ps bench-scaling clean distclean
+.PHONY: venv demo test test-extended test-oldest-lightning lint bench bench-adacomm bench-decentralized bench-redundancy bench-compression bench-overhead bench-codecs bench-cluster bench-diloco bench-ps bench-scaling bench-ft clean distclean
 
 venv: $(STAMP)
 
@@ -90,6 +90,10 @@ bench-codecs: venv
 # Needs root: network namespaces and tc rate limits emulate the nodes and their links.
 bench-cluster: venv
 	$(VPY) -m benchmarks.bench_cluster $(BENCH_ARGS)
+
+# Needs root, as bench-cluster: goodput of replica groups (torchft) under failures against stop and resume.
+bench-ft: venv
+	$(VPY) -m benchmarks.bench_ft $(BENCH_ARGS)
 
 # Needs root, as bench-cluster: DDP, local SGD, DiLoCo and Streaming DiLoCo on a small LM and the digits MLP.
 bench-diloco: venv
