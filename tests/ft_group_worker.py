@@ -28,13 +28,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lightning_commsgd.comm import Communicator  # noqa: E402
 from lightning_commsgd.ft import (  # noqa: E402
-    GroupConnection,
     GroupOuterStep,
-    QuorumRounds,
     ReplicaGroupSettings,
     averaging_outer_optimizer,
+    connect_replica_group,
 )
 
 
@@ -96,31 +94,21 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         quorum_timeout=args.quorum_timeout,
     )
-    connection = GroupConnection(settings)
-    communicator = Communicator()
-    algorithm: GroupOuterStep | None = None
-    rounds = QuorumRounds(
-        connection.manager,
-        communicator.ledger,
-        quorum_timeout=args.quorum_timeout,
-        step=lambda: 0 if algorithm is None else algorithm.step,
-    )
-    algorithm = GroupOuterStep(
+    algorithm = connect_replica_group(
         model,
         [optimizer],
-        communicator,
-        rounds,
+        settings,
         tau=args.tau,
         outer_optimizer=averaging_outer_optimizer if args.outer == "average" else None,
         max_missed_rounds=args.max_missed_rounds,
         start_groups=args.start_groups,
         start_timeout=args.quorum_timeout,
     )
+    rounds, communicator = algorithm.rounds_between_groups, algorithm.communicator
     record: dict = {"group": args.group, "healed_from": None, "after_round": []}
     algorithm.register_extra_state(
         "origin", save=lambda: args.group, load=lambda source: record.__setitem__("healed_from", source)
     )
-    algorithm.register_with(connection.manager)
 
     if args.die_in_round is not None:  # die after the round's quorum formed, before its all-reduce
         real_sum = rounds.sum_
@@ -157,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         ledger={tag: (s.rounds, s.bytes_sent) for tag, s in communicator.ledger.by_tag.items()},
         metrics=algorithm.metrics(),
     )
-    rounds.close()
+    algorithm.close()
     tmp = args.out + ".tmp"
     torch.save(record, tmp)
     os.replace(tmp, args.out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -77,5 +78,7 @@ def run_torchft_configs(rank: int, world_size: int, configs: list[dict[str, Any]
             algorithm.after_optimizer_step()
             record["params"].append(harness.snapshot(model))
             record["outer_steps"].append(outer_steps[0])
+        # ours runs without torchft: nothing in this worker (our algorithm included) imported it
+        record["torchft_imported"] = "torchft" in sys.modules
         out.append(record)
     return out

@@ -22,8 +22,7 @@ from torch import nn
 
 from examples.digits.data import load_digits_tensors
 from examples.fault_tolerance.train_group import TEST_SAMPLES, batch_indices
-from lightning_commsgd.comm import Communicator
-from lightning_commsgd.ft import GroupConnection, GroupOuterStep, QuorumRounds, ReplicaGroupSettings
+from lightning_commsgd.ft import ReplicaGroupSettings, connect_replica_group
 
 
 def build_model(hidden: int) -> nn.Module:
@@ -68,26 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         quorum_timeout=args.quorum_timeout,
         hostname=args.hostname,
     )
-    connection = GroupConnection(settings)
-    communicator = Communicator()
-    algorithm: GroupOuterStep | None = None
-    rounds = QuorumRounds(
-        connection.manager,
-        communicator.ledger,
-        quorum_timeout=args.quorum_timeout,
-        step=lambda: algorithm.step if algorithm else 0,
-    )
-    algorithm = GroupOuterStep(
+    algorithm = connect_replica_group(
         model,
         [optimizer],
-        communicator,
-        rounds,
+        settings,
         tau=args.tau,
         start_groups=args.groups,
         start_timeout=args.quorum_timeout,
         max_missed_rounds=10,
     )
-    algorithm.register_with(connection.manager)
     if args.resume_step:
         assert args.checkpoint_dir is not None
         state = torch.load(
@@ -126,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     algorithm.finalize()
     with torch.no_grad():
         accuracy = float((model(features[-TEST_SAMPLES:]).argmax(1) == labels[-TEST_SAMPLES:]).float().mean())
-    log("done", step=algorithm.step, accuracy=accuracy, bytes_sent=communicator.ledger.bytes_sent)
-    rounds.close()
+    log("done", step=algorithm.step, accuracy=accuracy, bytes_sent=algorithm.communicator.ledger.bytes_sent)
+    algorithm.close()
     return 0
 
 

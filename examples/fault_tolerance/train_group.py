@@ -25,13 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.digits.data import load_digits_tensors  # noqa: E402
-from lightning_commsgd.comm import Communicator  # noqa: E402
-from lightning_commsgd.ft import (  # noqa: E402
-    GroupConnection,
-    GroupOuterStep,
-    QuorumRounds,
-    ReplicaGroupSettings,
-)
+from lightning_commsgd.ft import ReplicaGroupSettings, connect_replica_group  # noqa: E402
 
 TEST_SAMPLES = 297  # the last samples of load_digits: the held-out test set
 BATCH = 32
@@ -89,21 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         quorum_timeout=60,
         hostname=args.hostname,
     )
-    connection = GroupConnection(settings)
-    communicator = Communicator()
-    algorithm: GroupOuterStep | None = None
-    rounds = QuorumRounds(
-        connection.manager,
-        communicator.ledger,
-        quorum_timeout=60,
-        step=lambda: algorithm.step if algorithm else 0,
-    )
-    algorithm = GroupOuterStep(
-        model, [optimizer], communicator, rounds, tau=args.tau, start_groups=args.groups, start_timeout=60
+    algorithm = connect_replica_group(
+        model, [optimizer], settings, tau=args.tau, start_groups=args.groups, start_timeout=60
     )
     healed_from: list[int] = []
     algorithm.register_extra_state("group", save=lambda: args.group, load=healed_from.append)
-    algorithm.register_with(connection.manager)
 
     start = time.perf_counter()
     membership = algorithm.join()
@@ -146,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": [list(r) for r in algorithm.round_history],
         "events": [
             {k: getattr(e, k) for k in ("step", "groups", "healed", "heal_seconds", "wall_time")}
-            for e in rounds.events
+            for e in algorithm.rounds_between_groups.events
         ],
-        "bytes_sent": communicator.ledger.bytes_sent,
+        "bytes_sent": algorithm.communicator.ledger.bytes_sent,
         "test_accuracy": accuracy,
         "model": fingerprint(model),
         "seconds": time.perf_counter() - start,
@@ -160,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.out is not None:
         args.out.write_text(json.dumps(summary, indent=1))
-    rounds.close()
+    algorithm.close()
     return 0
 
 

@@ -8,7 +8,8 @@ next round and the others go on; a restarted group heals from a live peer and jo
 - :class:`ReplicaGroupSettings`, :class:`GroupConnection`, :func:`start_lighthouse` (:mod:`.connect`): where
   and how a group meets the others;
 - :class:`QuorumRounds` (:mod:`.quorum`): quorum, all-reduce and commit of one round, counted in the ledger;
-- :class:`GroupOuterStep` (:mod:`.groups`): DiLoCo / local SGD between groups on top of them.
+- :class:`GroupOuterStep` (:mod:`.groups`): DiLoCo / local SGD between groups on top of them;
+- :func:`connect_replica_group` (:mod:`.replica_group`): all of it in one call.
 
 Importing this package does not import torchft; building a connection does (with a clear error when the
 extra is missing).
@@ -24,6 +25,7 @@ from lightning_commsgd.ft.quorum import (
     QuorumUnavailableError,
     ReplicaGroupError,
 )
+from lightning_commsgd.ft.replica_group import connect_replica_group
 
 __all__ = [
     "TORCHFT_VERSION",
@@ -36,6 +38,7 @@ __all__ = [
     "ReplicaGroupError",
     "ReplicaGroupSettings",
     "averaging_outer_optimizer",
+    "connect_replica_group",
     "fingerprint_mismatch",
     "require_torchft",
     "start_lighthouse",

@@ -71,7 +71,8 @@ class GroupConnection:
 
     A one-process group (the default) hosts its own key-value store; the processes of a larger group share
     one at ``store_addr:store_port`` (e.g. the one torch.distributed already runs for the group). Every
-    address this group hands to the others uses ``settings.hostname``.
+    address this group hands to the others uses ``settings.hostname``. Keep this object alive while the group
+    runs: it owns the group's store, which the other groups connect to.
     """
 
     def __init__(

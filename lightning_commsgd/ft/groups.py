@@ -138,6 +138,10 @@ class GroupOuterStep(OuterStepAverager):
         self.last_contributors = 0
         #: (step, contributing groups, whether this group contributed) of every completed round
         self.round_history: list[tuple[int, int, bool]] = []
+        #: the group's :class:`~lightning_commsgd.ft.connect.GroupConnection` when this object owns it
+        #: (:func:`~lightning_commsgd.ft.connect_replica_group`): it keeps the group's key-value store, which
+        #: the other groups connect to, alive as long as the algorithm
+        self.connection: Any = None
         self._pending: Membership | None = None  # a quorum begun by join(), used by the next round
         # "start" while join() gathers the groups, then "train"; a group that heals takes its peer's
         self._phase = "start"
@@ -300,6 +304,10 @@ class GroupOuterStep(OuterStepAverager):
             f"The round at step {self.step} failed {self.round_attempts} times in a row (groups kept failing "
             "inside it); raise `round_attempts` if groups restart this often."
         )
+
+    def close(self) -> None:
+        """Leave the groups: shut this group's torchft manager down (its servers and threads)."""
+        self.rounds_between_groups.close()
 
     def finalize(self) -> None:
         """The last round, if steps ran since the latest one (tag ``final``)."""

@@ -1,0 +1,56 @@
+"""One call from a model to a connected replica group: the torchft manager, the rounds between groups and
+the algorithm, registered for healing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_commsgd.comm import Communicator
+from lightning_commsgd.ft.connect import GroupConnection, ReplicaGroupSettings
+from lightning_commsgd.ft.groups import GroupOuterStep
+from lightning_commsgd.ft.quorum import QuorumRounds
+
+__all__ = ["connect_replica_group"]
+
+
+def connect_replica_group(
+    module: nn.Module,
+    optimizers: Sequence[Optimizer],
+    settings: ReplicaGroupSettings,
+    *,
+    communicator: Communicator | None = None,
+    **options: Any,
+) -> GroupOuterStep:
+    """This process's replica group, connected to the others: a :class:`GroupConnection` (the torchft
+    manager), :class:`QuorumRounds` recorded in ``communicator``'s ledger, and a :class:`GroupOuterStep`
+    built with ``options`` (``tau``, ``outer_optimizer``, ``start_groups``, ...) and registered with the
+    manager, so that a restarted peer can heal from it.
+
+    Call ``join()`` before the first step, ``after_optimizer_step()`` after each, ``finalize()`` and
+    ``close()`` at the end.
+
+    Args:
+        module: the group's model.
+        optimizers: its inner optimizers.
+        settings: where the group meets the others (see :class:`ReplicaGroupSettings`).
+        communicator: the communicator inside the group (default: a one-process one).
+        **options: keyword arguments of :class:`GroupOuterStep`.
+    """
+    connection = GroupConnection(settings)
+    communicator = communicator if communicator is not None else Communicator()
+    built: list[GroupOuterStep] = []
+    rounds = QuorumRounds(
+        connection.manager,
+        communicator.ledger,
+        quorum_timeout=settings.quorum_timeout,
+        step=lambda: built[0].step if built else 0,
+    )
+    algorithm = GroupOuterStep(module, optimizers, communicator, rounds, **options)
+    built.append(algorithm)
+    algorithm.connection = connection  # its store must live as long as the group: the others connect to it
+    algorithm.register_with(connection.manager)
+    return algorithm
