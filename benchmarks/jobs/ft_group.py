@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from examples.digits.data import load_digits_tensors
-from examples.fault_tolerance.train_group import TEST_SAMPLES, batch_indices
+from examples.fault_tolerance.train_group import (
+    TEST_SAMPLES,
+    batch_indices,
+    build_model,
+    group_data,
+    quiet_torchft,
+)
 from lightning_commsgd.ft import ReplicaGroupSettings, connect_replica_group
-
-
-def build_model(hidden: int) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
 def checkpoint_path(folder: Path, group: int, step: int) -> Path:
@@ -51,12 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quorum-timeout", type=float, default=60.0)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    logging.getLogger("torchft").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message="The given buffer is not writable")
-
-    features, labels = load_digits_tensors()
-    train_x, train_y = features[:-TEST_SAMPLES], labels[:-TEST_SAMPLES]
-    shard = torch.arange(args.group, len(train_x), args.groups)
+    quiet_torchft()
+    features, labels, train_x, train_y, shard = group_data(args.group, args.groups)
     model = build_model(args.hidden)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     settings = ReplicaGroupSettings(

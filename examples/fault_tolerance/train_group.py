@@ -31,9 +31,24 @@ TEST_SAMPLES = 297  # the last samples of load_digits: the held-out test set
 BATCH = 32
 
 
-def build_model() -> nn.Module:
+def build_model(hidden: int = 128) -> nn.Module:
     torch.manual_seed(0)  # every group starts from the same x_0
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def group_data(group: int, groups: int) -> tuple[torch.Tensor, ...]:
+    """``(features, labels, train_x, train_y, shard)``: the whole digits set (its last ``TEST_SAMPLES`` are
+    the test set), the training part, and the indices of ``group``'s shard of it (every ``groups``-th)."""
+    features, labels = load_digits_tensors()
+    train_x, train_y = features[:-TEST_SAMPLES], labels[:-TEST_SAMPLES]
+    return features, labels, train_x, train_y, torch.arange(group, len(train_x), groups)
+
+
+def quiet_torchft() -> None:
+    """torchft warns once per quorum that it has no NCCL flight recorder to reset (CPU), and torch that the
+    healing transfer's buffer is read-only: neither matters here."""
+    logging.getLogger("torchft").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
 def batch_indices(shard: torch.Tensor, group: int, step: int) -> torch.Tensor:
@@ -65,14 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON summary")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    # torchft warns once per quorum that it has no NCCL flight recorder to reset (CPU), and torch that the
-    # healing transfer's buffer is read-only: neither matters here
-    logging.getLogger("torchft").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message="The given buffer is not writable")
-
-    features, labels = load_digits_tensors()
-    train_x, train_y = features[:-TEST_SAMPLES], labels[:-TEST_SAMPLES]
-    shard = torch.arange(args.group, len(train_x), args.groups)
+    quiet_torchft()
+    features, labels, train_x, train_y, shard = group_data(args.group, args.groups)
     model = build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)  # DiLoCo's inner optimizer
     settings = ReplicaGroupSettings(
