@@ -153,6 +153,10 @@ def test_state_a_group_heals_from_round_trips_with_counters_optimizers_and_extra
     assert torch.equal(_params(target_model), _params(source_model))
     assert torch.equal(target.anchors[0], source.anchors[0])
     assert taken == {"epoch": 3, "batch": 11}
+    # the transfer is in both ledgers: at least the model and the anchor (fp32), counted the same each side
+    numel = sum(p.numel() for p in source_model.parameters())
+    sent = source.communicator.ledger.by_tag["ft_heal"].bytes_sent
+    assert sent >= 2 * 4 * numel and target.communicator.ledger.by_tag["ft_heal"].bytes_received == sent
     with pytest.raises(ValueError, match="registered already"):
         target.register_extra_state("sampler", save=lambda: None, load=lambda v: None)
 

@@ -58,6 +58,17 @@ def _hash(text: str) -> int:
     return zlib.crc32(text.encode()) & ((1 << _HASH_BITS) - 1)
 
 
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors anywhere in ``value`` (nested dicts, lists, tuples)."""
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
 def fingerprint_mismatch(mine: dict[str, str], theirs: dict[str, str]) -> list[str]:
     """The fingerprint fields on which two groups differ (missing fields count as different)."""
     keys = sorted(set(mine) | set(theirs))
@@ -86,7 +97,7 @@ class GroupOuterStep(OuterStepAverager):
         momentum, average_buffers, backup_device: as for :class:`~lightning_commsgd.algorithms.diloco.DiLoCo`.
     """
 
-    round_tags = ("outer_step", "final", "ft_fingerprint")
+    round_tags = ("outer_step", "final", "ft_fingerprint", "ft_heal")
 
     def __init__(
         self,
@@ -172,7 +183,7 @@ class GroupOuterStep(OuterStepAverager):
     def group_state(self) -> dict[str, Any]:
         """Everything a healing group takes from this one (copies: the peer goes on training meanwhile)."""
         with torch.no_grad():
-            return {
+            state = {
                 "phase": self._phase,
                 "fingerprint": dict(self.fingerprint),
                 "algorithm": self.state_dict(),
@@ -180,6 +191,9 @@ class GroupOuterStep(OuterStepAverager):
                 "optimizers": [copy.deepcopy(opt.state_dict()) for opt in self.replica.optimizers],
                 "extra": {name: save() for name, (save, _) in self._extra_state.items()},
             }
+        # torchft sends it over HTTP: its tensors' bytes go in the ledger (tag ft_heal), like any round's
+        self.communicator.ledger.record("ft_heal", sent=_tensor_bytes(state), received=0, seconds=0.0)
+        return state
 
     def load_group_state(self, state: dict[str, Any]) -> None:
         """Take a live peer's :meth:`group_state` (called by the torchft manager while a quorum forms)."""
@@ -198,6 +212,7 @@ class GroupOuterStep(OuterStepAverager):
         self._peer_phase = state["phase"]
         for name, (_, load) in self._extra_state.items():
             load(state["extra"][name])
+        self.communicator.ledger.record("ft_heal", sent=0, received=_tensor_bytes(state), seconds=0.0)
         self.rounds_between_groups.note_healed()
 
     def register_with(self, manager: Any) -> None:
