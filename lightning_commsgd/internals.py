@@ -31,6 +31,10 @@ those tests on the oldest end in CI. 2.5.0 / 2.5.0.post0 pass them too, but thei
   mid-epoch resume too, nothing else changes).
 - ``trainer._checkpoint_connector._select_ckpt_path``: wrapped by :func:`report_selected_ckpt_path`, so the
   strategy verifies the checkpoint before the process group forms. Missing: RuntimeError.
+- ``trainer._checkpoint_connector.dump_checkpoint`` and its ``_loaded_checkpoint`` (the checkpoint it
+  restores after the strategy's setup; ``resume_start`` leaves it alone without a ``ckpt_path``):
+  :func:`training_state` / :func:`resume_from_state`, how a replica group healing from a live peer takes the
+  peer's loops, callbacks and LR schedulers (:mod:`lightning_commsgd.ft.lightning`). Missing: RuntimeError.
 - ``lightning.pytorch.strategies.launchers.subprocess_script._SubprocessScriptLauncher`` (the popen launcher)
   with its ``procs`` and ``_call_children_scripts``: :func:`popen_launcher_class` (the base class of
   ``ReportingScriptLauncher``), :func:`is_popen_launcher`, :func:`start_child_scripts`. Missing: RuntimeError.
@@ -323,6 +327,30 @@ def report_selected_ckpt_path(trainer: Any, report: Callable[[Any], None]) -> No
 
     select_and_report._reports_to_commsgd = True  # type: ignore[attr-defined]
     connector._select_ckpt_path = select_and_report
+
+
+def training_state(trainer: Any) -> dict[str, Any]:
+    """What ``trainer.save_checkpoint`` would write now (loops, callbacks, LR schedulers, precision, the
+    module's and optimizers' states), as a dict in memory: a replica group a peer heals from hands it over."""
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    dump = getattr(connector, "dump_checkpoint", None)
+    if dump is None:
+        raise unsupported(
+            "Trainer._checkpoint_connector.dump_checkpoint", "to hand the training state to a healing group"
+        )
+    return dump(weights_only=False)
+
+
+def resume_from_state(trainer: Any, checkpoint: dict[str, Any]) -> None:
+    """Have ``trainer`` restore ``checkpoint`` (a :func:`training_state` dict) after the strategy's setup,
+    exactly as a ``ckpt_path`` it loaded: Lightning restores the checkpoint it holds there (module, callbacks,
+    loops, optimizers, LR schedulers) and then releases it."""
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    if connector is None or not isinstance(getattr(connector, "_loaded_checkpoint", None), dict):
+        raise unsupported(
+            "Trainer._checkpoint_connector._loaded_checkpoint", "to resume a healing group from its peer"
+        )
+    connector._loaded_checkpoint = checkpoint
 
 
 # -- Lightning: the popen launcher ---------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from ft_group_worker import batch, build_model
+from ft_group_worker import batch as worker_batch
+from ft_group_worker import build_model
 from torch import nn
 
 
@@ -25,6 +26,7 @@ def simulate(
     last_step: dict[int, int] | None = None,
     joins: dict[int, tuple[int, int]] | None = None,
     outer: str = "diloco",
+    batch: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] = worker_batch,
 ) -> dict[int, list[torch.Tensor]]:
     """Final parameters of every group live at the end.
 
@@ -36,6 +38,7 @@ def simulate(
         last_step: g -> the steps g completed before it died (its steps 0 .. last_step - 1 ran).
         joins: g -> (T, source): g (re)joins in the round after step T, healing from group ``source``.
         outer: ``"diloco"`` (SGD lr 0.7, momentum 0.9, Nesterov) or ``"average"`` (SGD lr 1).
+        batch: ``(group, step) -> (x, y)``, what group g trains on at step s (default: the plain worker's).
     """
     last_step, joins = last_step or {}, joins or {}
     models = {g: build_model() for g in range(groups)}

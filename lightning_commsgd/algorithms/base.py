@@ -164,16 +164,24 @@ class PeriodicAlgorithm(CommAlgorithm):
         Call it on every rank after every optimizer step, whether or not the step was skipped, so all
         ranks reach the same decision. Returns whether a round ran.
         """
+        if not self._count_step():
+            return False
+        self._run_round()
+        return True
+
+    def _count_step(self) -> bool:
+        """Count one optimizer step (and tell the schedule); whether a round is due now."""
         self.step += 1
         self.schedule.on_step(self.step, self._learning_rate(), self._loss_sum, self._loss_count)
         self._loss_sum, self._loss_count = 0.0, 0
-        if self.step - self.last_round_step < self.schedule.tau:
-            return False
+        return self.step - self.last_round_step >= self.schedule.tau
+
+    def _run_round(self) -> None:
+        """The round that :meth:`_count_step` found due, and its bookkeeping."""
         self.communicate("average")
         self.last_round_step = self.step
         self.rounds += 1
         self.schedule.after_round(RoundInfo(self.step, self.rounds, self.communicator))
-        return True
 
     # -- helpers for subclasses ---------------------------------------------------------------------------
     def _pack(self, tensors: Sequence[Tensor]) -> Tensor:

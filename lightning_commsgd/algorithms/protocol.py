@@ -18,6 +18,9 @@ algorithm through this protocol only; none of them probes an algorithm's attribu
       ...
       algorithm.finalize()                    # end of training: every replica holds the output model
 
+(``algorithm.start()`` once before the first step and ``algorithm.close()`` at the end: algorithms that meet
+peers outside the job, the replica groups of :mod:`lightning_commsgd.ft`, connect and leave there.)
+
 Every collective goes through the algorithm's :class:`~lightning_commsgd.comm.Communicator`, which counts
 it; the tags of the algorithm's own rounds are :attr:`CommAlgorithm.round_tags`.
 """
@@ -114,6 +117,14 @@ class CommAlgorithm(ABC):
     def finalize(self) -> None:
         """End of training: bring every replica to the model the algorithm outputs."""
 
+    def start(self) -> None:  # noqa: B027 (optional hook)
+        """Once, after the build and before the first step: meet peers that live outside this job (replica
+        groups join the others here, and a late one takes a live peer's state). Default: nothing."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Once, when the adapter is done with the algorithm (after :meth:`finalize`, or after a failure):
+        release what :meth:`start` connected to. Default: nothing."""
+
     def average_for_evaluation(self, tensors: Sequence[Tensor]) -> None:
         """Replace ``tensors`` (the module's floating-point state) by the model to evaluate while replicas
         differ: their exact mean (one all-reduce, tag ``eval_consensus``)."""
@@ -173,6 +184,9 @@ class AlgorithmConfig(ABC):
     name: ClassVar[str] = ""
     #: whether fp16 loss scaling is compatible (a scaler rescales gradients that residual states absorb)
     supports_loss_scaling: ClassVar[bool] = True
+    #: the Lightning Trainer strategy class this config needs instead of the generic one (an algorithm whose
+    #: start can move the training loop, e.g. a replica group healing from a peer), as "module:Class"
+    trainer_strategy: ClassVar[str | None] = None
 
     def check_world(self, world: World) -> None:  # noqa: B027 (optional hook)
         """Raise if the settings do not fit ``world`` (called before any process group exists)."""

@@ -313,6 +313,8 @@ class CommunicationStrategy(AlgorithmSettings, FabricDDPHooks, DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        if self._algorithm is not None:
+            self._algorithm.close()
         self._stop_watchdog()
         super().teardown()
 
@@ -377,6 +379,7 @@ class CommunicationStrategy(AlgorithmSettings, FabricDDPHooks, DDPStrategy):
         if self._pending_algorithm_state is not None:
             self._algorithm.restore(*self._pending_algorithm_state)
             self._pending_algorithm_state = None
+        algorithm.start()  # replica groups meet the others here (a late group heals from a live one)
         return algorithm
 
     def _ensure_algorithm(self) -> CommAlgorithm | None:

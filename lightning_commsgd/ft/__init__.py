@@ -9,15 +9,20 @@ next round and the others go on; a restarted group heals from a live peer and jo
   and how a group meets the others;
 - :class:`QuorumRounds` (:mod:`.quorum`): quorum, all-reduce and commit of one round, counted in the ledger;
 - :class:`GroupOuterStep` (:mod:`.groups`): DiLoCo / local SGD between groups on top of them;
-- :func:`connect_replica_group` (:mod:`.replica_group`): all of it in one call.
+- :func:`connect_replica_group` (:mod:`.replica_group`): all of it in one call;
+- :class:`ReplicaGroups` (:mod:`.config`): the same as an algorithm config, for the adapters;
+- :class:`ReplicaGroupStrategy` (:mod:`.lightning`): one group under the Lightning Trainer (a healing group
+  takes its peer's loop position too).
 
 Importing this package does not import torchft; building a connection does (with a clear error when the
 extra is missing).
 """
 
 from lightning_commsgd.ft._torchft import TORCHFT_VERSION, require_torchft
+from lightning_commsgd.ft.config import ReplicaGroups
 from lightning_commsgd.ft.connect import GroupConnection, ReplicaGroupSettings, start_lighthouse
 from lightning_commsgd.ft.groups import GroupOuterStep, averaging_outer_optimizer, fingerprint_mismatch
+from lightning_commsgd.ft.lightning import ReplicaGroupStrategy
 from lightning_commsgd.ft.quorum import (
     Membership,
     QuorumEvent,
@@ -37,6 +42,8 @@ __all__ = [
     "QuorumUnavailableError",
     "ReplicaGroupError",
     "ReplicaGroupSettings",
+    "ReplicaGroupStrategy",
+    "ReplicaGroups",
     "averaging_outer_optimizer",
     "connect_replica_group",
     "fingerprint_mismatch",

@@ -8,6 +8,7 @@ Settings are checked before anything connects, with errors that name the argumen
 from __future__ import annotations
 
 import math
+import os
 import socket
 import urllib.parse
 from dataclasses import dataclass
@@ -41,6 +42,29 @@ class ReplicaGroupSettings:
     timeout: float = 60.0
     quorum_timeout: float = 300.0
     hostname: str | None = None
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> ReplicaGroupSettings:
+        """Settings from the environment, as torchft's launchers set it: the Lighthouse from
+        ``TORCHFT_LIGHTHOUSE``, the group index from ``REPLICA_GROUP_ID``; ``overrides`` win (e.g.
+        ``min_groups=2``). A missing variable is a ValueError naming it."""
+        values: dict[str, Any] = {}
+        for field, variable, convert in (
+            ("lighthouse", "TORCHFT_LIGHTHOUSE", str),
+            ("group", "REPLICA_GROUP_ID", int),
+        ):
+            if field in overrides:
+                continue
+            raw = os.environ.get(variable)
+            if raw is None:
+                raise ValueError(
+                    f"Replica group settings: set `{field}` or the environment variable {variable}."
+                )
+            try:
+                values[field] = convert(raw)
+            except ValueError as err:
+                raise ValueError(f"{variable} must be an int >= 0, got {raw!r}.") from err
+        return cls(**{**values, **overrides})
 
     def __post_init__(self) -> None:
         if not isinstance(self.lighthouse, str) or not self.lighthouse.startswith(("http://", "https://")):

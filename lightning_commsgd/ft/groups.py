@@ -36,10 +36,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_commsgd.algorithms.diloco import OuterOptimizerFactory, OuterStepAverager, _InFlight
+from lightning_commsgd.algorithms.diloco import (
+    OuterOptimizerFactory,
+    OuterStepAverager,
+    SchedulerFactory,
+    _InFlight,
+)
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.ft.quorum import Membership, QuorumRounds, QuorumUnavailableError, ReplicaGroupError
-from lightning_commsgd.schedules import PeriodSchedule, RoundInfo
+from lightning_commsgd.schedules import PeriodSchedule
 
 __all__ = ["GroupOuterStep", "averaging_outer_optimizer", "fingerprint_mismatch"]
 
@@ -94,6 +99,11 @@ class GroupOuterStep(OuterStepAverager):
             seconds for that many in one quorum, so that they start together (a group later than that heals
             from the others when it comes).
         start_timeout: see ``start_groups``.
+        outer_lr_scheduler: builds an LR scheduler for the outer optimizer, stepped after every outer step.
+        defer_rounds: :meth:`after_optimizer_step` only counts the step, and :meth:`run_due_round` runs a
+            round it found due: for adapters whose state is consistent only between batches (the Lightning
+            Trainer's loop is mid-batch inside the optimizer step; a peer healing from this group takes that
+            state).
         momentum, average_buffers, backup_device: as for :class:`~lightning_commsgd.algorithms.diloco.DiLoCo`.
     """
 
@@ -108,6 +118,7 @@ class GroupOuterStep(OuterStepAverager):
         *,
         tau: int | PeriodSchedule = 500,
         outer_optimizer: OuterOptimizerFactory | None = None,
+        outer_lr_scheduler: SchedulerFactory | None = None,
         round_attempts: int = 3,
         max_missed_rounds: int = 3,
         start_groups: int = 1,
@@ -115,6 +126,7 @@ class GroupOuterStep(OuterStepAverager):
         momentum: str = "local",
         average_buffers: bool = True,
         backup_device: str | torch.device | None = None,
+        defer_rounds: bool = False,
     ) -> None:
         if isinstance(round_attempts, bool) or not isinstance(round_attempts, int) or round_attempts < 1:
             raise ValueError(f"Arg `round_attempts` must be an int >= 1, got {round_attempts!r}.")
@@ -135,6 +147,7 @@ class GroupOuterStep(OuterStepAverager):
             optimizers,
             communicator,
             tau=tau,
+            outer_lr_scheduler=outer_lr_scheduler,
             momentum=momentum,
             average_buffers=average_buffers,
             backup_device=backup_device,
@@ -145,6 +158,10 @@ class GroupOuterStep(OuterStepAverager):
         self.round_attempts = round_attempts
         self.max_missed_rounds = max_missed_rounds
         self.start_groups, self.start_timeout = start_groups, float(start_timeout)
+        self.defer_rounds = bool(defer_rounds)
+        self._round_due = False  # defer_rounds: a round counted due, not run yet
+        #: the quorum :meth:`start` joined (``healed``: this group took a live peer's state)
+        self.membership: Membership | None = None
         self.missed_rounds = 0  # in a row
         self.last_contributors = 0
         #: (step, contributing groups, whether this group contributed) of every completed round
@@ -239,10 +256,8 @@ class GroupOuterStep(OuterStepAverager):
                 raise QuorumUnavailableError(f"Replica group could not join at start: {err}") from err
             if membership.healed and self._peer_phase == "train":
                 self._pending = membership
-                self.communicate("outer_step")
-                self.last_round_step = self.step
-                self.rounds += 1
-                self.schedule.after_round(RoundInfo(self.step, self.rounds, self.communicator))
+                self._round_due = False  # the peer's round, which this group takes part in now
+                self._run_round()
                 break
             waiting = membership.groups < self.start_groups and time.monotonic() < deadline
             if not self._check_fingerprints(waiting):  # no group waits for more any longer
@@ -276,7 +291,27 @@ class GroupOuterStep(OuterStepAverager):
             )
         return float(stats[-1, 1]) > 0
 
+    def start(self) -> None:
+        """:meth:`join` (the protocol's hook before the first step); the quorum is :attr:`membership`."""
+        self.membership = self.join()
+
     # -- a round between groups ----------------------------------------------------------------------
+    def after_optimizer_step(self) -> bool:
+        if not self.defer_rounds:
+            return super().after_optimizer_step()
+        self._fresh = [False] * len(self.fragments)
+        self._round_due = self._count_step()
+        return False
+
+    def run_due_round(self) -> bool:
+        """With ``defer_rounds``: the round the latest :meth:`after_optimizer_step` found due, if any (call it
+        at the end of the batch). Returns whether one ran."""
+        if not self._round_due:
+            return False
+        self._round_due = False
+        self._run_round()
+        return True
+
     def communicate(self, tag: str) -> None:
         """One outer step with the groups of the next quorum; a missed quorum leaves the state as it is."""
         tag = "final" if tag == "final" else "outer_step"
@@ -326,6 +361,7 @@ class GroupOuterStep(OuterStepAverager):
 
     def finalize(self) -> None:
         """The last round, if steps ran since the latest one (tag ``final``)."""
+        self.run_due_round()
         if not all(self._fresh):
             self.communicate("final")
 

@@ -19,6 +19,7 @@ Processes, counted Lightning collectives and faults are the base class's (:mod:`
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -42,9 +43,23 @@ from lightning_commsgd.strategies.process import ProcessGroupStrategy
 from lightning_commsgd.strategies.rank_entry import RankEntry
 from lightning_commsgd.strategies.stepping import exchange_then_step, record_batch
 
-__all__ = ["EVAL_MODES", "CommunicationStrategy"]
+__all__ = ["EVAL_MODES", "CommunicationStrategy", "check_strategy_class"]
 
 EVAL_MODES = ("consensus", "local")
+
+
+def check_strategy_class(strategy: object, algorithm: AlgorithmConfig) -> None:
+    """Refuse ``algorithm`` under ``strategy`` when its config names another Trainer strategy it needs
+    (:attr:`AlgorithmConfig.trainer_strategy`), naming that one."""
+    needed = algorithm.trainer_strategy
+    if needed is None:
+        return
+    module_name, _, class_name = needed.partition(":")
+    if not isinstance(strategy, getattr(importlib.import_module(module_name), class_name)):
+        raise TypeError(
+            f"{type(algorithm).__name__} runs under the Trainer with {module_name}.{class_name}, not "
+            f"{type(strategy).__name__}: Trainer(strategy={class_name}(...))."
+        )
 
 
 class CommunicationStrategy(AlgorithmSettings, ProcessGroupStrategy):
@@ -81,6 +96,7 @@ class CommunicationStrategy(AlgorithmSettings, ProcessGroupStrategy):
         **kwargs: Any,
     ) -> None:
         run = AlgorithmRun(algorithm)  # raises unless `algorithm` is a config
+        check_strategy_class(self, algorithm)
         check_choice(eval_on, "eval_on", EVAL_MODES)
         if not isinstance(check_replicas, bool):
             raise TypeError(f"Arg `check_replicas` must be a bool, got {check_replicas!r}.")
@@ -93,6 +109,7 @@ class CommunicationStrategy(AlgorithmSettings, ProcessGroupStrategy):
         self._evaluation = ConsensusEvaluation()
         self._entry = RankEntry(self._run, self.data, self._evaluation)
         self._step_reduces = StepReduceWarning()
+        self._started: CommAlgorithm | None = None  # the algorithm started by this fit, until closed
 
     @property
     def redundancy(self) -> RedundancyInfusion | None:
@@ -125,7 +142,21 @@ class CommunicationStrategy(AlgorithmSettings, ProcessGroupStrategy):
     @override
     def start_training(self, trainer: pl.Trainer, communicator: Communicator) -> None:
         owner = type(self).__name__
-        self._run.build(self.lightning_module, list(self.optimizers), communicator, self.world, owner)
+        module, optimizers = self.lightning_module, list(self.optimizers)
+        algorithm = self._run.build(module, optimizers, communicator, self.world, owner)
+        self.before_start(algorithm)
+        algorithm.start()
+        self._started = algorithm
+
+    def before_start(self, algorithm: CommAlgorithm) -> None:  # noqa: B027 (optional hook)
+        """Between the build and ``algorithm.start()`` (what a subclass registers with the algorithm)."""
+
+    @override
+    def teardown(self) -> None:
+        started, self._started = self._started, None  # closed once: teardown follows every stage
+        if started is not None:
+            started.close()
+        super().teardown()
 
     # -- the algorithm's hooks ----------------------------------------------------------------------
     @override

@@ -1,0 +1,179 @@
+"""The algorithm between replica groups as an algorithm config: ``ReplicaGroups(DiLoCo(tau=16), settings)``.
+
+The config takes what runs between the groups (:class:`~lightning_commsgd.algorithms.LocalSGD` as plain
+averaging, or :class:`~lightning_commsgd.algorithms.DiLoCo`), checks that it can run between groups, and
+builds a connected :class:`~lightning_commsgd.ft.groups.GroupOuterStep` (:func:`connect_replica_group`).
+Adapters call ``start()`` before the first step (the group meets the others, or heals from a live one) and
+``close()`` at the end. Under the Lightning Trainer it runs with
+:class:`~lightning_commsgd.ft.lightning.ReplicaGroupStrategy` (a healing group's training loop moves to its
+peer's position); under Fabric with its ``CommunicationStrategy``, the user's loop reading
+``algorithm.step`` after setup.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_commsgd.algorithms.diloco import DiLoCo
+from lightning_commsgd.algorithms.periodic import LocalSGD
+from lightning_commsgd.algorithms.protocol import AlgorithmConfig, World
+from lightning_commsgd.comm import Communicator
+from lightning_commsgd.ft.connect import ReplicaGroupSettings
+from lightning_commsgd.ft.groups import GroupOuterStep, averaging_outer_optimizer
+from lightning_commsgd.ft.replica_group import connect_replica_group
+
+__all__ = ["ReplicaGroups", "group_options"]
+
+
+def _refuse(config: AlgorithmConfig, what: str) -> ValueError:
+    return ValueError(f"ReplicaGroups cannot run {type(config).__name__} with {what} between replica groups.")
+
+
+def group_options(config: AlgorithmConfig) -> dict[str, Any]:
+    """The :class:`GroupOuterStep` options that run ``config`` between groups; a ValueError naming the setting
+    it cannot run (and a TypeError for an algorithm it does not run at all)."""
+    if isinstance(config, LocalSGD):
+        if config.momentum == "average":
+            raise ValueError(
+                "ReplicaGroups runs LocalSGD with momentum='local' or 'zero' between groups: averaging the "
+                "optimizer state (PR-SGD-Momentum, momentum='average') between groups is not supported yet."
+            )
+        for name, default in (("compressor", None), ("replica_weights", "uniform"), ("global_every", 1)):
+            if getattr(config, name) != default:
+                raise _refuse(config, f"{name}={getattr(config, name)!r} (only {default!r})")
+        if config.on_nonfinite != "raise":
+            raise _refuse(config, f"on_nonfinite={config.on_nonfinite!r} (only 'raise')")
+        return {
+            "tau": config.tau,
+            "outer_optimizer": averaging_outer_optimizer,  # outer SGD with lr 1: the mean of the replicas
+            "momentum": config.momentum,
+            "average_buffers": config.average_buffers,
+        }
+    if isinstance(config, DiLoCo):
+        if config.fragments != 1 or config.sync_delay:
+            raise _refuse(config, "fragments or a sync delay (Streaming DiLoCo is not supported yet)")
+        if config.scale_by_inner_lr:
+            raise _refuse(config, "SlowMo's 1/gamma scaling")
+        if config.compressor is not None:
+            raise _refuse(config, f"compressor={config.compressor!r} (only exact means)")
+        if config.on_nonfinite != "raise":
+            raise _refuse(config, f"on_nonfinite={config.on_nonfinite!r} (only 'raise')")
+        return {
+            "tau": config.tau,
+            "outer_optimizer": config.outer_optimizer,
+            "outer_lr_scheduler": config.outer_lr_scheduler,
+            "momentum": config.momentum,
+            "average_buffers": config.average_buffers,
+            "backup_device": config.backup_device,
+        }
+    raise TypeError(
+        f"ReplicaGroups runs LocalSGD or DiLoCo between replica groups, got {type(config).__name__}."
+    )
+
+
+class ReplicaGroups(AlgorithmConfig):
+    """Local SGD or DiLoCo between replica groups that fail and rejoin (torchft underneath).
+
+    Each group is its own job, one process for now; every ``tau`` steps the live groups run one round (see
+    :mod:`lightning_commsgd.ft.groups`). A group that dies is left out; a restarted one heals from a live
+    peer and joins the next round.
+
+    Args:
+        algorithm: what runs between the groups: ``LocalSGD(tau, momentum="local" | "zero")`` (plain model
+            averaging) or ``DiLoCo(tau, outer_optimizer, outer_lr_scheduler, momentum, ...)``; tau is H, the
+            inner steps between rounds (an int or a schedule).
+        replica_group: where this group meets the others; ``None``: from the environment
+            (:meth:`ReplicaGroupSettings.from_env`: ``TORCHFT_LIGHTHOUSE``, ``REPLICA_GROUP_ID``).
+        start_groups: G, the groups the job launches: they start together (up to ``start_timeout`` seconds),
+            and the training data is split in G shards, group g taking shard g (so ``group < start_groups``).
+        start_timeout: seconds a group waits at the start for the others.
+        round_attempts: attempts of one round (a group dying inside it fails one) before the group stops.
+        max_missed_rounds: rounds in a row without a quorum (Lighthouse lost, fewer than ``min_groups`` live)
+            the group trains through locally before it stops with ``QuorumUnavailableError``.
+    """
+
+    name = "replica_groups"
+    trainer_strategy = "lightning_commsgd.ft.lightning:ReplicaGroupStrategy"
+
+    def __init__(
+        self,
+        algorithm: AlgorithmConfig,
+        replica_group: ReplicaGroupSettings | None = None,
+        *,
+        start_groups: int = 1,
+        start_timeout: float = 60.0,
+        round_attempts: int = 3,
+        max_missed_rounds: int = 3,
+    ) -> None:
+        if not isinstance(algorithm, AlgorithmConfig):
+            raise TypeError(
+                "Arg `algorithm` must be an algorithm config (LocalSGD or DiLoCo), got "
+                f"{type(algorithm).__name__}."
+            )
+        self.options = group_options(algorithm)
+        if replica_group is None:
+            replica_group = ReplicaGroupSettings.from_env()
+        if not isinstance(replica_group, ReplicaGroupSettings):
+            raise TypeError(
+                f"Arg `replica_group` must be a ReplicaGroupSettings, got {type(replica_group).__name__}."
+            )
+        if isinstance(start_groups, bool) or not isinstance(start_groups, int) or start_groups < 1:
+            raise ValueError(f"Arg `start_groups` must be an int >= 1, got {start_groups!r}.")
+        if replica_group.group >= start_groups:
+            raise ValueError(
+                f"Arg `start_groups` ({start_groups}) must exceed the group index ({replica_group.group}): "
+                "the groups are 0 .. start_groups - 1, each training on its shard of the data."
+            )
+        self.algorithm = algorithm
+        self.replica_group = replica_group
+        self.start_groups = start_groups
+        self.start_timeout = start_timeout
+        self.round_attempts = round_attempts
+        self.max_missed_rounds = max_missed_rounds
+        # checked now, before any process or connection: GroupOuterStep validates the same values
+        for name, value, low in (
+            ("round_attempts", round_attempts, 1),
+            ("max_missed_rounds", max_missed_rounds, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Arg `{name}` must be an int >= {low}, got {value!r}.")
+        timeout_ok = isinstance(start_timeout, (int, float)) and not isinstance(start_timeout, bool)
+        if not timeout_ok or start_timeout < 0:
+            raise ValueError(f"Arg `start_timeout` must be a number of seconds >= 0, got {start_timeout!r}.")
+
+    def check_world(self, world: World) -> None:
+        if world.size != 1:
+            raise ValueError(
+                f"ReplicaGroups runs one process per replica group for now (devices=1, num_nodes=1), got a "
+                f"world of {world.size} processes: launch one job per group."
+            )
+
+    def check_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
+        self.algorithm.check_optimizers(optimizers)
+
+    def describe(self, world: World) -> str | None:
+        return (
+            f"replica group {self.replica_group.group} of {self.start_groups}, "
+            f"{type(self.algorithm).__name__} between groups, Lighthouse {self.replica_group.lighthouse}"
+        )
+
+    def build(
+        self, module: nn.Module, optimizers: Sequence[Optimizer], communicator: Communicator, world: World
+    ) -> GroupOuterStep:
+        options = {**self.options, "tau": copy.deepcopy(self.options["tau"])}  # a fresh schedule per run
+        return connect_replica_group(
+            module,
+            optimizers,
+            self.replica_group,
+            communicator=communicator,
+            start_groups=self.start_groups,
+            start_timeout=self.start_timeout,
+            round_attempts=self.round_attempts,
+            max_missed_rounds=self.max_missed_rounds,
+            **options,
+        )

@@ -1,0 +1,192 @@
+"""One replica group (one process) of a fault-tolerance test under the Lightning Trainer:
+``Trainer(strategy=ReplicaGroupStrategy(DiLoCo(...), ...))``, with an optional self-inflicted death.
+
+The run is deterministic given its membership history (``ft_simulation.py`` replays it with :func:`batch`):
+  * model, inner and outer optimizer: as ``ft_group_worker.py`` (SGD lr 0.1 momentum 0.9; DiLoCo's outer SGD
+    or plain averaging with --outer average), MSE loss;
+  * data: ``SAMPLES`` fixed samples in a shuffled DataLoader of batch ``BATCH``; Lightning's sampler gives
+    group g shard g of ``--start-groups`` (seed 0, a new order per epoch).
+
+Writes (torch.save) to --out: the final parameters, the rounds' history, the state after every round, the
+first batch the group trained on (step, epoch, index in the epoch), its last global step and, for a group
+that healed, the group it took its state from (a callback's state, which Lightning restores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from ft_group_worker import build_model, snapshot
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lightning_commsgd import DiLoCo, LocalSGD  # noqa: E402
+from lightning_commsgd.ft import ReplicaGroupSettings, ReplicaGroupStrategy  # noqa: E402
+
+SAMPLES, BATCH = 120, 8  # 40 samples, 5 batches per shard and epoch: rounds (tau 4) fall mid-epoch
+
+
+def dataset() -> TensorDataset:
+    generator = torch.Generator().manual_seed(7)
+    return TensorDataset(
+        torch.randn(SAMPLES, 8, generator=generator), torch.randn(SAMPLES, 4, generator=generator)
+    )
+
+
+def batch(group: int, step: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What group g trains on at optimizer step s: batch s mod E of epoch s // E of its shard."""
+    data = dataset()
+    sampler = DistributedSampler(data, num_replicas=groups, rank=group, shuffle=True, seed=0)
+    per_epoch = len(sampler) // BATCH
+    epoch, offset = divmod(step, per_epoch)
+    sampler.set_epoch(epoch)
+    index = list(sampler)[offset * BATCH : (offset + 1) * BATCH]
+    return data.tensors[0][index], data.tensors[1][index]
+
+
+class Regression(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = build_model()
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(dataset(), batch_size=BATCH, shuffle=True)
+
+
+class Recorder(pl.Callback):
+    """Records what the test checks; its state (this group's index) travels to a group that heals."""
+
+    def __init__(self, group: int, die_at_step: int | None) -> None:
+        self.group, self.die_at_step = group, die_at_step
+        self.healed_from: int | None = None
+        self.first_batch: tuple[int, int, int] | None = None
+        self.after_round: list[dict] = []
+        self._rounds_seen = 0
+
+    def state_dict(self) -> dict:
+        return {"group": self.group}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.healed_from = state["group"]
+
+    def _algorithm(self, trainer: pl.Trainer):  # noqa: ANN202
+        return trainer.strategy.algorithm
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        algorithm = self._algorithm(trainer)
+        self._rounds_seen = algorithm.rounds
+        if algorithm.membership.healed:
+            self.after_round.append(snapshot(pl_module.net, trainer.optimizers[0], algorithm))
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx
+    ) -> None:
+        if self.first_batch is None:
+            self.first_batch = (trainer.global_step, trainer.current_epoch, batch_idx)
+        if self.die_at_step is not None and trainer.global_step + 1 == self.die_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        algorithm = self._algorithm(trainer)  # the strategy's round ran before this callback
+        if algorithm.rounds != self._rounds_seen:
+            self._rounds_seen = algorithm.rounds
+            self.after_round.append(snapshot(pl_module.net, trainer.optimizers[0], algorithm))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--group", type=int, required=True)
+    ap.add_argument("--lighthouse", required=True)
+    ap.add_argument("--min-groups", type=int, default=1)
+    ap.add_argument("--start-groups", type=int, default=3)
+    ap.add_argument("--tau", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--outer", choices=["diloco", "average"], default="diloco")
+    ap.add_argument("--step-sleep", type=float, default=0.0)
+    ap.add_argument("--die-at-step", type=int, default=None, help="SIGKILL itself during this optimizer step")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")  # Lightning's advice on workers and logging: not what is tested
+
+    if args.outer == "average":
+        algorithm = LocalSGD(tau=args.tau, momentum="local")
+    else:
+        outer = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)
+        algorithm = DiLoCo(tau=args.tau, outer_optimizer=outer)
+    settings = ReplicaGroupSettings(
+        lighthouse=args.lighthouse,
+        group=args.group,
+        min_groups=args.min_groups,
+        timeout=30,
+        quorum_timeout=60,
+    )
+    strategy = ReplicaGroupStrategy(algorithm, settings, start_groups=args.start_groups, start_timeout=60)
+    recorder = Recorder(args.group, args.die_at_step)
+    callbacks: list[pl.Callback] = [recorder]
+    if args.step_sleep:
+        callbacks.append(_Sleep(args.step_sleep))
+    trainer = pl.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    model = Regression()
+    trainer.fit(model)
+    group = strategy.algorithm
+    record = {
+        "group": args.group,
+        "healed_from": recorder.healed_from,
+        "joined": {"healed": group.membership.healed, "step": recorder.first_batch[0]},
+        "first_batch": recorder.first_batch,
+        "global_step": trainer.global_step,
+        "after_round": recorder.after_round,
+        "final": [p.detach().clone() for p in model.net.parameters()],
+        "history": list(group.round_history),
+        "events": [dataclasses.asdict(e) for e in group.rounds_between_groups.events],
+        "ledger": {tag: (s.rounds, s.bytes_sent) for tag, s in group.communicator.ledger.by_tag.items()},
+        "seconds": time.perf_counter() - start,
+    }
+    tmp = args.out + ".tmp"
+    torch.save(record, tmp)
+    os.replace(tmp, args.out)
+    print(f"group {args.group}: done at step {trainer.global_step}", flush=True)
+    return 0
+
+
+class _Sleep(pl.Callback):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args) -> None:
+        time.sleep(self.seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

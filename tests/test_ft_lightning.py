@@ -1,0 +1,137 @@
+"""Replica groups under the Lightning Trainer (``ReplicaGroupStrategy``): each group one ``Trainer.fit``
+process (``ft_lightning_worker.py``) against a torchft Lighthouse in the test process, compared with
+``ft_simulation.py`` replaying the same membership history on the same data shards. A killed and restarted
+group must heal into Lightning's loop too: its first batch is its peer's next one, on its own shard.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ft_lightning_worker import batch
+from ft_simulation import simulate
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "ft_lightning_worker.py"
+TAU, GROUPS = 4, 3
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def lighthouse(monkeypatch):
+    from lightning_commsgd.ft import start_lighthouse
+
+    monkeypatch.setenv("RUST_LOG", "warn")
+    server = start_lighthouse(min_groups=2, join_timeout_ms=20_000, heartbeat_timeout_ms=1000)
+    yield server.address()
+    server.shutdown()
+
+
+def _launch(address: str, group: int, out: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", RUST_LOG="error", TORCHFT_USE_OTEL="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    env.pop("MASTER_PORT", None)  # each group is its own one-process job: its own free port
+    command = [sys.executable, str(WORKER), "--group", str(group), "--lighthouse", address]
+    command += ["--min-groups", "2", "--tau", str(TAU), "--out", str(out), *extra]
+    log = open(out.with_suffix(".log"), "w")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait(processes: dict[str, subprocess.Popen], outs: dict[str, Path], seconds: float) -> dict[str, int]:
+    deadline, codes = time.monotonic() + seconds, {}
+    for name, process in processes.items():
+        try:
+            codes[name] = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for other in processes.values():
+                other.kill()
+            logs = {n: outs[n].with_suffix(".log").read_text()[-3000:] for n in processes}
+            pytest.fail(f"replica group {name} did not finish; logs: {logs}")
+    return codes
+
+
+def _assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+SHARD_BATCH = functools.partial(batch, groups=GROUPS)
+
+
+def _sim_batch(group: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return SHARD_BATCH(group, step)
+
+
+def test_three_lightning_groups_train_on_their_shards_and_match_the_simulation(lighthouse, tmp_path):
+    steps = 20  # 5 batches per epoch and shard: four epochs, rounds mid-epoch
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(GROUPS)}
+    procs = {str(g): _launch(lighthouse, g, outs[str(g)], "--steps", str(steps)) for g in range(GROUPS)}
+    codes = _wait(procs, outs, 180)
+    assert codes == {"0": 0, "1": 0, "2": 0}, {
+        n: outs[n].with_suffix(".log").read_text()[-2000:] for n in outs
+    }
+    records = {g: torch.load(outs[str(g)], weights_only=False) for g in range(GROUPS)}
+    expected = simulate(
+        groups=GROUPS, steps=steps, tau=TAU, contributors=lambda s: [0, 1, 2], batch=_sim_batch
+    )
+    for g, record in records.items():
+        assert record["global_step"] == steps and record["first_batch"] == (0, 0, 0)
+        assert [h[:2] for h in record["history"]] == [(t, 3) for t in range(TAU, steps + 1, TAU)]
+        _assert_close(record["final"], expected[g])
+        assert record["ledger"]["outer_step"][0] == steps // TAU
+    assert all(torch.equal(a, b) for a, b in zip(records[0]["final"], records[2]["final"]))
+
+
+def test_a_restarted_lightning_group_heals_into_the_peers_loop_position(lighthouse, tmp_path):
+    steps, slow = 40, ["--step-sleep", "0.2"]  # slow enough that the restarted group joins mid-run
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(GROUPS)}
+    outs["2b"] = tmp_path / "g2b.pt"
+    common = ["--steps", str(steps), *slow]
+    procs = {
+        str(g): _launch(lighthouse, g, outs[str(g)], *common, *(["--die-at-step", "10"] if g == 2 else []))
+        for g in range(GROUPS)
+    }
+    assert procs["2"].wait(timeout=150) != 0
+    procs["2b"] = _launch(lighthouse, 2, outs["2b"], *common)
+    codes = _wait({k: v for k, v in procs.items() if k != "2"}, outs, 200)
+    assert codes == {"0": 0, "1": 0, "2b": 0}
+    records = {name: torch.load(outs[name], weights_only=False) for name in ("0", "1", "2b")}
+    healer = records["2b"]
+    assert healer["joined"]["healed"], "the restarted group should have healed from a live peer"
+    join_step, source = healer["joined"]["step"], healer["healed_from"]
+    assert join_step % TAU == 0 and 8 < join_step < steps and source in (0, 1)
+    # Lightning's loop moved to the peer's position: next step, its epoch, the batch after the peer's
+    per_epoch = 120 // GROUPS // 8
+    assert healer["first_batch"] == (join_step, join_step // per_epoch, join_step % per_epoch)
+    assert healer["global_step"] == steps
+    # healing: after its first round the restarted group's state equals its source's bit for bit
+    mine = healer["after_round"][0]
+    theirs = next(s for s in records[str(source)]["after_round"] if s["step"] == join_step)
+    assert (mine["step"], mine["rounds"]) == (theirs["step"], theirs["rounds"])
+    for key in ("params", "momentum", "outer"):
+        assert all(torch.equal(a, b) for a, b in zip(mine[key], theirs[key])), key
+    assert torch.equal(mine["anchor"], theirs["anchor"])
+
+    def contributors(step: int) -> list[int]:
+        return [0, 1, 2] if step <= 8 or step > join_step else [0, 1]
+
+    expected = simulate(
+        groups=GROUPS,
+        steps=steps,
+        tau=TAU,
+        contributors=contributors,
+        last_step={2: 9},
+        joins={2: (join_step, source)},
+        batch=_sim_batch,
+    )
+    for name, g in (("0", 0), ("1", 1), ("2b", 2)):
+        _assert_close(records[name]["final"], expected[g])
+    assert healer["ledger"]["ft_heal"][0] >= 1  # the healing transfer is in the ledger
