@@ -112,6 +112,64 @@ class Recorder(pl.Callback):
             self.after_round.append(snapshot(pl_module.net, trainer.optimizers[0], algorithm))
 
 
+def run_fabric(args: argparse.Namespace, algorithm, settings: ReplicaGroupSettings) -> tuple[dict, object]:  # noqa: ANN001
+    """The same group as a Fabric loop: the group joins (or heals) in ``fabric.setup``, and the loop starts
+    at ``algorithm.step``, at the batch of its epoch that step falls on, on shard g of the data.
+    """
+    from lightning.fabric import Fabric
+
+    from lightning_commsgd.fabric import CommunicationStrategy as FabricStrategy
+    from lightning_commsgd.ft import ReplicaGroups
+
+    strategy = FabricStrategy(
+        ReplicaGroups(algorithm, settings, start_groups=args.start_groups, start_timeout=60)
+    )
+    fabric = Fabric(accelerator="cpu", devices=1, strategy=strategy)
+    fabric.launch()
+    net = build_model()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    model, optimizer = fabric.setup(net, optimizer)  # joins the other groups; a late one heals here
+    group = strategy.algorithm
+    # Fabric's own loader would set the sampler's epoch to the times it was iterated, which a healed group's
+    # loop does not know: the sampler is built from the strategy's shard (group g of G) and set here instead
+    sampler = DistributedSampler(dataset(), shuffle=True, seed=0, **strategy.distributed_sampler_kwargs)
+    loader = DataLoader(dataset(), batch_size=BATCH, sampler=sampler)
+    first_batch, after_round = None, []
+    if group.membership.healed:
+        after_round.append(snapshot(net, optimizer.optimizer, group))
+    rounds_seen = group.rounds
+    while group.step < args.steps:
+        epoch, offset = divmod(group.step, len(loader))
+        loader.sampler.set_epoch(epoch)
+        for index, (x, y) in enumerate(loader):
+            if index < offset:
+                continue
+            if first_batch is None:
+                first_batch = (group.step, epoch, index)
+            if args.die_at_step is not None and group.step + 1 == args.die_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            optimizer.zero_grad()
+            fabric.backward(nn.functional.mse_loss(model(x), y))
+            optimizer.step()  # the strategy counts it, and runs the round when one is due
+            if group.rounds != rounds_seen:
+                rounds_seen = group.rounds
+                after_round.append(snapshot(net, optimizer.optimizer, group))
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
+            if group.step >= args.steps:
+                break
+    strategy.finalize()
+    strategy.close()
+    record = {
+        "first_batch": first_batch,
+        "global_step": group.step,
+        "after_round": after_round,
+        "final": [p.detach().clone() for p in net.parameters()],
+        "healed_from": None,
+    }
+    return record, group
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--group", type=int, required=True)
@@ -123,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outer", choices=["diloco", "average"], default="diloco")
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--die-at-step", type=int, default=None, help="SIGKILL itself during this optimizer step")
+    ap.add_argument("--fabric", action="store_true", help="a Fabric loop instead of the Trainer")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -140,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         timeout=30,
         quorum_timeout=60,
     )
+    if args.fabric:
+        start = time.perf_counter()
+        record, group = run_fabric(args, algorithm, settings)
+        return _save(args, record, start, group)
     strategy = ReplicaGroupStrategy(algorithm, settings, start_groups=args.start_groups, start_timeout=60)
     recorder = Recorder(args.group, args.die_at_step)
     callbacks: list[pl.Callback] = [recorder]
@@ -161,22 +224,32 @@ def main(argv: list[str] | None = None) -> int:
     trainer.fit(model)
     group = strategy.algorithm
     record = {
-        "group": args.group,
         "healed_from": recorder.healed_from,
-        "joined": {"healed": group.membership.healed, "step": recorder.first_batch[0]},
         "first_batch": recorder.first_batch,
         "global_step": trainer.global_step,
         "after_round": recorder.after_round,
         "final": [p.detach().clone() for p in model.net.parameters()],
-        "history": list(group.round_history),
-        "events": [dataclasses.asdict(e) for e in group.rounds_between_groups.events],
-        "ledger": {tag: (s.rounds, s.bytes_sent) for tag, s in group.communicator.ledger.by_tag.items()},
-        "seconds": time.perf_counter() - start,
     }
+    return _save(args, record, start, strategy.algorithm)
+
+
+def _save(args: argparse.Namespace, record: dict, start: float, group) -> int:  # noqa: ANN001
+    """Adds what both loops report (the rounds, the ledger, whether the group healed) and writes --out."""
+    from lightning_commsgd.ft import GroupOuterStep
+
+    assert isinstance(group, GroupOuterStep)
+    record.update(
+        group=args.group,
+        joined={"healed": group.membership.healed, "step": record["first_batch"][0]},
+        history=list(group.round_history),
+        events=[dataclasses.asdict(e) for e in group.rounds_between_groups.events],
+        ledger={tag: (s.rounds, s.bytes_sent) for tag, s in group.communicator.ledger.by_tag.items()},
+        seconds=time.perf_counter() - start,
+    )
     tmp = args.out + ".tmp"
     torch.save(record, tmp)
     os.replace(tmp, args.out)
-    print(f"group {args.group}: done at step {trainer.global_step}", flush=True)
+    print(f"group {args.group}: done at step {record['global_step']}", flush=True)
     return 0
 
 

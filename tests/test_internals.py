@@ -176,6 +176,49 @@ def test_the_selected_checkpoint_path_is_reported_or_missing_loudly(monkeypatch)
         internals.report_selected_ckpt_path(_trainer(), reported.append)
 
 
+# -- a training state in memory (replica groups healing) --------------------------------------------------
+def test_a_training_state_taken_at_a_batch_end_resumes_another_trainer_there(monkeypatch):
+    from lightning.pytorch import Callback
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    taken: dict = {}
+
+    class Take(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                taken.update(internals.training_state(trainer))
+
+    def trainer(*callbacks: Callback) -> Trainer:
+        return Trainer(
+            accelerator="cpu", devices=1, max_steps=5, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+            limit_val_batches=0,
+        )  # fmt: skip
+
+    trainer(Take()).fit(BoringModel())
+    assert taken["global_step"] == 3 and "loops" in taken and "optimizer_states" in taken
+    first: list[int] = []
+
+    class Resume(Callback):
+        def setup(self, trainer, pl_module, stage):  # before the strategy's setup and the restore after it
+            internals.resume_from_state(trainer, taken)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            first.append(trainer.global_step)
+
+    resumed = trainer(Resume())
+    resumed.fit(BoringModel())
+    assert first[0] == 3 and resumed.global_step == 5  # went on from the taken state's step
+
+    connector = _trainer()._checkpoint_connector
+    monkeypatch.setattr(connector, "_loaded_checkpoint", None)
+    with pytest.raises(RuntimeError, match=rf"_loaded_checkpoint.*{LOUD}"):
+        internals.resume_from_state(SimpleNamespace(_checkpoint_connector=connector), taken)
+    monkeypatch.delattr(_CheckpointConnector, "dump_checkpoint")
+    with pytest.raises(RuntimeError, match=rf"dump_checkpoint.*{LOUD}"):
+        internals.training_state(_trainer())
+
+
 # -- the popen launcher --------------------------------------------------------------------------------------
 def test_the_popen_launcher_is_recognised_and_replaced():
     strategy = _ddp()

@@ -194,6 +194,12 @@ class AlgorithmConfig(ABC):
     def check_optimizers(self, optimizers: Sequence[Optimizer]) -> None:  # noqa: B027 (optional hook)
         """Raise if the algorithm cannot work with ``optimizers`` (called before the first collective)."""
 
+    def data_shard(self, world_size: int, rank: int) -> tuple[int, int]:
+        """``(shards, shard)``: the training data is split in ``shards`` and this rank reads ``shard`` (the
+        sampler the adapter puts in place). Default: one shard per rank; replica groups split over groups
+        too."""
+        return world_size, rank
+
     def describe(self, world: World) -> str | None:
         """A line for the log at setup (e.g. the topology and its spectral gap); ``None``: nothing."""
         return None

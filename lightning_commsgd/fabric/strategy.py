@@ -197,6 +197,7 @@ class CommunicationStrategy(AlgorithmSettings, FabricDDPHooks, DDPStrategy):
         self._stepped: set[int] = set()  # ids of the optimizers stepped since the latest optimizer step
         self._steps = 0  # optimizer steps of the model (the watchdog reports it)
         self._pending_algorithm_state: tuple[dict[str, Any], bool] | None = None  # (state, resized)
+        self._closed = False  # close() ran (teardown may follow)
         self._eval_stash: dict[str, Tensor] | None = None
         self._accumulating = False  # inside fabric.no_backward_sync(..., enabled=True)
         self._exchanged = False  # after_backward ran since the latest optimizer step
@@ -220,12 +221,27 @@ class CommunicationStrategy(AlgorithmSettings, FabricDDPHooks, DDPStrategy):
         """The job's shape: ``num_nodes x devices`` ranks, ``devices`` per node."""
         return World(self.num_nodes * self.num_processes, max(self.num_processes, 1))
 
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """What ``fabric.setup_dataloaders`` builds each rank's DistributedSampler with: the algorithm's
+        shard of the data (replica groups split it over the groups too)."""
+        shards, shard = self.algorithm_config.data_shard(self.world_size, self.global_rank)
+        return {"num_replicas": shards, "rank": shard}
+
     def finalize(self) -> None:
         """End of training: the algorithm's last round (e.g. local SGD's final average, EASGD's centre
         variable), after which every rank holds the model the algorithm outputs. Call it on every rank (a
         collective), once, after the last optimizer step; Fabric has no end-of-training hook to do it."""
         if self._algorithm is not None:
             self._algorithm.finalize()
+
+    def close(self) -> None:
+        """Release what the algorithm connected to at setup (a replica group: its torchft manager, after which
+        no peer heals from this group); once, after :meth:`finalize`. ``teardown`` does it too."""
+        if self._algorithm is not None and not self._closed:
+            self._algorithm.close()
+            self._closed = True
 
     @contextmanager
     def consensus_model(self) -> Iterator[None]:
@@ -313,8 +329,7 @@ class CommunicationStrategy(AlgorithmSettings, FabricDDPHooks, DDPStrategy):
 
     @override
     def teardown(self) -> None:
-        if self._algorithm is not None:
-            self._algorithm.close()
+        self.close()
         self._stop_watchdog()
         super().teardown()
 

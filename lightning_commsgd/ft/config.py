@@ -156,6 +156,10 @@ class ReplicaGroups(AlgorithmConfig):
     def check_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
         self.algorithm.check_optimizers(optimizers)
 
+    def data_shard(self, world_size: int, rank: int) -> tuple[int, int]:
+        # shard g of start_groups x (processes per group): the groups read different samples, as DDP's ranks
+        return self.start_groups * world_size, self.replica_group.group * world_size + rank
+
     def describe(self, world: World) -> str | None:
         return (
             f"replica group {self.replica_group.group} of {self.start_groups}, "

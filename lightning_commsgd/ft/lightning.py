@@ -118,16 +118,6 @@ class ReplicaGroupStrategy(CommunicationStrategy):
         assert isinstance(self.algorithm_config, ReplicaGroups)
         return self.algorithm_config
 
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # shard g of start_groups x (processes per group): the groups read different samples
-        config = self.replica_groups
-        return {
-            "num_replicas": config.start_groups * self.world_size,
-            "rank": config.replica_group.group * self.world_size + self.global_rank,
-        }
-
     # -- setup: join the other groups, heal from a live one ---------------------------------------------
     @override
     def before_start(self, algorithm: CommAlgorithm) -> None:

@@ -125,6 +125,12 @@ class CommunicationStrategy(AlgorithmSettings, ProcessGroupStrategy):
     def world(self) -> World:
         return World(self.world_size, self.num_processes)
 
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        shards, shard = self.algorithm_config.data_shard(self.world_size, self.global_rank)
+        return {"num_replicas": shards, "rank": shard}
+
     # -- before any process ---------------------------------------------------------------------------
     @override
     def check_before_launch(self) -> None:
