@@ -234,10 +234,12 @@ def test_an_unreachable_lighthouse_ends_the_group_with_a_clear_error(tmp_path):
     )
 
 
-def test_the_fault_tolerance_example_kills_restarts_and_ends_on_one_model():
+@pytest.mark.parametrize("loop", ["trainer", "plain"])
+def test_the_fault_tolerance_example_kills_restarts_and_ends_on_one_model(loop):
     example = HERE.parent / "examples" / "fault_tolerance" / "run.py"
     result = subprocess.run(
-        [sys.executable, str(example), "--steps", "400", "--kill-at-step", "48", "--restart-after", "1"],
+        [sys.executable, str(example), "--steps", "400", "--kill-at-step", "48", "--restart-after", "1",
+         "--loop", loop],
         env=_env(), capture_output=True, text=True, timeout=200,
     )  # fmt: skip
     output = result.stdout + result.stderr

@@ -1,8 +1,12 @@
-"""Fault tolerance on one machine: a torchft Lighthouse, three replica groups of ``train_group.py``, one of
-them killed mid-run and restarted. The others go on without it; the restarted group heals from a live peer
-and rejoins. Prints what happens, then checks that every group ends on the same model.
+"""Fault tolerance on one machine: a torchft Lighthouse, three replica groups, one of them killed mid-run and
+restarted. The others go on without it; the restarted group heals from a live peer and rejoins. Prints what
+happens, then checks that every group ends on the same model.
+
+Each group is a Lightning ``Trainer.fit`` with ``ReplicaGroupStrategy`` (``train_group_lightning.py``), or
+with ``--loop plain`` a plain PyTorch loop (``train_group.py``).
 
     python examples/fault_tolerance/run.py            # kill group 1 at step 96, restart it 2 s later
+    python examples/fault_tolerance/run.py --loop plain
     python examples/fault_tolerance/run.py --kill-at-step 200 --restart-after 5 --steps 600
 
 Exit status 0 when every group finished on the same model.
@@ -53,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tau", type=int, default=8)
     ap.add_argument("--step-sleep", type=float, default=0.02, help="seconds added to each step")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds before everything is stopped")
+    ap.add_argument(
+        "--loop",
+        choices=["trainer", "plain"],
+        default="trainer",
+        help="Lightning Trainer or plain loop groups",
+    )
     args = ap.parse_args(argv)
     if not 0 <= args.kill_group < args.groups:
         ap.error(f"--kill-group must be in [0, {args.groups - 1}]")
@@ -66,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="commsgd_ft_"))
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCHFT_USE_OTEL="false")
 
+    script = "train_group_lightning.py" if args.loop == "trainer" else "train_group.py"
+
     def launch(group: int, tag: str) -> subprocess.Popen:
         command = [
-            sys.executable, str(HERE / "train_group.py"), "--group", str(group), "--groups", str(args.groups),
+            sys.executable, str(HERE / script), "--group", str(group), "--groups", str(args.groups),
             "--lighthouse", address, "--tau", str(args.tau), "--steps", str(args.steps),
             "--step-sleep", str(args.step_sleep), "--out", str(folder / f"group{group}{tag}.json"),
         ]  # fmt: skip

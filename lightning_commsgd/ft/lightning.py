@@ -169,15 +169,16 @@ class ReplicaGroupStrategy(CommunicationStrategy):
         """Hand the peer's training state to Lightning, which restores it after this setup as it restores a
         ``ckpt_path`` (module and optimizers: this group's, healed already)."""
         checkpoint = dict(state)
-        self.data.load(checkpoint.pop(SAMPLER_KEY, None))
+        sampler = checkpoint.pop(SAMPLER_KEY, None)
+        self.data.load(sampler)
         checkpoint["state_dict"] = self.lightning_module_state_dict()
         checkpoint["optimizer_states"] = [self.optimizer_state(opt) for opt in self.optimizers]
         resume_from_state(trainer, checkpoint)
         self._healed_checkpoint = checkpoint
+        where = f" ({sampler['position']} batches into epoch {sampler['epoch']})" if sampler else ""
         rank_zero_info(
             f"{type(self).__name__}: replica group {self.replica_groups.replica_group.group} healed from a "
-            f"live group: it goes on at step {checkpoint.get('global_step')}, epoch "
-            f"{checkpoint.get('epoch')}."
+            f"live group: it goes on after the peer's step {checkpoint.get('global_step')}{where}."
         )
 
     @override
