@@ -172,8 +172,8 @@ def run_fabric(args: argparse.Namespace, algorithm, settings: ReplicaGroupSettin
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--group", type=int, required=True)
-    ap.add_argument("--lighthouse", required=True)
+    ap.add_argument("--group", type=int, default=None, help="default: $REPLICA_GROUP_ID")
+    ap.add_argument("--lighthouse", default=None, help="default: $TORCHFT_LIGHTHOUSE")
     ap.add_argument("--min-groups", type=int, default=1)
     ap.add_argument("--start-groups", type=int, default=3)
     ap.add_argument("--tau", type=int, default=4)
@@ -181,9 +181,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outer", choices=["diloco", "average"], default="diloco")
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--die-at-step", type=int, default=None, help="SIGKILL itself during this optimizer step")
+    ap.add_argument("--die-group", type=int, default=None, help="with --die-at-step: only this group dies")
+    ap.add_argument(
+        "--die-once", default=None, help="with --die-at-step: only if this file does not exist yet"
+    )
     ap.add_argument("--fabric", action="store_true", help="a Fabric loop instead of the Trainer")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="may hold {group}")
     args = ap.parse_args(argv)
+    if args.group is None:
+        args.group = int(os.environ["REPLICA_GROUP_ID"])
+    if args.lighthouse is None:
+        args.lighthouse = os.environ["TORCHFT_LIGHTHOUSE"]
+    args.out = args.out.format(group=args.group)
+    if args.die_group is not None and args.die_group != args.group:
+        args.die_at_step = None
+    if args.die_once is not None and args.die_at_step is not None:
+        if os.path.exists(args.die_once):
+            args.die_at_step = None  # died once already: this is the restart
+        else:
+            Path(args.die_once).touch()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # Lightning's advice on workers and logging: not what is tested
 

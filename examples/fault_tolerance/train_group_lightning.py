@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -101,10 +102,23 @@ class RoundPrinter(pl.Callback):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--group", type=int, required=True, help="this group's index (kept when it restarts)")
+    group_env = os.environ.get("REPLICA_GROUP_ID")  # what torchft's launchers and slurm.sbatch set
+    ap.add_argument(
+        "--group",
+        type=int,
+        default=None if group_env is None else int(group_env),
+        required=group_env is None,
+        help="this group's index, kept when it restarts (default: $REPLICA_GROUP_ID)",
+    )
     ap.add_argument("--groups", type=int, default=3, help="groups the job starts with")
     ap.add_argument("--min-groups", type=int, default=2, help="fewest groups a round may run with")
-    ap.add_argument("--lighthouse", required=True, help="the Lighthouse's address, http://host:port")
+    lighthouse_env = os.environ.get("TORCHFT_LIGHTHOUSE")
+    ap.add_argument(
+        "--lighthouse",
+        default=lighthouse_env,
+        required=lighthouse_env is None,
+        help="the Lighthouse's address, http://host:port (default: $TORCHFT_LIGHTHOUSE)",
+    )
     ap.add_argument("--hostname", default=None, help="address the other groups reach this one at")
     ap.add_argument("--tau", type=int, default=8, help="H, inner steps between outer steps")
     ap.add_argument("--steps", type=int, default=400, help="optimizer steps of the run")
