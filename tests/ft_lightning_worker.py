@@ -110,6 +110,7 @@ class Recorder(pl.Callback):
         if algorithm.rounds != self._rounds_seen:
             self._rounds_seen = algorithm.rounds
             self.after_round.append(snapshot(pl_module.net, trainer.optimizers[0], algorithm))
+            print(f"round at step {algorithm.step}, missed in a row {algorithm.missed_rounds}", flush=True)
 
 
 def run_fabric(args: argparse.Namespace, algorithm, settings: ReplicaGroupSettings) -> tuple[dict, object]:  # noqa: ANN001
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--die-once", default=None, help="with --die-at-step: only if this file does not exist yet"
     )
+    ap.add_argument("--max-missed-rounds", type=int, default=3)
+    ap.add_argument("--quorum-timeout", type=float, default=60.0)
     ap.add_argument("--fabric", action="store_true", help="a Fabric loop instead of the Trainer")
     ap.add_argument("--out", required=True, help="may hold {group}")
     args = ap.parse_args(argv)
@@ -213,13 +216,19 @@ def main(argv: list[str] | None = None) -> int:
         group=args.group,
         min_groups=args.min_groups,
         timeout=30,
-        quorum_timeout=60,
+        quorum_timeout=args.quorum_timeout,
     )
     if args.fabric:
         start = time.perf_counter()
         record, group = run_fabric(args, algorithm, settings)
         return _save(args, record, start, group)
-    strategy = ReplicaGroupStrategy(algorithm, settings, start_groups=args.start_groups, start_timeout=60)
+    strategy = ReplicaGroupStrategy(
+        algorithm,
+        settings,
+        start_groups=args.start_groups,
+        start_timeout=60,
+        max_missed_rounds=args.max_missed_rounds,
+    )
     recorder = Recorder(args.group, args.die_at_step)
     callbacks: list[pl.Callback] = [recorder]
     if args.step_sleep:

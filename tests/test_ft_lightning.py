@@ -156,3 +156,66 @@ def test_a_restarted_group_heals_into_the_peers_loop_position(lighthouse, tmp_pa
     for name, g in (("0", 0), ("1", 1), ("2b", 2)):
         _assert_close(records[name]["final"], expected[g])
     assert healer["ledger"]["ft_heal"][0] >= 1  # the healing transfer is in the ledger
+
+
+def _wait_for(path: Path, text: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{text!r} never appeared in {path}: {path.read_text()[-2000:] if path.exists() else ''}")
+
+
+def test_a_lost_lighthouse_lets_the_groups_train_on_up_to_the_bound_then_stop_with_a_clear_error(tmp_path):
+    # the Lighthouse in its own process, killed mid-run (one in this process would keep serving the
+    # connections it has open after a shutdown)
+    env = dict(os.environ, RUST_LOG="warn")
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_commsgd.cli",
+        "lighthouse",
+        "--port",
+        "0",
+        "--min-groups",
+        "2",
+    ]
+    command += ["--join-timeout-ms", "20000", "--heartbeat-timeout-ms", "1000"]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    address = server.stdout.readline().split()[3]  # "lighthouse listening at http://host:port (...)"
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(2)}
+    extra = ["--start-groups", "2", "--steps", "2000", "--step-sleep", "0.02"]
+    extra += ["--max-missed-rounds", "2", "--quorum-timeout", "3"]
+    procs = {str(g): _launch(address, g, outs[str(g)], *extra) for g in range(2)}
+    try:
+        for g in range(2):
+            _wait_for(outs[str(g)].with_suffix(".log"), "round at step 8,", 90)
+    finally:
+        server.kill()  # the Lighthouse is lost mid-run
+        server.wait()
+    codes = _wait(procs, outs, 120)
+    for g in range(2):
+        log = outs[str(g)].with_suffix(".log").read_text()
+        assert codes[str(g)] != 0 and not outs[str(g)].exists()
+        # it trained on through the missed rounds (logged), then stopped naming why and since when
+        assert "training on locally (1 of at most 2 missed rounds in a row)" in log, log[-3000:]
+        assert "training on locally (2 of at most 2 missed rounds in a row)" in log
+        assert "QuorumUnavailableError: Replica group stops at step" in log
+        assert "3 rounds in a row without a quorum (max_missed_rounds=2)" in log
+        assert "the Lighthouse is unreachable or fewer groups than the minimum are live" in log
+
+
+def test_fewer_live_groups_than_the_minimum_stop_the_survivor_with_a_clear_error(lighthouse, tmp_path):
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(2)}
+    extra = ["--start-groups", "2", "--steps", "2000", "--max-missed-rounds", "1", "--quorum-timeout", "3"]
+    procs = {
+        str(g): _launch(lighthouse, g, outs[str(g)], *extra, *(["--die-at-step", "10"] if g == 1 else []))
+        for g in range(2)
+    }  # min_groups 2 (the Lighthouse's and the groups'): alone, group 0 has no quorum
+    codes = _wait(procs, outs, 120)
+    log = outs["0"].with_suffix(".log").read_text()
+    assert codes["1"] != 0 and codes["0"] != 0 and not outs["0"].exists()
+    assert "2 rounds in a row without a quorum (max_missed_rounds=1)" in log, log[-3000:]
+    assert "fewer groups than the minimum are live" in log

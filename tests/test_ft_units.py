@@ -136,7 +136,11 @@ def test_without_a_quorum_the_group_trains_on_up_to_max_missed_rounds():
     algorithm.after_optimizer_step()
     assert algorithm.missed_rounds == 2 and torch.equal(_params(model), before)
     assert torch.equal(algorithm.anchors[0], anchor)
-    with pytest.raises(QuorumUnavailableError, match="scripted"):
+    with pytest.raises(
+        QuorumUnavailableError,
+        match=r"stops at step 3: 3 rounds in a row without a quorum \(max_missed_rounds=2\); it trained on "
+        r"locally since its last round at step 0\. scripted",
+    ):
         algorithm.after_optimizer_step()
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -47,6 +48,8 @@ from lightning_commsgd.ft.quorum import Membership, QuorumRounds, QuorumUnavaila
 from lightning_commsgd.schedules import PeriodSchedule
 
 __all__ = ["GroupOuterStep", "averaging_outer_optimizer", "fingerprint_mismatch"]
+
+_log = logging.getLogger(__name__)
 
 #: the key the group's state is registered under with the torchft manager
 STATE_KEY = "lightning_commsgd"
@@ -323,10 +326,22 @@ class GroupOuterStep(OuterStepAverager):
             message[:n] = self.anchors[0].to(self.device) - message[:n]
         try:
             mean = self._mean_over_groups(message, tag=tag)
-        except QuorumUnavailableError:
+        except QuorumUnavailableError as err:
             self.missed_rounds += 1
             if self.missed_rounds > self.max_missed_rounds:
-                raise
+                raise QuorumUnavailableError(
+                    f"Replica group stops at step {self.step}: {self.missed_rounds} rounds in a row without "
+                    f"a quorum (max_missed_rounds={self.max_missed_rounds}); it trained on locally since its "
+                    f"last round at step {self.round_history[-1][0] if self.round_history else 0}. {err}"
+                ) from err
+            _log.warning(
+                "No quorum of replica groups at step %d: training on locally (%d of at most %d missed rounds "
+                "in a row). %s",
+                self.step,
+                self.missed_rounds,
+                self.max_missed_rounds,
+                err,
+            )
             return
         self.missed_rounds = 0
         self.in_flight = _InFlight(0, self.step, lambda: mean)
