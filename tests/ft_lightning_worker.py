@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lightning_commsgd import DiLoCo, LocalSGD  # noqa: E402
+from lightning_commsgd import CommunicationMonitor, DiLoCo, LocalSGD  # noqa: E402
 from lightning_commsgd.ft import ReplicaGroupSettings, ReplicaGroupStrategy  # noqa: E402
 
 SAMPLES, BATCH = 120, 8  # 40 samples, 5 batches per shard and epoch: rounds (tau 4) fall mid-epoch
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         max_missed_rounds=args.max_missed_rounds,
     )
     recorder = Recorder(args.group, args.die_at_step)
-    callbacks: list[pl.Callback] = [recorder]
+    callbacks: list[pl.Callback] = [recorder, CommunicationMonitor(logging_interval=1)]
     if args.step_sleep:
         callbacks.append(_Sleep(args.step_sleep))
     trainer = pl.Trainer(
@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         "global_step": trainer.global_step,
         "after_round": recorder.after_round,
         "final": [p.detach().clone() for p in model.net.parameters()],
+        # what the monitor logged last (replica groups' figures included)
+        "monitor": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("comm/")},
     }
     return _save(args, record, start, strategy.algorithm)
 

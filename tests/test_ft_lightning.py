@@ -156,6 +156,11 @@ def test_a_restarted_group_heals_into_the_peers_loop_position(lighthouse, tmp_pa
     for name, g in (("0", 0), ("1", 1), ("2b", 2)):
         _assert_close(records[name]["final"], expected[g])
     assert healer["ledger"]["ft_heal"][0] >= 1  # the healing transfer is in the ledger
+    if loop == "trainer":  # the monitor logs the groups' figures: live groups, quorum changes, heals
+        survivor = records["0"]["monitor"]
+        assert survivor["comm/ft_groups"] == 3 and survivor["comm/ft_contributors"] == 3
+        assert survivor["comm/ft_quorum_changes"] >= 3  # start, without group 2, with it again
+        assert healer["monitor"]["comm/ft_heals"] == 1 and healer["monitor"]["comm/ft_heal_seconds"] > 0
 
 
 def _wait_for(path: Path, text: str, seconds: float) -> None:
