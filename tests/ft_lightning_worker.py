@@ -35,19 +35,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lightning_commsgd import CommunicationMonitor, DiLoCo, LocalSGD  # noqa: E402
 from lightning_commsgd.ft import ReplicaGroupSettings, ReplicaGroupStrategy  # noqa: E402
 
-SAMPLES, BATCH = 120, 8  # 40 samples, 5 batches per shard and epoch: rounds (tau 4) fall mid-epoch
+# 3 shards: 40 samples, 5 batches per shard and epoch: rounds (tau 4) fall mid-epoch; 4 shards: --samples 96
+SAMPLES, BATCH = 120, 8
 
 
-def dataset() -> TensorDataset:
+def dataset(samples: int = SAMPLES) -> TensorDataset:
     generator = torch.Generator().manual_seed(7)
     return TensorDataset(
-        torch.randn(SAMPLES, 8, generator=generator), torch.randn(SAMPLES, 4, generator=generator)
+        torch.randn(samples, 8, generator=generator), torch.randn(samples, 4, generator=generator)
     )
 
 
-def batch(group: int, step: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What group g trains on at optimizer step s: batch s mod E of epoch s // E of its shard."""
-    data = dataset()
+def batch(group: int, step: int, groups: int, samples: int = SAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+    """What shard g of ``groups`` gives at optimizer step s: batch s mod E of epoch s // E."""
+    data = dataset(samples)
     sampler = DistributedSampler(data, num_replicas=groups, rank=group, shuffle=True, seed=0)
     per_epoch = len(sampler) // BATCH
     epoch, offset = divmod(step, per_epoch)
@@ -57,9 +58,10 @@ def batch(group: int, step: int, groups: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 class Regression(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, samples: int = SAMPLES) -> None:
         super().__init__()
         self.net = build_model()
+        self.samples = samples
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -69,7 +71,7 @@ class Regression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(dataset(), batch_size=BATCH, shuffle=True)
+        return DataLoader(dataset(self.samples), batch_size=BATCH, shuffle=True)
 
 
 class Recorder(pl.Callback):
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--die-once", default=None, help="with --die-at-step: only if this file does not exist yet"
     )
+    ap.add_argument("--devices", type=int, default=1, help="processes in the group (Trainer only)")
+    ap.add_argument("--samples", type=int, default=SAMPLES, help="size of the data set")
     ap.add_argument("--max-missed-rounds", type=int, default=3)
     ap.add_argument("--quorum-timeout", type=float, default=60.0)
     ap.add_argument("--fabric", action="store_true", help="a Fabric loop instead of the Trainer")
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = pl.Trainer(
         strategy=strategy,
         accelerator="cpu",
-        devices=1,
+        devices=args.devices,
         max_steps=args.steps,
         callbacks=callbacks,
         logger=False,
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         enable_model_summary=False,
     )
     start = time.perf_counter()
-    model = Regression()
+    model = Regression(args.samples)
     trainer.fit(model)
     group = strategy.algorithm
     record = {
@@ -257,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         # what the monitor logged last (replica groups' figures included)
         "monitor": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("comm/")},
     }
+    if trainer.global_rank > 0:  # the group's other processes: each its own record
+        args.out = f"{args.out}.rank{trainer.global_rank}"
     return _save(args, record, start, strategy.algorithm)
 
 

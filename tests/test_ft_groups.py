@@ -207,7 +207,7 @@ def test_a_group_with_another_model_is_refused_at_the_start_naming_the_mismatch(
 
 
 def test_a_rejoining_group_with_another_model_is_refused_naming_the_mismatch(lighthouse, tmp_path):
-    steps, slow = 40, ["--step-sleep", "0.1"]
+    steps, slow = 100, ["--step-sleep", "0.1"]  # still training when the stranger comes
     outs = {str(g): tmp_path / f"g{g}.pt" for g in range(2)}
     outs["2"] = tmp_path / "g2.pt"
     procs = _launch_groups(lighthouse, outs, 2, {}, *slow, steps=steps)

@@ -224,3 +224,54 @@ def test_fewer_live_groups_than_the_minimum_stop_the_survivor_with_a_clear_error
     assert codes["1"] != 0 and codes["0"] != 0 and not outs["0"].exists()
     assert "2 rounds in a row without a quorum (max_missed_rounds=1)" in log, log[-3000:]
     assert "fewer groups than the minimum are live" in log
+
+
+def test_groups_of_two_processes_average_inside_and_carry_half_the_round_each(lighthouse, tmp_path):
+    """Two groups of two Trainer processes each (``devices=2``): inside a group the processes average their
+    gradients every step (one replica, shards 2g and 2g+1), between groups each process carries half of the
+    round. Group 1 dies whole at step 10 (as a node would) and restarts; every process of it heals."""
+    steps, samples = 40, 96  # 4 shards of 24 samples: 3 batches per epoch, rounds mid-epoch
+    outs = {"0": tmp_path / "g0.pt", "1": tmp_path / "g1.pt", "1b": tmp_path / "g1b.pt"}
+    common = ["--devices", "2", "--start-groups", "2", "--samples", str(samples), "--steps", str(steps)]
+    common += ["--step-sleep", "0.3"]
+    procs = {
+        "0": _launch(lighthouse, 0, outs["0"], *common),
+        "1": _launch(lighthouse, 1, outs["1"], *common, "--die-at-step", "10"),
+    }
+    assert procs["1"].wait(timeout=150) != 0
+    time.sleep(1)  # its second process dies at the same step
+    procs["1b"] = _launch(lighthouse, 1, outs["1b"], *common)
+    codes = _wait({k: v for k, v in procs.items() if k != "1"}, outs, 240)
+    assert codes == {"0": 0, "1b": 0}, {n: outs[n].with_suffix(".log").read_text()[-3000:] for n in outs}
+    records = {name: torch.load(outs[name], weights_only=False) for name in ("0", "1b")}
+    seconds = {name: torch.load(f"{outs[name]}.rank1", weights_only=False) for name in ("0", "1b")}
+    healer = records["1b"]
+    join_step = healer["joined"]["step"]
+    assert healer["joined"]["healed"] and seconds["1b"]["joined"]["healed"]  # both of its processes
+    assert join_step % TAU == 0 and 8 < join_step < steps
+    # inside a group the processes hold one replica, bit for bit
+    for name in ("0", "1b"):
+        assert all(torch.equal(a, b) for a, b in zip(records[name]["final"], seconds[name]["final"]))
+    # between groups each process sent half of a round (and the weight)
+    group_params = sum(p.numel() for p in records["0"]["final"])
+    rounds, sent = records["0"]["ledger"]["outer_step"]
+    assert sent / rounds == pytest.approx(4 * (group_params + 2) / 2, abs=8)
+
+    def group_batch(group: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first, second = (batch(2 * group + r, step, groups=4, samples=samples) for r in (0, 1))
+        return torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]])
+
+    def contributors(step: int) -> list[int]:
+        return [0, 1] if step <= 8 or step > join_step else [0]
+
+    expected = simulate(
+        groups=2,
+        steps=steps,
+        tau=TAU,
+        contributors=contributors,
+        last_step={1: 9},
+        joins={1: (join_step, 0)},
+        batch=group_batch,
+    )
+    for name, g in (("0", 0), ("1b", 1)):
+        _assert_close(records[name]["final"], expected[g])

@@ -79,9 +79,10 @@ def group_options(config: AlgorithmConfig) -> dict[str, Any]:
 class ReplicaGroups(AlgorithmConfig):
     """Local SGD or DiLoCo between replica groups that fail and rejoin (torchft underneath).
 
-    Each group is its own job, one process for now; every ``tau`` steps the live groups run one round (see
-    :mod:`lightning_commsgd.ft.groups`). A group that dies is left out; a restarted one heals from a live
-    peer and joins the next round.
+    Each group is its own job of one or more processes (which average their gradients every step, as DDP,
+    and hold one replica); every ``tau`` steps the live groups run one round (see
+    :mod:`lightning_commsgd.ft.groups`), each process carrying its slice of it. A group that dies is left
+    out; a restarted one heals from a live peer and joins the next round.
 
     Args:
         algorithm: what runs between the groups: ``LocalSGD(tau, momentum="local" | "zero")`` (plain model
@@ -145,13 +146,6 @@ class ReplicaGroups(AlgorithmConfig):
         timeout_ok = isinstance(start_timeout, (int, float)) and not isinstance(start_timeout, bool)
         if not timeout_ok or start_timeout < 0:
             raise ValueError(f"Arg `start_timeout` must be a number of seconds >= 0, got {start_timeout!r}.")
-
-    def check_world(self, world: World) -> None:
-        if world.size != 1:
-            raise ValueError(
-                f"ReplicaGroups runs one process per replica group for now (devices=1, num_nodes=1), got a "
-                f"world of {world.size} processes: launch one job per group."
-            )
 
     def check_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
         self.algorithm.check_optimizers(optimizers)

@@ -94,9 +94,9 @@ class GroupConnection:
     """This process's torchft ``Manager`` for its group (``rank`` of ``world_size`` processes in the group).
 
     A one-process group (the default) hosts its own key-value store; the processes of a larger group share
-    one at ``store_addr:store_port`` (e.g. the one torch.distributed already runs for the group). Every
-    address this group hands to the others uses ``settings.hostname``. Keep this object alive while the group
-    runs: it owns the group's store, which the other groups connect to.
+    one at ``store_addr:store_port`` (:func:`host_group_store` on the group's rank 0, whose ``store`` this
+    object then keeps). Every address this group hands to the others uses ``settings.hostname``. Keep this
+    object alive while the group runs: it owns the group's store, which the other groups connect to.
     """
 
     def __init__(
@@ -107,23 +107,21 @@ class GroupConnection:
         world_size: int = 1,
         store_addr: str | None = None,
         store_port: int | None = None,
+        store: Any = None,
     ) -> None:
-        torch_dist = require_torchft("torch.distributed")
         manager_module = require_torchft("torchft.manager")
         process_group = require_torchft("torchft.process_group")
         checkpointing = require_torchft("torchft.checkpointing")
         self.settings = settings
-        hostname = settings.hostname or socket.gethostname()
+        hostname = advertised_hostname(settings)
         timeout = timedelta(seconds=settings.timeout)
-        self.store: Any = None
+        self.store: Any = store
         if store_addr is None:
             if world_size != 1:
                 raise ValueError(
                     "Args `store_addr` / `store_port` are needed for a group of several processes."
                 )
-            self.store = torch_dist.TCPStore(
-                host_name=hostname, port=0, is_master=True, wait_for_workers=False, timeout=timeout
-            )
+            self.store = host_group_store(settings)
             store_addr, store_port = hostname, self.store.port
         options: dict[str, Any] = {
             "load_state_dict": None,  # the group's algorithm registers its own (GroupOuterStep.register_with)
@@ -160,6 +158,24 @@ class GroupConnection:
     def close(self) -> None:
         """Shut the manager's servers and threads down."""
         self.manager.shutdown(wait=False)
+
+
+def advertised_hostname(settings: ReplicaGroupSettings) -> str:
+    """The address the other groups reach this group at: ``settings.hostname``, else this machine's name."""
+    return settings.hostname or socket.gethostname()
+
+
+def host_group_store(settings: ReplicaGroupSettings) -> Any:
+    """A new key-value store for this group (a TCPStore on a free port of :func:`advertised_hostname`): the
+    group's processes and the torchft managers of the other groups connect to it."""
+    torch_dist = require_torchft("torch.distributed")
+    return torch_dist.TCPStore(
+        host_name=advertised_hostname(settings),
+        port=0,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=settings.timeout),
+    )
 
 
 def _advertised_transport(http_transport: type, hostname: str, timeout: timedelta) -> Any:

@@ -44,6 +44,7 @@ from lightning_commsgd.algorithms.diloco import (
     _InFlight,
 )
 from lightning_commsgd.comm import Communicator
+from lightning_commsgd.flat import FlatBuffer
 from lightning_commsgd.ft.quorum import Membership, QuorumRounds, QuorumUnavailableError, ReplicaGroupError
 from lightning_commsgd.schedules import PeriodSchedule
 
@@ -161,6 +162,7 @@ class GroupOuterStep(OuterStepAverager):
         self.round_attempts = round_attempts
         self.max_missed_rounds = max_missed_rounds
         self.start_groups, self.start_timeout = start_groups, float(start_timeout)
+        self._grad_flat: FlatBuffer | None = None  # the gradients' buffer inside a group of several processes
         self.defer_rounds = bool(defer_rounds)
         self._round_due = False  # defer_rounds: a round counted due, not run yet
         #: the quorum :meth:`start` joined (``healed``: this group took a live peer's state)
@@ -179,6 +181,28 @@ class GroupOuterStep(OuterStepAverager):
         self._peer_phase = "start"
         self._extra_state: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
         self.fingerprint = self._fingerprint()
+
+    # -- inside the group: DDP's gradient mean, so that the group's processes hold one replica ------------
+    @property
+    def exchanges_gradients(self) -> bool:  # type: ignore[override]
+        """A group of several processes averages their gradients every step (one all-reduce inside the group,
+        tag ``group_gradients``); between groups only the rounds travel."""
+        return self.communicator.is_distributed
+
+    def after_backward(self) -> None:
+        if not self.communicator.is_distributed:
+            return
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self._grad_flat is None or not self._grad_flat.matches(grads):
+            self._grad_flat = FlatBuffer(grads)
+        with torch.no_grad():
+            buffer = self.communicator.all_reduce_(self._grad_flat.pack(grads), "mean", tag="group_gradients")
+            for p, view in zip(params, self._grad_flat.views(buffer)):
+                if p.grad is None:
+                    p.grad = view.clone()
+                else:
+                    p.grad.copy_(view)
 
     # -- what identifies a run: groups that differ here must not average -----------------------------
     def _fingerprint(self) -> dict[str, str]:
@@ -263,6 +287,9 @@ class GroupOuterStep(OuterStepAverager):
                 self._run_round()
                 break
             waiting = membership.groups < self.start_groups and time.monotonic() < deadline
+            if self.communicator.is_distributed:  # one decision per group: its processes' clocks differ
+                (votes,) = self.communicator.all_reduce_scalars([float(waiting)], "sum", tag="ft_start")
+                waiting = votes > 0
             if not self._check_fingerprints(waiting):  # no group waits for more any longer
                 # a group that came while the others were still starting took their x_0: a fresh start
                 membership = dataclasses.replace(membership, healed=False)
@@ -348,7 +375,21 @@ class GroupOuterStep(OuterStepAverager):
         self._land(tag=tag)
 
     def _mean_over_groups(self, message: Tensor, *, tag: str) -> Tensor:
-        """The mean of the contributing groups' messages: weight 1 each, 0 for a group that healed in this
+        """The mean of the contributing groups' messages. In a group of p processes (which hold one replica),
+        process r carries slice r of the message between groups, and the group all-gathers the slices' means:
+        each process sends 1/p of the message between groups."""
+        inner = self.communicator
+        if not inner.is_distributed:
+            return self._slice_mean_over_groups(message, tag=tag)
+        n, p = message.numel(), inner.world_size
+        chunk = -(-n // p)
+        padded = torch.cat([message, message.new_zeros(chunk * p - n)]) if chunk * p != n else message
+        mine = padded[inner.rank * chunk : (inner.rank + 1) * chunk].clone()
+        mean = self._slice_mean_over_groups(mine, tag=tag)
+        return torch.cat(inner.all_gather(mean, tag="group_gather"))[:n]
+
+    def _slice_mean_over_groups(self, message: Tensor, *, tag: str) -> Tensor:
+        """The mean of the contributing groups' ``message``: weight 1 each, 0 for a group that healed in this
         round (it holds its peer's state, so its message would count the peer twice)."""
         rounds = self.rounds_between_groups
         healed = False

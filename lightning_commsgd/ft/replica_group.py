@@ -10,7 +10,12 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_commsgd.comm import Communicator
-from lightning_commsgd.ft.connect import GroupConnection, ReplicaGroupSettings
+from lightning_commsgd.ft.connect import (
+    GroupConnection,
+    ReplicaGroupSettings,
+    advertised_hostname,
+    host_group_store,
+)
 from lightning_commsgd.ft.groups import GroupOuterStep
 from lightning_commsgd.ft.quorum import QuorumRounds
 
@@ -40,8 +45,21 @@ def connect_replica_group(
         communicator: the communicator inside the group (default: a one-process one).
         **options: keyword arguments of :class:`GroupOuterStep`.
     """
-    connection = GroupConnection(settings)
     communicator = communicator if communicator is not None else Communicator()
+    if communicator.world_size == 1:
+        connection = GroupConnection(settings)
+    else:  # the group's rank 0 hosts its store; every process of the group runs its own manager on it
+        store = host_group_store(settings) if communicator.rank == 0 else None
+        address = (advertised_hostname(settings), store.port) if store is not None else None
+        host, port = communicator.broadcast_object(address, src=0, tag="ft_store")
+        connection = GroupConnection(
+            settings,
+            rank=communicator.rank,
+            world_size=communicator.world_size,
+            store_addr=host,
+            store_port=port,
+            store=store,
+        )
     built: list[GroupOuterStep] = []
     rounds = QuorumRounds(
         connection.manager,
