@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tau", type=int, default=4)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--outer", choices=["diloco", "average"], default="diloco")
+    ap.add_argument("--momentum", choices=["local", "average"], default="local", help="inner state, rounds")
     ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds per step (slow groups down)")
     ap.add_argument("--die-at-step", type=int, default=None, help="SIGKILL itself after this optimizer step")
     ap.add_argument(
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         tau=args.tau,
         outer_optimizer=averaging_outer_optimizer if args.outer == "average" else None,
         max_missed_rounds=args.max_missed_rounds,
+        momentum=args.momentum,
         start_groups=args.start_groups,
         start_timeout=args.quorum_timeout,
     )

@@ -27,6 +27,7 @@ def simulate(
     joins: dict[int, tuple[int, int]] | None = None,
     outer: str = "diloco",
     batch: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] = worker_batch,
+    momentum: str = "local",
 ) -> dict[int, list[torch.Tensor]]:
     """Final parameters of every group live at the end.
 
@@ -39,6 +40,8 @@ def simulate(
         joins: g -> (T, source): g (re)joins in the round after step T, healing from group ``source``.
         outer: ``"diloco"`` (SGD lr 0.7, momentum 0.9, Nesterov) or ``"average"`` (SGD lr 1).
         batch: ``(group, step) -> (x, y)``, what group g trains on at step s (default: the plain worker's).
+        momentum: ``"local"`` (each group keeps its inner momentum) or ``"average"`` (PR-SGD-Momentum: after
+            a round every live group takes the contributors' mean momentum).
     """
     last_step, joins = last_step or {}, joins or {}
     models = {g: build_model() for g in range(groups)}
@@ -67,6 +70,12 @@ def simulate(
             outer_opt.step()
             for a in anchor:
                 a.grad = None
+            mean_momentum = None
+            if momentum == "average":
+                buffers = [
+                    [inner[g].state[p]["momentum_buffer"] for p in models[g].parameters()] for g in members
+                ]
+                mean_momentum = [sum(column) / len(members) for column in zip(*buffers)]
             for g, (join_step, source) in joins.items():
                 if join_step == step:
                     models[g] = build_model()
@@ -80,4 +89,7 @@ def simulate(
             for g in live:
                 for p, a in zip(models[g].parameters(), anchor):
                     p.copy_(a)
+                if mean_momentum is not None:
+                    for p, m in zip(models[g].parameters(), mean_momentum):
+                        inner[g].state[p]["momentum_buffer"] = m.clone()
     return {g: [p.detach().clone() for p in models[g].parameters()] for g in sorted(live)}

@@ -21,7 +21,7 @@ SETTINGS = ReplicaGroupSettings(lighthouse="http://localhost:29510", group=1)
 @pytest.mark.parametrize(
     ("algorithm", "error", "match"),
     [
-        (LocalSGD(tau=4), ValueError, r"momentum='local' or 'zero'.*PR-SGD-Momentum"),
+        (LocalSGD(tau=4, replica_weights="samples"), ValueError, r"replica_weights='samples'"),
         (LocalSGD(tau=4, momentum="local", compressor="bf16"), ValueError, r"compressor="),
         (LocalSGD(tau=4, momentum="local", global_every=2), ValueError, r"global_every=2"),
         (StreamingDiLoCo(tau=4, fragments=2), ValueError, r"Streaming DiLoCo is not supported yet"),
@@ -57,6 +57,7 @@ def test_the_options_between_groups_follow_the_algorithm():
     assert diloco.options["tau"] == 6
     averaging = ReplicaGroups(LocalSGD(tau=3, momentum="local"), SETTINGS, start_groups=2)
     assert averaging.options["outer_optimizer"].__name__ == "averaging_outer_optimizer"
+    assert ReplicaGroups(LocalSGD(tau=3), SETTINGS, start_groups=2).options["momentum"] == "average"
 
 
 def test_each_group_and_each_of_its_processes_reads_its_own_shard():

@@ -134,6 +134,25 @@ def test_a_group_killed_mid_period_is_left_out_and_the_others_finish(lighthouse,
         assert any(e["changed"] and e["groups"] == 2 for e in record["events"])
 
 
+def test_pr_sgd_momentum_between_groups_averages_the_inner_momentum_of_the_contributors(lighthouse, tmp_path):
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(3)}
+    # local SGD with averaged momentum (PR-SGD-Momentum) between groups; group 2 dies after 9 steps
+    common = ("--outer", "average", "--momentum", "average")
+    procs = _launch_groups(lighthouse, outs, 3, {2: ["--die-at-step", "10"]}, *common)
+    codes = _wait(procs, time.monotonic() + 120, outs)
+    assert codes["0"] == codes["1"] == 0 and codes["2"] != 0
+    expected = simulate(
+        groups=3, steps=STEPS, tau=TAU, contributors=lambda step: [0, 1, 2] if step <= 8 else [0, 1],
+        last_step={2: 9}, outer="average", momentum="average",
+    )  # fmt: skip
+    records = {g: _load(outs[str(g)]) for g in (0, 1)}
+    for g, record in records.items():
+        _assert_models_equal(record["final"], expected[g])
+    # after every round both groups hold the same momentum (the mean), unlike DiLoCo's local momentum
+    for mine, theirs in zip(records[0]["after_round"], records[1]["after_round"]):
+        assert all(torch.equal(a, b) for a, b in zip(mine["momentum"], theirs["momentum"]))
+
+
 def test_a_group_killed_inside_a_round_makes_the_others_run_it_again_without_it(lighthouse, tmp_path):
     outs = {str(g): tmp_path / f"g{g}.pt" for g in range(3)}
     # group 2 dies in round 2 after its quorum formed, before its all-reduce: the others' attempt fails

@@ -38,11 +38,6 @@ def group_options(config: AlgorithmConfig) -> dict[str, Any]:
     """The :class:`GroupOuterStep` options that run ``config`` between groups; a ValueError naming the setting
     it cannot run (and a TypeError for an algorithm it does not run at all)."""
     if isinstance(config, LocalSGD):
-        if config.momentum == "average":
-            raise ValueError(
-                "ReplicaGroups runs LocalSGD with momentum='local' or 'zero' between groups: averaging the "
-                "optimizer state (PR-SGD-Momentum, momentum='average') between groups is not supported yet."
-            )
         for name, default in (("compressor", None), ("replica_weights", "uniform"), ("global_every", 1)):
             if getattr(config, name) != default:
                 raise _refuse(config, f"{name}={getattr(config, name)!r} (only {default!r})")
@@ -85,9 +80,10 @@ class ReplicaGroups(AlgorithmConfig):
     out; a restarted one heals from a live peer and joins the next round.
 
     Args:
-        algorithm: what runs between the groups: ``LocalSGD(tau, momentum="local" | "zero")`` (plain model
-            averaging) or ``DiLoCo(tau, outer_optimizer, outer_lr_scheduler, momentum, ...)``; tau is H, the
-            inner steps between rounds (an int or a schedule).
+        algorithm: what runs between the groups: ``LocalSGD(tau, momentum)`` (plain model averaging;
+            ``momentum="average"``, PR-SGD-Momentum, averages the inner optimizer state too) or
+            ``DiLoCo(tau, outer_optimizer, outer_lr_scheduler, momentum, ...)``; tau is H, the inner steps
+            between rounds (an int or a schedule).
         replica_group: where this group meets the others; ``None``: from the environment
             (:meth:`ReplicaGroupSettings.from_env`: ``TORCHFT_LIGHTHOUSE``, ``REPLICA_GROUP_ID``).
         start_groups: G, the groups the job launches: they start together (up to ``start_timeout`` seconds),

@@ -43,6 +43,7 @@ from lightning_commsgd.algorithms.diloco import (
     SchedulerFactory,
     _InFlight,
 )
+from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.flat import FlatBuffer
 from lightning_commsgd.ft.quorum import Membership, QuorumRounds, QuorumUnavailableError, ReplicaGroupError
@@ -108,7 +109,10 @@ class GroupOuterStep(OuterStepAverager):
             round it found due: for adapters whose state is consistent only between batches (the Lightning
             Trainer's loop is mid-batch inside the optimizer step; a peer healing from this group takes that
             state).
-        momentum, average_buffers, backup_device: as for :class:`~lightning_commsgd.algorithms.diloco.DiLoCo`.
+        momentum: the inner optimizer state at a round: ``"local"`` (kept, DiLoCo's), ``"zero"`` (reset) or
+            ``"average"`` (PR-SGD-Momentum: every group takes the contributors' mean of it; SGD's momentum
+            buffers, Adam's moments).
+        average_buffers, backup_device: as for :class:`~lightning_commsgd.algorithms.diloco.DiLoCo`.
     """
 
     round_tags = ("outer_step", "final", "ft_fingerprint", "ft_heal")
@@ -146,18 +150,23 @@ class GroupOuterStep(OuterStepAverager):
         if not timeout_ok or start_timeout < 0:
             raise ValueError(f"Arg `start_timeout` must be a number of seconds >= 0, got {start_timeout!r}.")
         kwargs: dict[str, Any] = {} if outer_optimizer is None else {"outer_optimizer": outer_optimizer}
+        # "average" (PR-SGD-Momentum): the inner optimizer state rides in the round and every group takes the
+        # contributors' mean; the outer step itself keeps the state ("local")
+        averaged_state = ReplicaState(module, optimizers, "average", False) if momentum == "average" else None
         super().__init__(
             module,
             optimizers,
             communicator,
             tau=tau,
             outer_lr_scheduler=outer_lr_scheduler,
-            momentum=momentum,
+            momentum="local" if momentum == "average" else momentum,
             average_buffers=average_buffers,
             backup_device=backup_device,
             **kwargs,
         )
         self.module = module
+        self._averaged_state = averaged_state
+        self._state_flat: FlatBuffer | None = None
         self.rounds_between_groups = rounds
         self.round_attempts = round_attempts
         self.max_missed_rounds = max_missed_rounds
@@ -213,7 +222,7 @@ class GroupOuterStep(OuterStepAverager):
             "tau": f"{type(self.schedule).__name__}:{self.tau}",
             "outer_optimizer": f"{type(outer).__name__}:{sorted(outer.defaults.items())}",
             "inner_optimizers": ",".join(type(o).__name__ for o in self.replica.optimizers),
-            "momentum": str(self.replica.momentum),
+            "momentum": "average" if self._averaged_state is not None else str(self.replica.momentum),
         }
 
     def register_extra_state(self, name: str, save: Callable[[], Any], load: Callable[[Any], None]) -> None:
@@ -348,9 +357,15 @@ class GroupOuterStep(OuterStepAverager):
         fragment = self.fragments[0]
         self._refuse_nonfinite(fragment.tensors)
         n = fragment.param_numel
+        state = self._averaged_state.optimizer_tensors() if self._averaged_state is not None else []
         with torch.no_grad():
             message = self._pack_fragment(0).clone()
             message[:n] = self.anchors[0].to(self.device) - message[:n]
+            size = message.numel()  # the fragment's part; the optimizer state to average follows it
+            if state:
+                if self._state_flat is None or not self._state_flat.matches(state):
+                    self._state_flat = FlatBuffer(state, dtype=torch.float32)
+                message = torch.cat([message, self._state_flat.pack(state)])
         try:
             mean = self._mean_over_groups(message, tag=tag)
         except QuorumUnavailableError as err:
@@ -371,8 +386,12 @@ class GroupOuterStep(OuterStepAverager):
             )
             return
         self.missed_rounds = 0
-        self.in_flight = _InFlight(0, self.step, lambda: mean)
+        self.in_flight = _InFlight(0, self.step, lambda: mean[:size])
         self._land(tag=tag)
+        if state:
+            assert self._state_flat is not None
+            with torch.no_grad():
+                self._state_flat.unpack(state, mean[size:])
 
     def _mean_over_groups(self, message: Tensor, *, tag: str) -> Tensor:
         """The mean of the contributing groups' messages. In a group of p processes (which hold one replica),

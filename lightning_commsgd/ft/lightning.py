@@ -62,7 +62,7 @@ class ReplicaGroupStrategy(CommunicationStrategy):
     """One replica group under the Lightning Trainer (see the module docstring).
 
     Args:
-        algorithm: what runs between the groups: ``LocalSGD(tau, momentum="local" | "zero")`` or
+        algorithm: what runs between the groups: ``LocalSGD(tau, momentum)`` (PR-SGD-Momentum by default) or
             ``DiLoCo(tau, ...)`` (tau: H, inner steps between rounds); or a ready
             :class:`~lightning_commsgd.ft.config.ReplicaGroups`, with the arguments below left out.
         replica_group: where this group meets the others (Lighthouse address, group index, ...); ``None``:
