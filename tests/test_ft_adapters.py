@@ -12,8 +12,10 @@ from test_ft_units import ScriptedRounds, _group, _move, _params
 
 from lightning_commsgd import DORE, CommunicationStrategy, DiLoCo, LocalSGD, StreamingDiLoCo
 from lightning_commsgd.algorithms.protocol import World
+from lightning_commsgd.comm import Communicator
 from lightning_commsgd.fabric import CommunicationStrategy as FabricStrategy
-from lightning_commsgd.ft import ReplicaGroups, ReplicaGroupSettings, ReplicaGroupStrategy
+from lightning_commsgd.ft import GroupOuterStep, ReplicaGroups, ReplicaGroupSettings, ReplicaGroupStrategy
+from lightning_commsgd.schedules import AdaComm, IncreasingPeriod
 
 SETTINGS = ReplicaGroupSettings(lighthouse="http://localhost:29510", group=1)
 
@@ -28,6 +30,7 @@ SETTINGS = ReplicaGroupSettings(lighthouse="http://localhost:29510", group=1)
         (DiLoCo(tau=4, compressor="int8"), ValueError, r"DiLoCo with compressor=BlockInt8"),
         (DORE(compressor="int8"), TypeError, r"LocalSGD or DiLoCo.*got DORE"),
         ("diloco", TypeError, r"Arg `algorithm` must be an algorithm config"),
+        (DiLoCo(tau=AdaComm(tau0=8, interval_steps=9)), ValueError, r"AdaComm period \(it follows each"),
     ],
 )
 def test_what_cannot_run_between_groups_is_refused_naming_it(algorithm, error, match):
@@ -119,3 +122,17 @@ def test_a_due_round_left_at_the_end_runs_in_finalize():
     deferred.after_optimizer_step()
     deferred.finalize()
     assert deferred.rounds == 1 and deferred.round_history[-1][0] == 1
+
+
+def test_a_schedule_that_follows_the_rounds_runs_between_groups():
+    """IncreasingPeriod doubles tau every round: rounds after steps 1, 3 and 7, as in one job."""
+    rounds = ScriptedRounds(peers=1, peer_value=0.0)
+    config = ReplicaGroups(LocalSGD(tau=IncreasingPeriod(tau0=1, every_rounds=1)), SETTINGS, start_groups=2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = {k: v for k, v in config.options.items() if k != "momentum"}
+    algorithm = GroupOuterStep(model, [optimizer], Communicator(), rounds, **options)  # type: ignore[arg-type]
+    rounds.algorithm = algorithm
+    ran = [step for step in range(1, 8) if algorithm.after_optimizer_step()]
+    assert ran == [1, 3, 7] and algorithm.period == 8
