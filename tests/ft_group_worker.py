@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--outer", choices=["diloco", "average"], default="diloco")
     ap.add_argument("--momentum", choices=["local", "average"], default="local", help="inner state, rounds")
+    ap.add_argument("--fragments", type=int, default=1, help="Streaming DiLoCo's F")
+    ap.add_argument("--sync-delay", type=int, default=0, help="Streaming DiLoCo's d")
+    ap.add_argument("--local-weight", type=float, default=0.0, help="Streaming DiLoCo's w")
     ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds per step (slow groups down)")
     ap.add_argument("--die-at-step", type=int, default=None, help="SIGKILL itself after this optimizer step")
     ap.add_argument(
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         outer_optimizer=averaging_outer_optimizer if args.outer == "average" else None,
         max_missed_rounds=args.max_missed_rounds,
         momentum=args.momentum,
+        fragments=args.fragments,
+        sync_delay=args.sync_delay,
+        local_weight=args.local_weight,
         start_groups=args.start_groups,
         start_timeout=args.quorum_timeout,
     )

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lightning_commsgd import CommunicationMonitor, DiLoCo, LocalSGD  # noqa: E402
+from lightning_commsgd import CommunicationMonitor, DiLoCo, LocalSGD, StreamingDiLoCo  # noqa: E402
 from lightning_commsgd.ft import ReplicaGroupSettings, ReplicaGroupStrategy  # noqa: E402
 
 # 3 shards: 40 samples, 5 batches per shard and epoch: rounds (tau 4) fall mid-epoch; 4 shards: --samples 96
@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--die-once", default=None, help="with --die-at-step: only if this file does not exist yet"
     )
+    ap.add_argument("--fragments", type=int, default=1, help="Streaming DiLoCo's F (> 1: StreamingDiLoCo)")
+    ap.add_argument("--sync-delay", type=int, default=0, help="Streaming DiLoCo's d")
+    ap.add_argument("--local-weight", type=float, default=0.0, help="Streaming DiLoCo's w")
     ap.add_argument("--devices", type=int, default=1, help="processes in the group (Trainer only)")
     ap.add_argument("--samples", type=int, default=SAMPLES, help="size of the data set")
     ap.add_argument("--max-missed-rounds", type=int, default=3)
@@ -215,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         outer = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)
         algorithm = DiLoCo(tau=args.tau, outer_optimizer=outer)
+        if args.fragments > 1:
+            algorithm = StreamingDiLoCo(
+                tau=args.tau,
+                fragments=args.fragments,
+                sync_delay=args.sync_delay,
+                local_weight=args.local_weight,
+                outer_optimizer=outer,
+            )
     settings = ReplicaGroupSettings(
         lighthouse=args.lighthouse,
         group=args.group,

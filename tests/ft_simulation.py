@@ -93,3 +93,73 @@ def simulate(
                     for p, m in zip(models[g].parameters(), mean_momentum):
                         inner[g].state[p]["momentum_buffer"] = m.clone()
     return {g: [p.detach().clone() for p in models[g].parameters()] for g in sorted(live)}
+
+
+def simulate_streaming(
+    *,
+    groups: int,
+    steps: int,
+    tau: int,
+    fragments: list[list[int]],
+    sync_delay: int,
+    local_weight: float,
+    contributors: Callable[[int], list[int]],
+    last_step: dict[int, int] | None = None,
+) -> dict[int, list[torch.Tensor]]:
+    """Streaming DiLoCo between groups (no joins): fragment f (indices into the model's parameters) syncs
+    after steps (f + 1) H / F - d + k H, averaging the pseudo-gradients of ``contributors(send step)``; its
+    mean lands d steps later (the outer step of its anchor, then x_f = lerp(anchor_f, x_f, w)); at the end
+    the fragment in flight lands and every fragment takes a final sync merged with weight 0."""
+    last_step = last_step or {}
+    models = {g: build_model() for g in range(groups)}
+    inner = {g: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for g, m in models.items()}
+    start = list(build_model().parameters())
+    anchors = [[start[i].detach().clone() for i in fragment] for fragment in fragments]
+    outer = [torch.optim.SGD(a, lr=0.7, momentum=0.9, nesterov=True) for a in anchors]
+    live, in_flight = set(range(groups)), None  # in flight: (fragment, apply step, mean)
+
+    def params(g: int, f: int) -> list[torch.Tensor]:
+        every = list(models[g].parameters())
+        return [every[i] for i in fragments[f]]
+
+    def send(f: int, members: list[int]) -> list[torch.Tensor]:
+        return [
+            sum(a - p.detach() for p in column) / len(members)
+            for a, column in zip(anchors[f], zip(*(params(g, f) for g in members)))
+        ]
+
+    def land(f: int, mean: list[torch.Tensor], weight: float) -> None:
+        with torch.no_grad():
+            for a, m in zip(anchors[f], mean):
+                a.grad = m.clone()
+            outer[f].step()
+            for a in anchors[f]:
+                a.grad = None
+            for g in live:
+                for p, a in zip(params(g, f), anchors[f]):
+                    p.copy_(torch.lerp(a, p, weight))
+
+    per = tau // len(fragments)
+    for s in range(steps):
+        for g in sorted(live):
+            x, y = worker_batch(g, s)
+            inner[g].zero_grad()
+            nn.functional.mse_loss(models[g](x), y).backward()
+            inner[g].step()
+        step = s + 1
+        live -= {g for g, last in last_step.items() if step == last}
+        if in_flight is not None and in_flight[1] == step:
+            land(in_flight[0], in_flight[2], local_weight)
+            in_flight = None
+        for f in range(len(fragments)):
+            offset = (f + 1) * per - sync_delay
+            if step >= offset and (step - offset) % tau == 0:
+                in_flight = (f, step + sync_delay, send(f, contributors(step)))
+                if sync_delay == 0:
+                    land(f, in_flight[2], local_weight)
+                    in_flight = None
+    if in_flight is not None:
+        land(in_flight[0], in_flight[2], local_weight)
+    for f in range(len(fragments)):
+        land(f, send(f, sorted(live)), 0.0)
+    return {g: [p.detach().clone() for p in models[g].parameters()] for g in sorted(live)}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_ft_units import ScriptedRounds, _group, _move, _params
 
-from lightning_commsgd import DORE, CommunicationStrategy, DiLoCo, LocalSGD, StreamingDiLoCo
+from lightning_commsgd import DORE, CommunicationStrategy, DiLoCo, LocalSGD
 from lightning_commsgd.algorithms.protocol import World
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.fabric import CommunicationStrategy as FabricStrategy
@@ -26,7 +26,6 @@ SETTINGS = ReplicaGroupSettings(lighthouse="http://localhost:29510", group=1)
         (LocalSGD(tau=4, replica_weights="samples"), ValueError, r"replica_weights='samples'"),
         (LocalSGD(tau=4, momentum="local", compressor="bf16"), ValueError, r"compressor="),
         (LocalSGD(tau=4, momentum="local", global_every=2), ValueError, r"global_every=2"),
-        (StreamingDiLoCo(tau=4, fragments=2), ValueError, r"Streaming DiLoCo is not supported yet"),
         (DiLoCo(tau=4, compressor="int8"), ValueError, r"DiLoCo with compressor=BlockInt8"),
         (DORE(compressor="int8"), TypeError, r"LocalSGD or DiLoCo.*got DORE"),
         ("diloco", TypeError, r"Arg `algorithm` must be an algorithm config"),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ft_simulation import simulate
+from ft_simulation import simulate, simulate_streaming
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "ft_group_worker.py"
@@ -151,6 +151,26 @@ def test_pr_sgd_momentum_between_groups_averages_the_inner_momentum_of_the_contr
     # after every round both groups hold the same momentum (the mean), unlike DiLoCo's local momentum
     for mine, theirs in zip(records[0]["after_round"], records[1]["after_round"]):
         assert all(torch.equal(a, b) for a, b in zip(mine["momentum"], theirs["momentum"]))
+
+
+def test_streaming_diloco_between_groups_syncs_each_fragment_in_a_round_of_its_own(lighthouse, tmp_path):
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(3)}
+    # F = 2 fragments of H = 4: fragment 0 leaves after steps 1, 5, 9, ..., fragment 1 after 3, 7, 11, ...;
+    # each mean lands one step later (d = 1), merged half and half with the local value (w = 0.5)
+    common = ("--fragments", "2", "--sync-delay", "1", "--local-weight", "0.5")
+    procs = _launch_groups(lighthouse, outs, 3, {2: ["--die-at-step", "10"]}, *common)
+    codes = _wait(procs, time.monotonic() + 120, outs)
+    assert codes["0"] == codes["1"] == 0 and codes["2"] != 0
+    expected = simulate_streaming(
+        groups=3, steps=STEPS, tau=TAU, fragments=[[0, 1], [2, 3]], sync_delay=1, local_weight=0.5,
+        contributors=lambda step: [0, 1, 2] if step <= 9 else [0, 1], last_step={2: 9},
+    )  # fmt: skip
+    for g in (0, 1):
+        record = _load(outs[str(g)])
+        # one round per fragment sync (12 in 24 steps) and the two final ones
+        assert [h[0] for h in record["history"]] == [*range(1, STEPS, 2), STEPS, STEPS]
+        assert [h[1] for h in record["history"]][:6] == [3, 3, 3, 3, 3, 2]
+        _assert_models_equal(record["final"], expected[g])
 
 
 def test_a_group_killed_inside_a_round_makes_the_others_run_it_again_without_it(lighthouse, tmp_path):

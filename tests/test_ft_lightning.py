@@ -275,3 +275,32 @@ def test_groups_of_two_processes_average_inside_and_carry_half_the_round_each(li
     )
     for name, g in (("0", 0), ("1b", 1)):
         _assert_close(records[name]["final"], expected[g])
+
+
+def test_streaming_diloco_groups_under_the_trainer_heal_mid_run_and_end_on_one_model(lighthouse, tmp_path):
+    """StreamingDiLoCo between Trainer groups (F = 2, d = 1, w = 0.5): fragment syncs at odd steps, each a
+    round of its own, at a batch's end; group 2 is killed and restarted, heals at a fragment's round, and
+    every group ends on the same model after the final syncs."""
+    steps = 40
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(GROUPS)}
+    outs["2b"] = tmp_path / "g2b.pt"
+    common = ["--steps", str(steps), "--step-sleep", "0.2", "--fragments", "2", "--sync-delay", "1"]
+    common += ["--local-weight", "0.5"]
+    procs = {
+        str(g): _launch(lighthouse, g, outs[str(g)], *common, *(["--die-at-step", "10"] if g == 2 else []))
+        for g in range(GROUPS)
+    }
+    assert procs["2"].wait(timeout=150) != 0
+    procs["2b"] = _launch(lighthouse, 2, outs["2b"], *common)
+    codes = _wait({k: v for k, v in procs.items() if k != "2"}, outs, 200)
+    assert codes == {"0": 0, "1": 0, "2b": 0}
+    records = {name: torch.load(outs[name], weights_only=False) for name in ("0", "1", "2b")}
+    healer = records["2b"]
+    join_step = healer["joined"]["step"]
+    assert healer["joined"]["healed"] and join_step % 2 == 1 and 9 < join_step < steps  # a fragment's round
+    per_epoch = 120 // GROUPS // 8
+    assert healer["first_batch"] == (join_step, join_step // per_epoch, join_step % per_epoch)
+    # the rounds at odd steps (one fragment each), then the two final syncs
+    assert [h[0] for h in records["0"]["history"]] == [*range(1, steps, 2), steps, steps]
+    for name in ("1", "2b"):
+        assert all(torch.equal(a, b) for a, b in zip(records["0"]["final"], records[name]["final"]))

@@ -201,6 +201,11 @@ class OuterStepAverager(PeriodicAlgorithm):
         self.step += 1
         self.schedule.on_step(self.step, self._learning_rate(), self._loss_sum, self._loss_count)
         self._loss_sum, self._loss_count = 0.0, 0
+        return self._streaming_rounds()
+
+    def _streaming_rounds(self) -> bool:
+        """Streaming, at the current step: the fragment in flight lands if its step came, and the fragment
+        whose offset this step is sends (and lands at once without a delay). Returns whether one landed."""
         landed = 0
         if self.in_flight is not None and self.in_flight.apply_step == self.step:
             self._land(tag="outer_step")

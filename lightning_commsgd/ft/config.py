@@ -59,8 +59,6 @@ def group_options(config: AlgorithmConfig) -> dict[str, Any]:
             "average_buffers": config.average_buffers,
         }
     if isinstance(config, DiLoCo):
-        if config.fragments != 1 or config.sync_delay:
-            raise _refuse(config, "fragments or a sync delay (Streaming DiLoCo is not supported yet)")
         if config.scale_by_inner_lr:
             raise _refuse(config, "SlowMo's 1/gamma scaling")
         if config.compressor is not None:
@@ -74,6 +72,10 @@ def group_options(config: AlgorithmConfig) -> dict[str, Any]:
             "momentum": config.momentum,
             "average_buffers": config.average_buffers,
             "backup_device": config.backup_device,
+            # Streaming DiLoCo: each fragment's sync is a round between groups of its own
+            "fragments": config.fragments,
+            "sync_delay": config.sync_delay,
+            "local_weight": config.local_weight,
         }
     raise TypeError(
         f"ReplicaGroups runs LocalSGD or DiLoCo between replica groups, got {type(config).__name__}."
@@ -91,8 +93,9 @@ class ReplicaGroups(AlgorithmConfig):
     Args:
         algorithm: what runs between the groups: ``LocalSGD(tau, momentum)`` (plain model averaging;
             ``momentum="average"``, PR-SGD-Momentum, averages the inner optimizer state too) or
-            ``DiLoCo(tau, outer_optimizer, outer_lr_scheduler, momentum, ...)``; tau is H, the inner steps
-            between rounds (an int or a schedule).
+            ``DiLoCo(tau, outer_optimizer, outer_lr_scheduler, momentum, ...)`` or ``StreamingDiLoCo(tau,
+            fragments, sync_delay, local_weight, ...)`` (each fragment's sync a round of its own); tau is H,
+            the inner steps between rounds (an int or a schedule).
         replica_group: where this group meets the others; ``None``: from the environment
             (:meth:`ReplicaGroupSettings.from_env`: ``TORCHFT_LIGHTHOUSE``, ``REPLICA_GROUP_ID``).
         start_groups: G, the groups the job launches: they start together (up to ``start_timeout`` seconds),

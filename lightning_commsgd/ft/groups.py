@@ -112,6 +112,9 @@ class GroupOuterStep(OuterStepAverager):
         momentum: the inner optimizer state at a round: ``"local"`` (kept, DiLoCo's), ``"zero"`` (reset) or
             ``"average"`` (PR-SGD-Momentum: every group takes the contributors' mean of it; SGD's momentum
             buffers, Adam's moments).
+        fragments, sync_delay, local_weight: Streaming DiLoCo's F, d and w (see
+            :class:`~lightning_commsgd.algorithms.diloco.StreamingDiLoCo`): each fragment's round is a quorum
+            round of its own, at its offset of H; its mean lands d steps later, merged with weight w.
         average_buffers, backup_device: as for :class:`~lightning_commsgd.algorithms.diloco.DiLoCo`.
     """
 
@@ -134,6 +137,9 @@ class GroupOuterStep(OuterStepAverager):
         momentum: str = "local",
         average_buffers: bool = True,
         backup_device: str | torch.device | None = None,
+        fragments: int | list[list[str]] = 1,
+        sync_delay: int = 0,
+        local_weight: float = 0.0,
         defer_rounds: bool = False,
     ) -> None:
         if isinstance(round_attempts, bool) or not isinstance(round_attempts, int) or round_attempts < 1:
@@ -153,6 +159,8 @@ class GroupOuterStep(OuterStepAverager):
         # "average" (PR-SGD-Momentum): the inner optimizer state rides in the round and every group takes the
         # contributors' mean; the outer step itself keeps the state ("local")
         averaged_state = ReplicaState(module, optimizers, "average", False) if momentum == "average" else None
+        if averaged_state is not None and (fragments != 1 or sync_delay):
+            raise ValueError('Arg `momentum="average"` works with one fragment and sync_delay=0 only.')
         super().__init__(
             module,
             optimizers,
@@ -160,6 +168,9 @@ class GroupOuterStep(OuterStepAverager):
             tau=tau,
             outer_lr_scheduler=outer_lr_scheduler,
             momentum="local" if momentum == "average" else momentum,
+            fragments=fragments,
+            sync_delay=sync_delay,
+            local_weight=local_weight,
             average_buffers=average_buffers,
             backup_device=backup_device,
             **kwargs,
@@ -167,6 +178,7 @@ class GroupOuterStep(OuterStepAverager):
         self.module = module
         self._averaged_state = averaged_state
         self._state_flat: FlatBuffer | None = None
+        self._arrived_state: tuple[list[Tensor], Tensor] | None = None  # the mean state, with the round
         self.rounds_between_groups = rounds
         self.round_attempts = round_attempts
         self.max_missed_rounds = max_missed_rounds
@@ -293,7 +305,7 @@ class GroupOuterStep(OuterStepAverager):
             if membership.healed and self._peer_phase == "train":
                 self._pending = membership
                 self._round_due = False  # the peer's round, which this group takes part in now
-                self._run_round()
+                self._rounds_at_this_step()
                 break
             waiting = membership.groups < self.start_groups and time.monotonic() < deadline
             if self.communicator.is_distributed:  # one decision per group: its processes' clocks differ
@@ -339,7 +351,13 @@ class GroupOuterStep(OuterStepAverager):
         if not self.defer_rounds:
             return super().after_optimizer_step()
         self._fresh = [False] * len(self.fragments)
-        self._round_due = self._count_step()
+        if self.streaming:  # counted now; what lands or leaves at this step does so at the batch's end
+            self.step += 1
+            self.schedule.on_step(self.step, self._learning_rate(), self._loss_sum, self._loss_count)
+            self._loss_sum, self._loss_count = 0.0, 0
+            self._round_due = True
+        else:
+            self._round_due = self._count_step()
         return False
 
     def run_due_round(self) -> bool:
@@ -348,19 +366,34 @@ class GroupOuterStep(OuterStepAverager):
         if not self._round_due:
             return False
         self._round_due = False
+        return self._rounds_at_this_step()
+
+    def _rounds_at_this_step(self) -> bool:
+        """What the schedule has at the current step: Streaming DiLoCo's landing and fragment sync, or the
+        whole model's outer step."""
+        if self.streaming:
+            return self._streaming_rounds()
         self._run_round()
         return True
 
     def communicate(self, tag: str) -> None:
-        """One outer step with the groups of the next quorum; a missed quorum leaves the state as it is."""
+        """One outer step of the whole model (one fragment) with the groups of the next quorum."""
+        self._send(0, tag=tag, apply_step=self.step)
+        self._land(tag=tag)
+
+    def _send(self, f: int, *, tag: str, apply_step: int, seed_offset: int = 0) -> None:
+        """Fragment f's round with the groups of the next quorum: the mean of the contributors'
+        pseudo-gradients (and inner optimizer state, PR-SGD-Momentum) is in flight until ``apply_step``. A
+        missed quorum leaves nothing in flight: the fragment keeps its local value and its anchor, and its
+        next round carries the steps since."""
         tag = "final" if tag == "final" else "outer_step"
-        fragment = self.fragments[0]
+        fragment = self.fragments[f]
         self._refuse_nonfinite(fragment.tensors)
         n = fragment.param_numel
         state = self._averaged_state.optimizer_tensors() if self._averaged_state is not None else []
         with torch.no_grad():
-            message = self._pack_fragment(0).clone()
-            message[:n] = self.anchors[0].to(self.device) - message[:n]
+            message = self._pack_fragment(f).clone()
+            message[:n] = self.anchors[f].to(self.device) - message[:n]
             size = message.numel()  # the fragment's part; the optimizer state to average follows it
             if state:
                 if self._state_flat is None or not self._state_flat.matches(state):
@@ -369,29 +402,40 @@ class GroupOuterStep(OuterStepAverager):
         try:
             mean = self._mean_over_groups(message, tag=tag)
         except QuorumUnavailableError as err:
-            self.missed_rounds += 1
-            if self.missed_rounds > self.max_missed_rounds:
-                raise QuorumUnavailableError(
-                    f"Replica group stops at step {self.step}: {self.missed_rounds} rounds in a row without "
-                    f"a quorum (max_missed_rounds={self.max_missed_rounds}); it trained on locally since its "
-                    f"last round at step {self.round_history[-1][0] if self.round_history else 0}. {err}"
-                ) from err
-            _log.warning(
-                "No quorum of replica groups at step %d: training on locally (%d of at most %d missed rounds "
-                "in a row). %s",
-                self.step,
-                self.missed_rounds,
-                self.max_missed_rounds,
-                err,
-            )
+            self._missed_round(err)
             return
         self.missed_rounds = 0
-        self.in_flight = _InFlight(0, self.step, lambda: mean[:size])
-        self._land(tag=tag)
-        if state:
+        self._arrived_state = (state, mean[size:]) if state else None
+        self.in_flight = _InFlight(f, apply_step, lambda: mean[:size])
+
+    def _land(self, *, tag: str, local_weight: float | None = None) -> None:
+        if self.in_flight is None:  # the round was missed: nothing arrives
+            return
+        super()._land(tag=tag, local_weight=local_weight)
+        if self._arrived_state is not None:
+            state, mean = self._arrived_state
+            self._arrived_state = None
             assert self._state_flat is not None
             with torch.no_grad():
-                self._state_flat.unpack(state, mean[size:])
+                self._state_flat.unpack(state, mean)
+
+    def _missed_round(self, err: QuorumUnavailableError) -> None:
+        """No quorum: train on locally, or stop past ``max_missed_rounds`` in a row."""
+        self.missed_rounds += 1
+        if self.missed_rounds > self.max_missed_rounds:
+            raise QuorumUnavailableError(
+                f"Replica group stops at step {self.step}: {self.missed_rounds} rounds in a row without "
+                f"a quorum (max_missed_rounds={self.max_missed_rounds}); it trained on locally since its "
+                f"last round at step {self.round_history[-1][0] if self.round_history else 0}. {err}"
+            ) from err
+        _log.warning(
+            "No quorum of replica groups at step %d: training on locally (%d of at most %d missed rounds "
+            "in a row). %s",
+            self.step,
+            self.missed_rounds,
+            self.max_missed_rounds,
+            err,
+        )
 
     def _mean_over_groups(self, message: Tensor, *, tag: str) -> Tensor:
         """The mean of the contributing groups' messages. In a group of p processes (which hold one replica),
@@ -435,10 +479,10 @@ class GroupOuterStep(OuterStepAverager):
         self.rounds_between_groups.close()
 
     def finalize(self) -> None:
-        """The last round, if steps ran since the latest one (tag ``final``)."""
+        """A round still due runs; then the fragment in flight lands and every fragment with steps since its
+        latest round takes one more (tag ``final``), merged with weight 0."""
         self.run_due_round()
-        if not all(self._fresh):
-            self.communicate("final")
+        super().finalize()
 
     def metrics(self) -> dict[str, float]:
         return {
