@@ -58,20 +58,23 @@ def batch(group: int, step: int, groups: int, samples: int = SAMPLES) -> tuple[t
 
 
 class Regression(pl.LightningModule):
-    def __init__(self, samples: int = SAMPLES) -> None:
+    def __init__(self, samples: int = SAMPLES, indexed: bool = False) -> None:
         super().__init__()
         self.net = build_model()
-        self.samples = samples
+        self.samples, self.indexed = samples, indexed
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y = batch[0], batch[1]  # (with --redundancy, the samples' indices follow)
         return nn.functional.mse_loss(self.net(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(dataset(self.samples), batch_size=BATCH, shuffle=True)
+        data = dataset(self.samples)
+        if self.indexed:  # which samples each group saw, for the coverage test
+            data = TensorDataset(*data.tensors, torch.arange(self.samples))
+        return DataLoader(data, batch_size=BATCH, shuffle=True)
 
 
 class Recorder(pl.Callback):
@@ -82,6 +85,7 @@ class Recorder(pl.Callback):
         self.healed_from: int | None = None
         self.first_batch: tuple[int, int, int] | None = None
         self.after_round: list[dict] = []
+        self.seen: dict[int, list[int]] = {}  # epoch -> sample indices trained on (indexed data only)
         self._rounds_seen = 0
 
     def state_dict(self) -> dict:
@@ -104,6 +108,8 @@ class Recorder(pl.Callback):
     ) -> None:
         if self.first_batch is None:
             self.first_batch = (trainer.global_step, trainer.current_epoch, batch_idx)
+        if len(batch) == 3:
+            self.seen.setdefault(trainer.current_epoch, []).extend(batch[2].tolist())
         if self.die_at_step is not None and trainer.global_step + 1 == self.die_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -192,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sync-delay", type=int, default=0, help="Streaming DiLoCo's d")
     ap.add_argument("--local-weight", type=float, default=0.0, help="Streaming DiLoCo's w")
     ap.add_argument("--devices", type=int, default=1, help="processes in the group (Trainer only)")
+    ap.add_argument("--redundancy", type=float, default=None, help="RI-SGD's mu across groups (Trainer)")
     ap.add_argument("--samples", type=int, default=SAMPLES, help="size of the data set")
     ap.add_argument("--max-missed-rounds", type=int, default=3)
     ap.add_argument("--quorum-timeout", type=float, default=60.0)
@@ -243,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         start_groups=args.start_groups,
         start_timeout=60,
         max_missed_rounds=args.max_missed_rounds,
+        redundancy=args.redundancy,
     )
     recorder = Recorder(args.group, args.die_at_step)
     callbacks: list[pl.Callback] = [recorder, CommunicationMonitor(logging_interval=1)]
@@ -260,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         enable_model_summary=False,
     )
     start = time.perf_counter()
-    model = Regression(args.samples)
+    model = Regression(args.samples, indexed=args.redundancy is not None)
     trainer.fit(model)
     group = strategy.algorithm
     record = {
@@ -268,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "first_batch": recorder.first_batch,
         "global_step": trainer.global_step,
         "after_round": recorder.after_round,
+        "seen": recorder.seen,
         "final": [p.detach().clone() for p in model.net.parameters()],
         # what the monitor logged last (replica groups' figures included)
         "monitor": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("comm/")},

@@ -304,3 +304,35 @@ def test_streaming_diloco_groups_under_the_trainer_heal_mid_run_and_end_on_one_m
     assert [h[0] for h in records["0"]["history"]] == [*range(1, steps, 2), steps, steps]
     for name in ("1", "2b"):
         assert all(torch.equal(a, b) for a, b in zip(records["0"]["final"], records[name]["final"]))
+
+
+@pytest.mark.parametrize(("mu", "covered"), [(1 / 3, 120), (0.0, 80)])
+def test_ri_sgd_across_groups_keeps_every_sample_seen_while_a_group_is_down(
+    lighthouse, tmp_path, mu, covered
+):
+    """RI-SGD's placement over the groups (mu = 1/3: each group also holds the next group's shard). Group 2
+    dies at step 10 and stays down: in every later epoch the two live groups still train on all 120 samples,
+    and the survivors report full coverage at the quorum change. Without redundancy (mu = 0) a third of the
+    data is not seen while group 2 is down, and the report names its shard as lost."""
+    steps = 40  # 5 batches per epoch: epochs 3 .. 7 run wholly without group 2
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(GROUPS)}
+    common = ["--steps", str(steps), "--step-sleep", "0.05", "--redundancy", str(mu)]
+    procs = {
+        str(g): _launch(lighthouse, g, outs[str(g)], *common, *(["--die-at-step", "10"] if g == 2 else []))
+        for g in range(GROUPS)
+    }
+    codes = _wait(procs, outs, 180)
+    assert codes["0"] == codes["1"] == 0 and codes["2"] != 0
+    records = {g: torch.load(outs[str(g)], weights_only=False) for g in (0, 1)}
+    for epoch in range(3, 8):
+        seen = set(records[0]["seen"][epoch]) | set(records[1]["seen"][epoch])
+        assert len(seen) == covered, (epoch, len(seen))
+    lost = [] if covered == 120 else [2]
+    for g, record in records.items():
+        assert record["monitor"]["comm/ft_live_groups"] == 2
+        assert record["monitor"]["comm/ft_data_coverage"] == pytest.approx(covered / 120)
+        assert record["monitor"]["comm/ft_lost_shards"] == len(lost)
+        log = outs[str(g)].with_suffix(".log").read_text()
+        share = f"{covered / 120:.1%}"
+        report = "no shard lost" if not lost else "lost shards (no live group holds them whole): 2"
+        assert f"2 of 3 live (missing: 2); the live groups hold {share} of the training data, {report}" in log

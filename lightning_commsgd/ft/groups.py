@@ -105,6 +105,9 @@ class GroupOuterStep(OuterStepAverager):
             from the others when it comes).
         start_timeout: see ``start_groups``.
         outer_lr_scheduler: builds an LR scheduler for the outer optimizer, stepped after every outer step.
+        group: this group's index in [0, start_groups): every round then tells which groups took part
+            (:attr:`live_groups`, one value per group in the round's buffer), and a change is logged with the
+            data the live groups hold (:attr:`coverage`). ``None``: not tracked.
         defer_rounds: :meth:`after_optimizer_step` only counts the step, and :meth:`run_due_round` runs a
             round it found due: for adapters whose state is consistent only between batches (the Lightning
             Trainer's loop is mid-batch inside the optimizer step; a peer healing from this group takes that
@@ -141,6 +144,7 @@ class GroupOuterStep(OuterStepAverager):
         sync_delay: int = 0,
         local_weight: float = 0.0,
         defer_rounds: bool = False,
+        group: int | None = None,
     ) -> None:
         if isinstance(round_attempts, bool) or not isinstance(round_attempts, int) or round_attempts < 1:
             raise ValueError(f"Arg `round_attempts` must be an int >= 1, got {round_attempts!r}.")
@@ -188,6 +192,18 @@ class GroupOuterStep(OuterStepAverager):
         self._round_due = False  # defer_rounds: a round counted due, not run yet
         #: the quorum :meth:`start` joined (``healed``: this group took a live peer's state)
         self.membership: Membership | None = None
+        #: this group's index (it fills its slot of the rounds' presence vector), ``None``: not reported
+        self.group = group
+        if group is not None and not 0 <= group < start_groups:
+            raise ValueError(f"Arg `group` must lie in [0, start_groups={start_groups}), got {group!r}.")
+        #: the groups of the latest round (contributing or healing), by index
+        self.live_groups: tuple[int, ...] = ()
+        #: set by an adapter whose data placement is redundant (RI-SGD): missing groups -> (the fraction of
+        #: the training data the live groups hold, the shards none of them holds completely; ``None`` from it:
+        #: not known yet)
+        self.coverage: Callable[[list[int]], tuple[float, list[int]] | None] | None = None
+        self.data_coverage: float | None = None
+        self.lost_shards: list[int] = []
         self.missed_rounds = 0  # in a row
         self.last_contributors = 0
         #: (step, contributing groups, whether this group contributed) of every completed round
@@ -456,23 +472,50 @@ class GroupOuterStep(OuterStepAverager):
         round (it holds its peer's state, so its message would count the peer twice)."""
         rounds = self.rounds_between_groups
         healed = False
+        size = message.numel()
+        # which groups are in the round: one slot per group index, set by its own group (G values)
+        presence = message.new_zeros(self.start_groups if self.group is not None else 0)
+        if self.group is not None:
+            presence[self.group] = 1.0
         for _ in range(self.round_attempts):
             membership, self._pending = self._pending or rounds.begin(), None
             healed = healed or membership.healed
             weight = 0.0 if healed else 1.0
-            buffer = torch.cat([message * weight, message.new_full((1,), weight)])
+            buffer = torch.cat([message * weight, message.new_full((1,), weight), presence])
             rounds.sum_(buffer, tag=tag)
             if rounds.commit():
-                contributors = float(buffer[-1])
+                contributors = float(buffer[size])
                 if contributors < 0.5:
                     raise ReplicaGroupError(f"No replica group contributed to the round at step {self.step}.")
                 self.last_contributors = round(contributors)
                 self.round_history.append((self.step, self.last_contributors, not healed))
-                return buffer[:-1].div_(contributors)
+                if self.group is not None:
+                    live = tuple(int(g) for g in torch.nonzero(buffer[size + 1 :] > 0.5).flatten().tolist())
+                    self._note_live_groups(live)
+                return buffer[:size].div_(contributors)
         raise ReplicaGroupError(
             f"The round at step {self.step} failed {self.round_attempts} times in a row (groups kept failing "
             "inside it); raise `round_attempts` if groups restart this often."
         )
+
+    def _note_live_groups(self, live: tuple[int, ...]) -> None:
+        """The groups of the latest round; when they change, what the data placement still covers is
+        logged (and kept for :meth:`metrics`)."""
+        if live == self.live_groups:
+            return
+        self.live_groups = live
+        missing = [g for g in range(self.start_groups) if g not in live]
+        line = f"Replica groups at step {self.step}: {len(live)} of {self.start_groups} live"
+        line += f" (missing: {', '.join(map(str, missing))})" if missing else ""
+        covered = self.coverage(missing) if self.coverage is not None else None
+        if covered is not None:
+            self.data_coverage, self.lost_shards = covered
+            lost = "no shard lost"
+            if self.lost_shards:
+                shards = ", ".join(map(str, self.lost_shards))
+                lost = f"lost shards (no live group holds them whole): {shards}"
+            line += f"; the live groups hold {self.data_coverage:.1%} of the training data, {lost}"
+        (_log.warning if missing else _log.info)(line)
 
     def close(self) -> None:
         """Leave the groups: shut this group's torchft manager down (its servers and threads)."""
@@ -490,4 +533,10 @@ class GroupOuterStep(OuterStepAverager):
             **self.rounds_between_groups.metrics(),
             "ft_contributors": float(self.last_contributors),
             "ft_missed_rounds": float(self.missed_rounds),
+            **({"ft_live_groups": float(len(self.live_groups))} if self.group is not None else {}),
+            **(
+                {"ft_data_coverage": self.data_coverage, "ft_lost_shards": float(len(self.lost_shards))}
+                if self.data_coverage is not None
+                else {}
+            ),
         }

@@ -1,7 +1,7 @@
 """The Lightning Trainer as one replica group: ``ReplicaGroupStrategy(DiLoCo(tau=16), settings)``.
 
 Each group runs its own ``Trainer.fit``; the rounds between groups go through torchft
-(:class:`~lightning_commsgd.ft.config.ReplicaGroups`). Three things differ from
+(:class:`~lightning_commsgd.ft.config.ReplicaGroups`). What differs from
 :class:`~lightning_commsgd.strategies.CommunicationStrategy`:
 
 - The data: the training set is split in ``start_groups`` shards and group g reads shard g (the sampler
@@ -10,6 +10,9 @@ Each group runs its own ``Trainer.fit``; the rounds between groups go through to
 - When rounds run: at the end of the batch whose optimizer step made one due, not inside the optimizer step.
   A group healing from a peer takes the peer's whole training state at that moment, which is then the same
   as a checkpoint ``ModelCheckpoint`` saves there (the loop is between batches, the LR schedulers stepped).
+- RI-SGD across groups (``redundancy=mu``): the placement spans every process of every group; when the
+  live groups change, the fraction of the data they still hold and the shards none holds whole are logged
+  and go to the monitor (``ft_data_coverage``, ``ft_lost_shards``).
 - Healing: a group that (re)starts while the others train joins at the strategy's setup, takes a live peer's
   model, optimizer and algorithm state (:class:`~lightning_commsgd.ft.groups.GroupOuterStep`) and its
   Lightning training state (loops, LR schedulers, callbacks, the sampler's place in the epoch), which
@@ -33,6 +36,7 @@ from lightning_commsgd.ft.connect import ReplicaGroupSettings
 from lightning_commsgd.ft.groups import GroupOuterStep
 from lightning_commsgd.ft.quorum import ReplicaGroupError
 from lightning_commsgd.internals import resume_from_state, training_state
+from lightning_commsgd.samplers import RedundantPlacement
 from lightning_commsgd.strategies.base import CommunicationStrategy
 
 __all__ = ["ReplicaGroupStrategy"]
@@ -123,6 +127,8 @@ class ReplicaGroupStrategy(CommunicationStrategy):
     def before_start(self, algorithm: CommAlgorithm) -> None:
         assert isinstance(algorithm, GroupOuterStep)
         algorithm.defer_rounds = True  # rounds at the end of a batch, where the training state is whole
+        if self.data.redundancy is not None:  # RI-SGD across groups: what the live groups still hold
+            algorithm.coverage = self._coverage_without
         algorithm.register_extra_state(
             TRAINING_STATE_KEY, save=self._state_for_peer, load=self._take_peer_state
         )
@@ -145,6 +151,22 @@ class ReplicaGroupStrategy(CommunicationStrategy):
             )
         self._resume_from_peer(trainer, algorithm, self._peer_state)
         self._peer_state = None
+
+    def _coverage_without(self, missing_groups: list[int]) -> tuple[float, list[int]] | None:
+        """RI-SGD's placement over every process of every group, without the missing groups' processes:
+        the fraction of the training data the live groups hold, and the shards none holds completely."""
+        if not missing_groups:
+            return 1.0, []
+        batches = self.data.batches
+        placement = getattr(getattr(batches, "sampler", None), "placement", None)
+        if placement is None:  # the training loader is not built yet
+            return None
+        n = self.world_size
+        failed = [g * n + r for g in missing_groups for r in range(n)]
+        if len(failed) >= placement.p:
+            return 0.0, list(range(placement.p))
+        left = RedundantPlacement(placement.num_samples, placement.p, placement.mu, failed)
+        return left.coverage, left.lost_shards()
 
     def _state_for_peer(self) -> dict[str, Any] | None:
         """This group's Lightning training state for a peer healing from it (``None`` before the fit loop

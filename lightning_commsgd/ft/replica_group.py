@@ -67,6 +67,7 @@ def connect_replica_group(
         quorum_timeout=settings.quorum_timeout,
         step=lambda: built[0].step if built else 0,
     )
+    options.setdefault("group", settings.group if settings.group < options.get("start_groups", 1) else None)
     algorithm = GroupOuterStep(module, optimizers, communicator, rounds, **options)
     built.append(algorithm)
     algorithm.connection = connection  # its store must live as long as the group: the others connect to it

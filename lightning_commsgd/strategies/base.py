@@ -125,16 +125,20 @@ class CommunicationStrategy(AlgorithmSettings, ProcessGroupStrategy):
     def world(self) -> World:
         return World(self.world_size, self.num_processes)
 
+    @override
+    def data_shard(self) -> tuple[int, int]:
+        return self.algorithm_config.data_shard(self.world_size, self.global_rank)
+
     @property
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        shards, shard = self.algorithm_config.data_shard(self.world_size, self.global_rank)
+        shards, shard = self.data_shard()
         return {"num_replicas": shards, "rank": shard}
 
     # -- before any process ---------------------------------------------------------------------------
     @override
     def check_before_launch(self) -> None:
-        self.data.check_world(self.world_size)
+        self.data.check_world(self.algorithm_config.data_shard(self.world_size, 0)[0])
         self.algorithm_config.check_world(self.world)
         refuse_sync_batchnorm(self)
         self._run.check_precision(getattr(self.precision_plugin, "precision", None), type(self).__name__)

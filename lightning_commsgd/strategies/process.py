@@ -287,7 +287,13 @@ class ProcessGroupStrategy(DDPWithoutWrapperHooks, DDPStrategy, metaclass=_Check
         # the training loader only; validation keeps Lightning's sampler
         if trainer is None or not trainer.training or not isinstance(dataloader, DataLoader):
             return super().process_dataloader(dataloader)
-        return self.data.process(dataloader, self.world_size, self.global_rank, super().process_dataloader)
+        shards, shard = self.data_shard()
+        return self.data.process(dataloader, shards, shard, super().process_dataloader)
+
+    def data_shard(self) -> tuple[int, int]:
+        """``(shards, shard)``: the training data is split in ``shards`` and this rank reads ``shard`` (one
+        per rank; replica groups split it over their groups too)."""
+        return self.world_size, self.global_rank
 
     def start_counting(self, trainer: pl.Trainer) -> Communicator:
         """Start this stage's failure watchdog and communicator (collective: every rank, in setup)."""
