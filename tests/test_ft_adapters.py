@@ -14,7 +14,13 @@ from lightning_commsgd import DORE, CommunicationStrategy, DiLoCo, LocalSGD
 from lightning_commsgd.algorithms.protocol import World
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.fabric import CommunicationStrategy as FabricStrategy
-from lightning_commsgd.ft import GroupOuterStep, ReplicaGroups, ReplicaGroupSettings, ReplicaGroupStrategy
+from lightning_commsgd.ft import (
+    GroupOuterStep,
+    ReplicaGroupError,
+    ReplicaGroups,
+    ReplicaGroupSettings,
+    ReplicaGroupStrategy,
+)
 from lightning_commsgd.schedules import AdaComm, IncreasingPeriod
 
 SETTINGS = ReplicaGroupSettings(lighthouse="http://localhost:29510", group=1)
@@ -135,3 +141,22 @@ def test_a_schedule_that_follows_the_rounds_runs_between_groups():
     rounds.algorithm = algorithm
     ran = [step for step in range(1, 8) if algorithm.after_optimizer_step()]
     assert ran == [1, 3, 7] and algorithm.period == 8
+
+
+def test_a_trainer_group_healed_mid_run_stops_with_a_clear_error():
+    """torchft heals a live group that fell behind (it missed rounds the others completed): under the Trainer
+    its loop cannot take the peer's position mid-run, so the group stops at that batch's end, saying to
+    restart it (it then rejoins at setup)."""
+    from lightning_commsgd.ft.lightning import _RoundsBetweenBatches
+
+    rounds = ScriptedRounds(peers=1, peer_value=0.0)
+    algorithm, _ = _group(rounds, defer_rounds=True)
+    strategy = ReplicaGroupStrategy(DiLoCo(tau=4), SETTINGS, start_groups=2)
+    strategy._rounds = callback = _RoundsBetweenBatches(algorithm)
+    callback.on_train_batch_end(None, None)  # not healed: nothing happens
+    strategy._take_peer_state({"loops": {}})  # before the loop runs: the heal at setup, no error
+    callback.on_train_batch_end(None, None)
+    callback.training = True
+    strategy._take_peer_state({"loops": {}})
+    with pytest.raises(ReplicaGroupError, match=r"healed from a live group at step 0, mid-run.*restart this"):
+        callback.on_train_batch_end(None, None)

@@ -54,12 +54,20 @@ class _RoundsBetweenBatches(Callback):
     def __init__(self, algorithm: GroupOuterStep) -> None:
         self.algorithm = algorithm
         self.training = False  # between on_train_start and the strategy's teardown: a peer may heal from us
+        self.healed_mid_run = False  # this group took a peer's state while its loop ran
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.training = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self.algorithm.run_due_round()
+        if self.healed_mid_run:
+            raise ReplicaGroupError(
+                f"Replica group healed from a live group at step {self.algorithm.step}, mid-run: it had "
+                "fallen behind (the others completed rounds it missed). The Trainer's loop cannot move to "
+                "the peer's position while it runs; restart this group and it rejoins at setup (a launcher "
+                "that restarts failed groups, such as examples/fault_tolerance/slurm.sbatch, does so)."
+            )
 
 
 class ReplicaGroupStrategy(CommunicationStrategy):
@@ -183,6 +191,9 @@ class ReplicaGroupStrategy(CommunicationStrategy):
         return state
 
     def _take_peer_state(self, state: dict[str, Any] | None) -> None:
+        if self._rounds is not None and self._rounds.training:
+            # torchft heals a group that fell behind; its model is the peer's now, its loop is not
+            self._rounds.healed_mid_run = True
         self._peer_state = state
 
     def _resume_from_peer(
