@@ -91,3 +91,15 @@ def digits_example(monkeypatch):
     yield
     for name in names:  # the digits ones; monkeypatch then puts back what was there before
         sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def lighthouse(monkeypatch):
+    """A torchft Lighthouse in this process for the replica-group tests: at least 2 groups per quorum, a group
+    silent for 1 s is dead, a quorum waits up to 20 s for live groups still joining. Yields its address."""
+    from lightning_commsgd.ft import start_lighthouse
+
+    monkeypatch.setenv("RUST_LOG", "warn")  # the Lighthouse logs every quorum at INFO
+    server = start_lighthouse(min_groups=2, join_timeout_ms=20_000, heartbeat_timeout_ms=1000)
+    yield server.address()
+    server.shutdown()

@@ -9,7 +9,6 @@ compared bit for bit.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ft_harness import assert_models_close, group_env, launch_group, wait_groups
 from ft_simulation import simulate, simulate_streaming
 
 HERE = Path(__file__).resolve().parent
@@ -26,37 +26,9 @@ TAU, STEPS = 4, 24
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture
-def lighthouse(monkeypatch):
-    from lightning_commsgd.ft import start_lighthouse
-
-    monkeypatch.setenv("RUST_LOG", "warn")  # the Lighthouse logs every quorum at INFO
-    # min 2 groups; a group silent for 1 s is dead; a quorum waits up to 20 s for live groups still joining
-    server = start_lighthouse(min_groups=2, join_timeout_ms=20_000, heartbeat_timeout_ms=1000)
-    yield server.address()
-    server.shutdown()
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", RUST_LOG="error", TORCHFT_USE_OTEL="false")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    return env
-
-
 def _launch(address: str, group: int, out: Path, *extra: str, steps: int = STEPS) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        str(WORKER),
-        "--group",
-        str(group),
-        "--lighthouse",
-        address,
-        "--min-groups",
-        "2",
-    ]
-    command += ["--tau", str(TAU), "--steps", str(steps), "--out", str(out), *extra]
-    log = open(out.with_suffix(".log"), "w")  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(command, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    args = ["--group", str(group), "--lighthouse", address, "--min-groups", "2", "--tau", str(TAU)]
+    return launch_group(WORKER, out, *args, "--steps", str(steps), "--out", str(out), *extra)
 
 
 def _launch_groups(
@@ -76,38 +48,20 @@ def _launch_groups(
     }
 
 
-def _wait(processes: dict[str, subprocess.Popen], deadline: float, outs: dict[str, Path]) -> dict[str, int]:
-    codes = {}
-    for name, process in processes.items():
-        try:
-            codes[name] = process.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for other in processes.values():
-                other.kill()
-            logs = {n: outs[n].with_suffix(".log").read_text()[-3000:] for n in processes}
-            pytest.fail(f"replica group {name} did not finish; logs: {logs}")
-    return codes
-
-
 def _load(path: Path) -> dict:
     return torch.load(path, weights_only=False)
-
-
-def _assert_models_equal(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
 def test_three_groups_without_failures_match_the_simulation(lighthouse, tmp_path):
     outs = {str(g): tmp_path / f"g{g}.pt" for g in range(3)}
     procs = _launch_groups(lighthouse, outs, 3, {})
-    codes = _wait(procs, time.monotonic() + 120, outs)
+    codes = wait_groups(procs, outs, 120)
     assert codes == {"0": 0, "1": 0, "2": 0}
     records = {g: _load(outs[str(g)]) for g in range(3)}
     expected = simulate(groups=3, steps=STEPS, tau=TAU, contributors=lambda step: [0, 1, 2])
     for g, record in records.items():
         assert [h[:2] for h in record["history"]] == [(t, 3) for t in range(TAU, STEPS + 1, TAU)]
-        _assert_models_equal(record["final"], expected[g])
+        assert_models_close(record["final"], expected[g])
         # bytes and rounds are in the ledger: one fingerprint check, STEPS / TAU outer steps
         assert record["ledger"]["outer_step"][0] == STEPS // TAU
         assert record["ledger"]["ft_fingerprint"][0] >= 1  # again while groups were still arriving
@@ -118,7 +72,7 @@ def test_a_group_killed_mid_period_is_left_out_and_the_others_finish(lighthouse,
     outs = {str(g): tmp_path / f"g{g}.pt" for g in range(3)}
     # group 2 dies during step index 9 (after 9 steps): rounds after steps 4 and 8 had it, 12 on do not
     procs = _launch_groups(lighthouse, outs, 3, {2: ["--die-at-step", "10"]})
-    codes = _wait(procs, time.monotonic() + 120, outs)
+    codes = wait_groups(procs, outs, 120)
     assert codes["0"] == codes["1"] == 0 and codes["2"] != 0
     expected = simulate(
         groups=3,
@@ -130,7 +84,7 @@ def test_a_group_killed_mid_period_is_left_out_and_the_others_finish(lighthouse,
     for g in (0, 1):
         record = _load(outs[str(g)])
         assert [h[1] for h in record["history"]] == [3, 3, 2, 2, 2, 2]
-        _assert_models_equal(record["final"], expected[g])
+        assert_models_close(record["final"], expected[g])
         assert any(e["changed"] and e["groups"] == 2 for e in record["events"])
 
 
@@ -139,7 +93,7 @@ def test_pr_sgd_momentum_between_groups_averages_the_inner_momentum_of_the_contr
     # local SGD with averaged momentum (PR-SGD-Momentum) between groups; group 2 dies after 9 steps
     common = ("--outer", "average", "--momentum", "average")
     procs = _launch_groups(lighthouse, outs, 3, {2: ["--die-at-step", "10"]}, *common)
-    codes = _wait(procs, time.monotonic() + 120, outs)
+    codes = wait_groups(procs, outs, 120)
     assert codes["0"] == codes["1"] == 0 and codes["2"] != 0
     expected = simulate(
         groups=3, steps=STEPS, tau=TAU, contributors=lambda step: [0, 1, 2] if step <= 8 else [0, 1],
@@ -147,7 +101,7 @@ def test_pr_sgd_momentum_between_groups_averages_the_inner_momentum_of_the_contr
     )  # fmt: skip
     records = {g: _load(outs[str(g)]) for g in (0, 1)}
     for g, record in records.items():
-        _assert_models_equal(record["final"], expected[g])
+        assert_models_close(record["final"], expected[g])
     # after every round both groups hold the same momentum (the mean), unlike DiLoCo's local momentum
     for mine, theirs in zip(records[0]["after_round"], records[1]["after_round"]):
         assert all(torch.equal(a, b) for a, b in zip(mine["momentum"], theirs["momentum"]))
@@ -159,7 +113,7 @@ def test_streaming_diloco_between_groups_syncs_each_fragment_in_a_round_of_its_o
     # each mean lands one step later (d = 1), merged half and half with the local value (w = 0.5)
     common = ("--fragments", "2", "--sync-delay", "1", "--local-weight", "0.5")
     procs = _launch_groups(lighthouse, outs, 3, {2: ["--die-at-step", "10"]}, *common)
-    codes = _wait(procs, time.monotonic() + 120, outs)
+    codes = wait_groups(procs, outs, 120)
     assert codes["0"] == codes["1"] == 0 and codes["2"] != 0
     expected = simulate_streaming(
         groups=3, steps=STEPS, tau=TAU, fragments=[[0, 1], [2, 3]], sync_delay=1, local_weight=0.5,
@@ -170,14 +124,14 @@ def test_streaming_diloco_between_groups_syncs_each_fragment_in_a_round_of_its_o
         # one round per fragment sync (12 in 24 steps) and the two final ones
         assert [h[0] for h in record["history"]] == [*range(1, STEPS, 2), STEPS, STEPS]
         assert [h[1] for h in record["history"]][:6] == [3, 3, 3, 3, 3, 2]
-        _assert_models_equal(record["final"], expected[g])
+        assert_models_close(record["final"], expected[g])
 
 
 def test_a_group_killed_inside_a_round_makes_the_others_run_it_again_without_it(lighthouse, tmp_path):
     outs = {str(g): tmp_path / f"g{g}.pt" for g in range(3)}
     # group 2 dies in round 2 after its quorum formed, before its all-reduce: the others' attempt fails
     procs = _launch_groups(lighthouse, outs, 3, {2: ["--die-in-round", "2"]})
-    codes = _wait(procs, time.monotonic() + 150, outs)
+    codes = wait_groups(procs, outs, 150)
     assert codes["0"] == codes["1"] == 0 and codes["2"] != 0
     expected = simulate(
         groups=3, steps=STEPS, tau=TAU, contributors=lambda step: [0, 1, 2] if step <= 4 else [0, 1],
@@ -187,7 +141,7 @@ def test_a_group_killed_inside_a_round_makes_the_others_run_it_again_without_it(
         record = _load(outs[str(g)])
         assert [h[1] for h in record["history"]] == [3, 2, 2, 2, 2, 2]
         assert record["metrics"]["ft_failed_commits"] >= 1
-        _assert_models_equal(record["final"], expected[g])
+        assert_models_close(record["final"], expected[g])
 
 
 def test_a_restarted_group_heals_from_a_live_peer_and_rejoins(lighthouse, tmp_path):
@@ -198,8 +152,8 @@ def test_a_restarted_group_heals_from_a_live_peer_and_rejoins(lighthouse, tmp_pa
     died = procs["2"].wait(timeout=120)
     assert died != 0
     death = time.time()
-    procs["2b"] = _launch(lighthouse, 2, outs["2b"], *slow, steps=steps)
-    codes = _wait({k: v for k, v in procs.items() if k != "2"}, time.monotonic() + 150, outs)
+    procs["2b"] = _launch(lighthouse, 2, outs["2b"], "--start-groups", "3", *slow, steps=steps)  # as before
+    codes = wait_groups({k: v for k, v in procs.items() if k != "2"}, outs, 150)
     assert codes == {"0": 0, "1": 0, "2b": 0}
     records = {name: _load(outs[name]) for name in ("0", "1", "2b")}
     healer = records["2b"]
@@ -227,7 +181,7 @@ def test_a_restarted_group_heals_from_a_live_peer_and_rejoins(lighthouse, tmp_pa
         joins={2: (join_step, source)},
     )
     for name, g in (("0", 0), ("1", 1), ("2b", 2)):
-        _assert_models_equal(records[name]["final"], expected[g])
+        assert_models_close(records[name]["final"], expected[g])
     survivor = records["0"]
     assert [h[1] for h in survivor["history"]] == [len(contributors(t)) for t in range(TAU, steps + 1, TAU)]
     heal = next(e for e in healer["events"] if e["healed"])
@@ -238,7 +192,7 @@ def test_a_restarted_group_heals_from_a_live_peer_and_rejoins(lighthouse, tmp_pa
 def test_a_group_with_another_model_is_refused_at_the_start_naming_the_mismatch(lighthouse, tmp_path):
     outs = {str(g): tmp_path / f"g{g}.pt" for g in range(2)}
     procs = _launch_groups(lighthouse, outs, 2, {1: ["--hidden", "32"]})
-    codes = _wait(procs, time.monotonic() + 120, outs)
+    codes = wait_groups(procs, outs, 120)
     assert codes["0"] != 0 and codes["1"] != 0
     for g in range(2):
         log = outs[str(g)].with_suffix(".log").read_text()
@@ -255,7 +209,7 @@ def test_a_rejoining_group_with_another_model_is_refused_naming_the_mismatch(lig
     assert stranger.wait(timeout=120) != 0
     log = outs["2"].with_suffix(".log").read_text()
     assert "cannot join: its configuration differs (model:" in log, log[-2000:]
-    codes = _wait(procs, time.monotonic() + 120, outs)
+    codes = wait_groups(procs, outs, 120)
     assert codes == {"0": 0, "1": 0}
 
 
@@ -264,7 +218,7 @@ def test_an_unreachable_lighthouse_ends_the_group_with_a_clear_error(tmp_path):
     process = subprocess.Popen(
         [sys.executable, str(WORKER), "--group", "0", "--lighthouse", "http://localhost:9", "--timeout", "3",
          "--quorum-timeout", "3", "--out", str(out)],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=group_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     output, _ = process.communicate(timeout=90)
     assert process.returncode != 0
@@ -279,7 +233,7 @@ def test_the_fault_tolerance_example_kills_restarts_and_ends_on_one_model(loop):
     result = subprocess.run(
         [sys.executable, str(example), "--steps", "400", "--kill-at-step", "48", "--restart-after", "1",
          "--loop", loop],
-        env=_env(), capture_output=True, text=True, timeout=200,
+        env=group_env(), capture_output=True, text=True, timeout=200,
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ft_harness import assert_models_close, launch_group, wait_groups
 from ft_lightning_worker import batch
 from ft_simulation import simulate
 
@@ -25,42 +26,25 @@ TAU, GROUPS = 4, 3
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture
-def lighthouse(monkeypatch):
-    from lightning_commsgd.ft import start_lighthouse
-
-    monkeypatch.setenv("RUST_LOG", "warn")
-    server = start_lighthouse(min_groups=2, join_timeout_ms=20_000, heartbeat_timeout_ms=1000)
-    yield server.address()
-    server.shutdown()
-
-
 def _launch(address: str, group: int, out: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", RUST_LOG="error", TORCHFT_USE_OTEL="false")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    env.pop("MASTER_PORT", None)  # each group is its own one-process job: its own free port
-    command = [sys.executable, str(WORKER), "--group", str(group), "--lighthouse", address]
-    command += ["--min-groups", "2", "--tau", str(TAU), "--out", str(out), *extra]
-    log = open(out.with_suffix(".log"), "w")  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    args = ["--group", str(group), "--lighthouse", address, "--min-groups", "2", "--tau", str(TAU)]
+    return launch_group(WORKER, out, *args, "--out", str(out), *extra)
 
 
-def _wait(processes: dict[str, subprocess.Popen], outs: dict[str, Path], seconds: float) -> dict[str, int]:
-    deadline, codes = time.monotonic() + seconds, {}
-    for name, process in processes.items():
-        try:
-            codes[name] = process.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for other in processes.values():
-                other.kill()
-            logs = {n: outs[n].with_suffix(".log").read_text()[-3000:] for n in processes}
-            pytest.fail(f"replica group {name} did not finish; logs: {logs}")
-    return codes
-
-
-def _assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+def _kill_and_restart(address: str, tmp_path: Path, *common: str) -> dict[str, dict]:
+    """Three groups; group 2 kills itself at step 10 and starts again with the same arguments. Returns each
+    finished group's record by name ("0", "1", and "2b" for the restarted one)."""
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(GROUPS)}
+    outs["2b"] = tmp_path / "g2b.pt"
+    procs = {
+        str(g): _launch(address, g, outs[str(g)], *common, *(["--die-at-step", "10"] if g == 2 else []))
+        for g in range(GROUPS)
+    }
+    assert procs["2"].wait(timeout=150) != 0
+    procs["2b"] = _launch(address, 2, outs["2b"], *common)
+    codes = wait_groups({k: v for k, v in procs.items() if k != "2"}, outs, 200)
+    assert codes == {"0": 0, "1": 0, "2b": 0}
+    return {name: torch.load(outs[name], weights_only=False) for name in ("0", "1", "2b")}
 
 
 SHARD_BATCH = functools.partial(batch, groups=GROUPS)
@@ -79,7 +63,7 @@ def test_three_groups_train_on_their_shards_and_match_the_simulation(lighthouse,
     outs = {str(g): tmp_path / f"g{g}.pt" for g in range(GROUPS)}
     extra = ["--steps", str(steps), *(["--fabric"] if loop == "fabric" else [])]
     procs = {str(g): _launch(lighthouse, g, outs[str(g)], *extra) for g in range(GROUPS)}
-    codes = _wait(procs, outs, 180)
+    codes = wait_groups(procs, outs, 180)
     assert codes == {"0": 0, "1": 0, "2": 0}, {
         n: outs[n].with_suffix(".log").read_text()[-2000:] for n in outs
     }
@@ -90,7 +74,7 @@ def test_three_groups_train_on_their_shards_and_match_the_simulation(lighthouse,
     for g, record in records.items():
         assert record["global_step"] == steps and record["first_batch"] == (0, 0, 0)
         assert [h[:2] for h in record["history"]] == [(t, 3) for t in range(TAU, steps + 1, TAU)]
-        _assert_close(record["final"], expected[g])
+        assert_models_close(record["final"], expected[g])
         assert record["ledger"]["outer_step"][0] == steps // TAU
     assert all(torch.equal(a, b) for a, b in zip(records[0]["final"], records[2]["final"]))
 
@@ -99,18 +83,9 @@ def test_three_groups_train_on_their_shards_and_match_the_simulation(lighthouse,
 @pytest.mark.parametrize("loop", [pytest.param("trainer", marks=pytest.mark.lightning_smoke), "fabric"])
 def test_a_restarted_group_heals_into_the_peers_loop_position(lighthouse, tmp_path, loop):
     steps, slow = 40, ["--step-sleep", "0.2"]  # slow enough that the restarted group joins mid-run
-    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(GROUPS)}
-    outs["2b"] = tmp_path / "g2b.pt"
-    common = ["--steps", str(steps), *slow, *(["--fabric"] if loop == "fabric" else [])]
-    procs = {
-        str(g): _launch(lighthouse, g, outs[str(g)], *common, *(["--die-at-step", "10"] if g == 2 else []))
-        for g in range(GROUPS)
-    }
-    assert procs["2"].wait(timeout=150) != 0
-    procs["2b"] = _launch(lighthouse, 2, outs["2b"], *common)
-    codes = _wait({k: v for k, v in procs.items() if k != "2"}, outs, 200)
-    assert codes == {"0": 0, "1": 0, "2b": 0}
-    records = {name: torch.load(outs[name], weights_only=False) for name in ("0", "1", "2b")}
+    records = _kill_and_restart(
+        lighthouse, tmp_path, "--steps", str(steps), *slow, *(["--fabric"] if loop == "fabric" else [])
+    )
     healer = records["2b"]
     assert healer["joined"]["healed"], "the restarted group should have healed from a live peer"
     join_step = healer["joined"]["step"]
@@ -154,7 +129,7 @@ def test_a_restarted_group_heals_into_the_peers_loop_position(lighthouse, tmp_pa
         batch=_sim_batch,
     )
     for name, g in (("0", 0), ("1", 1), ("2b", 2)):
-        _assert_close(records[name]["final"], expected[g])
+        assert_models_close(records[name]["final"], expected[g])
     assert healer["ledger"]["ft_heal"][0] >= 1  # the healing transfer is in the ledger
     if loop == "trainer":  # the monitor logs the groups' figures: live groups, quorum changes, heals
         survivor = records["0"]["monitor"]
@@ -200,7 +175,7 @@ def test_a_lost_lighthouse_lets_the_groups_train_on_up_to_the_bound_then_stop_wi
     finally:
         server.kill()  # the Lighthouse is lost mid-run
         server.wait()
-    codes = _wait(procs, outs, 120)
+    codes = wait_groups(procs, outs, 120)
     for g in range(2):
         log = outs[str(g)].with_suffix(".log").read_text()
         assert codes[str(g)] != 0 and not outs[str(g)].exists()
@@ -219,7 +194,7 @@ def test_fewer_live_groups_than_the_minimum_stop_the_survivor_with_a_clear_error
         str(g): _launch(lighthouse, g, outs[str(g)], *extra, *(["--die-at-step", "10"] if g == 1 else []))
         for g in range(2)
     }  # min_groups 2 (the Lighthouse's and the groups'): alone, group 0 has no quorum
-    codes = _wait(procs, outs, 120)
+    codes = wait_groups(procs, outs, 120)
     log = outs["0"].with_suffix(".log").read_text()
     assert codes["1"] != 0 and codes["0"] != 0 and not outs["0"].exists()
     assert "2 rounds in a row without a quorum (max_missed_rounds=1)" in log, log[-3000:]
@@ -241,7 +216,7 @@ def test_groups_of_two_processes_average_inside_and_carry_half_the_round_each(li
     assert procs["1"].wait(timeout=150) != 0
     time.sleep(1)  # its second process dies at the same step
     procs["1b"] = _launch(lighthouse, 1, outs["1b"], *common)
-    codes = _wait({k: v for k, v in procs.items() if k != "1"}, outs, 240)
+    codes = wait_groups({k: v for k, v in procs.items() if k != "1"}, outs, 240)
     assert codes == {"0": 0, "1b": 0}, {n: outs[n].with_suffix(".log").read_text()[-3000:] for n in outs}
     records = {name: torch.load(outs[name], weights_only=False) for name in ("0", "1b")}
     seconds = {name: torch.load(f"{outs[name]}.rank1", weights_only=False) for name in ("0", "1b")}
@@ -274,7 +249,7 @@ def test_groups_of_two_processes_average_inside_and_carry_half_the_round_each(li
         batch=group_batch,
     )
     for name, g in (("0", 0), ("1b", 1)):
-        _assert_close(records[name]["final"], expected[g])
+        assert_models_close(records[name]["final"], expected[g])
 
 
 def test_streaming_diloco_groups_under_the_trainer_heal_mid_run_and_end_on_one_model(lighthouse, tmp_path):
@@ -282,19 +257,8 @@ def test_streaming_diloco_groups_under_the_trainer_heal_mid_run_and_end_on_one_m
     round of its own, at a batch's end; group 2 is killed and restarted, heals at a fragment's round, and
     every group ends on the same model after the final syncs."""
     steps = 40
-    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(GROUPS)}
-    outs["2b"] = tmp_path / "g2b.pt"
     common = ["--steps", str(steps), "--step-sleep", "0.2", "--fragments", "2", "--sync-delay", "1"]
-    common += ["--local-weight", "0.5"]
-    procs = {
-        str(g): _launch(lighthouse, g, outs[str(g)], *common, *(["--die-at-step", "10"] if g == 2 else []))
-        for g in range(GROUPS)
-    }
-    assert procs["2"].wait(timeout=150) != 0
-    procs["2b"] = _launch(lighthouse, 2, outs["2b"], *common)
-    codes = _wait({k: v for k, v in procs.items() if k != "2"}, outs, 200)
-    assert codes == {"0": 0, "1": 0, "2b": 0}
-    records = {name: torch.load(outs[name], weights_only=False) for name in ("0", "1", "2b")}
+    records = _kill_and_restart(lighthouse, tmp_path, *common, "--local-weight", "0.5")
     healer = records["2b"]
     join_step = healer["joined"]["step"]
     assert healer["joined"]["healed"] and join_step % 2 == 1 and 9 < join_step < steps  # a fragment's round
@@ -321,7 +285,7 @@ def test_ri_sgd_across_groups_keeps_every_sample_seen_while_a_group_is_down(
         str(g): _launch(lighthouse, g, outs[str(g)], *common, *(["--die-at-step", "10"] if g == 2 else []))
         for g in range(GROUPS)
     }
-    codes = _wait(procs, outs, 180)
+    codes = wait_groups(procs, outs, 180)
     assert codes["0"] == codes["1"] == 0 and codes["2"] != 0
     records = {g: torch.load(outs[str(g)], weights_only=False) for g in (0, 1)}
     for epoch in range(3, 8):

@@ -239,3 +239,15 @@ def test_the_advertised_host_name_is_checked():
     with pytest.raises(ValueError, match="`hostname`"):
         ReplicaGroupSettings(lighthouse="http://h:1", group=0, hostname="")
     assert ReplicaGroupSettings(lighthouse="http://h:1", group=0, hostname="10.0.0.2").hostname == "10.0.0.2"
+
+
+def test_groups_whose_rounds_have_other_shapes_are_refused_naming_the_setting():
+    """What sizes a round's buffer is in the fingerprint: a group that would all-reduce a buffer of another
+    size (other fragments, presence slots, processes per group) is refused by name, not left to crash gloo."""
+    rounds = ScriptedRounds()
+    tracked, _ = _group(rounds, group=0, start_groups=3)
+    untracked, _ = _group(ScriptedRounds())
+    assert fingerprint_mismatch(tracked.fingerprint, untracked.fingerprint) == ["tracked_groups"]
+    state = untracked.group_state()
+    with pytest.raises(ReplicaGroupError, match=r"tracked_groups: this group 'of 3', the live groups 'none'"):
+        tracked.load_group_state(state)

@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +64,47 @@ def batch_indices(shard: torch.Tensor, group: int, step: int) -> torch.Tensor:
 def fingerprint(model: nn.Module) -> str:
     data = b"".join(p.detach().numpy().tobytes() for p in model.parameters())
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def finish(
+    args: argparse.Namespace,
+    algorithm: Any,
+    model: nn.Module,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    healed: bool,
+    healed_from: int | None,
+    joined_at_step: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """The group's end: its test accuracy and model fingerprint printed, and the JSON summary ``run.py`` reads
+    written to ``args.out`` (rounds, quorum events, bytes sent). Returns the summary."""
+    with torch.no_grad():
+        accuracy = float((model(features[-TEST_SAMPLES:]).argmax(1) == labels[-TEST_SAMPLES:]).float().mean())
+    summary = {
+        "group": args.group,
+        "healed": healed,
+        "healed_from": healed_from,
+        "joined_at_step": joined_at_step,
+        "rounds": [list(r) for r in algorithm.round_history],
+        "events": [
+            {k: getattr(e, k) for k in ("step", "groups", "healed", "heal_seconds", "wall_time")}
+            for e in algorithm.rounds_between_groups.events
+        ],
+        "bytes_sent": algorithm.communicator.ledger.bytes_sent,
+        "test_accuracy": accuracy,
+        "model": fingerprint(model),
+        "seconds": seconds,
+    }
+    print(
+        f"[group {args.group}] done: step {algorithm.step}, test accuracy {accuracy:.3f}, "
+        f"model {summary['model']}",
+        flush=True,
+    )
+    if args.out is not None:
+        args.out.write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,30 +171,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             loss_sum, seen = 0.0, 0
     algorithm.finalize()
-    with torch.no_grad():
-        accuracy = float((model(features[-TEST_SAMPLES:]).argmax(1) == labels[-TEST_SAMPLES:]).float().mean())
-    summary = {
-        "group": args.group,
-        "healed": membership.healed,
-        "healed_from": healed_from[-1] if healed_from else None,
-        "joined_at_step": joined_step,
-        "rounds": [list(r) for r in algorithm.round_history],
-        "events": [
-            {k: getattr(e, k) for k in ("step", "groups", "healed", "heal_seconds", "wall_time")}
-            for e in algorithm.rounds_between_groups.events
-        ],
-        "bytes_sent": algorithm.communicator.ledger.bytes_sent,
-        "test_accuracy": accuracy,
-        "model": fingerprint(model),
-        "seconds": time.perf_counter() - start,
-    }
-    print(
-        f"[group {args.group}] done: step {algorithm.step}, test accuracy {accuracy:.3f}, "
-        f"model {summary['model']}",
-        flush=True,
+    finish(
+        args,
+        algorithm,
+        model,
+        features,
+        labels,
+        healed=membership.healed,
+        healed_from=healed_from[-1] if healed_from else None,
+        joined_at_step=joined_step,
+        seconds=time.perf_counter() - start,
     )
-    if args.out is not None:
-        args.out.write_text(json.dumps(summary, indent=1))
     algorithm.close()
     return 0
 

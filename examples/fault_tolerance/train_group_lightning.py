@@ -11,7 +11,6 @@ loop goes on at the peer's step, epoch and batch. Prints one line per round and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.fault_tolerance.train_group import (  # noqa: E402
     BATCH,
-    TEST_SAMPLES,
     build_model,
-    fingerprint,
+    finish,
     group_data,
     quiet_torchft,
 )
@@ -154,32 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     trainer.fit(model)
     algorithm = strategy.algorithm
-    with torch.no_grad():
-        predictions = model.net(features[-TEST_SAMPLES:]).argmax(1)
-        accuracy = float((predictions == labels[-TEST_SAMPLES:]).float().mean())
     healed = algorithm.membership.healed
-    summary = {
-        "group": args.group,
-        "healed": healed,
-        "healed_from": printer.healed_from,
-        "joined_at_step": algorithm.round_history[0][0] if healed else 0,
-        "rounds": [list(r) for r in algorithm.round_history],
-        "events": [
-            {k: getattr(e, k) for k in ("step", "groups", "healed", "heal_seconds", "wall_time")}
-            for e in algorithm.rounds_between_groups.events
-        ],
-        "bytes_sent": algorithm.communicator.ledger.bytes_sent,
-        "test_accuracy": accuracy,
-        "model": fingerprint(model.net),
-        "seconds": time.perf_counter() - start,
-    }
-    print(
-        f"[group {args.group}] done: step {trainer.global_step}, test accuracy {accuracy:.3f}, "
-        f"model {summary['model']}",
-        flush=True,
+    finish(
+        args,
+        algorithm,
+        model.net,
+        features,
+        labels,
+        healed=healed,
+        healed_from=printer.healed_from,
+        joined_at_step=algorithm.round_history[0][0] if healed else 0,
+        seconds=time.perf_counter() - start,
     )
-    if args.out is not None:
-        args.out.write_text(json.dumps(summary, indent=1))
     return 0
 
 

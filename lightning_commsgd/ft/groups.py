@@ -251,6 +251,11 @@ class GroupOuterStep(OuterStepAverager):
             "outer_optimizer": f"{type(outer).__name__}:{sorted(outer.defaults.items())}",
             "inner_optimizers": ",".join(type(o).__name__ for o in self.replica.optimizers),
             "momentum": "average" if self._averaged_state is not None else str(self.replica.momentum),
+            # what shapes a round's buffer: groups that differ here would all-reduce buffers of other sizes
+            "streaming": f"F={len(self.fragments)},d={self.sync_delay},w={self.local_weight}",
+            "buffers": str(len(self.fragments[0].tensors) - len(self.fragments[0].params)),
+            "processes_per_group": str(self.communicator.world_size),
+            "tracked_groups": "none" if self.group is None else f"of {self.start_groups}",
         }
 
     def register_extra_state(self, name: str, save: Callable[[], Any], load: Callable[[Any], None]) -> None:
