@@ -51,3 +51,35 @@ def assert_models_close(actual: list[torch.Tensor], expected: list[torch.Tensor]
     """Sums over groups go through gloo in its own order: float32 rounding (a wrong membership is ~1e-2)."""
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def assert_healed_bitwise(records: dict[str, dict], healer: str, join_step: int) -> int:
+    """After its first round the healed group's state (step, rounds, parameters, inner momentum, outer
+    optimizer state, anchor) equals its source's bit for bit. The source is the group the record names, or
+    else the one whose state equals it. Returns the source's group index."""
+    mine = records[healer]["after_round"][0]
+
+    def state_of(name: str) -> dict:
+        return next(s for s in records[name]["after_round"] if s["step"] == join_step)
+
+    peers = [name for name in records if name != healer]
+    source = records[healer]["healed_from"]
+    name = (
+        str(source)
+        if source is not None
+        else next(
+            (
+                p
+                for p in peers
+                if all(torch.equal(a, b) for a, b in zip(mine["momentum"], state_of(p)["momentum"]))
+            ),
+            None,
+        )
+    )
+    assert name in peers, f"no live group's state equals the healed group's (healed from {source})"
+    theirs = state_of(name)
+    assert (mine["step"], mine["rounds"]) == (theirs["step"], theirs["rounds"])
+    for key in ("params", "momentum", "outer"):
+        assert all(torch.equal(a, b) for a, b in zip(mine[key], theirs[key])), key
+    assert torch.equal(mine["anchor"], theirs["anchor"])
+    return int(name)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ft_harness import assert_models_close, launch_group, wait_groups
+from ft_harness import assert_healed_bitwise, assert_models_close, launch_group, wait_groups
 from ft_lightning_worker import batch
 from ft_simulation import simulate
 
@@ -97,24 +97,7 @@ def test_a_restarted_group_heals_into_the_peers_loop_position(lighthouse, tmp_pa
     assert healer["global_step"] == steps
     # healing: after its first round the restarted group's state equals its source's bit for bit (the Trainer
     # worker knows the source from a callback's state that travelled with the loops; else: the equal one)
-    mine = healer["after_round"][0]
-
-    def peer_state(g: int) -> dict:
-        return next(s for s in records[str(g)]["after_round"] if s["step"] == join_step)
-
-    source = healer["healed_from"]
-    if source is None:
-        source = next(
-            g
-            for g in (0, 1)
-            if all(torch.equal(a, b) for a, b in zip(mine["momentum"], peer_state(g)["momentum"]))
-        )
-    assert source in (0, 1)
-    theirs = peer_state(source)
-    assert (mine["step"], mine["rounds"]) == (theirs["step"], theirs["rounds"])
-    for key in ("params", "momentum", "outer"):
-        assert all(torch.equal(a, b) for a, b in zip(mine[key], theirs[key])), key
-    assert torch.equal(mine["anchor"], theirs["anchor"])
+    source = assert_healed_bitwise(records, "2b", join_step)
 
     def contributors(step: int) -> list[int]:
         return [0, 1, 2] if step <= 8 or step > join_step else [0, 1]
