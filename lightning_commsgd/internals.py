@@ -34,7 +34,8 @@ those tests on the oldest end in CI. 2.5.0 / 2.5.0.post0 pass them too, but thei
 - ``trainer._checkpoint_connector.dump_checkpoint`` and its ``_loaded_checkpoint`` (the checkpoint it
   restores after the strategy's setup; ``resume_start`` leaves it alone without a ``ckpt_path``):
   :func:`training_state` / :func:`resume_from_state`, how a replica group healing from a live peer takes the
-  peer's loops, callbacks and LR schedulers (:mod:`lightning_commsgd.ft.lightning`). Missing: RuntimeError.
+  peer's loops, callbacks and LR schedulers (:mod:`lightning_commsgd.strategies.replica_groups`). Missing:
+  RuntimeError.
 - ``lightning.pytorch.strategies.launchers.subprocess_script._SubprocessScriptLauncher`` (the popen launcher)
   with its ``procs`` and ``_call_children_scripts``: :func:`popen_launcher_class` (the base class of
   ``ReportingScriptLauncher``), :func:`is_popen_launcher`, :func:`start_child_scripts`. Missing: RuntimeError.

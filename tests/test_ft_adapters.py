@@ -147,7 +147,7 @@ def test_a_trainer_group_healed_mid_run_stops_with_a_clear_error():
     """torchft heals a live group that fell behind (it missed rounds the others completed): under the Trainer
     its loop cannot take the peer's position mid-run, so the group stops at that batch's end, saying to
     restart it (it then rejoins at setup)."""
-    from lightning_commsgd.ft.lightning import _RoundsBetweenBatches
+    from lightning_commsgd.strategies.replica_groups import _RoundsBetweenBatches
 
     rounds = ScriptedRounds(peers=1, peer_value=0.0)
     algorithm, _ = _group(rounds, defer_rounds=True)

@@ -127,6 +127,7 @@ BLOCK_LIGHTNING = textwrap.dedent(
         "lightning_commsgd.named",
         "lightning_commsgd.internals",
         "lightning_commsgd.watchdog",
+        "lightning_commsgd.ft",
     ],
 )
 def test_the_core_imports_where_lightning_is_not_installed(module):

@@ -11,8 +11,9 @@ next round and the others go on; a restarted group heals from a live peer and jo
 - :class:`GroupOuterStep` (:mod:`.groups`): DiLoCo / local SGD between groups on top of them;
 - :func:`connect_replica_group` (:mod:`.replica_group`): all of it in one call;
 - :class:`ReplicaGroups` (:mod:`.config`): the same as an algorithm config, for the adapters;
-- :class:`ReplicaGroupStrategy` (:mod:`.lightning`): one group under the Lightning Trainer (a healing group
-  takes its peer's loop position too).
+- :class:`ReplicaGroupStrategy` (:mod:`lightning_commsgd.strategies.replica_groups`, an adapter: imported
+  from here on first use, so that plain loops need no Lightning): one group under the Lightning Trainer (a
+  healing group takes its peer's loop position too).
 
 Importing this package does not import torchft; building a connection does (with a clear error when the
 extra is missing).
@@ -22,7 +23,6 @@ from lightning_commsgd.ft._torchft import TORCHFT_VERSION, require_torchft
 from lightning_commsgd.ft.config import ReplicaGroups
 from lightning_commsgd.ft.connect import GroupConnection, ReplicaGroupSettings, start_lighthouse
 from lightning_commsgd.ft.groups import GroupOuterStep, averaging_outer_optimizer, fingerprint_mismatch
-from lightning_commsgd.ft.lightning import ReplicaGroupStrategy
 from lightning_commsgd.ft.quorum import (
     Membership,
     QuorumEvent,
@@ -50,3 +50,12 @@ __all__ = [
     "require_torchft",
     "start_lighthouse",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # the Trainer adapter lives in the adapter layer; importing this package must not import Lightning
+    if name == "ReplicaGroupStrategy":
+        from lightning_commsgd.strategies.replica_groups import ReplicaGroupStrategy
+
+        return ReplicaGroupStrategy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,8 +5,8 @@ averaging, or :class:`~lightning_commsgd.algorithms.DiLoCo`), checks that it can
 builds a connected :class:`~lightning_commsgd.ft.groups.GroupOuterStep` (:func:`connect_replica_group`).
 Adapters call ``start()`` before the first step (the group meets the others, or heals from a live one) and
 ``close()`` at the end. Under the Lightning Trainer it runs with
-:class:`~lightning_commsgd.ft.lightning.ReplicaGroupStrategy` (a healing group's training loop moves to its
-peer's position); under Fabric with its ``CommunicationStrategy``, the user's loop reading
+:class:`~lightning_commsgd.strategies.replica_groups.ReplicaGroupStrategy` (a healing group's training loop
+moves to its peer's position); under Fabric with its ``CommunicationStrategy``, the user's loop reading
 ``algorithm.step`` after setup.
 """
 
@@ -107,7 +107,7 @@ class ReplicaGroups(AlgorithmConfig):
     """
 
     name = "replica_groups"
-    trainer_strategy = "lightning_commsgd.ft.lightning:ReplicaGroupStrategy"
+    trainer_strategy = "lightning_commsgd.strategies.replica_groups:ReplicaGroupStrategy"
 
     def __init__(
         self,
