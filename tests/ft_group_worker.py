@@ -28,6 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lightning_commsgd import AdaComm  # noqa: E402
 from lightning_commsgd.ft import (  # noqa: E402
     GroupOuterStep,
     ReplicaGroupSettings,
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--outer", choices=["diloco", "average"], default="diloco")
     ap.add_argument("--momentum", choices=["local", "average"], default="local", help="inner state, rounds")
+    ap.add_argument("--adacomm", type=int, default=None, help="tau = AdaComm(tau0=TAU, interval_steps=N)")
     ap.add_argument("--fragments", type=int, default=1, help="Streaming DiLoCo's F")
     ap.add_argument("--sync-delay", type=int, default=0, help="Streaming DiLoCo's d")
     ap.add_argument("--local-weight", type=float, default=0.0, help="Streaming DiLoCo's w")
@@ -98,11 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         quorum_timeout=args.quorum_timeout,
     )
+    tau = (
+        args.tau
+        if args.adacomm is None
+        else AdaComm(tau0=args.tau, interval_steps=args.adacomm, lr_aware=False)
+    )
     algorithm = connect_replica_group(
         model,
         [optimizer],
         settings,
-        tau=args.tau,
+        tau=tau,
         outer_optimizer=averaging_outer_optimizer if args.outer == "average" else None,
         max_missed_rounds=args.max_missed_rounds,
         momentum=args.momentum,
@@ -129,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         rounds.sum_ = dying_sum  # type: ignore[method-assign]
 
     start = time.perf_counter()
+    losses: list[float] = []  # every step's training loss
+    periods: list[tuple[int, int]] = []  # (step, tau decided) after every round
     membership = algorithm.join()
     record["joined"] = {"healed": membership.healed, "step": algorithm.step, "groups": membership.groups}
     if membership.healed:
@@ -136,11 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     while algorithm.step < args.steps:
         x, y = batch(args.group, algorithm.step)
         optimizer.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        algorithm.record_batch(loss)  # for AdaComm (--adacomm); ignored by the constant period
         optimizer.step()
         if args.die_at_step is not None and algorithm.step + 1 == args.die_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
         if algorithm.after_optimizer_step():
+            periods.append((algorithm.step, algorithm.period))
             record["after_round"].append(snapshot(model, optimizer, algorithm))
         if args.step_sleep:
             time.sleep(args.step_sleep)
@@ -149,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds=time.perf_counter() - start,
         final=[p.detach().clone() for p in model.parameters()],
         history=list(algorithm.round_history),
+        losses=losses,
+        periods=periods,
         events=[dataclasses.asdict(e) for e in rounds.events],
         ledger={tag: (s.rounds, s.bytes_sent) for tag, s in communicator.ledger.by_tag.items()},
         metrics=algorithm.metrics(),

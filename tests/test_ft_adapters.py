@@ -35,7 +35,6 @@ SETTINGS = ReplicaGroupSettings(lighthouse="http://localhost:29510", group=1)
         (DiLoCo(tau=4, compressor="int8"), ValueError, r"DiLoCo with compressor=BlockInt8"),
         (DORE(compressor="int8"), TypeError, r"LocalSGD or DiLoCo.*got DORE"),
         ("diloco", TypeError, r"Arg `algorithm` must be an algorithm config"),
-        (DiLoCo(tau=AdaComm(tau0=8, interval_steps=9)), ValueError, r"AdaComm period \(it follows each"),
     ],
 )
 def test_what_cannot_run_between_groups_is_refused_naming_it(algorithm, error, match):
@@ -160,3 +159,25 @@ def test_a_trainer_group_healed_mid_run_stops_with_a_clear_error():
     strategy._take_peer_state({"loops": {}})
     with pytest.raises(ReplicaGroupError, match=r"healed from a live group at step 0, mid-run.*restart this"):
         callback.on_train_batch_end(None, None)
+
+
+@pytest.mark.parametrize(("second", "tau"), [("ok", 2), ("none", 4)])
+def test_adacomm_between_groups_decides_from_the_groups_losses_in_rounds_of_its_own(second, tau):
+    """AdaComm agrees on the interval losses through quorum rounds of their own (sums over the groups; here
+    the scripted peers report the same numbers). Loss 1.0 in interval 0, 0.25 in interval 1: at step 8 tau
+    becomes ceil(sqrt(0.25) 4) = 2. Without a quorum for that agreement the schedule keeps tau = 4."""
+    script = ["ok", "ok", "ok", "ok", second, "ok"]  # step 4: round, F_0, F_1; step 8: round, F_1
+    rounds = ScriptedRounds(peers=2, peer_value=0.0, script=script)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    adacomm = AdaComm(tau0=4, interval_steps=4, lr_aware=False)
+    algorithm = GroupOuterStep(model, [optimizer], Communicator(), rounds, tau=adacomm)  # type: ignore[arg-type]
+    rounds.algorithm = algorithm
+    for step in range(1, 9):
+        algorithm.record_batch(torch.tensor(1.0 if step <= 4 else 0.25))
+        algorithm.after_optimizer_step()
+    assert algorithm.period == tau
+    agreements = [b for b in rounds.sent if b.dtype == torch.float64]  # (loss sum, count, processes)
+    assert len(agreements) == (3 if second == "ok" else 2)
+    assert agreements[0].tolist() == [4.0, 4.0, 1.0]  # interval 0: four losses of 1.0, one process

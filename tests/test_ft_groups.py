@@ -19,6 +19,9 @@ import torch
 from ft_harness import assert_healed_bitwise, assert_models_close, group_env, launch_group, wait_groups
 from ft_simulation import simulate, simulate_streaming
 
+from lightning_commsgd import AdaComm
+from lightning_commsgd.schedules import RoundInfo
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "ft_group_worker.py"
 TAU, STEPS = 4, 24
@@ -127,6 +130,37 @@ def test_streaming_diloco_between_groups_syncs_each_fragment_in_a_round_of_its_o
         assert_models_close(record["final"], expected[g])
 
 
+def test_adacomm_between_groups_decides_one_tau_from_every_groups_losses(lighthouse, tmp_path):
+    """AdaComm(tau0=4, T0=4 steps) between three groups: each decision agrees on the interval's losses summed
+    over the groups (rounds of their own), so every group rounds at the same steps with the same tau, the one
+    AdaComm decides from the three groups' losses together."""
+    steps, interval = 36, 4
+    outs = {str(g): tmp_path / f"g{g}.pt" for g in range(3)}
+    procs = _launch_groups(lighthouse, outs, 3, {}, "--adacomm", str(interval), steps=steps)
+    codes = wait_groups(procs, outs, 120)
+    assert codes == {"0": 0, "1": 0, "2": 0}
+    records = {g: _load(outs[str(g)]) for g in range(3)}
+
+    class Summed:  # the losses below are summed over the groups already
+        world_size = 1
+
+        def all_reduce_scalars(self, values, op="sum", *, tag):  # noqa: ANN001, ANN201
+            return list(values)
+
+    schedule = AdaComm(tau0=TAU, interval_steps=interval, lr_aware=False)
+    expected, last, rounds = [], 0, 0
+    for step in range(1, steps + 1):
+        schedule.on_step(step, None, sum(records[g]["losses"][step - 1] for g in range(3)), 3)
+        if step - last >= schedule.tau:
+            last, rounds = step, rounds + 1
+            schedule.after_round(RoundInfo(step, rounds, Summed()))
+            expected.append((step, schedule.tau))
+    for g, record in records.items():
+        assert record["periods"] == expected, g
+        assert record["ledger"]["schedule"][0] >= len(expected) // 2  # its agreements went between groups
+    assert all(torch.equal(a, b) for a, b in zip(records[0]["final"], records[2]["final"]))
+
+
 def test_a_group_killed_inside_a_round_makes_the_others_run_it_again_without_it(lighthouse, tmp_path):
     outs = {str(g): tmp_path / f"g{g}.pt" for g in range(3)}
     # group 2 dies in round 2 after its quorum formed, before its all-reduce: the others' attempt fails
@@ -221,7 +255,7 @@ def test_an_unreachable_lighthouse_ends_the_group_with_a_clear_error(tmp_path):
     )
 
 
-@pytest.mark.parametrize("loop", ["trainer", "plain"])
+@pytest.mark.parametrize("loop", ["trainer", pytest.param("plain", marks=pytest.mark.extended)])
 def test_the_fault_tolerance_example_kills_restarts_and_ends_on_one_model(loop):
     example = HERE.parent / "examples" / "fault_tolerance" / "run.py"
     result = subprocess.run(

@@ -80,7 +80,13 @@ def test_three_groups_train_on_their_shards_and_match_the_simulation(lighthouse,
 
 
 # the Trainer heals through Lightning's private checkpoint connector: also run on the oldest Lightning
-@pytest.mark.parametrize("loop", [pytest.param("trainer", marks=pytest.mark.lightning_smoke), "fabric"])
+@pytest.mark.parametrize(
+    "loop",
+    [
+        pytest.param("trainer", marks=pytest.mark.lightning_smoke),
+        pytest.param("fabric", marks=pytest.mark.extended),
+    ],
+)
 def test_a_restarted_group_heals_into_the_peers_loop_position(lighthouse, tmp_path, loop):
     steps, slow = 40, ["--step-sleep", "0.2"]  # slow enough that the restarted group joins mid-run
     records = _kill_and_restart(
@@ -235,6 +241,7 @@ def test_groups_of_two_processes_average_inside_and_carry_half_the_round_each(li
         assert_models_close(records[name]["final"], expected[g])
 
 
+@pytest.mark.extended  # the core case: Streaming DiLoCo between plain-loop groups (test_ft_groups.py)
 def test_streaming_diloco_groups_under_the_trainer_heal_mid_run_and_end_on_one_model(lighthouse, tmp_path):
     """StreamingDiLoCo between Trainer groups (F = 2, d = 1, w = 0.5): fragment syncs at odd steps, each a
     round of its own, at a batch's end; group 2 is killed and restarted, heals at a fragment's round, and
@@ -253,7 +260,7 @@ def test_streaming_diloco_groups_under_the_trainer_heal_mid_run_and_end_on_one_m
         assert all(torch.equal(a, b) for a, b in zip(records["0"]["final"], records[name]["final"]))
 
 
-@pytest.mark.parametrize(("mu", "covered"), [(1 / 3, 120), (0.0, 80)])
+@pytest.mark.parametrize(("mu", "covered"), [(1 / 3, 120), pytest.param(0.0, 80, marks=pytest.mark.extended)])
 def test_ri_sgd_across_groups_keeps_every_sample_seen_while_a_group_is_down(
     lighthouse, tmp_path, mu, covered
 ):

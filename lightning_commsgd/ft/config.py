@@ -26,7 +26,6 @@ from lightning_commsgd.comm import Communicator
 from lightning_commsgd.ft.connect import ReplicaGroupSettings
 from lightning_commsgd.ft.groups import GroupOuterStep, averaging_outer_optimizer
 from lightning_commsgd.ft.replica_group import connect_replica_group
-from lightning_commsgd.schedules import AdaComm
 
 __all__ = ["ReplicaGroups", "group_options"]
 
@@ -38,14 +37,6 @@ def _refuse(config: AlgorithmConfig, what: str) -> ValueError:
 def group_options(config: AlgorithmConfig) -> dict[str, Any]:
     """The :class:`GroupOuterStep` options that run ``config`` between groups; a ValueError naming the setting
     it cannot run (and a TypeError for an algorithm it does not run at all)."""
-    if isinstance(getattr(config, "tau", None), AdaComm):
-        # the groups must round at the same steps: schedules that follow the step and the rounds do
-        # (PostLocalSGD, IncreasingPeriod); AdaComm follows each group's own loss
-        raise _refuse(
-            config,
-            "an AdaComm period (it follows each group's own loss, and the groups must agree on tau; use an "
-            "int, PostLocalSGD or IncreasingPeriod)",
-        )
     if isinstance(config, LocalSGD):
         for name, default in (("compressor", None), ("replica_weights", "uniform"), ("global_every", 1)):
             if getattr(config, name) != default:

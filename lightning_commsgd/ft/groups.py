@@ -47,7 +47,7 @@ from lightning_commsgd.algorithms.replica import ReplicaState
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.flat import FlatBuffer
 from lightning_commsgd.ft.quorum import Membership, QuorumRounds, QuorumUnavailableError, ReplicaGroupError
-from lightning_commsgd.schedules import PeriodSchedule
+from lightning_commsgd.schedules import PeriodSchedule, RoundInfo
 
 __all__ = ["GroupOuterStep", "averaging_outer_optimizer", "fingerprint_mismatch"]
 
@@ -83,6 +83,33 @@ def fingerprint_mismatch(mine: dict[str, str], theirs: dict[str, str]) -> list[s
     """The fingerprint fields on which two groups differ (missing fields count as different)."""
     keys = sorted(set(mine) | set(theirs))
     return [k for k in keys if mine.get(k) != theirs.get(k)]
+
+
+class _ScheduleRoundMissed(Exception):
+    """A schedule's agreement round between groups found no quorum: the schedule decides at a later round."""
+
+
+class _SchedulerScalars:
+    """What a period schedule (AdaComm) agrees through between groups: ``all_reduce_scalars`` sums its values
+    over the group's processes, then over the groups of a quorum round of its own (a group that healed in the
+    latest round adds nothing: it holds its peer's numbers); ``world_size`` is then the processes summed."""
+
+    def __init__(self, algorithm: GroupOuterStep) -> None:
+        self._algorithm = algorithm
+        self.world_size = algorithm.communicator.world_size
+
+    def all_reduce_scalars(self, values: Sequence[float], op: str = "sum", *, tag: str) -> list[float]:
+        if op != "sum":
+            raise ValueError(f"A schedule between replica groups agrees on sums only, got {op!r}.")
+        algorithm = self._algorithm
+        inner = algorithm.communicator
+        own = [*values, 1.0]  # the 1 counts this process
+        if inner.is_distributed:
+            own = inner.all_reduce_scalars(own, "sum", tag=tag)
+        weight = 0.0 if algorithm._healed_in_last_round else 1.0
+        total = algorithm._sum_over_groups(torch.tensor(own, dtype=torch.float64) * weight, tag=tag)
+        self.world_size = max(1, round(float(total[-1])))
+        return [float(v) for v in total[:-1]]
 
 
 class GroupOuterStep(OuterStepAverager):
@@ -188,6 +215,8 @@ class GroupOuterStep(OuterStepAverager):
         self.max_missed_rounds = max_missed_rounds
         self.start_groups, self.start_timeout = start_groups, float(start_timeout)
         self._grad_flat: FlatBuffer | None = None  # the gradients' buffer inside a group of several processes
+        self._healed_in_last_round = False
+        self._schedule_scalars = _SchedulerScalars(self)  # how a schedule (AdaComm) agrees between groups
         self.defer_rounds = bool(defer_rounds)
         self._round_due = False  # defer_rounds: a round counted due, not run yet
         #: the quorum :meth:`start` joined (``healed``: this group took a live peer's state)
@@ -389,6 +418,36 @@ class GroupOuterStep(OuterStepAverager):
         self._round_due = False
         return self._rounds_at_this_step()
 
+    def _run_round(self) -> None:
+        """The outer step, then the schedule's decision, which agrees between groups through
+        :class:`_SchedulerScalars` (AdaComm's losses; the others need nothing): every group rounds at the same
+        steps. Without a quorum for it the schedule keeps its tau and decides at a later round."""
+        self.communicate("average")
+        self.last_round_step = self.step
+        self.rounds += 1
+        try:
+            info = RoundInfo(self.step, self.rounds, self._schedule_scalars)  # type: ignore[arg-type]
+            self.schedule.after_round(info)
+        except _ScheduleRoundMissed as missed:
+            _log.warning("The schedule keeps tau=%d at step %d: %s", self.schedule.tau, self.step, missed)
+
+    def _sum_over_groups(self, buffer: Tensor, *, tag: str) -> Tensor:
+        """``buffer`` summed over the groups of a quorum round of its own (retried like a round)."""
+        rounds = self.rounds_between_groups
+        for _ in range(self.round_attempts):
+            try:
+                rounds.begin()
+            except QuorumUnavailableError as err:
+                raise _ScheduleRoundMissed(str(err)) from err
+            total = buffer.clone()
+            rounds.sum_(total, tag=tag)
+            if rounds.commit():
+                return total
+        raise ReplicaGroupError(
+            f"The schedule's round at step {self.step} failed {self.round_attempts} times in a row (groups "
+            "kept failing inside it); raise `round_attempts` if groups restart this often."
+        )
+
     def _rounds_at_this_step(self) -> bool:
         """What the schedule has at the current step: Streaming DiLoCo's landing and fragment sync, or the
         whole model's outer step."""
@@ -493,6 +552,7 @@ class GroupOuterStep(OuterStepAverager):
                 if contributors < 0.5:
                     raise ReplicaGroupError(f"No replica group contributed to the round at step {self.step}.")
                 self.last_contributors = round(contributors)
+                self._healed_in_last_round = healed
                 self.round_history.append((self.step, self.last_contributors, not healed))
                 if self.group is not None:
                     live = tuple(int(g) for g in torch.nonzero(buffer[size + 1 :] > 0.5).flatten().tolist())
