@@ -24,7 +24,7 @@ from lightning_commsgd.algorithms.periodic import LocalSGD
 from lightning_commsgd.algorithms.protocol import AlgorithmConfig, World
 from lightning_commsgd.comm import Communicator
 from lightning_commsgd.ft.connect import ReplicaGroupSettings
-from lightning_commsgd.ft.groups import GroupOuterStep, averaging_outer_optimizer
+from lightning_commsgd.ft.groups import GroupOuterStep, averaging_outer_optimizer, check_group_options
 from lightning_commsgd.ft.replica_group import connect_replica_group
 
 __all__ = ["ReplicaGroups", "group_options"]
@@ -122,8 +122,8 @@ class ReplicaGroups(AlgorithmConfig):
             raise TypeError(
                 f"Arg `replica_group` must be a ReplicaGroupSettings, got {type(replica_group).__name__}."
             )
-        if isinstance(start_groups, bool) or not isinstance(start_groups, int) or start_groups < 1:
-            raise ValueError(f"Arg `start_groups` must be an int >= 1, got {start_groups!r}.")
+        # checked now, before any process or connection (GroupOuterStep checks the same on its own)
+        check_group_options(round_attempts, max_missed_rounds, start_groups, start_timeout)
         if replica_group.group >= start_groups:
             raise ValueError(
                 f"Arg `start_groups` ({start_groups}) must exceed the group index ({replica_group.group}): "
@@ -135,16 +135,6 @@ class ReplicaGroups(AlgorithmConfig):
         self.start_timeout = start_timeout
         self.round_attempts = round_attempts
         self.max_missed_rounds = max_missed_rounds
-        # checked now, before any process or connection: GroupOuterStep validates the same values
-        for name, value, low in (
-            ("round_attempts", round_attempts, 1),
-            ("max_missed_rounds", max_missed_rounds, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Arg `{name}` must be an int >= {low}, got {value!r}.")
-        timeout_ok = isinstance(start_timeout, (int, float)) and not isinstance(start_timeout, bool)
-        if not timeout_ok or start_timeout < 0:
-            raise ValueError(f"Arg `start_timeout` must be a number of seconds >= 0, got {start_timeout!r}.")
 
     def check_optimizers(self, optimizers: Sequence[Optimizer]) -> None:
         self.algorithm.check_optimizers(optimizers)

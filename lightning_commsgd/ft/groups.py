@@ -79,6 +79,23 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
+def check_group_options(
+    round_attempts: Any, max_missed_rounds: Any, start_groups: Any, start_timeout: Any
+) -> None:
+    """ValueError naming the first of :class:`GroupOuterStep`'s group options out of range (called by it and,
+    before any process exists, by :class:`~lightning_commsgd.ft.config.ReplicaGroups`)."""
+    for name, value, low in (
+        ("round_attempts", round_attempts, 1),
+        ("max_missed_rounds", max_missed_rounds, 0),
+        ("start_groups", start_groups, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"Arg `{name}` must be an int >= {low}, got {value!r}.")
+    timeout_ok = isinstance(start_timeout, (int, float)) and not isinstance(start_timeout, bool)
+    if not timeout_ok or start_timeout < 0:
+        raise ValueError(f"Arg `start_timeout` must be a number of seconds >= 0, got {start_timeout!r}.")
+
+
 def fingerprint_mismatch(mine: dict[str, str], theirs: dict[str, str]) -> list[str]:
     """The fingerprint fields on which two groups differ (missing fields count as different)."""
     keys = sorted(set(mine) | set(theirs))
@@ -173,19 +190,7 @@ class GroupOuterStep(OuterStepAverager):
         defer_rounds: bool = False,
         group: int | None = None,
     ) -> None:
-        if isinstance(round_attempts, bool) or not isinstance(round_attempts, int) or round_attempts < 1:
-            raise ValueError(f"Arg `round_attempts` must be an int >= 1, got {round_attempts!r}.")
-        if (
-            isinstance(max_missed_rounds, bool)
-            or not isinstance(max_missed_rounds, int)
-            or max_missed_rounds < 0
-        ):
-            raise ValueError(f"Arg `max_missed_rounds` must be an int >= 0, got {max_missed_rounds!r}.")
-        if isinstance(start_groups, bool) or not isinstance(start_groups, int) or start_groups < 1:
-            raise ValueError(f"Arg `start_groups` must be an int >= 1, got {start_groups!r}.")
-        timeout_ok = isinstance(start_timeout, (int, float)) and not isinstance(start_timeout, bool)
-        if not timeout_ok or start_timeout < 0:
-            raise ValueError(f"Arg `start_timeout` must be a number of seconds >= 0, got {start_timeout!r}.")
+        check_group_options(round_attempts, max_missed_rounds, start_groups, start_timeout)
         kwargs: dict[str, Any] = {} if outer_optimizer is None else {"outer_optimizer": outer_optimizer}
         # "average" (PR-SGD-Momentum): the inner optimizer state rides in the round and every group takes the
         # contributors' mean; the outer step itself keeps the state ("local")
